@@ -1,0 +1,1 @@
+"""One module per paper pipeline, each exposing `run(config, workdir)`."""

@@ -1,0 +1,95 @@
+"""Strict parsing of the `:arg` suffix of `--config=configs/<paper>/<exp>.py:arg`.
+
+Every config's `get_config(arg=None)` calls `parse_arg(arg, runlocal=False, variant='base', ...)`.
+The suffix is a comma-separated list of `key=value` items or bare flags (`runlocal` means
+`runlocal=True`). Unknown keys and values that do not parse as the default's type are errors, so a
+typo never silently runs the wrong experiment.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def _parse_value(key: str, text: str, default):
+  if isinstance(default, bool):
+    if text.lower() in ('1', 'true', 'yes'):
+      return True
+    if text.lower() in ('0', 'false', 'no'):
+      return False
+    raise ValueError(f'config arg {key!r}: expected a boolean, got {text!r}')
+  if isinstance(default, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise ValueError(f'config arg {key!r}: expected an int, got {text!r}') from None
+  if isinstance(default, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise ValueError(f'config arg {key!r}: expected a float, got {text!r}') from None
+  return text
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'runlocal,variant=wide' against `defaults`; returns a locked ConfigDict."""
+  values = dict(defaults)
+  for item in (arg or '').split(','):
+    item = item.strip()
+    if not item:
+      continue
+    key, sep, text = item.partition('=')
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f'unknown config arg {key!r}; allowed: {sorted(defaults)}')
+    if not sep:
+      if not isinstance(defaults[key], bool):
+        raise ValueError(f'config arg {key!r} needs a value: {key}=...')
+      values[key] = True
+    else:
+      values[key] = _parse_value(key, text.strip(), defaults[key])
+  return ml_collections.ConfigDict(values, type_safe=True).lock()
+
+
+def check_choice(name: str, value, allowed) -> None:
+  """Raises a ValueError naming the config field when `value` is not one of `allowed`."""
+  if value not in allowed:
+    raise ValueError(f'{name}={value!r} is not one of {sorted(allowed)}')
+
+
+def trainer_config(**train_overrides) -> ml_collections.ConfigDict:
+  """The sections every training experiment shares: train, optimizer, parallel, init_from.
+
+  Experiment configs start from this and set their own `experiment`, `data` and `model` sections.
+  """
+  from kuaijax.parallel import DEFAULT_RULES
+
+  config = ml_collections.ConfigDict()
+  config.init_from = ''  # a workdir (or its checkpoints folder) to take the initial params from
+  config.train = ml_collections.ConfigDict(
+    dict(
+      steps=1000,
+      batch_size=32,  # global sequences per optimizer step
+      grad_accum=1,
+      seed=0,
+      z_loss=0.0,
+      log_every=50,
+      eval_every=500,
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      async_checkpoint=True,
+      progress=True,
+    )
+  )
+  config.train.update(train_overrides)
+  config.optimizer = ml_collections.ConfigDict(
+    dict(lr=3e-4, min_lr_ratio=0.1, warmup_steps=100, b1=0.9, b2=0.95, eps=1e-8,
+         weight_decay=0.1, clip_norm=1.0)
+  )
+  config.parallel = ml_collections.ConfigDict(
+    dict(
+      mesh=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1)),
+      rules=ml_collections.ConfigDict(dict(DEFAULT_RULES)),
+    )
+  )
+  return config

@@ -1,0 +1,1 @@
+"""Evaluators chosen by name from config."""

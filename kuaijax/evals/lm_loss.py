@@ -1,0 +1,85 @@
+"""LM loss and perplexity per task tag over a fixed list of evaluation batches.
+
+Every evaluation sees exactly the same tokens (the batches are built once), so numbers are
+comparable across steps, runs and models; the unigram baseline is scored on the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from kuaijax import parallel
+from kuaijax.losses.lm import per_task_sums, token_cross_entropy
+
+
+def _summarise(loss_sums: np.ndarray, counts: np.ndarray, task_names: Sequence[str]) -> dict:
+  out = {}
+  total = counts.sum()
+  out['loss'] = float(loss_sums.sum() / max(total, 1))
+  out['ppl'] = math.exp(min(out['loss'], 50.0))
+  for i, name in enumerate(task_names):
+    if counts[i] > 0:
+      out[f'loss/{name}'] = float(loss_sums[i] / counts[i])
+      out[f'ppl/{name}'] = math.exp(min(out[f'loss/{name}'], 50.0))
+      out[f'tokens/{name}'] = int(counts[i])
+  return out
+
+
+class LMEvaluator:
+  """Scores a model on pre-built batches; call as `evaluator(model, step) -> metrics`."""
+
+  def __init__(self, batches: Sequence[dict], task_names: Sequence[str], *, mesh, rules):
+    if not batches:
+      raise ValueError('the evaluation set is empty: no evaluation batches were built')
+    self.batches = list(batches)
+    self.task_names = tuple(task_names)
+    self._mesh, self._rules = mesh, rules
+    self._compiled = {}
+
+  def _score_fn(self, graphdef):
+    if graphdef not in self._compiled:
+      num_tasks = len(self.task_names)
+
+      def score(params, batch):
+        model = nnx.merge(graphdef, params)
+        logits, _ = model(batch['inputs'], positions=batch['positions'],
+                          segment_ids=batch['segment_ids'])
+        ce, _ = token_cross_entropy(logits, batch['targets'])
+        return per_task_sums(ce, batch['loss_mask'], batch['task_ids'], num_tasks)
+
+      self._compiled[graphdef] = jax.jit(score)
+    return self._compiled[graphdef]
+
+  def __call__(self, model: nnx.Module, step: int | None = None) -> dict:
+    del step
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(state)
+    score = self._score_fn(graphdef)
+    loss_sums = np.zeros(len(self.task_names))
+    counts = np.zeros(len(self.task_names))
+    with parallel.axis_rules(self._mesh, self._rules):
+      for batch in self.batches:
+        s, c = score(params, parallel.shard_batch(batch, self._mesh, self._rules))
+        loss_sums += np.asarray(jax.device_get(s), np.float64)
+        counts += np.asarray(jax.device_get(c), np.float64)
+    return _summarise(loss_sums, counts, self.task_names)
+
+
+def unigram_baseline(counts: np.ndarray, batches: Sequence[dict], task_names: Sequence[str]) -> dict:
+  """Loss of the add-one-smoothed unigram distribution `counts` on the same evaluation batches."""
+  counts = np.asarray(counts, np.float64) + 1.0
+  neg_logp = -np.log(counts / counts.sum())
+  loss_sums = np.zeros(len(task_names))
+  token_counts = np.zeros(len(task_names))
+  for batch in batches:
+    mask = np.asarray(batch['loss_mask']) > 0
+    tasks = np.asarray(batch['task_ids'])[mask]
+    losses = neg_logp[np.asarray(batch['targets'])[mask]]
+    loss_sums += np.bincount(tasks, weights=losses, minlength=len(task_names))
+    token_counts += np.bincount(tasks, minlength=len(task_names))
+  return _summarise(loss_sums, token_counts, task_names)

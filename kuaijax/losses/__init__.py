@@ -1,0 +1,1 @@
+"""Pure loss functions over arrays, each returning (loss, metrics)."""

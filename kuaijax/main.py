@@ -1,0 +1,60 @@
+"""Entry point: `python -m kuaijax.main --config=configs/<paper>/<exp>.py[:args] --workdir=DIR`.
+
+The config names its experiment (`config.experiment`); the module `experiments.<name>` exposes
+`run(config, workdir)`. Configs are locked: an override of a key that does not exist, or of the wrong
+type, is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging as stdlib_logging
+import os
+import pkgutil
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from kuaijax import parallel
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def available_experiments() -> list[str]:
+  import experiments
+
+  return sorted(m.name for m in pkgutil.iter_modules(experiments.__path__))
+
+
+def run_experiment(config, workdir: str):
+  """Imports `experiments.<config.experiment>` and calls its `run(config, workdir)`."""
+  name = config.experiment
+  if name not in available_experiments():
+    raise ValueError(f'config.experiment={name!r} is unknown; available: {available_experiments()}')
+  module = importlib.import_module(f'experiments.{name}')
+  return module.run(config, os.path.abspath(os.path.expanduser(workdir)))
+
+
+class _QuietLibraries(stdlib_logging.Filter):
+  """Drops the INFO chatter of orbax, tfds and the XLA bridge; warnings and errors still show."""
+
+  _NOISY = ('orbax', 'tensorflow_datasets', 'xla_bridge', 'etils')
+
+  def filter(self, record):
+    return record.levelno >= stdlib_logging.WARNING or not any(
+      n in record.pathname for n in self._NOISY)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  parallel.maybe_initialize_distributed()
+  logging.info('experiment %s -> %s', _CONFIG.value.experiment, _WORKDIR.value)
+  run_experiment(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

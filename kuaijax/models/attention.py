@@ -1,0 +1,119 @@
+"""Causal self-attention with rotary embeddings, grouped-query heads, segment ids and a KV cache.
+
+Masking rule: query i may attend key j iff j <= i (by slot index, which is the absolute position in
+the row, or in the cache when decoding) and both carry the same segment id. Packed documents
+therefore never see each other, and padding (segment 0) only sees padding. Masked scores use the
+most negative finite float32 so a fully masked row gives finite (ignored) outputs, never NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kuaijax.models.layers import param
+from kuaijax.parallel import constrain
+
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Per-layer decoding cache: keys/values [batch, max_len, kv_heads, head_dim].
+
+  `segment_ids` [batch, max_len] marks filled slots (0 = empty or padding); `end` is the number of
+  slots written so far (shared by the batch: prompts are padded to a common length).
+  """
+
+  k: jax.Array
+  v: jax.Array
+  segment_ids: jax.Array
+  end: jax.Array
+
+  @classmethod
+  def empty(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
+    zeros = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
+    return cls(zeros, zeros, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding (rotate-half convention) of x [b, l, h, d] at positions [b, l]."""
+  half = x.shape[-1] // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, l, half]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention_mask(q_segments, k_segments, q_index, k_index) -> jax.Array:
+  """Boolean mask [b, 1, 1, q, k]: causal by slot index and same segment."""
+  causal = k_index[:, None, :] <= q_index[:, :, None]
+  same = q_segments[:, :, None] == k_segments[:, None, :]
+  return (causal & same)[:, None, None]
+
+
+def dot_product_attention(q, k, v, mask) -> jax.Array:
+  """Grouped-query attention; q [b,q,H,d], k/v [b,k,K,d] with H a multiple of K."""
+  b, lq, h, d = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, lq, kv, h // kv, d)
+  scores = jnp.einsum('bqkgd,bskd->bkgqs', q, k, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask, scores * (d**-0.5), _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum('bkgqs,bskd->bqkgd', probs, v)
+  return out.reshape(b, lq, h, d)
+
+
+class Attention(nnx.Module):
+  """Multi-head causal self-attention with GQA (num_heads % num_kv_heads == 0) and RoPE."""
+
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    c = config
+    self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+    self.rope_base, self.dtype = c.rope_base, c.dtype
+    pd = c.param_dtype
+    self.wq = param(rngs, (c.d_model, c.num_heads, c.head_dim), ('embed', 'heads', 'kv'),
+                    std=c.init_std, dtype=pd)
+    self.wk = param(rngs, (c.d_model, c.num_kv_heads, c.head_dim), ('embed', 'kv_heads', 'kv'),
+                    std=c.init_std, dtype=pd)
+    self.wv = param(rngs, (c.d_model, c.num_kv_heads, c.head_dim), ('embed', 'kv_heads', 'kv'),
+                    std=c.init_std, dtype=pd)
+    self.wo = param(rngs, (c.num_heads, c.head_dim, c.d_model), ('heads', 'kv', 'embed'),
+                    std=c.out_init_std, dtype=pd)
+
+  def __call__(self, x, positions, segment_ids, cache: KVCache | None = None):
+    """x [b, l, d] -> (y [b, l, d], updated cache or None)."""
+    dt = self.dtype
+    q = jnp.einsum('bld,dhk->blhk', x, self.wq.value.astype(dt))
+    k = jnp.einsum('bld,dhk->blhk', x, self.wk.value.astype(dt))
+    v = jnp.einsum('bld,dhk->blhk', x, self.wv.value.astype(dt))
+    q = constrain(rope(q, positions, self.rope_base), ('batch', 'length', 'heads', 'kv'))
+    k = constrain(rope(k, positions, self.rope_base), ('batch', 'length', 'kv_heads', 'kv'))
+    b, length = x.shape[:2]
+    q_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    if cache is None:
+      mask = attention_mask(segment_ids, segment_ids, q_index, q_index)
+    else:
+      q_index = q_index + cache.end
+      start = (0, cache.end, 0, 0)
+      cache = KVCache(
+        k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
+        v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start),
+        segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.end)),
+        end=cache.end + length,
+      )
+      k, v = cache.k.astype(dt), cache.v.astype(dt)
+      k_index = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (b, k.shape[1]))
+      filled = cache.segment_ids != 0
+      mask = attention_mask(segment_ids, cache.segment_ids, q_index, k_index)
+      mask &= filled[:, None, None, None, :]
+    out = dot_product_attention(q, k, v, mask)
+    out = constrain(out, ('batch', 'length', 'heads', 'kv'))
+    return jnp.einsum('blhk,hkd->bld', out, self.wo.value.astype(dt)), cache

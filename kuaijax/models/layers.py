@@ -1,0 +1,113 @@
+"""Basic NNX layers with logical axis names: parameter helper, RMSNorm, embedding, SwiGLU MLP.
+
+The feed-forward block sits behind a tiny registry (`register_mlp` / `make_mlp`): a feed-forward
+module is called as `y, aux = mlp(x)` where `aux` is a dict of scalars (empty for dense MLPs,
+auxiliary losses and routing statistics for MoE layers), so an MoE layer can replace the dense MLP
+in any layer without touching the transformer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kuaijax.parallel import constrain
+
+
+def param(
+  rngs: nnx.Rngs,
+  shape: Sequence[int],
+  logical_axes: Sequence[str],
+  *,
+  std: float | None = None,
+  dtype=jnp.float32,
+  init: str = 'normal',
+) -> nnx.Param:
+  """A parameter drawn from N(0, std^2) (or ones/zeros) carrying its logical axis names."""
+  if init == 'normal':
+    value = std * jax.random.normal(rngs.params(), tuple(shape), dtype)
+  elif init == 'ones':
+    value = jnp.ones(tuple(shape), dtype)
+  elif init == 'zeros':
+    value = jnp.zeros(tuple(shape), dtype)
+  else:
+    raise ValueError(f'unknown init {init!r}')
+  return nnx.Param(value, logical_axes=tuple(logical_axes))
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square LayerNorm with a learned scale, computed in float32."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = param(rngs, (dim,), ('norm',), init='ones', dtype=param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+
+
+class Embed(nnx.Module):
+  """Token embedding table [vocab, embed]; `attend` gives the tied output logits."""
+
+  def __init__(self, vocab_size: int, dim: int, *, std: float, param_dtype, dtype, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.embedding = param(rngs, (vocab_size, dim), ('vocab', 'embed'), std=std, dtype=param_dtype)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding.value, tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum('bld,vd->blv', x, self.embedding.value.astype(self.dtype))
+
+
+class SwiGLU(nnx.Module):
+  """Dense SwiGLU feed-forward: W2 (silu(x W1) * (x W3))."""
+
+  def __init__(self, dim: int, hidden: int, *, std: float, out_std: float, param_dtype, dtype,
+               rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.w1 = param(rngs, (dim, hidden), ('embed', 'mlp'), std=std, dtype=param_dtype)
+    self.w3 = param(rngs, (dim, hidden), ('embed', 'mlp'), std=std, dtype=param_dtype)
+    self.w2 = param(rngs, (hidden, dim), ('mlp', 'embed'), std=out_std, dtype=param_dtype)
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
+    dt = self.dtype
+    gate = jnp.einsum('bld,df->blf', x, self.w1.value.astype(dt))
+    up = jnp.einsum('bld,df->blf', x, self.w3.value.astype(dt))
+    h = constrain(jax.nn.silu(gate) * up, ('batch', 'length', 'mlp'))
+    return jnp.einsum('blf,fd->bld', h, self.w2.value.astype(dt)), {}
+
+
+# name -> factory(config, layer_index, rngs) returning a module called as `y, aux = mlp(x)`.
+MLP_REGISTRY: dict[str, Callable] = {}
+
+
+def register_mlp(name: str):
+  """Decorator registering a feed-forward factory under `name` (see module docstring)."""
+
+  def wrap(factory):
+    if name in MLP_REGISTRY:
+      raise ValueError(f'feed-forward {name!r} is registered twice')
+    MLP_REGISTRY[name] = factory
+    return factory
+
+  return wrap
+
+
+@register_mlp('swiglu')
+def _swiglu(config, layer_index: int, rngs: nnx.Rngs) -> SwiGLU:
+  del layer_index
+  return SwiGLU(config.d_model, config.d_ff, std=config.init_std, out_std=config.out_init_std,
+                param_dtype=config.param_dtype, dtype=config.dtype, rngs=rngs)
+
+
+def make_mlp(config, layer_index: int, rngs: nnx.Rngs):
+  """Builds the feed-forward block of layer `layer_index` from `config.mlp`."""
+  if config.mlp not in MLP_REGISTRY:
+    raise ValueError(f'model.mlp={config.mlp!r} is not registered; known: {sorted(MLP_REGISTRY)}')
+  return MLP_REGISTRY[config.mlp](config, layer_index, rngs)

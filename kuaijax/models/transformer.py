@@ -1,0 +1,200 @@
+"""Decoder-only Transformer LM (pre-norm, RMSNorm, RoPE + GQA attention, pluggable feed-forward).
+
+`TransformerConfig.from_config(config.model)` validates the model section of an experiment config;
+`Transformer(cfg, rngs=...)` builds the NNX module. The forward pass takes packed batches
+(`segment_ids`, `positions`) and, for decoding, a list of per-layer `KVCache`s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kuaijax.models.attention import Attention, KVCache
+from kuaijax.models.layers import Embed, RMSNorm, make_mlp, param
+from kuaijax.parallel import constrain
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+REMAT_POLICIES = {
+  'none': None,
+  'full': jax.checkpoint_policies.nothing_saveable,
+  'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyper-parameters of the decoder LM; validated on construction."""
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  d_ff: int
+  num_kv_heads: int | None = None  # None: multi-head attention (= num_heads)
+  head_dim: int | None = None  # None: d_model // num_heads
+  mlp: str = 'swiglu'
+  mlp_options: Mapping[str, Any] = ()  # keyword options of the feed-forward factory
+  tie_embeddings: bool = True
+  init_std: float = 0.02
+  out_init_std: float | None = None  # None: init_std / sqrt(2 * num_layers)
+  rope_base: float = 10000.0
+  norm_eps: float = 1e-6
+  dtype: str = 'float32'  # compute dtype
+  param_dtype: str = 'float32'
+  remat: str = 'none'
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'd_ff'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f'model.{name} must be a positive int, got {value!r}')
+    kv = self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+    if kv <= 0 or self.num_heads % kv:
+      raise ValueError(f'model.num_heads={self.num_heads} must be a multiple of '
+                       f'model.num_kv_heads={kv}')
+    head_dim = self.head_dim
+    if head_dim is None:
+      if self.d_model % self.num_heads:
+        raise ValueError(f'model.d_model={self.d_model} is not divisible by '
+                         f'model.num_heads={self.num_heads}; set model.head_dim')
+      head_dim = self.d_model // self.num_heads
+    if head_dim <= 0 or head_dim % 2:
+      raise ValueError(f'model.head_dim={head_dim} must be a positive even int (RoPE)')
+    for name in ('dtype', 'param_dtype'):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f'model.{name}={getattr(self, name)!r} is not one of {sorted(DTYPES)}')
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'model.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}')
+    if not self.init_std > 0:
+      raise ValueError(f'model.init_std must be > 0, got {self.init_std}')
+    object.__setattr__(self, 'num_kv_heads', kv)
+    object.__setattr__(self, 'head_dim', head_dim)
+    if self.out_init_std is None:
+      object.__setattr__(self, 'out_init_std', self.init_std / (2 * self.num_layers) ** 0.5)
+    # Stored as sorted (key, value) pairs so the config stays hashable (NNX graph definitions).
+    object.__setattr__(self, 'mlp_options', tuple(sorted(dict(self.mlp_options).items())))
+
+  @classmethod
+  def from_config(cls, model_config) -> TransformerConfig:
+    """Builds from a ConfigDict/mapping, naming any key that is not a model field."""
+    values = dict(model_config.to_dict() if hasattr(model_config, 'to_dict') else model_config)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      raise ValueError(f'unknown model config keys {unknown}; known: {sorted(fields)}')
+    return cls(**values)
+
+  @property
+  def mlp_kwargs(self) -> dict[str, Any]:
+    return dict(self.mlp_options)
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return DTYPES[self.param_dtype]
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+  def __init__(self, cfg: TransformerConfig, layer_index: int, *, rngs: nnx.Rngs):
+    layer_cfg = _LayerView(cfg)
+    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.weight_dtype, rngs=rngs)
+    self.attn = Attention(layer_cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.weight_dtype, rngs=rngs)
+    self.mlp = make_mlp(layer_cfg, layer_index, rngs)
+
+  def __call__(self, x, positions, segment_ids, cache=None):
+    h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
+    x = constrain(x + h, ('batch', 'length', 'embed'))
+    h, aux = self.mlp(self.mlp_norm(x))
+    return constrain(x + h, ('batch', 'length', 'embed')), aux, cache
+
+
+class _LayerView:
+  """The config as layers see it: dtype names resolved to jnp dtypes."""
+
+  def __init__(self, cfg: TransformerConfig):
+    self._cfg = cfg
+    self.dtype = cfg.compute_dtype
+    self.param_dtype = cfg.weight_dtype
+
+  def __getattr__(self, name):
+    return getattr(self._cfg, name)
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM: embed -> blocks -> final RMSNorm -> (tied) output head."""
+
+  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    dt, pd = cfg.compute_dtype, cfg.weight_dtype
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, param_dtype=pd, dtype=dt,
+                       rngs=rngs)
+    self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), std=cfg.init_std,
+                        dtype=pd)
+
+  def output_head(self) -> jax.Array:
+    """The [d_model, vocab] output projection (the transposed embedding when tied)."""
+    if self.config.tie_embeddings:
+      return self.embed.embedding.value.T
+    return self.head.value
+
+  def __call__(
+    self,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    caches: Sequence[KVCache] | None = None,
+    return_hidden: bool = False,
+  ):
+    """tokens [b, l] -> (logits [b, l, vocab] float32 (or final hidden states), extras).
+
+    `extras` holds `mlp_aux` (one dict per layer), `caches` (updated, or None) and `hidden` (the
+    normalised final hidden states, for chunked log-prob kernels that apply the head themselves).
+    """
+    b, length = tokens.shape
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, length), jnp.int32)
+    if positions is None:
+      start = 0 if caches is None else caches[0].end
+      positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (b, length))
+    x = constrain(self.embed(tokens), ('batch', 'length', 'embed'))
+    policy = REMAT_POLICIES[self.config.remat]
+    mlp_aux, new_caches = [], []
+    for i, block in enumerate(self.layers):
+      cache = None if caches is None else caches[i]
+      if self.config.remat != 'none' and cache is None:
+        x, aux, cache = nnx.remat(lambda blk, *a: blk(*a), policy=policy)(
+          block, x, positions, segment_ids
+        )
+      else:
+        x, aux, cache = block(x, positions, segment_ids, cache)
+      mlp_aux.append(aux)
+      new_caches.append(cache)
+    hidden = self.final_norm(x)
+    extras = {'mlp_aux': mlp_aux, 'caches': None if caches is None else new_caches, 'hidden': hidden}
+    if return_hidden:
+      return hidden, extras
+    logits = jnp.einsum('bld,dv->blv', hidden, self.output_head().astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, ('batch', 'length', 'vocab')), extras
+
+  def init_caches(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:
+    """Empty per-layer KV caches for decoding up to `max_len` tokens."""
+    c = self.config
+    return [KVCache.empty(batch, max_len, c.num_kv_heads, c.head_dim, dtype or c.compute_dtype)
+            for _ in range(c.num_layers)]

@@ -1,0 +1,224 @@
+"""Meshes, logical axis rules and batch sharding.
+
+Parameters and activations carry logical axis names (batch, length, embed, mlp, heads, kv_heads,
+kv, vocab, expert, norm). A config maps those names to mesh axes (data, fsdp, tensor, expert). The
+same model code therefore runs on one device, on 8 simulated CPU devices and on a pod; only the config
+changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
+
+# Logical name -> mesh axes. A mesh axis already used by an earlier dimension of the same array
+# is skipped, so activations ('batch', 'length', 'embed') shard their batch over (data, fsdp) while
+# parameters ('embed', 'mlp') shard embed over fsdp.
+DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+  ('batch', ('data', 'fsdp', 'expert')),
+  ('length', ()),
+  ('embed', ('fsdp',)),
+  ('mlp', ('tensor',)),
+  ('heads', ('tensor',)),
+  ('kv_heads', ('tensor',)),
+  ('kv', ()),
+  ('vocab', ('tensor',)),
+  ('expert', ('expert',)),
+  ('norm', ()),
+  ('layers', ()),
+)
+
+_CURRENT: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar(
+  'kuaijax_mesh_rules', default=None
+)
+
+
+def maybe_initialize_distributed() -> None:
+  """Calls `jax.distributed.initialize()` when the environment describes a multi-process job.
+
+  Cloud TPU pods and SLURM/Open MPI launches set these variables; a single process does nothing.
+  """
+  markers = ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')
+  multi_task = int(os.environ.get('SLURM_NTASKS', os.environ.get('OMPI_COMM_WORLD_SIZE', '1'))) > 1
+  tpu_pod = os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0
+  if tpu_pod or multi_task or any(k in os.environ for k in markers[:2]):
+    if not jax.distributed.is_initialized():
+      jax.distributed.initialize()
+      logging.info('jax.distributed initialised: process %d of %d', jax.process_index(),
+                   jax.process_count())
+
+
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Resolves a {axis: size} mapping where one size may be -1 ("the rest of the devices")."""
+  unknown = set(mesh_config) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f'parallel.mesh has unknown axes {sorted(unknown)}; allowed: {MESH_AXES}')
+  sizes = {axis: int(mesh_config.get(axis, 1)) for axis in MESH_AXES}
+  rest = [a for a, s in sizes.items() if s == -1]
+  if len(rest) > 1:
+    raise ValueError(f'parallel.mesh: at most one axis may be -1, got {rest}')
+  bad = {a: s for a, s in sizes.items() if s == 0 or s < -1}
+  if bad:
+    raise ValueError(f'parallel.mesh: axis sizes must be positive or -1, got {bad}')
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if num_devices % fixed:
+    raise ValueError(
+      f'parallel.mesh {sizes} needs a multiple of {fixed} devices, but {num_devices} are present'
+    )
+  if rest:
+    sizes[rest[0]] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f'parallel.mesh {sizes} uses {math.prod(sizes.values())} devices, '
+                     f'but {num_devices} are present')
+  return sizes
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a Mesh with axes (data, fsdp, tensor, expert) from the config's sizes."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = mesh_shape(mesh_config, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  try:
+    device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+  except (AssertionError, NotImplementedError, ValueError):
+    device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, MESH_AXES)
+
+
+def rules_dict(rules) -> dict[str, tuple[str, ...]]:
+  """Normalises rules given as pairs or a mapping to {logical: (mesh axes...)}."""
+  items = rules.items() if hasattr(rules, 'items') else rules
+  out = {}
+  for name, axes in items:
+    if axes is None:
+      axes = ()
+    elif isinstance(axes, str):
+      axes = (axes,)
+    bad = [a for a in axes if a not in MESH_AXES]
+    if bad:
+      raise ValueError(f'parallel.rules[{name!r}] names unknown mesh axes {bad}; allowed {MESH_AXES}')
+    out[str(name)] = tuple(axes)
+  return out
+
+
+def logical_to_spec(
+  logical_axes: Sequence[str | None],
+  rules: Mapping[str, tuple[str, ...]],
+  mesh: Mesh | None = None,
+  shape: Sequence[int] | None = None,
+) -> PartitionSpec:
+  """Maps logical axis names to a PartitionSpec.
+
+  Mesh axes of size 1 are dropped; so are axes already used by an earlier dimension and, when
+  `shape` is given, axes whose size does not divide the dimension (that dimension is replicated).
+  """
+  used: set[str] = set()
+  spec = []
+  for dim, name in enumerate(logical_axes):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in rules:
+      raise ValueError(f'logical axis {name!r} has no rule; known: {sorted(rules)}')
+    axes = []
+    size = 1
+    for axis in rules[name]:
+      if axis in used or (mesh is not None and mesh.shape[axis] == 1):
+        continue
+      axis_size = mesh.shape[axis] if mesh is not None else 1
+      if shape is not None and shape[dim] % (size * axis_size):
+        continue
+      axes.append(axis)
+      size *= axis_size
+    used.update(axes)
+    spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+  return PartitionSpec(*spec)
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def logical_axes_tree(state: nnx.State) -> dict:
+  """Pure dict {path: logical axes} of an NNX state; every parameter must carry `logical_axes`."""
+
+  def axes(path, variable):
+    names = variable.get_metadata().get('logical_axes')
+    if names is None or len(names) != variable.value.ndim:
+      raise ValueError(f'parameter {jax.tree_util.keystr(path)} has logical_axes={names} '
+                       f'for shape {variable.value.shape}')
+    return tuple(names)
+
+  return nnx.to_pure_dict(jax.tree.map_with_path(axes, state, is_leaf=_is_variable))
+
+
+def state_shardings(abstract_params, axes_tree, mesh: Mesh, rules) -> dict:
+  """NamedShardings for a pure-dict parameter tree from its logical axes."""
+  rules = rules_dict(rules)
+  return jax.tree.map(
+    lambda leaf, names: NamedSharding(mesh, logical_to_spec(names, rules, mesh, leaf.shape)),
+    abstract_params,
+    axes_tree,
+    is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(n, str | None) for n in x),
+  )
+
+
+@contextlib.contextmanager
+def axis_rules(mesh: Mesh, rules):
+  """Makes `constrain` shard activations on `mesh` with `rules` inside this context."""
+  token = _CURRENT.set((mesh, rules_dict(rules)))
+  try:
+    yield
+  finally:
+    _CURRENT.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint on an activation by logical names; a no-op outside `axis_rules`."""
+  current = _CURRENT.get()
+  if current is None:
+    return x
+  mesh, rules = current
+  spec = logical_to_spec(logical_axes, rules, mesh, x.shape)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int, batch_dim: int = 0) -> NamedSharding:
+  """Sharding of an input array whose dimension `batch_dim` is the batch; the rest replicated."""
+  names = [None] * ndim
+  names[batch_dim] = 'batch'
+  return NamedSharding(mesh, logical_to_spec(names, rules_dict(rules), mesh))
+
+
+def batch_mesh_size(mesh: Mesh, rules) -> int:
+  """How many ways the batch dimension is split (the product of its mesh axes)."""
+  axes = rules_dict(rules).get('batch', ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def shard_batch(
+  batch: Mapping[str, np.ndarray], mesh: Mesh, rules, batch_dim: int = 0
+) -> dict[str, jax.Array]:
+  """Turns this process's slice of a global batch into global jax.Arrays.
+
+  Each process passes its local rows; `jax.make_array_from_process_local_data` stitches them into
+  one array sharded over the batch mesh axes, on one host or many.
+  """
+  return {
+    k: jax.make_array_from_process_local_data(
+      batch_sharding(mesh, rules, np.ndim(v), batch_dim), np.asarray(v)
+    )
+    for k, v in batch.items()
+  }

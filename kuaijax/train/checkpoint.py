@@ -1,0 +1,132 @@
+"""Orbax checkpoints of the train state, the grain iterator and a model signature.
+
+A checkpoint step folder holds three items: `state` (params, optimizer state, step, ...), `data` (the
+grain iterator state, one file per process) and `meta` (model config and parameter shapes). The
+signature lets a resumed run refuse a workdir that belongs to a different model before anything is
+restored or written; a checkpoint that cannot be read is reported by path and left in place.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be used (corrupt, or written by a different model)."""
+
+
+def param_signature(abstract_params) -> dict[str, list]:
+  """{'path': [shape..., dtype]} of a parameter tree, for comparing models across runs."""
+  flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  return {jax.tree_util.keystr(p): [*map(int, x.shape), str(x.dtype)] for p, x in flat}
+
+
+def _first_differences(saved: Mapping, current: Mapping, limit: int = 3) -> list[str]:
+  diffs = []
+  for key in sorted(set(saved) | set(current)):
+    if saved.get(key) != current.get(key):
+      diffs.append(f'{key}: checkpoint {saved.get(key)} vs config {current.get(key)}')
+  return diffs[:limit] + ([f'... {len(diffs) - limit} more'] if len(diffs) > limit else [])
+
+
+class Checkpointer:
+  """CheckpointManager wrapper: keep-N, periodic async saves, safe restores."""
+
+  def __init__(self, directory: str, *, keep: int, save_every: int, async_save: bool = True):
+    if keep < 1 or save_every < 1:
+      raise ValueError(f'train.keep_checkpoints={keep} and train.checkpoint_every={save_every} '
+                       'must be >= 1')
+    self.directory = os.path.abspath(directory)
+    self.save_every = save_every
+    self._manager = ocp.CheckpointManager(
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save
+      ),
+    )
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def maybe_save(self, step: int, state, data_iterator, meta: Mapping, *, force: bool = False):
+    """Saves at multiples of `save_every` (or when forced); returns whether it saved."""
+    if not force and step % self.save_every:
+      return False
+    if step in self._manager.all_steps():
+      return False
+    args = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(dict(meta))}
+    if data_iterator is not None:
+      args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+  def read_meta(self, step: int) -> dict:
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:  # noqa: BLE001 - any failure here means an unreadable checkpoint
+      raise CheckpointError(self._unreadable(step, e)) from e
+
+  def check_compatible(self, step: int, signature: Mapping) -> dict:
+    """Raises CheckpointError when the checkpoint's parameters differ from `signature`."""
+    meta = self.read_meta(step)
+    saved = meta.get('param_signature')
+    if saved != dict(signature):
+      diffs = _first_differences(saved or {}, signature)
+      raise CheckpointError(
+        f'{self.directory}/{step} was written by a different model: ' + '; '.join(diffs)
+        + '. Nothing was overwritten: use another --workdir, or the config that wrote it.'
+      )
+    return meta
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """Restores `state` onto the shardings of `abstract_state` (and the iterator in place)."""
+    args = {'state': ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(**args))['state']
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(self._unreadable(step, e)) from e
+
+  def _unreadable(self, step: int, error: Exception) -> str:
+    return (f'checkpoint {self.directory}/{step} could not be read ({type(error).__name__}: '
+            f'{str(error)[:300]}). It was left in place; delete that step folder to resume from an '
+            'earlier step, or use another --workdir.')
+
+  def wait(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def load_params(path: str, abstract_params, shardings):
+  """Params from the latest checkpoint under `path` (a workdir or its checkpoints folder).
+
+  Used for `config.init_from`: shapes must match the current model's; optimizer state is ignored.
+  """
+  directory = path if os.path.basename(path.rstrip('/')) == 'checkpoints' else os.path.join(
+    path, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'init_from={path!r}: no checkpoints folder at {directory}')
+  ckpt = Checkpointer(directory, keep=1_000_000, save_every=1, async_save=False)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'init_from={path!r}: {directory} holds no finished checkpoint')
+  ckpt.check_compatible(step, param_signature(abstract_params))
+  try:
+    raw = ckpt._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(ckpt._unreadable(step, e)) from e
+  params = jax.tree.map(np.asarray, raw['state']['params'])
+  ckpt.close()
+  return jax.tree.map(jax.device_put, params, shardings), step

@@ -1,0 +1,107 @@
+"""Language-model training pieces shared by experiments (lm, topp_moe, pcformer, ...).
+
+`build_lm_data` turns the `data` config section into a tokenizer, a per-process training dataset and
+fixed evaluation batches; `lm_loss_fn` is the loss the trainer differentiates; `model_factory` builds
+the decoder from the `model` section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import jax
+from flax import nnx
+
+from kuaijax.data import pipeline, sources, tokenizers
+from kuaijax.losses.lm import lm_loss
+from kuaijax.models.transformer import Transformer, TransformerConfig
+
+
+@dataclasses.dataclass
+class LMData:
+  tokenizer: object
+  train_dataset: object
+  eval_batches: list[dict]
+  train_source: Sequence[dict]
+  task_names: tuple[str, ...]
+
+
+def resolve_tokenizer(data_config, workdir: str, train_source):
+  """The configured tokenizer; a SentencePiece model with no path is trained into the workdir."""
+  if data_config.tokenizer != 'sentencepiece' or data_config.spm_model_path:
+    return tokenizers.get_tokenizer(data_config.tokenizer,
+                                    spm_model_path=data_config.spm_model_path or None)
+  prefix = os.path.join(workdir, 'spm')
+  if not os.path.exists(prefix + '.model'):
+    if jax.process_index() == 0:
+      texts = (train_source[i]['text'] for i in range(min(len(train_source), 20000)))
+      tokenizers.train_sentencepiece(
+        (t.decode() if isinstance(t, bytes) else t for t in texts),
+        vocab_size=data_config.spm_vocab_size, model_prefix=prefix,
+      )
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices('kuaijax_spm_trained')
+  return tokenizers.get_tokenizer('sentencepiece', spm_model_path=prefix + '.model')
+
+
+def build_lm_data(config, workdir: str) -> LMData:
+  """Tokenizer, training dataset (per-process micro-batches) and evaluation batches."""
+  dc = config.data
+  data_dir = dc.data_dir or sources.default_data_dir()
+  train_source = sources.get_data_source(dc.name, split=dc.train_split, data_dir=data_dir)
+  eval_source = sources.get_data_source(dc.name, split=dc.eval_split, data_dir=data_dir)
+  tokenizer = resolve_tokenizer(dc, workdir, train_source)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
+                     f'{dc.tokenizer} tokenizer vocabulary ({tokenizer.vocab_size})')
+  task_names = tuple(dc.task_names)
+  micro = config.train.batch_size // config.train.grad_accum // jax.process_count()
+  common = dict(tokenizer=tokenizer, seq_len=dc.seq_len, pack=dc.pack, task_names=task_names,
+                process_index=jax.process_index(), process_count=jax.process_count())
+  train_dataset = pipeline.lm_train_dataset(train_source, batch_size=micro, seed=dc.seed, **common)
+  eval_batch = dc.eval_batch_size // jax.process_count()
+  eval_batches = pipeline.lm_eval_batches(eval_source, batch_size=eval_batch,
+                                          num_batches=dc.eval_batches, **common)
+  return LMData(tokenizer, train_dataset, eval_batches, train_source, task_names)
+
+
+def model_factory(model_config):
+  """A `rngs -> Transformer` factory for the trainer; validates the model config first."""
+  cfg = TransformerConfig.from_config(model_config)
+  return lambda rngs: Transformer(cfg, rngs=rngs)
+
+
+def aux_loss_total(mlp_aux: Sequence[dict], weights) -> tuple[jax.Array, dict]:
+  """Weighted auxiliary losses reported by feed-forward layers (e.g. MoE), averaged over layers.
+
+  Each layer's aux dict maps names to scalars; `weights` maps a name to its coefficient (names with
+  no weight are reported in the metrics only).
+  """
+  total, metrics = 0.0, {}
+  names = sorted({k for aux in mlp_aux for k in aux})
+  for name in names:
+    values = [aux[name] for aux in mlp_aux if name in aux]
+    mean = sum(values) / len(values)
+    metrics[f'aux/{name}'] = mean
+    if name in weights:
+      total = total + weights[name] * mean
+  return total, metrics
+
+
+def lm_loss_fn(z_loss: float = 0.0, aux_weights=None):
+  """`loss_fn(model, batch, rng)` for the trainer: next-token CE on packed batches (+ aux losses)."""
+  aux_weights = dict(aux_weights or {})
+
+  def loss_fn(model: nnx.Module, batch: dict, rng):
+    del rng
+    logits, extras = model(batch['inputs'], positions=batch['positions'],
+                           segment_ids=batch['segment_ids'])
+    loss, metrics = lm_loss(logits, batch['targets'], batch['loss_mask'], z_loss=z_loss)
+    aux, aux_metrics = aux_loss_total(extras['mlp_aux'], aux_weights)
+    return loss + aux, {**metrics, **aux_metrics}
+
+  return loss_fn

@@ -1,0 +1,270 @@
+"""The generic training loop shared by every experiment.
+
+`train(...)` takes a model factory, a loss function `loss_fn(model, batch, rng) -> (loss, metrics)`
+(scalar metrics), a grain dataset of per-process micro-batches and an optional evaluator. It owns the
+mesh, the sharded init, the jitted step (donated state, explicit in/out shardings, gradient
+accumulation by `lax.scan`), orbax checkpoints with the data-iterator state, metrics, the progress bar
+and the non-finite guard.
+
+Resume order: the latest checkpoint in `workdir` -> `config.init_from` (params only) -> scratch.
+Randomness: parameters from `train.seed`; the step rng is `fold_in(key(train.seed + 1), step)`, so a
+resumed run replays exactly the steps an uninterrupted run would take.
+
+Non-finite guard: a step whose loss or gradient norm is not finite leaves params and optimizer state
+unchanged and records its step; the host checks that record before every log, evaluation and save,
+then stops with the step number. No state after a bad step is ever saved, so the last checkpoint is
+the last good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from kuaijax import parallel
+from kuaijax.train import checkpoint as ckpt_lib
+from kuaijax.train.metrics import MetricsWriter, Progress
+from kuaijax.train.optim import make_optimizer
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a finished run hands back to its experiment."""
+
+  graphdef: nnx.GraphDef
+  params: dict
+  step: int
+  history: list[dict]
+  last_eval: dict
+
+  def model(self) -> nnx.Module:
+    return nnx.merge(self.graphdef, self.params)
+
+
+def _mean_metrics(records: list[dict]) -> dict:
+  return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+
+
+def check_batch_config(train_config, mesh, rules) -> int:
+  """Validates batch_size / grad_accum against processes and mesh; returns the per-process micro batch."""
+  batch, accum = int(train_config.batch_size), int(train_config.grad_accum)
+  if batch <= 0 or accum <= 0 or batch % accum:
+    raise ValueError(f'train.batch_size={batch} must be a positive multiple of '
+                     f'train.grad_accum={accum}')
+  micro = batch // accum
+  split = parallel.batch_mesh_size(mesh, rules)
+  if micro % split or micro % jax.process_count():
+    raise ValueError(f'train.batch_size/grad_accum={micro} must be divisible by the batch mesh '
+                     f'axes ({split} ways) and by the process count ({jax.process_count()})')
+  return micro // jax.process_count()
+
+
+def _write_config(workdir: str, config) -> None:
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, 'config.json')
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() != text:
+        logging.warning('%s differs from this run\'s config; kept the original', path)
+    return
+  with open(path, 'w') as f:
+    f.write(text)
+
+
+def train(
+  config,
+  workdir: str,
+  *,
+  model_factory: Callable[[nnx.Rngs], nnx.Module],
+  loss_fn: Callable,
+  train_dataset,
+  evaluate: Callable[[nnx.Module, int], dict] | None = None,
+) -> TrainResult:
+  """Trains (or resumes) per `config.train`, `config.optimizer`, `config.parallel`."""
+  tc = config.train
+  steps, accum = int(tc.steps), int(tc.grad_accum)
+  if steps <= 0:
+    raise ValueError(f'train.steps must be > 0, got {steps}')
+  for name in ('log_every', 'eval_every', 'checkpoint_every'):
+    if int(tc[name]) <= 0:
+      raise ValueError(f'train.{name} must be > 0, got {tc[name]}')
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh(config.parallel.mesh)
+  rules = parallel.rules_dict(config.parallel.rules)
+  check_batch_config(tc, mesh, rules)
+  seed = int(tc.seed)
+
+  # Abstract model -> parameter shardings and signature, without allocating anything.
+  abstract_model = nnx.eval_shape(lambda: model_factory(nnx.Rngs(seed)))
+  graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
+  abstract_params = nnx.to_pure_dict(abstract_state)
+  param_shardings = parallel.state_shardings(
+    abstract_params, parallel.logical_axes_tree(abstract_state), mesh, rules
+  )
+  signature = ckpt_lib.param_signature(abstract_params)
+  tx, schedule = make_optimizer(config.optimizer, steps)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def init_state(params):
+    return {
+      'params': params,
+      'opt_state': tx.init(params),
+      'step': jnp.zeros((), jnp.int32),
+      'nonfinite_step': jnp.full((), -1, jnp.int32),
+    }
+
+  def init_params():
+    return nnx.to_pure_dict(nnx.split(model_factory(nnx.Rngs(seed)), nnx.Param)[1])
+
+  abstract_train_state = jax.eval_shape(init_state, abstract_params)
+  state_shardings = {
+    'params': param_shardings,
+    'opt_state': optax.tree_map_params(
+      tx, lambda _, s: s, abstract_train_state['opt_state'], param_shardings,
+      transform_non_params=lambda _: replicated,
+    ),
+    'step': replicated,
+    'nonfinite_step': replicated,
+  }
+
+  base_rng = jax.random.key(seed + 1)
+
+  def loss_of_params(params, batch, rng):
+    return loss_fn(nnx.merge(graphdef, params), batch, rng)
+
+  grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
+
+  def train_step(state, batch):
+    step, params = state['step'], state['params']
+    rng = jax.random.fold_in(base_rng, step)
+    if accum == 1:
+      (loss, metrics), grads = grad_fn(params, batch, rng)
+    else:
+      first = jax.tree.map(lambda x: x[0], batch)
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first, rng))
+
+      def body(acc, xs):
+        micro, i = xs
+        out = grad_fn(params, micro, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, acc, out), None
+
+      summed, _ = jax.lax.scan(body, zeros, (batch, jnp.arange(accum)))
+      (loss, metrics), grads = jax.tree.map(lambda x: x / accum, summed)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    nonfinite = state['nonfinite_step']
+    new_state = {
+      'params': keep(new_params, params),
+      'opt_state': keep(opt_state, state['opt_state']),
+      'step': step + 1,
+      'nonfinite_step': jnp.where((nonfinite < 0) & ~finite, step, nonfinite),
+    }
+    metrics = {**metrics, 'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(step)}
+    return new_state, metrics
+
+  batch_dim = 0 if accum == 1 else 1
+  checkpointer = ckpt_lib.Checkpointer(
+    os.path.join(workdir, 'checkpoints'), keep=int(tc.keep_checkpoints),
+    save_every=int(tc.checkpoint_every), async_save=bool(tc.async_checkpoint),
+  )
+  meta = {'param_signature': signature, 'model': config.model.to_dict()}
+  writer = MetricsWriter(workdir)
+  data_iter = iter(train_dataset)
+  history, last_eval = [], {}
+  try:
+    with parallel.axis_rules(mesh, rules):
+      latest = checkpointer.latest_step()
+      if latest is not None:
+        checkpointer.check_compatible(latest, signature)
+        target = jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          abstract_train_state, state_shardings,
+        )
+        state = checkpointer.restore(latest, target, data_iter)
+        logging.info('resumed from %s/%d', checkpointer.directory, latest)
+      else:
+        if config.init_from:
+          params, from_step = ckpt_lib.load_params(config.init_from, abstract_params, param_shardings)
+          logging.info('initialised params from %s (step %d)', config.init_from, from_step)
+        else:
+          params = jax.jit(init_params, out_shardings=param_shardings)()
+        state = jax.jit(init_state, out_shardings=state_shardings)(params)
+      _write_config(workdir, config)
+      start = int(state['step'])
+      writer.truncate_after(start)
+
+      p_step = jax.jit(train_step, out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+      def next_batch():
+        if accum == 1:
+          local = next(data_iter)
+        else:
+          micro = [next(data_iter) for _ in range(accum)]
+          local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+        return parallel.shard_batch(local, mesh, rules, batch_dim)
+
+      def check_finite():
+        bad = int(jax.device_get(state['nonfinite_step']))
+        if bad >= 0:
+          checkpointer.wait()
+          raise FloatingPointError(
+            f'non-finite loss or gradient at step {bad + 1} (the update was skipped); last good '
+            f'checkpoint: step {checkpointer.latest_step()} in {checkpointer.directory}'
+          )
+
+      progress = Progress(start, steps, enabled=bool(tc.progress) and jax.process_index() == 0)
+      pending, pending_tokens = [], 0
+      for step in range(start, steps):
+        batch = next_batch()
+        pending_tokens += int(batch['inputs'].size) if 'inputs' in batch else 0
+        state, metrics = p_step(state, batch)
+        pending.append(metrics)
+        done = step + 1
+        last = done == steps
+        if done % int(tc.log_every) == 0 or last:
+          check_finite()
+          record = _mean_metrics(jax.device_get(pending))
+          record['tokens_per_s'] = progress.update(len(pending), pending_tokens, record['loss'])
+          history.append(writer.write(done, record))
+          pending, pending_tokens = [], 0
+        if evaluate is not None and (done % int(tc.eval_every) == 0 or last):
+          check_finite()
+          last_eval = evaluate(nnx.merge(graphdef, state['params']), done)
+          writer.write(done, {f'eval/{k}': v for k, v in last_eval.items()})
+        if done % int(tc.checkpoint_every) == 0 or last:
+          check_finite()
+          checkpointer.maybe_save(done, state, data_iter, meta, force=last)
+      progress.close()
+  finally:
+    checkpointer.close()
+    writer.close()
+  final_step = int(state['step'])
+  if evaluate is not None and not last_eval and final_step == steps:
+    with parallel.axis_rules(mesh, rules):
+      last_eval = evaluate(nnx.merge(graphdef, state['params']), final_step)
+  return TrainResult(graphdef, state['params'], final_step, history, last_eval)
+
+
+def write_results(workdir: str, results: dict, table_markdown: str) -> None:
+  """results.json and results.md in the workdir (process 0)."""
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write(table_markdown)

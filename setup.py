@@ -1,0 +1,37 @@
+"""kuaijax: a JAX codebase for dynamic-routing MoE, token-level RL, preference optimisation and
+predictor-corrector Transformers."""
+
+from setuptools import find_packages, setup
+
+setup(
+  name='kuaijax',
+  version='0.1.0',
+  description=__doc__,
+  python_requires='>=3.11',
+  packages=find_packages(include=['kuaijax*', 'experiments*', 'pallas_kernels*']),
+  install_requires=[
+    'jax>=0.10',
+    'flax>=0.12',
+    'optax>=0.2.5',
+    'orbax-checkpoint>=0.11',
+    'grain>=0.2.12',
+    'tensorflow-datasets>=4.9.9',
+    'array_record>=0.8',
+    'importlib_resources',  # tfds needs it to build data sets without TensorFlow
+    'ml-collections>=1.0',
+    'chex>=0.1.90',
+    'absl-py>=2.1',
+    'numpy>=1.26',
+    'sentencepiece>=0.2',
+    'tqdm>=4.66',
+    'matplotlib>=3.8',
+    'tensorboardX>=2.6',
+  ],
+  extras_require={
+    'test': ['pytest>=8', 'pytest-xdist>=3.5', 'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29',
+             'ruff>=0.6'],
+    'gpu': ['jax[cuda12]>=0.10'],
+    'tpu': ['jax[tpu]>=0.10'],
+    'hf': ['torch', 'transformers', 'safetensors'],
+  },
+)
