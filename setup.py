@@ -28,8 +28,14 @@ setup(
     'tensorboardX>=2.6',
   ],
   extras_require={
-    'test': ['pytest>=8', 'pytest-xdist>=3.5', 'nbclient>=0.10', 'nbformat>=5.10', 'ipykernel>=6.29',
-             'ruff>=0.6'],
+    'test': [
+      'pytest>=8',
+      'pytest-xdist>=3.5',
+      'nbclient>=0.10',
+      'nbformat>=5.10',
+      'ipykernel>=6.29',
+      'ruff>=0.6',
+    ],
     'gpu': ['jax[cuda12]>=0.10'],
     'tpu': ['jax[tpu]>=0.10'],
     'hf': ['torch', 'transformers', 'safetensors'],

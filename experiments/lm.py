@@ -16,24 +16,35 @@ from kuaijax.train.trainer import train, write_results
 
 def results_table(task_names, model_eval: dict, unigram: dict, title: str) -> str:
   """Markdown table: one row per task (and all tasks), model vs unigram loss and perplexity."""
-  lines = [f'## {title}', '', '| task | tokens | model loss | unigram loss | model ppl | unigram ppl |',
-           '|---|---:|---:|---:|---:|---:|']
+  lines = [
+    f'## {title}',
+    '',
+    '| task | tokens | model loss | unigram loss | model ppl | unigram ppl |',
+    '|---|---:|---:|---:|---:|---:|',
+  ]
   for name in (*task_names, None):
     key = 'loss' if name is None else f'loss/{name}'
     if key not in model_eval:
       continue
     ppl = 'ppl' if name is None else f'ppl/{name}'
-    tokens = sum(model_eval.get(f'tokens/{t}', 0) for t in task_names) if name is None else \
-      model_eval[f'tokens/{name}']
-    lines.append(f'| {name or "all"} | {tokens} | {model_eval[key]:.4f} | {unigram[key]:.4f} | '
-                 f'{model_eval[ppl]:.2f} | {unigram[ppl]:.2f} |')
+    tokens = (
+      sum(model_eval.get(f'tokens/{t}', 0) for t in task_names)
+      if name is None
+      else model_eval[f'tokens/{name}']
+    )
+    lines.append(
+      f'| {name or "all"} | {tokens} | {model_eval[key]:.4f} | {unigram[key]:.4f} | '
+      f'{model_eval[ppl]:.2f} | {unigram[ppl]:.2f} |'
+    )
   return '\n'.join(lines) + '\n'
 
 
 def run(config, workdir: str) -> dict:
   data = lm_task.build_lm_data(config, workdir)
-  mesh = parallel.make_mesh(config.parallel.mesh)
-  evaluator = LMEvaluator(data.eval_batches, data.task_names, mesh=mesh, rules=config.parallel.rules)
+  mesh = parallel.mesh_from_config(config.parallel)
+  evaluator = LMEvaluator(
+    data.eval_batches, data.task_names, mesh=mesh, rules=config.parallel.rules
+  )
   result = train(
     config,
     workdir,
@@ -42,19 +53,27 @@ def run(config, workdir: str) -> dict:
     train_dataset=data.train_dataset,
     evaluate=evaluator,
   )
-  counts = pipeline.unigram_counts(data.train_source, data.tokenizer,
-                                   max_examples=config.eval.unigram_max_examples or None)
+  counts = pipeline.unigram_counts(
+    data.train_source, data.tokenizer, max_examples=config.eval.unigram_max_examples or None
+  )
   unigram = unigram_baseline(counts, data.eval_batches, data.task_names)
   results = {
     'step': result.step,
     'model': result.last_eval,
     'unigram': unigram,
-    'beats_unigram': {t: result.last_eval[f'loss/{t}'] < unigram[f'loss/{t}']
-                      for t in data.task_names if f'loss/{t}' in unigram},
+    'beats_unigram': {
+      t: result.last_eval[f'loss/{t}'] < unigram[f'loss/{t}']
+      for t in data.task_names
+      if f'loss/{t}' in unigram
+    },
     'num_params': int(sum(x.size for x in jax.tree.leaves(result.params))),
   }
-  table = results_table(data.task_names, result.last_eval, unigram,
-                        f'Validation loss per task after {result.step} steps ({config.data.name})')
+  table = results_table(
+    data.task_names,
+    result.last_eval,
+    unigram,
+    f'Validation loss per task after {result.step} steps ({config.data.name})',
+  )
   write_results(workdir, results, table)
   print(table)
   return results

@@ -83,11 +83,20 @@ def trainer_config(**train_overrides) -> ml_collections.ConfigDict:
   )
   config.train.update(train_overrides)
   config.optimizer = ml_collections.ConfigDict(
-    dict(lr=3e-4, min_lr_ratio=0.1, warmup_steps=100, b1=0.9, b2=0.95, eps=1e-8,
-         weight_decay=0.1, clip_norm=1.0)
+    dict(
+      lr=3e-4,
+      min_lr_ratio=0.1,
+      warmup_steps=100,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      clip_norm=1.0,
+    )
   )
   config.parallel = ml_collections.ConfigDict(
     dict(
+      num_devices=0,  # use the first N devices (0: all of them)
       mesh=ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1)),
       rules=ml_collections.ConfigDict(dict(DEFAULT_RULES)),
     )

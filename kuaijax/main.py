@@ -17,7 +17,9 @@ from ml_collections import config_flags
 
 from kuaijax import parallel
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Experiment config file.', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -44,7 +46,8 @@ class _QuietLibraries(stdlib_logging.Filter):
 
   def filter(self, record):
     return record.levelno >= stdlib_logging.WARNING or not any(
-      n in record.pathname for n in self._NOISY)
+      n in record.pathname for n in self._NOISY
+    )
 
 
 def main(argv):

@@ -48,16 +48,17 @@ _CURRENT: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.Context
 def maybe_initialize_distributed() -> None:
   """Calls `jax.distributed.initialize()` when the environment describes a multi-process job.
 
-  Cloud TPU pods and SLURM/Open MPI launches set these variables; a single process does nothing.
+  Cloud TPU pods (several worker hostnames), SLURM / Open MPI launches with more than one task, or
+  an explicit JAX coordinator address trigger it; a single process does nothing.
   """
-  markers = ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')
-  multi_task = int(os.environ.get('SLURM_NTASKS', os.environ.get('OMPI_COMM_WORLD_SIZE', '1'))) > 1
-  tpu_pod = os.environ.get('TPU_WORKER_HOSTNAMES', '').count(',') > 0
-  if tpu_pod or multi_task or any(k in os.environ for k in markers[:2]):
-    if not jax.distributed.is_initialized():
-      jax.distributed.initialize()
-      logging.info('jax.distributed initialised: process %d of %d', jax.process_index(),
-                   jax.process_count())
+  tasks = int(os.environ.get('SLURM_NTASKS', os.environ.get('OMPI_COMM_WORLD_SIZE', '1')))
+  tpu_pod = ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  coordinator = 'JAX_COORDINATOR_ADDRESS' in os.environ
+  if (tpu_pod or tasks > 1 or coordinator) and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+    logging.info(
+      'jax.distributed initialised: process %d of %d', jax.process_index(), jax.process_count()
+    )
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -80,8 +81,10 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, in
   if rest:
     sizes[rest[0]] = num_devices // fixed
   if math.prod(sizes.values()) != num_devices:
-    raise ValueError(f'parallel.mesh {sizes} uses {math.prod(sizes.values())} devices, '
-                     f'but {num_devices} are present')
+    raise ValueError(
+      f'parallel.mesh {sizes} uses {math.prod(sizes.values())} devices, '
+      f'but {num_devices} are present'
+    )
   return sizes
 
 
@@ -97,6 +100,15 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
   return Mesh(device_array, MESH_AXES)
 
 
+def mesh_from_config(parallel_config) -> Mesh:
+  """The mesh of a `parallel` config section over its first `num_devices` devices (0 = all)."""
+  devices = jax.devices()
+  n = int(parallel_config.get('num_devices', 0) or 0)
+  if n < 0 or n > len(devices):
+    raise ValueError(f'parallel.num_devices={n} but {len(devices)} devices are present')
+  return make_mesh(parallel_config.mesh, devices[:n] if n else devices)
+
+
 def rules_dict(rules) -> dict[str, tuple[str, ...]]:
   """Normalises rules given as pairs or a mapping to {logical: (mesh axes...)}."""
   items = rules.items() if hasattr(rules, 'items') else rules
@@ -108,7 +120,9 @@ def rules_dict(rules) -> dict[str, tuple[str, ...]]:
       axes = (axes,)
     bad = [a for a in axes if a not in MESH_AXES]
     if bad:
-      raise ValueError(f'parallel.rules[{name!r}] names unknown mesh axes {bad}; allowed {MESH_AXES}')
+      raise ValueError(
+        f'parallel.rules[{name!r}] names unknown mesh axes {bad}; allowed {MESH_AXES}'
+      )
     out[str(name)] = tuple(axes)
   return out
 
@@ -157,8 +171,10 @@ def logical_axes_tree(state: nnx.State) -> dict:
   def axes(path, variable):
     names = variable.get_metadata().get('logical_axes')
     if names is None or len(names) != variable.value.ndim:
-      raise ValueError(f'parameter {jax.tree_util.keystr(path)} has logical_axes={names} '
-                       f'for shape {variable.value.shape}')
+      raise ValueError(
+        f'parameter {jax.tree_util.keystr(path)} has logical_axes={names} '
+        f'for shape {variable.value.shape}'
+      )
     return tuple(names)
 
   return nnx.to_pure_dict(jax.tree.map_with_path(axes, state, is_leaf=_is_variable))

@@ -52,16 +52,25 @@ def get_config(arg=None):
     )
   )
   config.eval = ml_collections.ConfigDict(dict(unigram_max_examples=0))  # 0: whole train split
-  config.train.update(steps=50_000, batch_size=256, log_every=100, eval_every=2000,
-                      checkpoint_every=2000)
+  config.train.update(
+    steps=50_000, batch_size=256, log_every=100, eval_every=2000, checkpoint_every=2000
+  )
   config.optimizer.update(lr=6e-4, warmup_steps=2000)
 
   if args.runlocal:
     config.data.update(seq_len=256, eval_batch_size=32, eval_batches=6)
-    config.model.update(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=384,
-                        dtype='float32', remat='none')
-    config.train.update(steps=600, batch_size=16, log_every=25, eval_every=200,
-                        checkpoint_every=100)
+    config.model.update(
+      d_model=128,
+      num_layers=4,
+      num_heads=4,
+      num_kv_heads=2,
+      d_ff=384,
+      dtype='float32',
+      remat='none',
+    )
+    config.train.update(
+      steps=600, batch_size=16, log_every=25, eval_every=200, checkpoint_every=100
+    )
     config.optimizer.update(lr=2e-3, warmup_steps=50)
     config.eval.unigram_max_examples = 5000
   return config

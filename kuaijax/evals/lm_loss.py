@@ -47,8 +47,9 @@ class LMEvaluator:
 
       def score(params, batch):
         model = nnx.merge(graphdef, params)
-        logits, _ = model(batch['inputs'], positions=batch['positions'],
-                          segment_ids=batch['segment_ids'])
+        logits, _ = model(
+          batch['inputs'], positions=batch['positions'], segment_ids=batch['segment_ids']
+        )
         ce, _ = token_cross_entropy(logits, batch['targets'])
         return per_task_sums(ce, batch['loss_mask'], batch['task_ids'], num_tasks)
 
@@ -70,7 +71,9 @@ class LMEvaluator:
     return _summarise(loss_sums, counts, self.task_names)
 
 
-def unigram_baseline(counts: np.ndarray, batches: Sequence[dict], task_names: Sequence[str]) -> dict:
+def unigram_baseline(
+  counts: np.ndarray, batches: Sequence[dict], task_names: Sequence[str]
+) -> dict:
   """Loss of the add-one-smoothed unigram distribution `counts` on the same evaluation batches."""
   counts = np.asarray(counts, np.float64) + 1.0
   neg_logp = -np.log(counts / counts.sum())

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kuaijax.parallel import constrain
@@ -38,6 +39,18 @@ def param(
   return nnx.Param(value, logical_axes=tuple(logical_axes))
 
 
+def dense(x: jax.Array, w: jax.Array, contract_dims: int = 1) -> jax.Array:
+  """Contracts the last `contract_dims` dims of x with the first ones of w as one 2-D matmul.
+
+  Flattening to [tokens, in] @ [in, out] keeps XLA on its fastest GEMM path (on CPU the batched
+  einsum forms ran 3-4x slower in the backward pass) and is layout-neutral on GPU/TPU.
+  """
+  in_shape, out_shape = w.shape[:contract_dims], w.shape[contract_dims:]
+  lead = x.shape[: x.ndim - contract_dims]
+  y = x.reshape(-1, int(np.prod(in_shape))) @ w.reshape(int(np.prod(in_shape)), -1)
+  return y.reshape(*lead, *out_shape)
+
+
 class RMSNorm(nnx.Module):
   """Root-mean-square LayerNorm with a learned scale, computed in float32."""
 
@@ -52,7 +65,7 @@ class RMSNorm(nnx.Module):
 
 
 class Embed(nnx.Module):
-  """Token embedding table [vocab, embed]; `attend` gives the tied output logits."""
+  """Token embedding table [vocab, embed]."""
 
   def __init__(self, vocab_size: int, dim: int, *, std: float, param_dtype, dtype, rngs: nnx.Rngs):
     self.dtype = dtype
@@ -61,15 +74,13 @@ class Embed(nnx.Module):
   def __call__(self, tokens: jax.Array) -> jax.Array:
     return jnp.take(self.embedding.value, tokens, axis=0).astype(self.dtype)
 
-  def attend(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum('bld,vd->blv', x, self.embedding.value.astype(self.dtype))
-
 
 class SwiGLU(nnx.Module):
   """Dense SwiGLU feed-forward: W2 (silu(x W1) * (x W3))."""
 
-  def __init__(self, dim: int, hidden: int, *, std: float, out_std: float, param_dtype, dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, dim: int, hidden: int, *, std: float, out_std: float, param_dtype, dtype, rngs: nnx.Rngs
+  ):
     self.dtype = dtype
     self.w1 = param(rngs, (dim, hidden), ('embed', 'mlp'), std=std, dtype=param_dtype)
     self.w3 = param(rngs, (dim, hidden), ('embed', 'mlp'), std=std, dtype=param_dtype)
@@ -77,10 +88,10 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
     dt = self.dtype
-    gate = jnp.einsum('bld,df->blf', x, self.w1.value.astype(dt))
-    up = jnp.einsum('bld,df->blf', x, self.w3.value.astype(dt))
+    gate = dense(x, self.w1.value.astype(dt))
+    up = dense(x, self.w3.value.astype(dt))
     h = constrain(jax.nn.silu(gate) * up, ('batch', 'length', 'mlp'))
-    return jnp.einsum('blf,fd->bld', h, self.w2.value.astype(dt)), {}
+    return dense(h, self.w2.value.astype(dt)), {}
 
 
 # name -> factory(config, layer_index, rngs) returning a module called as `y, aux = mlp(x)`.
@@ -102,8 +113,15 @@ def register_mlp(name: str):
 @register_mlp('swiglu')
 def _swiglu(config, layer_index: int, rngs: nnx.Rngs) -> SwiGLU:
   del layer_index
-  return SwiGLU(config.d_model, config.d_ff, std=config.init_std, out_std=config.out_init_std,
-                param_dtype=config.param_dtype, dtype=config.dtype, rngs=rngs)
+  return SwiGLU(
+    config.d_model,
+    config.d_ff,
+    std=config.init_std,
+    out_std=config.out_init_std,
+    param_dtype=config.param_dtype,
+    dtype=config.dtype,
+    rngs=rngs,
+  )
 
 
 def make_mlp(config, layer_index: int, rngs: nnx.Rngs):

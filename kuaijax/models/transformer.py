@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kuaijax.models.attention import Attention, KVCache
-from kuaijax.models.layers import Embed, RMSNorm, make_mlp, param
+from kuaijax.models.layers import Embed, RMSNorm, dense, make_mlp, param
 from kuaijax.parallel import constrain
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -56,13 +56,16 @@ class TransformerConfig:
         raise ValueError(f'model.{name} must be a positive int, got {value!r}')
     kv = self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
     if kv <= 0 or self.num_heads % kv:
-      raise ValueError(f'model.num_heads={self.num_heads} must be a multiple of '
-                       f'model.num_kv_heads={kv}')
+      raise ValueError(
+        f'model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={kv}'
+      )
     head_dim = self.head_dim
     if head_dim is None:
       if self.d_model % self.num_heads:
-        raise ValueError(f'model.d_model={self.d_model} is not divisible by '
-                         f'model.num_heads={self.num_heads}; set model.head_dim')
+        raise ValueError(
+          f'model.d_model={self.d_model} is not divisible by '
+          f'model.num_heads={self.num_heads}; set model.head_dim'
+        )
       head_dim = self.d_model // self.num_heads
     if head_dim <= 0 or head_dim % 2:
       raise ValueError(f'model.head_dim={head_dim} must be a positive even int (RoPE)')
@@ -138,13 +141,15 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.config = cfg
     dt, pd = cfg.compute_dtype, cfg.weight_dtype
-    self.embed = Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, param_dtype=pd, dtype=dt,
-                       rngs=rngs)
+    self.embed = Embed(
+      cfg.vocab_size, cfg.d_model, std=cfg.init_std, param_dtype=pd, dtype=dt, rngs=rngs
+    )
     self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
     if not cfg.tie_embeddings:
-      self.head = param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), std=cfg.init_std,
-                        dtype=pd)
+      self.head = param(
+        rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), std=cfg.init_std, dtype=pd
+      )
 
   def output_head(self) -> jax.Array:
     """The [d_model, vocab] output projection (the transposed embedding when tied)."""
@@ -186,15 +191,20 @@ class Transformer(nnx.Module):
       mlp_aux.append(aux)
       new_caches.append(cache)
     hidden = self.final_norm(x)
-    extras = {'mlp_aux': mlp_aux, 'caches': None if caches is None else new_caches, 'hidden': hidden}
+    extras = {
+      'mlp_aux': mlp_aux,
+      'caches': None if caches is None else new_caches,
+      'hidden': hidden,
+    }
     if return_hidden:
       return hidden, extras
-    logits = jnp.einsum('bld,dv->blv', hidden, self.output_head().astype(hidden.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = dense(hidden, self.output_head().astype(hidden.dtype)).astype(jnp.float32)
     return constrain(logits, ('batch', 'length', 'vocab')), extras
 
   def init_caches(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:
     """Empty per-layer KV caches for decoding up to `max_len` tokens."""
     c = self.config
-    return [KVCache.empty(batch, max_len, c.num_kv_heads, c.head_dim, dtype or c.compute_dtype)
-            for _ in range(c.num_layers)]
+    return [
+      KVCache.empty(batch, max_len, c.num_kv_heads, c.head_dim, dtype or c.compute_dtype)
+      for _ in range(c.num_layers)
+    ]

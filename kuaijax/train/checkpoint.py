@@ -40,8 +40,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int, save_every: int, async_save: bool = True):
     if keep < 1 or save_every < 1:
-      raise ValueError(f'train.keep_checkpoints={keep} and train.checkpoint_every={save_every} '
-                       'must be >= 1')
+      raise ValueError(
+        f'train.keep_checkpoints={keep} and train.checkpoint_every={save_every} must be >= 1'
+      )
     self.directory = os.path.abspath(directory)
     self.save_every = save_every
     self._manager = ocp.CheckpointManager(
@@ -70,7 +71,9 @@ class Checkpointer:
 
   def read_meta(self, step: int) -> dict:
     try:
-      return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+      return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+        'meta'
+      ]
     except Exception as e:  # noqa: BLE001 - any failure here means an unreadable checkpoint
       raise CheckpointError(self._unreadable(step, e)) from e
 
@@ -81,7 +84,8 @@ class Checkpointer:
     if saved != dict(signature):
       diffs = _first_differences(saved or {}, signature)
       raise CheckpointError(
-        f'{self.directory}/{step} was written by a different model: ' + '; '.join(diffs)
+        f'{self.directory}/{step} was written by a different model: '
+        + '; '.join(diffs)
         + '. Nothing was overwritten: use another --workdir, or the config that wrote it.'
       )
     return meta
@@ -97,9 +101,11 @@ class Checkpointer:
       raise CheckpointError(self._unreadable(step, e)) from e
 
   def _unreadable(self, step: int, error: Exception) -> str:
-    return (f'checkpoint {self.directory}/{step} could not be read ({type(error).__name__}: '
-            f'{str(error)[:300]}). It was left in place; delete that step folder to resume from an '
-            'earlier step, or use another --workdir.')
+    return (
+      f'checkpoint {self.directory}/{step} could not be read ({type(error).__name__}: '
+      f'{str(error)[:300]}). It was left in place; delete that step folder to resume from an '
+      'earlier step, or use another --workdir.'
+    )
 
   def wait(self):
     self._manager.wait_until_finished()
@@ -114,8 +120,11 @@ def load_params(path: str, abstract_params, shardings):
 
   Used for `config.init_from`: shapes must match the current model's; optimizer state is ignored.
   """
-  directory = path if os.path.basename(path.rstrip('/')) == 'checkpoints' else os.path.join(
-    path, 'checkpoints')
+  directory = (
+    path
+    if os.path.basename(path.rstrip('/')) == 'checkpoints'
+    else os.path.join(path, 'checkpoints')
+  )
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'init_from={path!r}: no checkpoints folder at {directory}')
   ckpt = Checkpointer(directory, keep=1_000_000, save_every=1, async_save=False)

@@ -31,15 +31,17 @@ class LMData:
 def resolve_tokenizer(data_config, workdir: str, train_source):
   """The configured tokenizer; a SentencePiece model with no path is trained into the workdir."""
   if data_config.tokenizer != 'sentencepiece' or data_config.spm_model_path:
-    return tokenizers.get_tokenizer(data_config.tokenizer,
-                                    spm_model_path=data_config.spm_model_path or None)
+    return tokenizers.get_tokenizer(
+      data_config.tokenizer, spm_model_path=data_config.spm_model_path or None
+    )
   prefix = os.path.join(workdir, 'spm')
   if not os.path.exists(prefix + '.model'):
     if jax.process_index() == 0:
       texts = (train_source[i]['text'] for i in range(min(len(train_source), 20000)))
       tokenizers.train_sentencepiece(
         (t.decode() if isinstance(t, bytes) else t for t in texts),
-        vocab_size=data_config.spm_vocab_size, model_prefix=prefix,
+        vocab_size=data_config.spm_vocab_size,
+        model_prefix=prefix,
       )
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
@@ -56,16 +58,25 @@ def build_lm_data(config, workdir: str) -> LMData:
   eval_source = sources.get_data_source(dc.name, split=dc.eval_split, data_dir=data_dir)
   tokenizer = resolve_tokenizer(dc, workdir, train_source)
   if tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
-                     f'{dc.tokenizer} tokenizer vocabulary ({tokenizer.vocab_size})')
+    raise ValueError(
+      f'model.vocab_size={config.model.vocab_size} is smaller than the '
+      f'{dc.tokenizer} tokenizer vocabulary ({tokenizer.vocab_size})'
+    )
   task_names = tuple(dc.task_names)
   micro = config.train.batch_size // config.train.grad_accum // jax.process_count()
-  common = dict(tokenizer=tokenizer, seq_len=dc.seq_len, pack=dc.pack, task_names=task_names,
-                process_index=jax.process_index(), process_count=jax.process_count())
+  common = dict(
+    tokenizer=tokenizer,
+    seq_len=dc.seq_len,
+    pack=dc.pack,
+    task_names=task_names,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   train_dataset = pipeline.lm_train_dataset(train_source, batch_size=micro, seed=dc.seed, **common)
   eval_batch = dc.eval_batch_size // jax.process_count()
-  eval_batches = pipeline.lm_eval_batches(eval_source, batch_size=eval_batch,
-                                          num_batches=dc.eval_batches, **common)
+  eval_batches = pipeline.lm_eval_batches(
+    eval_source, batch_size=eval_batch, num_batches=dc.eval_batches, **common
+  )
   return LMData(tokenizer, train_dataset, eval_batches, train_source, task_names)
 
 
@@ -98,8 +109,9 @@ def lm_loss_fn(z_loss: float = 0.0, aux_weights=None):
 
   def loss_fn(model: nnx.Module, batch: dict, rng):
     del rng
-    logits, extras = model(batch['inputs'], positions=batch['positions'],
-                           segment_ids=batch['segment_ids'])
+    logits, extras = model(
+      batch['inputs'], positions=batch['positions'], segment_ids=batch['segment_ids']
+    )
     loss, metrics = lm_loss(logits, batch['targets'], batch['loss_mask'], z_loss=z_loss)
     aux, aux_metrics = aux_loss_total(extras['mlp_aux'], aux_weights)
     return loss + aux, {**metrics, **aux_metrics}

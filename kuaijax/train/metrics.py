@@ -64,8 +64,14 @@ class Progress:
   """tqdm bar over steps showing loss and tokens/s."""
 
   def __init__(self, start: int, total: int, *, enabled: bool):
-    self._bar = tqdm.tqdm(total=total, initial=start, disable=not enabled, dynamic_ncols=True,
-                          mininterval=1.0, desc='train')
+    self._bar = tqdm.tqdm(
+      total=total,
+      initial=start,
+      disable=not enabled,
+      dynamic_ncols=True,
+      mininterval=1.0,
+      desc='train',
+    )
     self._t0, self._tokens = time.perf_counter(), 0
 
   def update(self, steps: int, tokens: int, loss: float | None = None) -> float:

@@ -10,8 +10,9 @@ def learning_rate_schedule(opt_config, total_steps: int) -> optax.Schedule:
   """Linear warm-up from 0 to `lr`, then cosine decay to `lr * min_lr_ratio` at `total_steps`."""
   warmup = int(opt_config.warmup_steps)
   if warmup < 0 or total_steps <= 0:
-    raise ValueError(f'optimizer.warmup_steps={warmup} and train.steps={total_steps} must be >= 0 '
-                     'and > 0')
+    raise ValueError(
+      f'optimizer.warmup_steps={warmup} and train.steps={total_steps} must be >= 0 and > 0'
+    )
   if not opt_config.lr > 0:
     raise ValueError(f'optimizer.lr must be > 0, got {opt_config.lr}')
   return optax.warmup_cosine_decay_schedule(
@@ -28,7 +29,9 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(opt_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  opt_config, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optax chain from the `optimizer` config section."""
   schedule = learning_rate_schedule(opt_config, total_steps)
   parts = []

@@ -59,13 +59,16 @@ def check_batch_config(train_config, mesh, rules) -> int:
   """Validates batch_size / grad_accum against processes and mesh; returns the per-process micro batch."""
   batch, accum = int(train_config.batch_size), int(train_config.grad_accum)
   if batch <= 0 or accum <= 0 or batch % accum:
-    raise ValueError(f'train.batch_size={batch} must be a positive multiple of '
-                     f'train.grad_accum={accum}')
+    raise ValueError(
+      f'train.batch_size={batch} must be a positive multiple of train.grad_accum={accum}'
+    )
   micro = batch // accum
   split = parallel.batch_mesh_size(mesh, rules)
   if micro % split or micro % jax.process_count():
-    raise ValueError(f'train.batch_size/grad_accum={micro} must be divisible by the batch mesh '
-                     f'axes ({split} ways) and by the process count ({jax.process_count()})')
+    raise ValueError(
+      f'train.batch_size/grad_accum={micro} must be divisible by the batch mesh '
+      f'axes ({split} ways) and by the process count ({jax.process_count()})'
+    )
   return micro // jax.process_count()
 
 
@@ -77,7 +80,7 @@ def _write_config(workdir: str, config) -> None:
   if os.path.exists(path):
     with open(path) as f:
       if f.read() != text:
-        logging.warning('%s differs from this run\'s config; kept the original', path)
+        logging.warning("%s differs from this run's config; kept the original", path)
     return
   with open(path, 'w') as f:
     f.write(text)
@@ -101,7 +104,7 @@ def train(
     if int(tc[name]) <= 0:
       raise ValueError(f'train.{name} must be > 0, got {tc[name]}')
   os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.make_mesh(config.parallel.mesh)
+  mesh = parallel.mesh_from_config(config.parallel)
   rules = parallel.rules_dict(config.parallel.rules)
   check_batch_config(tc, mesh, rules)
   seed = int(tc.seed)
@@ -132,7 +135,10 @@ def train(
   state_shardings = {
     'params': param_shardings,
     'opt_state': optax.tree_map_params(
-      tx, lambda _, s: s, abstract_train_state['opt_state'], param_shardings,
+      tx,
+      lambda _, s: s,
+      abstract_train_state['opt_state'],
+      param_shardings,
       transform_non_params=lambda _: replicated,
     ),
     'step': replicated,
@@ -179,8 +185,10 @@ def train(
 
   batch_dim = 0 if accum == 1 else 1
   checkpointer = ckpt_lib.Checkpointer(
-    os.path.join(workdir, 'checkpoints'), keep=int(tc.keep_checkpoints),
-    save_every=int(tc.checkpoint_every), async_save=bool(tc.async_checkpoint),
+    os.path.join(workdir, 'checkpoints'),
+    keep=int(tc.keep_checkpoints),
+    save_every=int(tc.checkpoint_every),
+    async_save=bool(tc.async_checkpoint),
   )
   meta = {'param_signature': signature, 'model': config.model.to_dict()}
   writer = MetricsWriter(workdir)
@@ -193,13 +201,16 @@ def train(
         checkpointer.check_compatible(latest, signature)
         target = jax.tree.map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-          abstract_train_state, state_shardings,
+          abstract_train_state,
+          state_shardings,
         )
         state = checkpointer.restore(latest, target, data_iter)
         logging.info('resumed from %s/%d', checkpointer.directory, latest)
       else:
         if config.init_from:
-          params, from_step = ckpt_lib.load_params(config.init_from, abstract_params, param_shardings)
+          params, from_step = ckpt_lib.load_params(
+            config.init_from, abstract_params, param_shardings
+          )
           logging.info('initialised params from %s (step %d)', config.init_from, from_step)
         else:
           params = jax.jit(init_params, out_shardings=param_shardings)()
