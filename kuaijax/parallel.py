@@ -170,10 +170,10 @@ def logical_axes_tree(state: nnx.State) -> dict:
 
   def axes(path, variable):
     names = variable.get_metadata().get('logical_axes')
-    if names is None or len(names) != variable.value.ndim:
+    if names is None or len(names) != variable.get_value().ndim:
       raise ValueError(
         f'parameter {jax.tree_util.keystr(path)} has logical_axes={names} '
-        f'for shape {variable.value.shape}'
+        f'for shape {variable.get_value().shape}'
       )
     return tuple(names)
 

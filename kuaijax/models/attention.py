@@ -102,9 +102,9 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, segment_ids, cache: KVCache | None = None):
     """x [b, l, d] -> (y [b, l, d], updated cache or None)."""
     dt = self.dtype
-    q = dense(x, self.wq.value.astype(dt))
-    k = dense(x, self.wk.value.astype(dt))
-    v = dense(x, self.wv.value.astype(dt))
+    q = dense(x, self.wq[...].astype(dt))
+    k = dense(x, self.wk[...].astype(dt))
+    v = dense(x, self.wv[...].astype(dt))
     q = constrain(rope(q, positions, self.rope_base), ('batch', 'length', 'heads', 'kv'))
     k = constrain(rope(k, positions, self.rope_base), ('batch', 'length', 'kv_heads', 'kv'))
     b, length = x.shape[:2]
@@ -127,4 +127,4 @@ class Attention(nnx.Module):
       mask &= filled[:, None, None, :]
     out = dot_product_attention(q, k, v, mask)
     out = constrain(out, ('batch', 'length', 'heads', 'kv'))
-    return dense(out, self.wo.value.astype(dt), contract_dims=2), cache
+    return dense(out, self.wo[...].astype(dt), contract_dims=2), cache

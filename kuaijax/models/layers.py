@@ -61,7 +61,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 class Embed(nnx.Module):
@@ -72,7 +72,7 @@ class Embed(nnx.Module):
     self.embedding = param(rngs, (vocab_size, dim), ('vocab', 'embed'), std=std, dtype=param_dtype)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding.value, tokens, axis=0).astype(self.dtype)
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
 
 class SwiGLU(nnx.Module):
@@ -88,10 +88,10 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
     dt = self.dtype
-    gate = dense(x, self.w1.value.astype(dt))
-    up = dense(x, self.w3.value.astype(dt))
+    gate = dense(x, self.w1[...].astype(dt))
+    up = dense(x, self.w3[...].astype(dt))
     h = constrain(jax.nn.silu(gate) * up, ('batch', 'length', 'mlp'))
-    return dense(h, self.w2.value.astype(dt)), {}
+    return dense(h, self.w2[...].astype(dt)), {}
 
 
 # name -> factory(config, layer_index, rngs) returning a module called as `y, aux = mlp(x)`.

@@ -154,8 +154,8 @@ class Transformer(nnx.Module):
   def output_head(self) -> jax.Array:
     """The [d_model, vocab] output projection (the transposed embedding when tied)."""
     if self.config.tie_embeddings:
-      return self.embed.embedding.value.T
-    return self.head.value
+      return self.embed.embedding[...].T
+    return self.head[...]
 
   def __call__(
     self,

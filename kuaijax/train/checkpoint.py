@@ -136,6 +136,14 @@ def load_params(path: str, abstract_params, shardings):
     raw = ckpt._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(ckpt._unreadable(step, e)) from e
-  params = jax.tree.map(np.asarray, raw['state']['params'])
   ckpt.close()
+
+  def take(path, _):
+    node = raw['state']['params']
+    for key in path:  # a target-free restore turns integer keys (layer indices) into strings
+      name = getattr(key, 'key', getattr(key, 'idx', key))
+      node = node[name] if name in node else node[str(name)]
+    return np.asarray(node)
+
+  params = jax.tree.map_with_path(take, abstract_params)
   return jax.tree.map(jax.device_put, params, shardings), step
