@@ -26,6 +26,7 @@ def get_config(arg=None):
       tokenizer='byte',  # or 'sentencepiece' (trained into the workdir when spm_model_path is '')
       spm_model_path='',
       spm_vocab_size=8192,
+      spm_train_examples=20000,  # examples of the train split the tokenizer is trained on
       seq_len=1024,
       pack=True,
       seed=1,

@@ -36,9 +36,10 @@ def resolve_tokenizer(data_config, workdir: str, train_source):
       data_config.tokenizer, spm_model_path=data_config.spm_model_path or None
     )
   prefix = os.path.join(workdir, 'spm')
+  limit = data_config.spm_train_examples
   if not os.path.exists(prefix + '.model'):
     if jax.process_index() == 0:
-      texts = (train_source[i]['text'] for i in range(min(len(train_source), 20000)))
+      texts = (train_source[i]['text'] for i in range(min(len(train_source), limit)))
       tokenizers.train_sentencepiece(
         (t.decode() if isinstance(t, bytes) else t for t in texts),
         vocab_size=data_config.spm_vocab_size,

@@ -134,3 +134,14 @@ def test_bench_train_reports_utilisation(tmp_path):
   results = run_experiment(config, str(tmp_path))
   assert results['tokens_per_s'] > 0 and 0 < results['utilisation'] < 2
   assert 'utilisation' in (tmp_path / 'results.md').read_text()
+
+
+def test_sentencepiece_option_trains_a_tokenizer_into_the_workdir(tmp_path):
+  config = tiny_lm_config(steps=2, eval_every=2, checkpoint_every=2)
+  config.data.update(tokenizer='sentencepiece', spm_vocab_size=384, spm_train_examples=300)
+  results = run_experiment(config, str(tmp_path))
+  assert (tmp_path / 'spm.model').exists()
+  assert results['step'] == 2 and results['model']['loss'] > 0
+  config.data.spm_vocab_size = 1000  # larger than model.vocab_size=384
+  with pytest.raises(ValueError, match='model.vocab_size=384 is smaller'):
+    run_experiment(config, str(tmp_path / 'other'))
