@@ -44,6 +44,7 @@ class TransformerConfig:
   init_std: float = 0.02
   out_init_std: float | None = None  # None: init_std / sqrt(2 * num_layers)
   rope_base: float = 10000.0
+  attention_causal_blocks: int = 4  # query blocks whose above-diagonal key blocks are skipped
   norm_eps: float = 1e-6
   dtype: str = 'float32'  # compute dtype
   param_dtype: str = 'float32'
@@ -74,6 +75,10 @@ class TransformerConfig:
         raise ValueError(f'model.{name}={getattr(self, name)!r} is not one of {sorted(DTYPES)}')
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'model.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}')
+    if self.attention_causal_blocks < 1:
+      raise ValueError(
+        f'model.attention_causal_blocks must be >= 1, got {self.attention_causal_blocks}'
+      )
     if not self.init_std > 0:
       raise ValueError(f'model.init_std must be > 0, got {self.init_std}')
     object.__setattr__(self, 'num_kv_heads', kv)

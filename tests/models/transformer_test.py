@@ -1,5 +1,7 @@
 """Decoder LM: masking, packing isolation, KV cache, attention vs a naive reference, config errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,3 +193,24 @@ def test_unknown_model_config_key():
     TransformerConfig.from_config(
       dict(vocab_size=8, d_model=8, num_layers=1, num_heads=2, d_ff=8, n_layer=3)
     )
+
+
+@pytest.mark.parametrize('num_blocks', [1, 3, 4, 7])
+def test_causal_block_attention_equals_full_attention(num_blocks):
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.normal(size=(2, 12, 4, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(2, 12, 2, 8)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(2, 12, 2, 8)), jnp.float32)
+  seg = jnp.array([[1] * 5 + [2] * 7, [1] * 10 + [0] * 2])
+  idx = jnp.broadcast_to(jnp.arange(12), (2, 12))
+  mask = attention.attention_mask(seg, seg, idx, idx)
+
+  def loss(fn, q, k, v):
+    return (fn(q, k, v) * jnp.arange(8.0)).sum()
+
+  full = lambda q, k, v: attention.dot_product_attention(q, k, v, mask)
+  blocked = lambda q, k, v: attention.causal_block_attention(q, k, v, mask, num_blocks)
+  np.testing.assert_allclose(blocked(q, k, v), naive_attention(q, k, v, mask), atol=1e-5)
+  g_full = jax.grad(functools.partial(loss, full), argnums=(0, 1, 2))(q, k, v)
+  g_blocked = jax.grad(functools.partial(loss, blocked), argnums=(0, 1, 2))(q, k, v)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g_full, g_blocked)
