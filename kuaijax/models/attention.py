@@ -98,20 +98,10 @@ class Attention(nnx.Module):
     self.wq = param(
       rngs, (c.d_model, c.num_heads, c.head_dim), ('embed', 'heads', 'kv'), std=c.init_std, dtype=pd
     )
-    self.wk = param(
-      rngs,
-      (c.d_model, c.num_kv_heads, c.head_dim),
-      ('embed', 'kv_heads', 'kv'),
-      std=c.init_std,
-      dtype=pd,
-    )
-    self.wv = param(
-      rngs,
-      (c.d_model, c.num_kv_heads, c.head_dim),
-      ('embed', 'kv_heads', 'kv'),
-      std=c.init_std,
-      dtype=pd,
-    )
+    kv_shape = (c.d_model, c.num_kv_heads, c.head_dim)
+    kv_axes = ('embed', 'kv_heads', 'kv')
+    self.wk = param(rngs, kv_shape, kv_axes, std=c.init_std, dtype=pd)
+    self.wv = param(rngs, kv_shape, kv_axes, std=c.init_std, dtype=pd)
     self.wo = param(
       rngs,
       (c.num_heads, c.head_dim, c.d_model),
