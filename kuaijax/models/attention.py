@@ -92,9 +92,9 @@ class Attention(nnx.Module):
   def __init__(self, config, *, rngs: nnx.Rngs):
     c = config
     self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-    self.rope_base, self.dtype = c.rope_base, c.dtype
+    self.rope_base, self.dtype = c.rope_base, c.compute_dtype
     self.causal_blocks = c.attention_causal_blocks
-    pd = c.param_dtype
+    pd = c.weight_dtype
     self.wq = param(
       rngs, (c.d_model, c.num_heads, c.head_dim), ('embed', 'heads', 'kv'), std=c.init_std, dtype=pd
     )

@@ -118,8 +118,8 @@ def _swiglu(config, layer_index: int, rngs: nnx.Rngs) -> SwiGLU:
     config.d_ff,
     std=config.init_std,
     out_std=config.out_init_std,
-    param_dtype=config.param_dtype,
-    dtype=config.dtype,
+    param_dtype=config.weight_dtype,
+    dtype=config.compute_dtype,
     rngs=rngs,
   )
 

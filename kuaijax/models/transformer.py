@@ -115,29 +115,16 @@ class Block(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h))."""
 
   def __init__(self, cfg: TransformerConfig, layer_index: int, *, rngs: nnx.Rngs):
-    layer_cfg = _LayerView(cfg)
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.weight_dtype, rngs=rngs)
-    self.attn = Attention(layer_cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.weight_dtype, rngs=rngs)
-    self.mlp = make_mlp(layer_cfg, layer_index, rngs)
+    self.mlp = make_mlp(cfg, layer_index, rngs)
 
   def __call__(self, x, positions, segment_ids, cache=None):
     h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
     x = constrain(x + h, ('batch', 'length', 'embed'))
     h, aux = self.mlp(self.mlp_norm(x))
     return constrain(x + h, ('batch', 'length', 'embed')), aux, cache
-
-
-class _LayerView:
-  """The config as layers see it: dtype names resolved to jnp dtypes."""
-
-  def __init__(self, cfg: TransformerConfig):
-    self._cfg = cfg
-    self.dtype = cfg.compute_dtype
-    self.param_dtype = cfg.weight_dtype
-
-  def __getattr__(self, name):
-    return getattr(self._cfg, name)
 
 
 class Transformer(nnx.Module):

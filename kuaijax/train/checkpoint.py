@@ -90,8 +90,12 @@ class Checkpointer:
       )
     return meta
 
-  def restore(self, step: int, abstract_state, data_iterator=None):
-    """Restores `state` onto the shardings of `abstract_state` (and the iterator in place)."""
+  def restore(self, step: int, abstract_state=None, data_iterator=None):
+    """Restores `state` onto the shardings of `abstract_state` (and the iterator in place).
+
+    With no `abstract_state` the state comes back as saved, on the host (integer dict keys such
+    as layer indices come back as strings).
+    """
     args = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -132,14 +136,11 @@ def load_params(path: str, abstract_params, shardings):
   if step is None:
     raise FileNotFoundError(f'init_from={path!r}: {directory} holds no finished checkpoint')
   ckpt.check_compatible(step, param_signature(abstract_params))
-  try:
-    raw = ckpt._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  except Exception as e:  # noqa: BLE001
-    raise CheckpointError(ckpt._unreadable(step, e)) from e
+  raw = ckpt.restore(step)
   ckpt.close()
 
   def take(path, _):
-    node = raw['state']['params']
+    node = raw['params']
     for key in path:  # a target-free restore turns integer keys (layer indices) into strings
       name = getattr(key, 'key', getattr(key, 'idx', key))
       node = node[name] if name in node else node[str(name)]
