@@ -1,0 +1,1 @@
+"""Pallas kernels with pure-jnp references; one sub-package per op (see each op's api.py)."""

@@ -1,0 +1,69 @@
+"""What every op's api.py shares: choosing an implementation, and timing for the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+
+IMPLEMENTATIONS = ('auto', 'xla', 'pallas', 'interpret')
+
+
+def resolve_implementation(implementation: str, *, op: str) -> str:
+  """Maps the public `implementation` argument to 'xla' | 'gpu' | 'tpu' | 'interpret'.
+
+  'auto' picks the Pallas kernel on GPU/TPU and the XLA path elsewhere; 'pallas' insists on the
+  kernel and fails on a backend that cannot lower it; 'interpret' runs the kernel body on any
+  backend (slow; for tests).
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'{op}: implementation={implementation!r} is not one of {IMPLEMENTATIONS}')
+  if implementation in ('xla', 'interpret'):
+    return implementation
+  backend = jax.default_backend()
+  if backend in ('gpu', 'cuda', 'rocm'):
+    return 'gpu'
+  if backend == 'tpu':
+    return 'tpu'
+  if implementation == 'pallas':
+    raise ValueError(
+      f"{op}: implementation='pallas' needs a GPU or TPU, but the backend is {backend!r}; "
+      "use 'interpret' to run the kernel body here or 'xla'"
+    )
+  return 'xla'
+
+
+def time_fn(fn: Callable, *args, warmup: int = 2, iters: int = 5) -> float:
+  """Median wall time in seconds of `fn(*args)` (outputs blocked on), after `warmup` calls."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+  """A markdown table of `rows` (dicts) with the given columns; floats printed with 4 significant digits."""
+
+  def cell(value):
+    return f'{value:.4g}' if isinstance(value, float) else str(value)
+
+  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+  lines += ['| ' + ' | '.join(cell(row.get(c, '')) for c in columns) + ' |' for row in rows]
+  return '\n'.join(lines) + '\n'
+
+
+def write_report(out_dir: str, name: str, payload: dict, table: str) -> None:
+  """Writes `<name>.json` and `<name>.md` into out_dir (created if missing)."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
+    json.dump(payload, f, indent=2)
+  with open(os.path.join(out_dir, f'{name}.md'), 'w') as f:
+    f.write(table)
