@@ -1,0 +1,455 @@
+"""Token-level RL objectives: RLMEC and GRPO (with the "Dissecting Long Reasoning Models" variants).
+
+Pure functions over per-token arrays [B, T] (log-probs of the policy being trained, of the sampling
+policy and of a reference; rewards; masks), each loss returning `(loss, metrics)` with scalar
+metrics. The group-level GRPO pieces (advantages, filtering, length reward, zero-advantage fraction)
+are jnp functions over per-sample arrays [N] laid out group after group (samples of prompt i are
+rows i*G .. i*G+G-1, the layout of `kuaijax.sampling.generate`); offline-sample injection works on
+host numpy batches before scoring.
+
+Specs: /work/shared/specs/rlmec.md, /work/shared/specs/more_losses.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+  'GRPO_AGGREGATIONS',
+  'SAMPLE_FILTERS',
+  'LengthReward',
+  'grpo_advantages',
+  'grpo_loss',
+  'grpo_process_rewards',
+  'inject_offline_samples',
+  'relative_length_reward',
+  'rlmec_loss',
+  'rlmec_token_rewards',
+  'sample_filter',
+  'zero_advantage_fraction',
+]
+
+
+# ----------------------------------------------------------------------------- RLMEC
+
+
+def rlmec_token_rewards(keep_probs: jax.Array, correct: jax.Array, mask: jax.Array) -> jax.Array:
+  """RLMEC token rewards from the GRM's keep-probabilities p_t [B, T] (spec step 5).
+
+  Wrong samples (`correct[b]` False): r_t = clip(p_t - 0.5, -0.1, 0); correct samples:
+  r_t = clip(p_t - 0.5, 0, 0.5); 0 off the mask. Returns float32 [B, T].
+  """
+  _check_same_shape(('keep_probs', keep_probs), ('mask', mask))
+  if jnp.shape(correct) != jnp.shape(keep_probs)[:1]:
+    raise ValueError(
+      f'rlmec_token_rewards: correct shape {jnp.shape(correct)} != [{jnp.shape(keep_probs)[0]}]'
+    )
+  d = jnp.asarray(keep_probs, jnp.float32) - 0.5
+  ok = jnp.asarray(correct).astype(bool)[:, None]
+  r = jnp.where(ok, jnp.clip(d, 0.0, 0.5), jnp.clip(d, -0.1, 0.0))
+  return jnp.where(jnp.asarray(mask).astype(bool), r, 0.0)
+
+
+def rlmec_loss(
+  logps: jax.Array,
+  old_logps: jax.Array,
+  rewards: jax.Array,
+  mask: jax.Array,
+  imitation_logps: jax.Array | None,
+  imitation_weights: jax.Array | None,
+  imitation_mask: jax.Array | None,
+  *,
+  eps: float = 0.3,
+  lam: float = 1.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """RLMEC objective L = L_RL + lam * L_IR (specs/rlmec.md).
+
+  RL term over the policy samples y ([B, T] arrays): rho_t = exp(l_t - l_old_t) (no gradient),
+  w_t = stopgrad(min(rho_t r_t, clip(rho_t, 1-eps, 1+eps) r_t)), and
+      L_RL = -sum_{b,t} m_t w_t l_t / N_r,   N_r = #{masked tokens with r_t != 0} over the batch,
+  so dL_RL/dl_t = -w_t / N_r. Not PPO-clip: the detached weight multiplies the log-prob.
+  Imitation term over the rewrites ỹ ([B', T'] arrays, B' and T' free): with CE_t = -imitation_logps,
+      L_IR = sum v_t CE_t / N_v,   N_v = #{masked rewrite tokens with v_t != 0}.
+
+  N_r = 0 (no token carries a reward) gives L_RL = 0 and N_v = 0 gives L_IR = 0: the loss stays
+  finite (the original code returned NaN). The three imitation arrays may all be None (no imitation
+  term). Masked positions never contribute, whatever they hold. eps must lie in [0, 1) and lam be
+  >= 0; shape mismatches inside each group of arrays raise ValueError.
+
+  Metrics: `rl_loss`, `imitation_loss`, `n_r`, `n_v`, `ratio_mean` (mean rho over reward tokens),
+  `clip_fraction` (reward tokens whose weight is clipped), `reward_mean` (mean r over reward tokens),
+  `weight_mean`.
+  """
+  if not 0.0 <= eps < 1.0:
+    raise ValueError(f'rlmec_loss: eps must lie in [0, 1), got {eps}')
+  if not lam >= 0.0:
+    raise ValueError(f'rlmec_loss: lam must be >= 0, got {lam}')
+  _check_same_shape(
+    ('logps', logps), ('old_logps', old_logps), ('rewards', rewards), ('mask', mask)
+  )
+  imitation = (imitation_logps, imitation_weights, imitation_mask)
+  if any(x is None for x in imitation) and not all(x is None for x in imitation):
+    raise ValueError(
+      'rlmec_loss: imitation_logps, imitation_weights and imitation_mask must be all given or all None'
+    )
+
+  m = jnp.asarray(mask).astype(bool)
+  lp = jnp.where(m, jnp.asarray(logps, jnp.float32), 0.0)
+  r = jnp.where(m, jnp.asarray(rewards, jnp.float32), 0.0)
+  old = jnp.where(m, jnp.asarray(old_logps, jnp.float32), 0.0)
+  rho = jnp.exp(jax.lax.stop_gradient(lp) - old)
+  clipped = jnp.clip(rho, 1.0 - eps, 1.0 + eps)
+  w = jax.lax.stop_gradient(jnp.minimum(rho * r, clipped * r))
+  active = m & (r != 0)
+  n_r = active.sum().astype(jnp.float32)
+  rl_loss = -(w * lp).sum() / jnp.maximum(n_r, 1.0)
+
+  metrics = {
+    'rl_loss': rl_loss,
+    'n_r': n_r,
+    'ratio_mean': _masked_mean(rho, active),
+    'clip_fraction': _masked_mean((rho * r != w).astype(jnp.float32), active),
+    'reward_mean': _masked_mean(r, active),
+    'weight_mean': _masked_mean(w, active),
+  }
+  if imitation_logps is None:
+    imitation_loss, n_v = jnp.float32(0.0), jnp.float32(0.0)
+  else:
+    _check_same_shape(
+      ('imitation_logps', imitation_logps),
+      ('imitation_weights', imitation_weights),
+      ('imitation_mask', imitation_mask),
+    )
+    im = jnp.asarray(imitation_mask).astype(bool)
+    v = jnp.where(im, jnp.asarray(imitation_weights, jnp.float32), 0.0)
+    ce = jnp.where(im, -jnp.asarray(imitation_logps, jnp.float32), 0.0)
+    n_v = (im & (v != 0)).sum().astype(jnp.float32)
+    imitation_loss = (v * ce).sum() / jnp.maximum(n_v, 1.0)
+  metrics['imitation_loss'] = imitation_loss
+  metrics['n_v'] = n_v
+  return rl_loss + lam * imitation_loss, metrics
+
+
+# ----------------------------------------------------------------------------- GRPO: groups
+
+
+def _grouped(x: jax.Array, group_size: int, name: str) -> jax.Array:
+  x = jnp.asarray(x)
+  if x.ndim != 1:
+    raise ValueError(f'{name} must be a per-sample vector [N], got shape {x.shape}')
+  if group_size < 1 or x.shape[0] % group_size:
+    raise ValueError(
+      f'{name} has {x.shape[0]} samples, not a positive multiple of group_size={group_size}'
+    )
+  return x.reshape(-1, group_size)
+
+
+def grpo_advantages(rewards: jax.Array, group_size: int, *, eps: float = 1e-6) -> jax.Array:
+  """Group-normalised advantages A_i = (r_i - mean_g r) / (std_g r + eps), [N] float32.
+
+  `rewards` [N] holds groups of `group_size` consecutive samples; std is the unbiased (N-1) one, so
+  group_size must be >= 2 (ValueError otherwise, as for N not a multiple of group_size). A group
+  whose rewards are all equal gets advantages exactly 0.
+  """
+  if group_size < 2:
+    raise ValueError(f'grpo_advantages: group_size must be >= 2 (unbiased std), got {group_size}')
+  g = _grouped(rewards, group_size, 'rewards').astype(jnp.float32)
+  mean = g.mean(axis=1, keepdims=True)
+  std = jnp.sqrt(jnp.square(g - mean).sum(axis=1, keepdims=True) / (group_size - 1))
+  return ((g - mean) / (std + eps)).reshape(-1)
+
+
+def zero_advantage_fraction(rewards: jax.Array, group_size: int) -> jax.Array:
+  """Fraction of groups whose rewards are all equal (all right / all wrong): they give no gradient."""
+  g = _grouped(rewards, group_size, 'rewards')
+  return (g.max(axis=1) == g.min(axis=1)).astype(jnp.float32).mean()
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthReward:
+  """The relative length reward of arXiv 2506.04913 (defaults from specs/more_losses.md)."""
+
+  tau: float = 0.5  # groups with accuracy >= tau get it
+  l_base: float = 1000.0  # length scale, tokens
+  low: float = -0.5
+  high: float = 0.5
+
+  def __post_init__(self):
+    if not self.l_base > 0:
+      raise ValueError(f'LengthReward.l_base must be > 0, got {self.l_base}')
+    if not self.low <= self.high:
+      raise ValueError(f'LengthReward: low {self.low} > high {self.high}')
+
+
+def relative_length_reward(
+  rewards: jax.Array,
+  correct: jax.Array,
+  lengths: jax.Array,
+  group_size: int,
+  config: LengthReward = LengthReward(),
+) -> jax.Array:
+  """Rewards plus the relative length bonus, to apply before group normalisation.
+
+  For each correct sample of a group whose accuracy is >= tau, add
+  clip((mean length of the group's correct samples - len_i) / l_base, low, high); other samples are
+  unchanged. Returns float32 [N].
+  """
+  r = _grouped(rewards, group_size, 'rewards').astype(jnp.float32)
+  c = _grouped(correct, group_size, 'correct').astype(bool)
+  n = _grouped(lengths, group_size, 'lengths').astype(jnp.float32)
+  n_correct = c.sum(axis=1, keepdims=True)
+  mean_len = jnp.where(c, n, 0.0).sum(axis=1, keepdims=True) / jnp.maximum(n_correct, 1)
+  eligible = c & (n_correct / group_size >= config.tau)
+  bonus = jnp.clip((mean_len - n) / config.l_base, config.low, config.high)
+  return (r + jnp.where(eligible, bonus, 0.0)).reshape(-1)
+
+
+# Which samples stay in the batch after advantages were computed on the full group.
+SAMPLE_FILTERS: dict[str, Callable[[jax.Array], jax.Array]] = {
+  'all': lambda correct: jnp.ones(correct.shape, bool),
+  'negative_only': lambda correct: ~correct,
+  'positive_only': lambda correct: correct,
+}
+
+
+def sample_filter(correct: jax.Array, mode: str) -> jax.Array:
+  """Float32 [N] sample mask: 'all', 'negative_only' (drop correct) or 'positive_only' (drop wrong)."""
+  if mode not in SAMPLE_FILTERS:
+    raise ValueError(f'unknown sample filter {mode!r}; known: {tuple(SAMPLE_FILTERS)}')
+  return SAMPLE_FILTERS[mode](jnp.asarray(correct).astype(bool)).astype(jnp.float32)
+
+
+def grpo_process_rewards(
+  rewards: jax.Array,
+  group_size: int,
+  *,
+  correct: jax.Array | None = None,
+  lengths: jax.Array | None = None,
+  length_reward: LengthReward | None = None,
+  filter: str = 'all',
+  eps: float = 1e-6,
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """Rewards [N] -> (advantages [N], sample_mask [N], metrics) for `grpo_loss`.
+
+  Order: optional relative length reward (needs `correct` and `lengths`), then group-normalised
+  advantages over the FULL group, then the sample filter (needs `correct` unless 'all'); filtered
+  samples keep their advantage but get sample_mask 0, so they drop out of `grpo_loss` entirely
+  (numerator and token count). Metrics: `zero_advantage_fraction` (groups with all-equal final
+  rewards), `reward_mean`, `kept_fraction`, and `accuracy` when `correct` is given.
+  """
+  if length_reward is not None:
+    if correct is None or lengths is None:
+      raise ValueError('grpo_process_rewards: length_reward needs correct and lengths')
+    rewards = relative_length_reward(rewards, correct, lengths, group_size, length_reward)
+  if filter != 'all' and correct is None:
+    raise ValueError(f'grpo_process_rewards: filter {filter!r} needs correct')
+  rewards = jnp.asarray(rewards, jnp.float32)
+  advantages = grpo_advantages(rewards, group_size, eps=eps)
+  keep = sample_filter(correct if correct is not None else jnp.zeros(rewards.shape, bool), filter)
+  metrics = {
+    'zero_advantage_fraction': zero_advantage_fraction(rewards, group_size),
+    'reward_mean': rewards.mean(),
+    'kept_fraction': keep.mean(),
+  }
+  if correct is not None:
+    metrics['accuracy'] = jnp.asarray(correct).astype(jnp.float32).mean()
+  return advantages, keep, metrics
+
+
+def inject_offline_samples(
+  samples: Mapping[str, np.ndarray],
+  correct: np.ndarray,
+  group_size: int,
+  offline: Mapping[str, np.ndarray],
+  offline_valid: np.ndarray,
+  *,
+  max_accuracy: float = 0.125,
+  num_replace: int = 1,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+  """Replace wrong rollouts of hard groups by stored correct solutions, before rewards/advantages.
+
+  Host-side (numpy), on a freshly sampled batch. In every group whose accuracy is <= max_accuracy,
+  the first min(num_replace, #wrong, #valid stored) wrong rollouts are overwritten, in order, by the
+  group's valid stored solutions.
+
+  Args:
+    samples: per-sample arrays [N, ...] (e.g. tokens, mask, lengths, rewards), N = groups * G.
+    correct: [N] bool.
+    group_size: G.
+    offline: the same keys as `samples`, arrays [num_groups, K, ...] with the trailing shapes of
+      `samples` (K stored solutions per prompt; pad them to the rollout length).
+    offline_valid: [num_groups, K] bool, which stored solutions exist.
+    max_accuracy: groups with accuracy <= this get injections (0.125 = 1 of 8).
+    num_replace: most rollouts replaced per group.
+
+  Returns:
+    `(merged, correct, injected)`: new arrays (inputs untouched), the updated correctness (injected
+    samples are correct) and the [N] bool mask of injected rows. Injected rows were not sampled from
+    the policy: re-score them (old / reference log-probs) before the update.
+  """
+  correct = np.asarray(correct, bool)
+  n = correct.shape[0]
+  if group_size < 1 or n % group_size:
+    raise ValueError(f'correct has {n} samples, not a positive multiple of group_size={group_size}')
+  groups = n // group_size
+  offline_valid = np.asarray(offline_valid, bool)
+  if offline_valid.ndim != 2 or offline_valid.shape[0] != groups:
+    raise ValueError(f'offline_valid must be [{groups}, K], got {offline_valid.shape}')
+  if set(samples) != set(offline):
+    raise ValueError(
+      f'samples and offline must have the same keys: {sorted(samples)} vs {sorted(offline)}'
+    )
+  if num_replace < 0:
+    raise ValueError(f'num_replace must be >= 0, got {num_replace}')
+  for key in samples:
+    s, o = np.shape(samples[key]), np.shape(offline[key])
+    if s[:1] != (n,) or o[:2] != offline_valid.shape or s[1:] != o[2:]:
+      raise ValueError(
+        f'{key}: samples shape {s} / offline shape {o} do not fit N={n}, '
+        f'offline_valid {offline_valid.shape}'
+      )
+
+  merged = {k: np.array(v, copy=True) for k, v in samples.items()}
+  new_correct = correct.copy()
+  injected = np.zeros(n, bool)
+  for g in range(groups):
+    rows = np.arange(g * group_size, (g + 1) * group_size)
+    if correct[rows].mean() > max_accuracy:
+      continue
+    wrong = rows[~correct[rows]]
+    stored = np.flatnonzero(offline_valid[g])
+    k = min(num_replace, len(wrong), len(stored))
+    for row, slot in zip(wrong[:k], stored[:k]):
+      for key in merged:
+        merged[key][row] = offline[key][g, slot]
+      new_correct[row] = True
+      injected[row] = True
+  return merged, new_correct, injected
+
+
+# ----------------------------------------------------------------------------- GRPO: loss
+
+
+def _token_mean(per_token, m, seq_keep):
+  w = m * seq_keep[:, None]
+  return (per_token * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+def _sequence_mean(per_token, m, seq_keep):
+  per_seq = (per_token * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
+  keep = seq_keep * (m.sum(-1) > 0)
+  return (per_seq * keep).sum() / jnp.maximum(keep.sum(), 1.0)
+
+
+GRPO_AGGREGATIONS: dict[str, Callable] = {
+  'token_mean': _token_mean,  # sum over all kept tokens / their number (DAPO-style)
+  'sequence_mean': _sequence_mean,  # mean over kept sequences of each sequence's token mean (GRPO)
+}
+
+
+def grpo_loss(
+  logps: jax.Array,
+  old_logps: jax.Array,
+  advantages: jax.Array,
+  mask: jax.Array,
+  *,
+  ref_logps: jax.Array | None = None,
+  kl_coef: float = 0.0,
+  clip_eps: float = 0.2,
+  clip_eps_high: float | None = None,
+  aggregation: str = 'token_mean',
+  sample_mask: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """GRPO policy loss: PPO-clip with optional low-variance (k3) KL to a reference.
+
+  Per token, rho = exp(l - l_old) (gradient through l), A the sample's advantage:
+      loss_t = max(-A rho, -A clip(rho, 1 - clip_eps, 1 + clip_eps_high)) + kl_coef * k3_t,
+      k3_t = exp(l_ref - l) - (l_ref - l) - 1,
+  aggregated over the completion mask by `aggregation` ('token_mean': over all tokens of the kept
+  samples; 'sequence_mean': per-sequence token mean, then mean over kept non-empty sequences).
+
+  Args:
+    logps, old_logps, mask: [B, T]; ref_logps [B, T] is needed when kl_coef > 0.
+    advantages: [B] (broadcast over tokens) or [B, T].
+    clip_eps, clip_eps_high: clip range (clip_eps_high defaults to clip_eps); both >= 0.
+    sample_mask: optional [B] (from `grpo_process_rewards`); dropped samples count nowhere.
+  A batch without any kept token gives loss 0. Metrics: `policy_loss`, `kl`, `clip_fraction`,
+  `ratio_mean`, `advantage_mean`, `tokens`.
+  """
+  if aggregation not in GRPO_AGGREGATIONS:
+    raise ValueError(
+      f'grpo_loss: unknown aggregation {aggregation!r}; known: {tuple(GRPO_AGGREGATIONS)}'
+    )
+  clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+  if not (clip_eps >= 0 and clip_eps_high >= 0):
+    raise ValueError(
+      f'grpo_loss: clip_eps / clip_eps_high must be >= 0, got {clip_eps}, {clip_eps_high}'
+    )
+  if not kl_coef >= 0:
+    raise ValueError(f'grpo_loss: kl_coef must be >= 0, got {kl_coef}')
+  if kl_coef > 0 and ref_logps is None:
+    raise ValueError('grpo_loss: kl_coef > 0 needs ref_logps')
+  named = [('logps', logps), ('old_logps', old_logps), ('mask', mask)]
+  if ref_logps is not None:
+    named.append(('ref_logps', ref_logps))
+  _check_same_shape(*named)
+  batch = jnp.shape(logps)[:1]
+  if jnp.shape(advantages) not in (batch, jnp.shape(logps)):
+    raise ValueError(
+      f'grpo_loss: advantages shape {jnp.shape(advantages)} is neither {batch} nor {jnp.shape(logps)}'
+    )
+  if sample_mask is not None and jnp.shape(sample_mask) != batch:
+    raise ValueError(f'grpo_loss: sample_mask shape {jnp.shape(sample_mask)} != {batch}')
+
+  m = jnp.asarray(mask).astype(bool)
+  mf = m.astype(jnp.float32)
+  keep = (
+    jnp.ones(batch, jnp.float32) if sample_mask is None else jnp.asarray(sample_mask, jnp.float32)
+  )
+  a = jnp.asarray(advantages, jnp.float32)
+  a = a[:, None] if a.ndim == 1 else a
+  lp = jnp.where(m, jnp.asarray(logps, jnp.float32), 0.0)
+  old = jnp.where(m, jnp.asarray(old_logps, jnp.float32), 0.0)
+  rho = jnp.exp(lp - old)
+  clipped = jnp.clip(rho, 1.0 - clip_eps, 1.0 + clip_eps_high)
+  pg = jnp.maximum(-a * rho, -a * clipped)
+  agg = GRPO_AGGREGATIONS[aggregation]
+  policy_loss = agg(pg, mf, keep)
+  if ref_logps is not None:
+    d = jnp.where(m, jnp.asarray(ref_logps, jnp.float32), 0.0) - lp
+    kl = agg(jnp.exp(d) - d - 1.0, mf, keep)
+  else:
+    kl = jnp.float32(0.0)
+  loss = policy_loss + kl_coef * kl if kl_coef > 0 else policy_loss
+  tok = mf * keep[:, None]
+  metrics = {
+    'policy_loss': policy_loss,
+    'kl': kl,
+    'clip_fraction': _masked_mean((-a * clipped > -a * rho).astype(jnp.float32), tok),
+    'ratio_mean': _masked_mean(rho, tok),
+    'advantage_mean': _masked_mean(jnp.broadcast_to(a, lp.shape), tok),
+    'tokens': tok.sum(),
+  }
+  return loss, metrics
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _masked_mean(x, w):
+  w = jnp.asarray(w, jnp.float32)
+  return (jnp.where(w > 0, x, 0.0) * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+def _check_same_shape(*named):
+  (first_name, first), *rest = named
+  for name, arr in rest:
+    if jnp.shape(arr) != jnp.shape(first):
+      raise ValueError(
+        f'shape mismatch: {first_name} has shape {jnp.shape(first)} but {name} has {jnp.shape(arr)}'
+      )
