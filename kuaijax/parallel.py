@@ -201,6 +201,11 @@ def axis_rules(mesh: Mesh, rules):
     _CURRENT.reset(token)
 
 
+def current_axis_rules() -> tuple[Mesh, dict] | None:
+  """The (mesh, rules dict) of the innermost active `axis_rules` context, or None outside one."""
+  return _CURRENT.get()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint on an activation by logical names; a no-op outside `axis_rules`."""
   current = _CURRENT.get()
