@@ -66,27 +66,6 @@ class _Settings:
   axis_rules: Any  # (mesh, rules items) of the enclosing `parallel.axis_rules`, or None
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class _StaticGraph:
-  """A GraphDef as a static jit argument, hashable even when a module keeps an unhashable static
-  attribute (e.g. a dict of options): such graphs are compared by their full repr instead."""
-
-  graphdef: Any
-
-  def _key(self):
-    try:
-      hash(self.graphdef)
-      return self.graphdef
-    except TypeError:
-      return repr(self.graphdef)
-
-  def __hash__(self):
-    return hash(self._key())
-
-  def __eq__(self, other):
-    return isinstance(other, _StaticGraph) and self._key() == other._key()
-
-
 def _current_axis_rules():
   """A hashable key of the active `kuaijax.parallel.axis_rules` context (None outside one).
 
@@ -237,7 +216,7 @@ def generate(
   )
   graphdef, state = nnx.split(model)
   return _generate_jit(
-    _StaticGraph(graphdef),
+    graphdef,
     state,
     prompts.astype(jnp.int32),
     jnp.asarray(prompt_lengths, jnp.int32),
@@ -256,7 +235,7 @@ def _generate_impl(
 ):
   """The jitted body of `generate`: prefill, then a while-loop that stops when every row has."""
   s = settings
-  model = nnx.merge(graphdef.graphdef, state)
+  model = nnx.merge(graphdef, state)
   batch, width = prompts.shape
   rows_n = batch * s.num_samples
   steps = s.max_new_tokens

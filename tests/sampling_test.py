@@ -244,26 +244,13 @@ def test_num_samples_layout(model):
   assert any(len({tuple(s) for s in samples}) > 1 for samples in tokens)  # samples differ
 
 
-class OptionsTransformer(Transformer):
-  """A Transformer keeping a dict as a static attribute, as MoE layers do: its GraphDef is
-  unhashable, which must not stop generate from caching its compiled program."""
-
-  def __init__(self, cfg, *, rngs):
-    super().__init__(cfg, rngs=rngs)
-    self.options = {'note': 'a dict'}
-
-
-@pytest.mark.parametrize('model_class', [Transformer, OptionsTransformer])
-def test_compiled_program_is_reused(model_class, monkeypatch):
+def test_compiled_program_is_reused(monkeypatch):
   chex.clear_trace_counter()
   counted = jax.jit(
     chex.assert_max_traces(sampling._generate_impl, n=1), static_argnames=('graphdef', 'settings')
   )
   monkeypatch.setattr(sampling, '_generate_jit', counted)
-  models = [model_class(CONFIG, rngs=nnx.Rngs(seed)) for seed in (4, 5)]
-  if model_class is OptionsTransformer:
-    with pytest.raises(TypeError):
-      hash(nnx.split(models[0])[0])
+  models = [Transformer(CONFIG, rngs=nnx.Rngs(seed)) for seed in (4, 5)]
   prompts = right_padded()
   for seed, temperature, top_p in [(0, 1.0, 0.9), (1, 0.5, 0.7)]:  # new model, inputs, settings
     sampling.generate(
