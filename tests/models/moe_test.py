@@ -1,0 +1,270 @@
+"""MoE feed-forward: dispatch strategies vs 'dense' vs a per-token numpy reference (forward and
+gradients), capacity drops on a hand-made example, layer selection, training inside a Transformer,
+bad input."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from kuaijax.models import moe
+from kuaijax.models.layers import SwiGLU
+from kuaijax.models.transformer import Transformer, TransformerConfig
+from kuaijax.train import lm_task
+from tests.conftest import tiny_lm_config
+
+T, D, F, E = 48, 16, 24, 6
+
+
+def make_inputs(seed=0, dtype=jnp.float32, router_scale=1.0, shared=False):
+  ks = jax.random.split(jax.random.key(seed), 9)
+  x = jax.random.normal(ks[0], (T, D)).astype(dtype)
+  router_w = router_scale * jax.random.normal(ks[1], (D, E))
+  w1 = (0.3 * jax.random.normal(ks[2], (E, D, F))).astype(dtype)
+  w3 = (0.3 * jax.random.normal(ks[3], (E, D, F))).astype(dtype)
+  w2 = (0.3 * jax.random.normal(ks[4], (E, F, D))).astype(dtype)
+  sh = None
+  if shared:
+    sh = tuple(
+      (0.3 * jax.random.normal(k, s)).astype(dtype)
+      for k, s in zip(ks[5:8], [(D, 2 * F), (D, 2 * F), (2 * F, D)])
+    )
+  return (x, router_w, w1, w3, w2), sh
+
+
+def numpy_reference(x, router_w, w1, w3, w2, *, routing, p=0.4, k=2, k_max=None, shared=None):
+  """Token by token: brute-force expert set, SwiGLU of each kept expert, raw-probability weights."""
+  x, router_w, w1, w3, w2 = (np.asarray(a, np.float64) for a in (x, router_w, w1, w3, w2))
+  logits = x @ router_w
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  y = np.zeros_like(x)
+  for t in range(x.shape[0]):
+    order = np.argsort(-probs[t], kind='stable')
+    if routing == 'top_k':
+      kept = order[:k]
+    else:
+      kept = [e for j, e in enumerate(order) if probs[t, order[:j]].sum() <= p]
+      kept = kept[: (k_max or min(E, 4))]
+    for e in kept:
+      h = x[t] @ w1[e]
+      y[t] += probs[t, e] * ((h / (1 + np.exp(-h)) * (x[t] @ w3[e])) @ w2[e])
+  if shared is not None:
+    s1, s3, s2 = (np.asarray(a, np.float64) for a in shared)
+    h = x @ s1
+    y += (h / (1 + np.exp(-h)) * (x @ s3)) @ s2
+  return y
+
+
+@pytest.mark.parametrize('routing', ['top_k', 'top_p'])
+def test_dense_dispatch_matches_numpy_reference(routing):
+  args, shared = make_inputs(shared=routing == 'top_p')
+  y, aux = jax.jit(
+    lambda *a: moe.moe_ffn(*a, routing=routing, dispatch='dense', k_max=3, shared=shared)
+  )(*args)
+  ref = numpy_reference(*args, routing=routing, k_max=3, shared=shared)
+  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+  assert aux['experts_per_token'].shape == (T,)
+  assert aux['k_hist'].shape == ((2 if routing == 'top_k' else 3) + 1,)
+  assert aux['expert_load'].shape == (E,)
+  np.testing.assert_allclose(jnp.sum(aux['expert_load']), aux['mean_k'], rtol=1e-6)
+  if routing == 'top_p':  # the router scale of make_inputs gives a mix of 1, 2 and 3 experts
+    assert 1.0 < float(aux['mean_k']) < 3.0
+
+
+CASES = [
+  # (routing, shared, dtype, extra options)
+  ('top_k', False, jnp.float32, {}),
+  ('top_p', True, jnp.float32, {'k_max': 4}),
+  ('top_k', True, jnp.bfloat16, {'renormalize': True}),
+  ('top_p', False, jnp.bfloat16, {}),
+]
+
+
+@pytest.mark.parametrize('routing,shared,dtype,extra', CASES)
+def test_strategies_match_dense_forward_and_gradients(routing, shared, dtype, extra):
+  args, sh = make_inputs(seed=1, dtype=dtype, shared=shared)
+  cotangent = jax.random.normal(jax.random.key(7), (T, D))
+
+  def run(dispatch):
+    def loss(args):
+      y, aux = moe.moe_ffn(
+        *args,
+        routing=routing,
+        dispatch=dispatch,
+        capacity_factor=float(E),  # capacity T: nothing can be dropped
+        shared=sh,
+        **extra,
+      )
+      # The balance loss sends gradients to the router through the probabilities too.
+      return jnp.sum(y.astype(jnp.float32) * cotangent) + aux['balance_loss'], (y, aux)
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
+
+  (_, (y_ref, aux_ref)), g_ref = run('dense')
+  tol = dict(rtol=1e-5, atol=2e-5) if dtype == jnp.float32 else dict(rtol=3e-2, atol=3e-2)
+  for dispatch in ('capacity', 'dropless'):  # 'auto' resolves to one of these (tested below)
+    (_, (y, aux)), grads = run(dispatch)
+    assert y.dtype == dtype
+    assert float(aux['drop_rate']) == 0.0
+    np.testing.assert_allclose(
+      np.asarray(y, np.float32), np.asarray(y_ref, np.float32), **tol, err_msg=dispatch
+    )
+    for name, a, b in zip(['x', 'router_w', 'w1', 'w3', 'w2'], grads, g_ref):
+      scale = max(1.0, float(jnp.max(jnp.abs(b.astype(jnp.float32)))))
+      np.testing.assert_allclose(
+        np.asarray(a, np.float32) / scale,
+        np.asarray(b, np.float32) / scale,
+        **tol,
+        err_msg=f'{dispatch}: d{name}',
+      )
+    assert float(jnp.max(jnp.abs(grads[1]))) > 0  # the router learns
+
+
+def test_capacity_drops_lowest_weights_and_counts_them():
+  # Four tokens, two experts, Top-1: every token prefers expert 0 with weight sigmoid(2 a_t).
+  a = jnp.array([0.5, 2.0, 1.0, 0.2])
+  x = jnp.stack([a, jnp.zeros(4)], axis=1)
+  router_w = jnp.array([[1.0, -1.0], [0.0, 0.0]])
+  ks = jax.random.split(jax.random.key(3), 3)
+  w1, w3 = (jax.random.normal(k, (2, 2, 3)) for k in ks[:2])
+  w2 = jax.random.normal(ks[2], (2, 3, 2))
+
+  @functools.partial(jax.jit, static_argnums=(0, 1))
+  def run(capacity_factor, dispatch='capacity'):
+    return moe.moe_ffn(
+      x,
+      router_w,
+      w1,
+      w3,
+      w2,
+      routing='top_k',
+      k=1,
+      dispatch=dispatch,
+      capacity_factor=capacity_factor,
+    )
+
+  # capacity = ceil(0.5 * 4 tokens * 1 slot / 2 experts) = 1 row per expert.
+  y, aux = run(0.5)
+  assert float(aux['drop_rate']) == pytest.approx(3 / 4)
+  # Only token 1 (largest weight) is served; the others lose their only expert.
+  full, _ = run(None, 'dense')
+  np.testing.assert_allclose(y[1], full[1], rtol=1e-6)
+  np.testing.assert_array_equal(y[jnp.array([0, 2, 3])], 0.0)
+  # capacity 2 (factor 1): tokens 1 and 2 are kept, 2 of 4 dropped.
+  y2, aux2 = run(1.0)
+  assert float(aux2['drop_rate']) == pytest.approx(2 / 4)
+  np.testing.assert_allclose(y2[jnp.array([1, 2])], full[jnp.array([1, 2])], rtol=1e-6)
+  np.testing.assert_array_equal(y2[jnp.array([0, 3])], 0.0)
+
+
+def test_auto_dispatch_choice():
+  assert moe.resolve_dispatch('auto', 8, 2) == 'dropless'
+  assert moe.resolve_dispatch('auto', 4, 4) == 'dense'
+  assert moe.resolve_dispatch('capacity', 8, 2) == 'capacity'
+
+
+def moe_model_config(**options):
+  config = tiny_lm_config()
+  model = config.model.to_dict()
+  model.update(
+    mlp='moe',
+    mlp_options=dict(num_experts=4, expert_d_ff=32, routing='top_p', p=0.5, k_max=3, **options),
+  )
+  return model
+
+
+def test_layer_selection_and_parameter_layout():
+  model_cfg = moe_model_config(
+    expert_frequency=2, first_dense_layers=1, num_shared_experts=1, dispatch='dense'
+  )
+  model_cfg['num_layers'] = 4
+  model = Transformer(TransformerConfig.from_config(model_cfg), rngs=nnx.Rngs(0))
+  kinds = [type(block.mlp) for block in model.layers]
+  assert kinds == [SwiGLU, moe.MoE, SwiGLU, moe.MoE]
+  assert model.layers[0].mlp.w1.shape == (model_cfg['d_model'], model_cfg['d_ff'])
+  layer = model.layers[1].mlp
+  d = model_cfg['d_model']
+  assert layer.w1.shape == (4, d, 32) and layer.w2.shape == (4, 32, d)
+  assert layer.w1.get_metadata()['logical_axes'] == ('expert', 'embed', 'mlp')
+  assert layer.w2.get_metadata()['logical_axes'] == ('expert', 'mlp', 'embed')
+  assert layer.router.shape == (d, 4) and layer.router.get_value().dtype == jnp.float32
+  assert layer.shared_w1.shape == (d, 32)
+  tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, model_cfg['vocab_size'])
+  _, extras = nnx.jit(lambda m, t: m(t))(model, tokens)
+  assert [bool(a) for a in extras['mlp_aux']] == [False, True, False, True]
+  assert extras['mlp_aux'][1]['experts_per_token'].shape == (2, 8)
+  hash(nnx.split(model)[0])  # graphdefs must stay hashable: jit static args and cache keys
+
+
+def test_moe_transformer_trains():
+  config = TransformerConfig.from_config(moe_model_config(dispatch='dropless'))
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, config.vocab_size, (4, 33)).astype(np.int32)
+  batch = {
+    'inputs': tokens[:, :-1],
+    'targets': tokens[:, 1:],
+    'segment_ids': np.ones((4, 32), np.int32),
+    'positions': np.broadcast_to(np.arange(32, dtype=np.int32), (4, 32)),
+    'loss_mask': np.ones((4, 32), np.float32),
+  }
+  loss_fn = lm_task.lm_loss_fn(aux_weights={'balance_loss': 1e-2, 'entropy_loss': 1e-4})
+
+  @nnx.jit
+  def step(model, optimizer, batch):
+    (loss, metrics), grads = nnx.value_and_grad(lambda m: loss_fn(m, batch, None), has_aux=True)(
+      model
+    )
+    optimizer.update(model, grads)
+    return loss, metrics, grads
+
+  losses = []
+  for _ in range(3):
+    loss, metrics, grads = step(model, optimizer, batch)
+    losses.append(float(loss))
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+  assert 'aux/balance_loss' in metrics and 1.0 <= float(metrics['aux/mean_k']) <= 3.0
+  for name in ('router', 'w1', 'w3', 'w2'):
+    assert float(jnp.max(jnp.abs(getattr(grads.layers[0].mlp, name)[...]))) > 0
+
+
+BAD = [
+  ({'p': 0.0}, 'p=0.0'),
+  ({'p': 1.5}, 'p=1.5'),
+  ({'k': 0}, 'k=0'),
+  ({'k': E + 1}, f'k={E + 1}'),
+  ({'k_max': E + 1}, f'k_max={E + 1}'),
+  ({'k_max': 0}, 'k_max=0'),
+  ({'capacity_factor': 0.0}, 'capacity_factor=0.0'),
+  ({'capacity_factor': -1}, 'capacity_factor=-1'),
+  ({'routing': 'top_q'}, "routing='top_q'"),
+  ({'dispatch': 'magic'}, "dispatch='magic'"),
+]
+
+
+@pytest.mark.parametrize('options,message', BAD)
+def test_bad_options_name_the_field(options, message):
+  args, _ = make_inputs()
+  with pytest.raises(ValueError, match=message.replace('[', r'\[')):
+    moe.moe_ffn(*args, **options)
+  layer_options = dict(num_experts=E, **options)
+  with pytest.raises(ValueError, match='model.mlp_options.' + message):
+    moe.moe_layer_options(layer_options)
+
+
+def test_bad_layer_options():
+  with pytest.raises(ValueError, match=r"unknown keys \['n_experts'\]"):
+    moe.moe_layer_options({'num_experts': 4, 'n_experts': 4})
+  with pytest.raises(ValueError, match='num_experts is required'):
+    moe.moe_layer_options({'k': 2})
+  with pytest.raises(ValueError, match='expert_frequency=0'):
+    moe.moe_layer_options({'num_experts': 4, 'expert_frequency': 0})
+  args, _ = make_inputs()
+  with pytest.raises(ValueError, match='w2'):
+    moe.moe_ffn(*args[:4], args[4][:, :, :-1])
