@@ -1,5 +1,9 @@
 """Causal self-attention with rotary embeddings, grouped-query heads, segment ids and a KV cache.
 
+RoPE bases: one base for every head, or one per head (HARPE, arXiv 2412.07171): `Attention` takes
+the per-KV-head bases from its config (`TransformerConfig.kv_rope_bases`); query heads that share a KV
+head use that KV head's base, so keys and queries of a group always rotate alike (GQA-safe).
+
 Masking rule: query i may attend key j iff j <= i (by slot index, which is the absolute position in
 the row, or in the cache when decoding) and both carry the same segment id. Packed documents
 therefore never see each other, and padding (segment 0) only sees padding. A fully masked row
@@ -38,13 +42,23 @@ class KVCache:
     return cls(zeros, zeros, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
-def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-  """Rotary position embedding (rotate-half convention) of x [b, l, h, d] at positions [b, l]."""
+def rope(x: jax.Array, positions: jax.Array, base) -> jax.Array:
+  """Rotary position embedding (rotate-half convention) of x [b, l, h, d] at positions [b, l].
+
+  `base` is one float for every head, or a sequence of h floats (head j rotates with
+  theta_{j,i} = base_j^(-2i/d), HARPE).
+  """
   half = x.shape[-1] // 2
-  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, l, half]
-  sin = jnp.sin(angles)[:, :, None, :]
-  cos = jnp.cos(angles)[:, :, None, :]
+  exponent = -jnp.arange(half, dtype=jnp.float32) / half
+  if isinstance(base, int | float):
+    inv_freq = (base**exponent)[None, :]  # [1, half]: shared by the heads
+  else:
+    bases = jnp.asarray(base, jnp.float32)
+    if bases.shape != (x.shape[2],):
+      raise ValueError(f'rope: {bases.shape[0]} bases for {x.shape[2]} heads')
+    inv_freq = bases[:, None] ** exponent  # [h, half]
+  angles = positions[:, :, None, None].astype(jnp.float32) * inv_freq  # [b, l, h or 1, half]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
@@ -92,7 +106,14 @@ class Attention(nnx.Module):
   def __init__(self, config, *, rngs: nnx.Rngs):
     c = config
     self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-    self.rope_base, self.dtype = c.rope_base, c.compute_dtype
+    self.dtype = c.compute_dtype
+    kv_bases = c.kv_rope_bases  # one base per KV head (all equal for single-base RoPE)
+    if len(set(kv_bases)) == 1:
+      self.q_bases = self.k_bases = float(kv_bases[0])
+    else:
+      group = c.num_heads // c.num_kv_heads
+      self.k_bases = tuple(kv_bases)
+      self.q_bases = tuple(b for b in kv_bases for _ in range(group))
     self.causal_blocks = c.attention_causal_blocks
     pd = c.weight_dtype
     self.wq = param(
@@ -110,14 +131,21 @@ class Attention(nnx.Module):
       dtype=pd,
     )
 
-  def __call__(self, x, positions, segment_ids, cache: KVCache | None = None):
-    """x [b, l, d] -> (y [b, l, d], updated cache or None)."""
+  def __call__(
+    self, x, positions, segment_ids, cache: KVCache | None = None, *, commit: bool = True
+  ):
+    """x [b, l, d] -> (y [b, l, d], cache).
+
+    With a cache, the queries attend to the cached past plus the current keys/values. `commit=True`
+    returns the cache with the current keys/values written; `commit=False` returns the cache
+    unchanged (the predictor stages of a PC layer read the cache without writing it).
+    """
     dt = self.dtype
     q = dense(x, self.wq[...].astype(dt))
     k = dense(x, self.wk[...].astype(dt))
     v = dense(x, self.wv[...].astype(dt))
-    q = constrain(rope(q, positions, self.rope_base), ('batch', 'length', 'heads', 'kv'))
-    k = constrain(rope(k, positions, self.rope_base), ('batch', 'length', 'kv_heads', 'kv'))
+    q = constrain(rope(q, positions, self.q_bases), ('batch', 'length', 'heads', 'kv'))
+    k = constrain(rope(k, positions, self.k_bases), ('batch', 'length', 'kv_heads', 'kv'))
     b, length = x.shape[:2]
     q_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     if cache is None:
@@ -126,6 +154,7 @@ class Attention(nnx.Module):
     else:
       q_index = q_index + cache.end
       start = (0, cache.end, 0, 0)
+      past = cache
       cache = KVCache(
         k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
         v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start),
@@ -138,5 +167,7 @@ class Attention(nnx.Module):
       mask = attention_mask(segment_ids, cache.segment_ids, q_index, k_index)
       mask &= filled[:, None, None, :]
       out = dot_product_attention(q, k, v, mask)
+      if not commit:
+        cache = past
     out = constrain(out, ('batch', 'length', 'heads', 'kv'))
     return dense(out, self.wo[...].astype(dt), contract_dims=2), cache

@@ -2,7 +2,12 @@
 
 `TransformerConfig.from_config(config.model)` validates the model section of an experiment config;
 `Transformer(cfg, rngs=...)` builds the NNX module. The forward pass takes packed batches
-(`segment_ids`, `positions`) and, for decoding, a list of per-layer `KVCache`s.
+(`segment_ids`, `positions`) and, for decoding, the list of `KVCache`s from `init_caches` (one per
+layer; one per layer and block evaluation when `model.pc_cache='per_stage'`).
+
+`model.stack` picks how the blocks are composed (kuaijax/models/pc.py): 'vanilla', ODE Transformer
+'ode_rk2' / 'ode_rk2_gated' / 'ode_rk4', or PCformer 'pc_rk2' / 'pc_rk4' (options `pc_alpha`,
+`pc_alpha_init`, `pc_cache`). `model.rope_heads` picks single-base RoPE or HARPE per-head bases.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kuaijax.models import pc
 from kuaijax.models.attention import Attention, KVCache
 from kuaijax.models.layers import Embed, RMSNorm, dense, make_mlp, param
 from kuaijax.parallel import constrain
@@ -25,6 +31,53 @@ REMAT_POLICIES = {
   'full': jax.checkpoint_policies.nothing_saveable,
   'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+ROPE_HEADS = ('single', 'ascending', 'descending', 'list')
+
+
+def harpe_bases(
+  strategy: str, num_heads: int, num_kv_heads: int, b_min=0.0, b_max=0.0, bases=(), base=1e4
+) -> tuple[float, ...]:
+  """One RoPE base per KV head (query heads of a GQA group share their KV head's base).
+
+  'single': `base` everywhere; 'ascending' / 'descending': b_h = b_min + h (b_max - b_min)/(N-1)
+  over the N KV heads (reversed for descending); 'list': `bases`, one per KV head, or one per query
+  head when the heads of each GQA group carry the same value.
+  """
+  if strategy not in ROPE_HEADS:
+    raise ValueError(f'model.rope_heads={strategy!r} is not one of {list(ROPE_HEADS)}')
+  n = num_kv_heads
+  if strategy == 'single':
+    out = (float(base),) * n
+  elif strategy == 'list':
+    bases = tuple(float(b) for b in bases)
+    group = num_heads // num_kv_heads
+    if len(bases) == num_heads and group > 1:
+      groups = [bases[i * group : (i + 1) * group] for i in range(n)]
+      if any(len(set(g)) > 1 for g in groups):
+        raise ValueError(
+          f'model.rope_bases: query heads sharing a KV head must share its base (GQA groups of '
+          f'{group}), got {bases}'
+        )
+      bases = tuple(g[0] for g in groups)
+    if len(bases) != n:
+      raise ValueError(
+        f'model.rope_bases has {len(bases)} entries; expected num_heads={num_heads} or '
+        f'num_kv_heads={num_kv_heads}'
+      )
+    out = bases
+  else:
+    if not 1.0 < b_min < b_max:
+      raise ValueError(
+        f'model.rope_heads={strategy!r} needs 1 < model.rope_b_min < model.rope_b_max, got '
+        f'{b_min} and {b_max}'
+      )
+    step = (b_max - b_min) / (n - 1) if n > 1 else 0.0
+    out = tuple(float(b_min + h * step) for h in range(n))
+    if strategy == 'descending':
+      out = out[::-1]
+  if any(not b > 1.0 for b in out):
+    raise ValueError(f'RoPE bases must be > 1, got {out}')
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +97,16 @@ class TransformerConfig:
   init_std: float = 0.02
   out_init_std: float | None = None  # None: init_std / sqrt(2 * num_layers)
   rope_base: float = 10000.0
+  rope_heads: str = 'single'  # 'single' | HARPE: 'ascending' | 'descending' | 'list'
+  rope_b_min: float = 0.0  # HARPE uniform bases between rope_b_min and rope_b_max
+  rope_b_max: float = 0.0
+  rope_bases: tuple[float, ...] = ()  # HARPE 'list': one per head (or per KV head)
+  stack: str = (
+    'vanilla'  # see kuaijax/models/pc.py: vanilla|ode_rk2|ode_rk2_gated|ode_rk4|pc_rk2|pc_rk4
+  )
+  pc_alpha: str = 'scalar'  # PC EMA coefficient: 'scalar' | 'per_layer' | 'per_channel'
+  pc_alpha_init: float = 0.5
+  pc_cache: str = 'corrector'  # 'corrector' (only the corrector writes) | 'per_stage' (exact)
   attention_causal_blocks: int = 4  # query blocks whose above-diagonal key blocks are skipped
   norm_eps: float = 1e-6
   dtype: str = 'float32'  # compute dtype
@@ -83,6 +146,12 @@ class TransformerConfig:
       raise ValueError(f'model.init_std must be > 0, got {self.init_std}')
     object.__setattr__(self, 'num_kv_heads', kv)
     object.__setattr__(self, 'head_dim', head_dim)
+    object.__setattr__(self, 'rope_bases', tuple(float(b) for b in self.rope_bases))
+    pc.parse_stack(self.stack)
+    for name, allowed in (('pc_alpha', pc.ALPHA_TYPES), ('pc_cache', pc.CACHE_MODES)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f'model.{name}={getattr(self, name)!r} is not one of {list(allowed)}')
+    _ = self.kv_rope_bases  # validates the RoPE / HARPE fields
     if self.out_init_std is None:
       object.__setattr__(self, 'out_init_std', self.init_std / (2 * self.num_layers) ** 0.5)
     # Stored as sorted (key, value) pairs so the config stays hashable (NNX graph definitions).
@@ -97,6 +166,23 @@ class TransformerConfig:
     if unknown:
       raise ValueError(f'unknown model config keys {unknown}; known: {sorted(fields)}')
     return cls(**values)
+
+  @property
+  def stack_spec(self) -> pc.StackSpec:
+    return pc.parse_stack(self.stack)
+
+  @property
+  def kv_rope_bases(self) -> tuple[float, ...]:
+    """The RoPE base of each KV head (all `rope_base` unless HARPE)."""
+    return harpe_bases(
+      self.rope_heads,
+      self.num_heads,
+      self.num_kv_heads,
+      self.rope_b_min,
+      self.rope_b_max,
+      self.rope_bases,
+      self.rope_base,
+    )
 
   @property
   def mlp_kwargs(self) -> dict[str, Any]:
@@ -120,11 +206,21 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.weight_dtype, rngs=rngs)
     self.mlp = make_mlp(cfg, layer_index, rngs)
 
-  def __call__(self, x, positions, segment_ids, cache=None):
-    h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
+  def __call__(self, x, positions, segment_ids, cache=None, *, commit=True):
+    """-> (y, mlp aux, cache); `commit=False` attends with the cache without writing it."""
+    h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, commit=commit)
     x = constrain(x + h, ('batch', 'length', 'embed'))
     h, aux = self.mlp(self.mlp_norm(x))
     return constrain(x + h, ('batch', 'length', 'embed')), aux, cache
+
+
+def _layer_step(i: int):
+  """Layer i of the stack as a function of (stack, block, x, history, positions, segment_ids)."""
+
+  def step(stack, block, x, history, positions, segment_ids):
+    return stack.step(i, block, x, history, positions, segment_ids)[:3]
+
+  return step
 
 
 class Transformer(nnx.Module):
@@ -137,6 +233,18 @@ class Transformer(nnx.Module):
       cfg.vocab_size, cfg.d_model, std=cfg.init_std, param_dtype=pd, dtype=dt, rngs=rngs
     )
     self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    self.stack = pc.LayerStack(
+      cfg.stack_spec,
+      num_layers=cfg.num_layers,
+      d_model=cfg.d_model,
+      alpha_type=cfg.pc_alpha,
+      alpha_init=cfg.pc_alpha_init,
+      cache_mode=cfg.pc_cache,
+      eps=cfg.norm_eps,
+      init_std=cfg.init_std,
+      param_dtype=pd,
+      rngs=rngs,
+    )
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
     if not cfg.tie_embeddings:
       self.head = param(
@@ -160,8 +268,9 @@ class Transformer(nnx.Module):
   ):
     """tokens [b, l] -> (logits [b, l, vocab] float32 (or final hidden states), extras).
 
-    `extras` holds `mlp_aux` (one dict per layer), `caches` (updated, or None) and `hidden` (the
-    normalised final hidden states, for chunked log-prob kernels that apply the head themselves).
+    `extras` holds `mlp_aux` (one dict per layer; for multi-evaluation stacks the elementwise mean
+    over the layer's block evaluations), `caches` (updated, or None) and `hidden` (the normalised
+    final hidden states, for chunked log-prob kernels that apply the head themselves).
     """
     b, length = tokens.shape
     if segment_ids is None:
@@ -171,17 +280,27 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (b, length))
     x = constrain(self.embed(tokens), ('batch', 'length', 'embed'))
     policy = REMAT_POLICIES[self.config.remat]
+    per_layer = self.stack.caches_per_layer
+    if caches is not None and len(caches) != self.config.num_layers * per_layer:
+      raise ValueError(
+        f'got {len(caches)} KV caches for {self.config.num_layers} layers x {per_layer}; '
+        'use model.init_caches'
+      )
+    history = self.stack.init_history(x)
     mlp_aux, new_caches = [], []
     for i, block in enumerate(self.layers):
-      cache = None if caches is None else caches[i]
-      if self.config.remat != 'none' and cache is None:
-        x, aux, cache = nnx.remat(lambda blk, *a: blk(*a), policy=policy)(
-          block, x, positions, segment_ids
+      if caches is None and self.config.remat != 'none':
+        # The whole layer (all RK stages, predictor and corrector) is one checkpointed function.
+        x, history, aux = nnx.remat(_layer_step(i), policy=policy)(
+          self.stack, block, x, history, positions, segment_ids
         )
       else:
-        x, aux, cache = block(x, positions, segment_ids, cache)
+        layer_caches = None if caches is None else caches[i * per_layer : (i + 1) * per_layer]
+        x, history, aux, layer_caches = self.stack.step(
+          i, block, x, history, positions, segment_ids, layer_caches
+        )
+        new_caches.extend(layer_caches or ())
       mlp_aux.append(aux)
-      new_caches.append(cache)
     hidden = self.final_norm(x)
     extras = {
       'mlp_aux': mlp_aux,
@@ -194,9 +313,10 @@ class Transformer(nnx.Module):
     return constrain(logits, ('batch', 'length', 'vocab')), extras
 
   def init_caches(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:
-    """Empty per-layer KV caches for decoding up to `max_len` tokens."""
+    """Empty KV caches for decoding up to `max_len` tokens: one per layer (times the block
+    evaluations per layer when `model.pc_cache='per_stage'`)."""
     c = self.config
     return [
       KVCache.empty(batch, max_len, c.num_kv_heads, c.head_dim, dtype or c.compute_dtype)
-      for _ in range(c.num_layers)
+      for _ in range(c.num_layers * self.stack.caches_per_layer)
     ]

@@ -1,0 +1,119 @@
+"""The pcformer experiment end to end (tiny), its config errors, the notebook, the runlocal run."""
+
+import json
+import os
+
+import nbclient
+import nbformat
+import pytest
+
+from kuaijax.config_lib import load_config
+from kuaijax.main import run_experiment
+from tests.colab_test import PNG_MAGIC, _error_outputs, _kernel_manager
+from tests.conftest import REPO_ROOT
+
+CONFIG = os.path.join(REPO_ROOT, 'configs/pcformer/lm.py')
+TASKS = ('code', 'arith', 'copy', 'recall')
+
+
+def tiny_config(variants=('pc_rk2', 'harpe')):
+  config = load_config(CONFIG + ':runlocal')
+  config.parallel.num_devices = 1
+  config.data.update(seq_len=32, eval_batch_size=8, eval_batches=1)
+  config.model.update(d_model=16, d_ff=32, num_heads=2, num_kv_heads=2)
+  config.train.update(steps=2, log_every=1, eval_every=2, checkpoint_every=2, progress=False)
+  config.train.async_checkpoint = False
+  config.run_variants = variants
+  config.retrieval.update(context_lengths=(32, 64), depths=(0.5,), per_depth=2)
+  return config
+
+
+def test_tiny_run_writes_both_tables_and_plots(tmp_path):
+  results = run_experiment(tiny_config(), str(tmp_path))
+  table = (tmp_path / 'results.md').read_text()
+  rows = {r['variant']: r for r in results['variants']}
+  assert list(rows) == ['pc_rk2', 'harpe']
+  assert (
+    rows['harpe']['block_evals_per_token'] == 2 and rows['pc_rk2']['block_evals_per_token'] == 6
+  )
+  # PC adds only the stack's few parameters (alpha, norms, packed W and Wc) to the vanilla blocks.
+  extra = rows['pc_rk2']['num_params'] - rows['harpe']['num_params']
+  assert extra == 1 + 2 * 16 * (2 + 2 * 2) + 2 * 6
+  for name, row in rows.items():
+    assert row['step'] == 2 and row['tokens_per_s'] > 0, name
+    assert all(row['eval'][f'loss/{t}'] > 0 for t in TASKS if f'loss/{t}' in row['eval'])
+    assert f'| {name} |' in table
+  assert 'Needle retrieval' in table and '32 (train)' in table
+  assert set(results['retrieval']) == {'harpe'}  # vanilla did not run
+  assert 'HARPE ascending' in results['retrieval']['harpe']['rope']
+  for r in results['retrieval'].values():
+    assert set(r['by_length']) == {'32', '64'}
+  learned = results['learned']['pc_rk2']
+  assert len(learned['alpha']) == 2 and len(learned['W']) == 3
+  assert learned['W'][0][1] == 0.0  # the upper triangle stays masked
+  for name in results['plots']:
+    assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
+  assert sorted(results['plots']) == ['alpha.png', 'pc_rk2_corrector.png']
+  assert json.loads((tmp_path / 'results.json').read_text())['variants'][0]['stack'] == 'pc_rk2'
+
+
+def test_config_variants_and_errors(tmp_path):
+  assert load_config(CONFIG + ':runlocal,variant=pc_rk4').run_variants == ('pc_rk4',)
+  full = load_config(CONFIG)
+  assert (full.model.d_model, full.model.num_layers, full.variants.vanilla_deep.num_layers) == (
+    2048,
+    24,
+    72,
+  )
+  with pytest.raises(ValueError, match="variant='pc_rk3' is not all or one of"):
+    load_config(CONFIG + ':variant=pc_rk3')
+  config = tiny_config(variants=('vanilla', 'nope'))
+  with pytest.raises(ValueError, match=r"unknown variants \['nope'\]"):
+    run_experiment(config, str(tmp_path))
+  config = tiny_config(variants=('pc_rk2',))
+  config.variants.pc_rk2.pc_alpha = 'per_token'
+  with pytest.raises(ValueError, match="model.pc_alpha='per_token' is not one of"):
+    run_experiment(config, str(tmp_path))
+
+
+def test_notebook_runs_at_the_smallest_size(tmp_path):
+  workdir = tmp_path / 'workdir'
+  env = dict(os.environ)
+  env.update(
+    KUAIJAX_NOTEBOOK_STEPS='2',
+    KUAIJAX_NOTEBOOK_TINY='1',
+    KUAIJAX_NOTEBOOK_WORKDIR=str(workdir),
+    KUAIJAX_REPO=str(REPO_ROOT),
+    PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get('PYTHONPATH')) if p),
+    XLA_FLAGS='',
+  )
+  env.pop('MPLBACKEND', None)
+  nb = nbformat.read(os.path.join(REPO_ROOT, 'colab/pcformer.ipynb'), as_version=4)
+  client = nbclient.NotebookClient(
+    nb,
+    km=_kernel_manager(tmp_path),
+    timeout=900,
+    allow_errors=True,
+    resources={'metadata': {'path': os.path.join(REPO_ROOT, 'colab')}},
+  )
+  client.execute(env=env)
+  assert not _error_outputs(nb), _error_outputs(nb)
+  results = json.loads((workdir / 'results.json').read_text())
+  assert [r['variant'] for r in results['variants']] == ['vanilla', 'pc_rk2', 'harpe']
+  outputs = [o for cell in nb.cells for o in cell.get('outputs', [])]
+  assert sum('image/png' in o.get('data', {}) for o in outputs) == 2  # alpha + corrector plots
+  text = ''.join(o.get('text', '') for o in outputs)
+  assert 'per_stage: 6 caches, max |decode - full| = ' in text
+
+
+@pytest.mark.slow
+def test_runlocal_experiment(tmp_path):
+  config = load_config(CONFIG + ':runlocal')
+  config.train.progress = False
+  results = run_experiment(config, str(tmp_path))
+  rows = {r['variant']: r for r in results['variants']}
+  assert set(rows) == {'vanilla', 'ode_rk2_gated', 'pc_rk2', 'pc_rk4', 'vanilla_deep', 'harpe'}
+  assert [rows[v]['block_evals_per_token'] for v in ('vanilla', 'pc_rk2', 'pc_rk4')] == [2, 6, 10]
+  for row in rows.values():
+    assert row['eval']['loss'] < 3.0  # far below a uniform byte model (ln 259 = 5.6)
+  assert len(results['retrieval']['harpe']['by_length']) == 4
