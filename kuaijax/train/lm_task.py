@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import grain
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from kuaijax.data import pipeline, sources, tokenizers
@@ -91,25 +92,46 @@ def model_factory(model_config):
   return lambda rngs: Transformer(cfg, rngs=rngs)
 
 
-def aux_loss_total(mlp_aux: Sequence[dict], weights) -> tuple[jax.Array, dict]:
-  """Weighted auxiliary losses reported by feed-forward layers (e.g. MoE), averaged over layers.
+AUX_REDUCTIONS = ('mean', 'sum')
 
-  Each layer's aux dict maps names to scalars; `weights` maps a name to its coefficient (names with
-  no weight are reported in the metrics only).
+
+def aux_loss_total(
+  mlp_aux: Sequence[dict], weights, *, reduce: str = 'mean'
+) -> tuple[jax.Array, dict]:
+  """Weighted auxiliary losses reported by feed-forward layers (e.g. MoE), and their scalar stats.
+
+  Each layer's aux dict maps names to arrays (an empty dict for dense layers); `weights` maps a name
+  to its coefficient (names with no weight are reported in the metrics only). A weighted name enters
+  the loss as `weight * reduce(values over the layers reporting it)`, `reduce` 'mean' (default) or
+  'sum'. Metrics: `aux/{name}` (the mean over layers) and `moe/layer{i}/{name}` per layer, for
+  scalar entries only: vectors (k_hist, expert_load) and per-token arrays (experts_per_token) would
+  be mangled by the trainer's scalar averaging, so evaluators report them
+  (`kuaijax.evals.moe_stats`).
   """
+  if reduce not in AUX_REDUCTIONS:
+    raise ValueError(f'aux_reduce={reduce!r} is not one of {list(AUX_REDUCTIONS)}')
   total, metrics = 0.0, {}
-  names = sorted({k for aux in mlp_aux for k in aux})
-  for name in names:
-    values = [aux[name] for aux in mlp_aux if name in aux]
-    mean = sum(values) / len(values)
-    metrics[f'aux/{name}'] = mean
+  per_name = {}
+  for i, aux in enumerate(mlp_aux):
+    for name, value in aux.items():
+      if jnp.ndim(value) == 0:
+        per_name.setdefault(name, []).append(value)
+        metrics[f'moe/layer{i}/{name}'] = value
+  for name in sorted(per_name):
+    values = per_name[name]
+    summed = sum(values)
+    metrics[f'aux/{name}'] = summed / len(values)
     if name in weights:
-      total = total + weights[name] * mean
+      total = total + weights[name] * (summed if reduce == 'sum' else summed / len(values))
   return total, metrics
 
 
-def lm_loss_fn(z_loss: float = 0.0, aux_weights=None):
-  """`loss_fn(model, batch, rng)` for the trainer: next-token CE on packed batches (+ aux losses)."""
+def lm_loss_fn(z_loss: float = 0.0, aux_weights=None, aux_reduce: str = 'mean'):
+  """`loss_fn(model, batch, rng)` for the trainer: next-token CE on packed batches (+ aux losses).
+
+  aux_weights: coefficient per auxiliary loss name reported by the layers (e.g. the MoE layer's
+  'balance_loss', 'entropy_loss', 'router_z_loss'); aux_reduce: how layers combine ('mean'|'sum').
+  """
   aux_weights = dict(aux_weights or {})
 
   def loss_fn(model: nnx.Module, batch: dict, rng):
@@ -118,7 +140,7 @@ def lm_loss_fn(z_loss: float = 0.0, aux_weights=None):
       batch['inputs'], positions=batch['positions'], segment_ids=batch['segment_ids']
     )
     loss, metrics = lm_loss(logits, batch['targets'], batch['loss_mask'], z_loss=z_loss)
-    aux, aux_metrics = aux_loss_total(extras['mlp_aux'], aux_weights)
+    aux, aux_metrics = aux_loss_total(extras['mlp_aux'], aux_weights, reduce=aux_reduce)
     return loss + aux, {**metrics, **aux_metrics}
 
   return loss_fn

@@ -1,0 +1,162 @@
+"""Dense / Dense-wide / Top-1 / Top-2 / Top-P MoE decoders on one token budget (arXiv 2403.07652).
+
+Args: `runlocal` (laptop size on the embedded kj_lm_mixture) and `suite=table|p_sweep` (the paper's
+comparison, or Top-P at p = 0.1 .. 0.7 next to Top-2).
+
+runlocal comparison (2 CPU cores: 916 s measured with the cores shared by other jobs, load 10-19;
+the table shows validation loss and experts per token per task, the per-layer mean k and the
+activated parameters vs Top-2; in the recorded run Top-P had the lowest validation loss, 1.97, and
+its mean k fell from 3.10 to 2.17 during training; experiments/topp_moe/README.md has the table):
+  python -m kuaijax.main --config=configs/topp_moe/compare.py:runlocal --workdir=/tmp/kj_topp_moe
+runlocal p sweep (Top-2 and seven Top-P variants; not timed, roughly 2.5x the comparison):
+  python -m kuaijax.main --config=configs/topp_moe/compare.py:runlocal,suite=p_sweep \
+    --workdir=/tmp/kj_topp_sweep
+full scale, the paper's setup (LLaMA-style 24 x 1024, 16 heads x 64, vocab 32000, 16 experts of
+width 2816 in every layer, p = 0.4, init std 0.006, AdamW (0.9, 0.95) wd 0.1, cosine 3e-4 -> 3e-5
+with 2000 warm-up steps, 2048 sequences of 2048 tokens per step, 100B tokens = 23842 steps; a TPU
+pod slice or GPU cluster, e.g. --config.parallel.mesh.expert=8 --config.train.grad_accum=8):
+  python -m kuaijax.main --config=configs/topp_moe/compare.py --workdir=gs://.../topp_moe \
+    --config.data.name='jsonl:/data/redpajama/{split}.jsonl' --config.run_variants=topp
+The corpus is any prepared tfds name (array_record in data.data_dir) or local jsonl files with a
+'text' field ('{split}' is replaced by train / validation), read by the same grain pipeline; the
+SentencePiece tokenizer (32000) is trained into the workdir unless data.spm_model_path names one
+(e.g. the LLaMA tokenizer.model). Paper numbers per variant: experiments/topp_moe/README.md.
+"""
+
+import ml_collections
+
+from kuaijax.config_lib import check_choice, parse_arg, trainer_config
+
+MIXTURE_TASKS = ('code', 'arith', 'copy', 'recall')
+SWEEP_P = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def _variants(suite: str, *, wide: dict) -> tuple[dict, str]:
+  """(variant name -> model overrides, the comma-separated run order)."""
+  variants = {
+    'dense': dict(mlp='swiglu'),
+    'dense_wide': dict(mlp='swiglu', **wide),
+    'top1': dict(mlp='moe', mlp_options=dict(routing='top_k', k=1)),
+    'top2': dict(mlp='moe', mlp_options=dict(routing='top_k', k=2)),
+    'topp': dict(mlp='moe', mlp_options=dict(routing='top_p', p=0.4)),
+  }
+  if suite == 'table':
+    return variants, 'dense,dense_wide,top1,top2,topp'
+  sweep = {
+    f'topp_p{round(p * 10):02d}': dict(mlp='moe', mlp_options=dict(routing='top_p', p=p))
+    for p in SWEEP_P
+  }
+  return {'top2': variants['top2'], **sweep}, ','.join(['top2', *sweep])
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, runlocal=False, suite='table')
+  check_choice('suite', args.suite, ('table', 'p_sweep'))
+  config = trainer_config()
+  config.experiment = 'topp_moe'
+  config.data = ml_collections.ConfigDict(
+    dict(
+      name='jsonl:/data/redpajama/{split}.jsonl',
+      data_dir='',  # '' -> $KUAIJAX_DATA_DIR or ~/tensorflow_datasets
+      train_split='train',
+      eval_split='validation',
+      tokenizer='sentencepiece',
+      spm_model_path='',
+      spm_vocab_size=32000,
+      spm_train_examples=200_000,
+      seq_len=2048,
+      pack=True,
+      seed=1,
+      task_names=('text',),
+      eval_batch_size=64,
+      eval_batches=16,
+    )
+  )
+  config.model = ml_collections.ConfigDict(
+    dict(
+      vocab_size=32000,
+      d_model=1024,
+      num_layers=24,
+      num_heads=16,
+      num_kv_heads=16,
+      d_ff=2816,
+      mlp='swiglu',
+      mlp_options={},
+      tie_embeddings=False,
+      init_std=0.006,
+      rope_base=10000.0,
+      dtype='bfloat16',
+      param_dtype='float32',
+      remat='dots',
+    )
+  )
+  # Options shared by every MoE variant (`model.mlp_options`, see kuaijax.models.moe); k_max None
+  # -> min(E, 4) Top-P slots, dispatch 'auto' -> the fastest exact strategy of the backend.
+  config.moe_layer = ml_collections.ConfigDict(
+    dict(num_experts=16, expert_d_ff=2816, dispatch='auto', k_max=None), type_safe=False
+  )
+  config.moe_loss = ml_collections.ConfigDict(
+    dict(balance_weight=1e-2, entropy_weight=1e-4, z_loss_weight=0.0, aux_reduce='mean')
+  )
+  # Dense-570M of the paper: hidden 1280 (20 heads x 64); d_ff 3584 gives its 570M parameters.
+  # runlocal scales width the same way (x1.25).
+  wide = dict(d_model=1280, num_heads=20, num_kv_heads=20, d_ff=3584)
+  if args.runlocal:
+    wide = dict(d_model=120, num_heads=5, num_kv_heads=5, d_ff=240)
+  variants, order = _variants(args.suite, wide=wide)
+  config.variants = ml_collections.ConfigDict(variants)
+  config.run_variants = order
+  # Zero-shot multiple-choice accuracy (the paper's table), from local jsonl files or prepared tfds
+  # data sets; entries {name, source, format, split, data_dir, limit} (kuaijax.evals.multiple_choice).
+  config.mc_eval = ml_collections.ConfigDict(
+    dict(
+      tasks=tuple(
+        dict(name=name, source=f'jsonl:/data/eval/{name}/{{split}}.jsonl', format=fmt)
+        for name, fmt in (
+          ('piqa', 'piqa'),
+          ('hellaswag', 'hellaswag'),
+          ('arc_easy', 'arc'),
+          ('csqa', 'csqa'),
+          ('bbh', 'bbh'),
+        )
+      ),
+      max_len=512,
+      batch_size=64,
+    )
+  )
+  config.train.update(
+    steps=23842, batch_size=2048, log_every=50, eval_every=1000, checkpoint_every=1000
+  )
+  config.optimizer.update(
+    lr=3e-4, min_lr_ratio=0.1, warmup_steps=2000, b1=0.9, b2=0.95, weight_decay=0.1
+  )
+
+  if args.runlocal:
+    config.data.update(
+      name='kj_lm_mixture',
+      tokenizer='byte',
+      spm_vocab_size=8192,
+      seq_len=128,
+      task_names=MIXTURE_TASKS,
+      eval_batch_size=32,
+      eval_batches=4,
+    )
+    config.model.update(
+      vocab_size=384,
+      d_model=96,
+      num_layers=4,
+      num_heads=4,
+      num_kv_heads=2,
+      d_ff=192,
+      tie_embeddings=True,
+      init_std=0.02,
+      dtype='float32',
+      remat='none',
+    )
+    config.moe_layer.update(num_experts=8, expert_d_ff=192)
+    config.mc_eval.tasks = ()
+    config.train.update(
+      steps=200, batch_size=16, log_every=20, eval_every=100, checkpoint_every=100
+    )
+    config.optimizer.update(lr=3e-3, min_lr_ratio=0.1, warmup_steps=20)
+  return config

@@ -1,0 +1,247 @@
+"""Dense vs Top-1 / Top-2 / dynamic Top-P MoE decoders trained on the same tokens (arXiv 2403.07652).
+
+Every variant in `config.run_variants` is the base `config.model` updated by
+`config.variants[name]` (MoE variants: `mlp='moe'` and `mlp_options` on top of `config.moe_layer`),
+trained with the same data order, steps, batch and optimizer into `workdir/<name>/` (each resumes
+on its own), and scored on the same evaluation batches: validation loss per task, experts per
+token per task and per layer (`kuaijax.evals.moe_stats`), activated parameters. The MoE auxiliary
+losses enter with the weights of `config.moe_loss` (paper: balance 1e-2, entropy 1e-4), averaged or
+summed over layers.
+
+Writes results.json, results.md (the tables), mean_k_per_layer.png and mean_k_over_steps.png.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from matplotlib.figure import Figure
+
+from kuaijax import parallel
+from kuaijax.config_lib import check_choice
+from kuaijax.evals.lm_loss import LMEvaluator
+from kuaijax.evals.moe_stats import MoEStatsEvaluator
+from kuaijax.evals.multiple_choice import build_evaluator as build_mc_evaluator
+from kuaijax.train import lm_task
+from kuaijax.train.metrics import read_metrics
+from kuaijax.train.trainer import train, write_results
+
+EXPERT_WEIGHTS = ('w1', 'w2', 'w3')
+REFERENCE_VARIANT = 'top2'  # activated parameters are reported relative to this one when present
+
+
+def variant_names(config) -> list[str]:
+  names = [n.strip() for n in config.run_variants.split(',') if n.strip()]
+  if not names:
+    raise ValueError('run_variants is empty')
+  for name in names:
+    check_choice('run_variants', name, set(config.variants))
+  return names
+
+
+def variant_config(config, name: str):
+  """`config` with `model` replaced by the variant's model section (MoE options merged)."""
+  overrides = config.variants[name].to_dict()
+  sub = config.copy_and_resolve_references()
+  model = sub.model.to_dict()
+  layer_options = overrides.pop('mlp_options', {})
+  model.update(overrides)
+  if model['mlp'] == 'moe':
+    model['mlp_options'] = {**config.moe_layer.to_dict(), **layer_options}
+  elif layer_options:
+    raise ValueError(f'variants.{name}.mlp_options is set but variants.{name}.mlp is not "moe"')
+  with sub.unlocked():
+    sub.model = model
+  return sub
+
+
+def aux_weights(moe_loss) -> dict:
+  return {
+    'balance_loss': moe_loss.balance_weight,
+    'entropy_loss': moe_loss.entropy_weight,
+    'router_z_loss': moe_loss.z_loss_weight,
+  }
+
+
+def parameter_counts(params, eval_metrics: dict) -> dict:
+  """Total parameters and parameters activated per token (expert weights x mean k / E per layer)."""
+  total = expert_total = active_experts = 0.0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = [getattr(k, 'key', getattr(k, 'idx', None)) for k in path]
+    total += leaf.size
+    if keys[-1] in EXPERT_WEIGHTS and leaf.ndim == 3 and 'layers' in keys:
+      layer = keys[keys.index('layers') + 1]
+      mean_k = eval_metrics[f'moe/layer{layer}/mean_k']
+      expert_total += leaf.size
+      active_experts += leaf.size * mean_k / leaf.shape[0]
+  return {'total': int(total), 'active': float(total - expert_total + active_experts)}
+
+
+def _fmt(value, spec='.3f'):
+  return '–' if value is None else format(value, spec)
+
+
+def results_tables(rows: dict, task_names, title: str) -> str:
+  """Markdown: one row per variant (loss and experts per token per task), then mean k per layer
+  and, when evaluated, multiple-choice accuracy per task (the paper's table)."""
+  lines = [
+    f'## {title}',
+    '',
+    '| variant | params | active params | active / Top-2 | loss (all) | '
+    + ' | '.join(f'loss {t}' for t in task_names)
+    + ' | experts/token | '
+    + ' | '.join(f'k {t}' for t in task_names)
+    + ' |',
+    '|---|' + '---:|' * (4 + len(task_names) + 1 + len(task_names)),
+  ]
+  for name, row in rows.items():
+    ev, counts = row['eval'], row['params']
+    cells = [
+      name,
+      f'{counts["total"] / 1e6:.2f}M',
+      f'{counts["active"] / 1e6:.2f}M',
+      _fmt(row.get('active_vs_top2'), '.2f'),
+      _fmt(ev['loss'], '.4f'),
+      *(_fmt(ev.get(f'loss/{t}'), '.4f') for t in task_names),
+      _fmt(ev.get('experts_per_token'), '.2f'),
+      *(_fmt(ev.get(f'experts_per_token/{t}'), '.2f') for t in task_names),
+    ]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  moe_rows = {n: r for n, r in rows.items() if r['layer_mean_k']}
+  if moe_rows:
+    layers = sorted({layer for r in moe_rows.values() for layer in r['layer_mean_k']})
+    lines += [
+      '',
+      'Mean experts per token per MoE layer (validation target tokens):',
+      '',
+      '| variant | ' + ' | '.join(f'layer {i}' for i in layers) + ' | train trunc rate |',
+      '|---|' + '---:|' * (len(layers) + 1),
+    ]
+    for name, row in moe_rows.items():
+      cells = [_fmt(row['layer_mean_k'].get(i), '.2f') for i in layers]
+      lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {_fmt(row["trunc_rate"], ".3f")} |')
+  mc_tasks = sorted(
+    {k.removeprefix('acc/') for r in rows.values() for k in r['eval'] if k.startswith('acc/')}
+  )
+  if mc_tasks:
+    lines += [
+      '',
+      'Zero-shot multiple-choice accuracy (%):',
+      '',
+      '| variant | ' + ' | '.join(mc_tasks) + ' | average |',
+      '|---|' + '---:|' * (len(mc_tasks) + 1),
+    ]
+    for name, row in rows.items():
+      accs = [row['eval'].get(f'acc/{t}') for t in mc_tasks] + [row['eval'].get('acc')]
+      cells = [_fmt(None if a is None else 100 * a, '.1f') for a in accs]
+      lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def plot_mean_k(rows: dict, workdir: str) -> list[str]:
+  """mean_k_per_layer.png (validation) and mean_k_over_steps.png (training logs).
+
+  Uses matplotlib's Figure directly (no pyplot), so no GUI backend is needed or changed.
+  """
+  moe_rows = {n: r for n, r in rows.items() if r['layer_mean_k']}
+  if not moe_rows:
+    return []
+  paths = []
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
+  for name, row in moe_rows.items():
+    layers = sorted(row['layer_mean_k'])
+    ax.plot(layers, [row['layer_mean_k'][i] for i in layers], marker='o', label=name)
+    ax.set_xticks(layers)
+  ax.set(title='experts per token by layer (validation)', xlabel='layer', ylabel='mean k')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  paths.append(os.path.join(workdir, 'mean_k_per_layer.png'))
+  fig.savefig(paths[-1], dpi=100, bbox_inches='tight')
+
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
+  for name, row in moe_rows.items():
+    steps, values = zip(*row['mean_k_curve']) if row['mean_k_curve'] else ((), ())
+    ax.plot(steps, values, marker='.', label=name)
+  ax.set(title='experts per token during training', xlabel='step', ylabel='mean k (all layers)')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  paths.append(os.path.join(workdir, 'mean_k_over_steps.png'))
+  fig.savefig(paths[-1], dpi=100, bbox_inches='tight')
+  return paths
+
+
+def run(config, workdir: str) -> dict:
+  names = variant_names(config)
+  check_choice('moe_loss.aux_reduce', config.moe_loss.aux_reduce, lm_task.AUX_REDUCTIONS)
+  data = lm_task.build_lm_data(config, workdir)
+  mesh = parallel.mesh_from_config(config.parallel)
+  rules = config.parallel.rules
+  lm_eval = LMEvaluator(data.eval_batches, data.task_names, mesh=mesh, rules=rules)
+  moe_eval = MoEStatsEvaluator(data.eval_batches, data.task_names, mesh=mesh, rules=rules)
+  evaluators = [lm_eval, moe_eval]
+  if config.mc_eval.tasks:
+    evaluators.append(
+      build_mc_evaluator(
+        [dict(t) for t in config.mc_eval.tasks],
+        data.tokenizer,
+        max_len=config.mc_eval.max_len,
+        batch_size=config.mc_eval.batch_size,
+        mesh=mesh,
+        rules=rules,
+      )
+    )
+  evaluate = lambda model, step: {k: v for e in evaluators for k, v in e(model, step).items()}
+  loss_fn = lm_task.lm_loss_fn(
+    config.train.z_loss, aux_weights(config.moe_loss), config.moe_loss.aux_reduce
+  )
+  rows = {}
+  for name in names:
+    sub = variant_config(config, name)
+    run_dir = os.path.join(workdir, name)
+    result = train(
+      sub,
+      run_dir,
+      model_factory=lm_task.model_factory(sub.model),
+      loss_fn=loss_fn,
+      train_dataset=data.train_dataset,
+      evaluate=evaluate,
+    )
+    ev = result.last_eval
+    records = read_metrics(run_dir)
+    train_records = [r for r in records if 'aux/mean_k' in r]
+    rows[name] = {
+      'eval': {k: v for k, v in ev.items() if not isinstance(v, list)},
+      'layer_mean_k': {
+        int(k.split('/')[1].removeprefix('layer')): v
+        for k, v in ev.items()
+        if k.startswith('moe/layer') and k.endswith('/mean_k')
+      },
+      'mean_k_curve': [(r['step'], r['aux/mean_k']) for r in train_records],
+      'trunc_rate': train_records[-1].get('aux/trunc_rate') if train_records else None,
+      'params': parameter_counts(result.params, ev),
+      'step': result.step,
+    }
+  ref = rows.get(REFERENCE_VARIANT)
+  if ref:
+    for row in rows.values():
+      row['active_vs_top2'] = row['params']['active'] / ref['params']['active']
+  tokens = config.train.steps * config.train.batch_size * config.data.seq_len
+  table = results_tables(
+    rows,
+    data.task_names,
+    f'{config.data.name}: {len(rows)} variants, {config.train.steps} steps x '
+    f'{config.train.batch_size} x {config.data.seq_len} = {tokens:,} training tokens each',
+  )
+  plots = plot_mean_k(rows, workdir) if jax.process_index() == 0 else []
+  results = {
+    'variants': rows,
+    'tokens_per_variant': tokens,
+    'task_names': list(data.task_names),
+    'plots': [os.path.basename(p) for p in plots],
+  }
+  write_results(workdir, results, table)
+  print(table)
+  return results
