@@ -36,8 +36,10 @@ def _variants(suite: str, *, wide: dict) -> tuple[dict, str]:
   variants = {
     'dense': dict(mlp='swiglu'),
     'dense_wide': dict(mlp='swiglu', **wide),
+    # Baselines as the common codebases run them: Top-1 keeps the raw gate (Switch), Top-2
+    # renormalises over its two experts (GShard / Mixtral); Top-P keeps raw weights (the paper).
     'top1': dict(mlp='moe', mlp_options=dict(routing='top_k', k=1)),
-    'top2': dict(mlp='moe', mlp_options=dict(routing='top_k', k=2)),
+    'top2': dict(mlp='moe', mlp_options=dict(routing='top_k', k=2, renormalize=True)),
     'topp': dict(mlp='moe', mlp_options=dict(routing='top_p', p=0.4)),
   }
   if suite == 'table':
