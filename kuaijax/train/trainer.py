@@ -10,6 +10,13 @@ Resume order: the latest checkpoint in `workdir` -> `config.init_from` (params o
 Randomness: parameters from `train.seed`; the step rng is `fold_in(key(train.seed + 1), step)`, so a
 resumed run replays exactly the steps an uninterrupted run would take.
 
+Post-training hooks (both optional, off by default): `frozen` is a pytree of arrays (e.g. a reference
+model's params placed with `param_layout(...).shardings`) passed to `loss_fn(model, batch, rng, frozen)`
+as a 4th argument and never updated or saved; `prepare_batch(model, batch, rng)` rewrites each
+host-local micro-batch with the CURRENT model before the step (online data such as GRPO rollouts).
+Its rng is `fold_in(fold_in(key(train.seed + 2), step), micro_index)`, so a resumed run regenerates the
+same online batches. It runs on one process's rows only (single-host online sampling).
+
 Non-finite guard: a step whose loss or gradient norm is not finite leaves params and optimizer state
 unchanged and records its step; the host checks that record before every log, evaluation and save,
 then stops with the step number. No state after a bad step is ever saved, so the last checkpoint is
@@ -55,6 +62,33 @@ def _mean_metrics(records: list[dict]) -> dict:
   return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
 
 
+@dataclasses.dataclass
+class ParamLayout:
+  """The model's abstract parameters and their shardings on the configured mesh (nothing allocated)."""
+
+  graphdef: nnx.GraphDef
+  abstract_params: dict
+  shardings: dict
+  mesh: jax.sharding.Mesh
+  rules: dict
+
+
+def param_layout(config, model_factory: Callable[[nnx.Rngs], nnx.Module]) -> ParamLayout:
+  """Graph definition, abstract params and parameter shardings for `config.parallel`.
+
+  The same layout `train` uses; callers place extra frozen params (a reference model) with it.
+  """
+  mesh = parallel.mesh_from_config(config.parallel)
+  rules = parallel.rules_dict(config.parallel.rules)
+  abstract_model = nnx.eval_shape(lambda: model_factory(nnx.Rngs(int(config.train.seed))))
+  graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
+  abstract_params = nnx.to_pure_dict(abstract_state)
+  shardings = parallel.state_shardings(
+    abstract_params, parallel.logical_axes_tree(abstract_state), mesh, rules
+  )
+  return ParamLayout(graphdef, abstract_params, shardings, mesh, rules)
+
+
 def check_batch_config(train_config, mesh, rules) -> int:
   """Validates batch_size / grad_accum against processes and mesh; returns the per-process micro batch."""
   batch, accum = int(train_config.batch_size), int(train_config.grad_accum)
@@ -94,8 +128,13 @@ def train(
   loss_fn: Callable,
   train_dataset,
   evaluate: Callable[[nnx.Module, int], dict] | None = None,
+  frozen=None,
+  prepare_batch: Callable[[nnx.Module, dict, jax.Array], dict] | None = None,
 ) -> TrainResult:
-  """Trains (or resumes) per `config.train`, `config.optimizer`, `config.parallel`."""
+  """Trains (or resumes) per `config.train`, `config.optimizer`, `config.parallel`.
+
+  `frozen` and `prepare_batch` are the post-training hooks described in the module docstring.
+  """
   tc = config.train
   steps, accum = int(tc.steps), int(tc.grad_accum)
   if steps <= 0:
@@ -104,18 +143,12 @@ def train(
     if int(tc[name]) <= 0:
       raise ValueError(f'train.{name} must be > 0, got {tc[name]}')
   os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.mesh_from_config(config.parallel)
-  rules = parallel.rules_dict(config.parallel.rules)
+  # Abstract model -> parameter shardings and signature, without allocating anything.
+  layout = param_layout(config, model_factory)
+  mesh, rules, graphdef = layout.mesh, layout.rules, layout.graphdef
+  abstract_params, param_shardings = layout.abstract_params, layout.shardings
   check_batch_config(tc, mesh, rules)
   seed = int(tc.seed)
-
-  # Abstract model -> parameter shardings and signature, without allocating anything.
-  abstract_model = nnx.eval_shape(lambda: model_factory(nnx.Rngs(seed)))
-  graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
-  abstract_params = nnx.to_pure_dict(abstract_state)
-  param_shardings = parallel.state_shardings(
-    abstract_params, parallel.logical_axes_tree(abstract_state), mesh, rules
-  )
   signature = ckpt_lib.param_signature(abstract_params)
   tx, schedule = make_optimizer(config.optimizer, steps)
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -147,23 +180,28 @@ def train(
 
   base_rng = jax.random.key(seed + 1)
 
-  def loss_of_params(params, batch, rng):
-    return loss_fn(nnx.merge(graphdef, params), batch, rng)
+  prepare_rng = jax.random.key(seed + 2)
+
+  def loss_of_params(params, batch, rng, frozen):
+    model = nnx.merge(graphdef, params)
+    if frozen is None:
+      return loss_fn(model, batch, rng)
+    return loss_fn(model, batch, rng, frozen)
 
   grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
 
-  def train_step(state, batch):
+  def train_step(state, batch, frozen):
     step, params = state['step'], state['params']
     rng = jax.random.fold_in(base_rng, step)
     if accum == 1:
-      (loss, metrics), grads = grad_fn(params, batch, rng)
+      (loss, metrics), grads = grad_fn(params, batch, rng, frozen)
     else:
       first = jax.tree.map(lambda x: x[0], batch)
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first, rng))
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first, rng, frozen))
 
       def body(acc, xs):
         micro, i = xs
-        out = grad_fn(params, micro, jax.random.fold_in(rng, i))
+        out = grad_fn(params, micro, jax.random.fold_in(rng, i), frozen)
         return jax.tree.map(jnp.add, acc, out), None
 
       summed, _ = jax.lax.scan(body, zeros, (batch, jnp.arange(accum)))
@@ -221,11 +259,19 @@ def train(
 
       p_step = jax.jit(train_step, out_shardings=(state_shardings, replicated), donate_argnums=0)
 
-      def next_batch():
+      def next_micro(step, i):
+        local = next(data_iter)
+        if prepare_batch is None:
+          return local
+        rng = jax.random.fold_in(jax.random.fold_in(prepare_rng, step), i)
+        local = prepare_batch(nnx.merge(graphdef, state['params']), local, rng)
+        return jax.tree.map(np.asarray, local)
+
+      def next_batch(step):
         if accum == 1:
-          local = next(data_iter)
+          local = next_micro(step, 0)
         else:
-          micro = [next(data_iter) for _ in range(accum)]
+          micro = [next_micro(step, i) for i in range(accum)]
           local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
         return parallel.shard_batch(local, mesh, rules, batch_dim)
 
@@ -241,9 +287,9 @@ def train(
       progress = Progress(start, steps, enabled=bool(tc.progress) and jax.process_index() == 0)
       pending, pending_tokens = [], 0
       for step in range(start, steps):
-        batch = next_batch()
+        batch = next_batch(step)
         pending_tokens += int(batch['inputs'].size) if 'inputs' in batch else 0
-        state, metrics = p_step(state, batch)
+        state, metrics = p_step(state, batch, frozen)
         pending.append(metrics)
         done = step + 1
         last = done == steps
