@@ -15,7 +15,7 @@ teacher standing in for the generative reward model (GRM) of the paper:
   solution and continues with the gold steps (the minimum-editing rewrite; it always reaches the gold
   answer); a correct sample is its own rewrite (correct samples are de-duplicated per problem);
 - the GRM's keep-probability p_t of sample token y_t is 1 when the token-level Levenshtein alignment
-  (`kuaijax.data.edits.imitation_weights(rewrite, sample)`) matches it to a rewrite token, else 0,
+  (the 'match' moves of `kuaijax.data.edits.edit_ops(sample, rewrite)`) keeps it unchanged, else 0,
   and the rewards follow the paper: r_t = clip(p_t - 0.5, -0.1, 0) for wrong samples,
   clip(p_t - 0.5, 0, 0.5) for correct ones (`rlmec_token_rewards`);
 - imitation weights v over ỹ: `imitation_weights(sample, rewrite)` (1.0 on edited tokens, 0.5 else).
@@ -92,7 +92,10 @@ def rlmec_example(
     keep = np.ones(len(sample), np.float32)
     weights = np.full(len(rewrite), 0.5, np.float32)
   else:
-    keep = (np.asarray(edits.imitation_weights(rewrite, sample)) == 0.5).astype(np.float32)
+    keep = np.zeros(len(sample), np.float32)
+    for op in edits.edit_ops(sample, rewrite):
+      if op.op == 'match':
+        keep[op.sample_index] = 1.0
     weights = np.asarray(edits.imitation_weights(sample, rewrite), np.float32)
   rewards = np.asarray(
     rl.rlmec_token_rewards(keep[None], jnp.asarray([correct]), np.ones((1, len(keep)))), np.float32

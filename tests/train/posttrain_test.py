@@ -224,6 +224,10 @@ def test_rlmec_features_of_wrong_and_correct_samples():
   np.testing.assert_allclose(ex['rewards'][m], 0.5)
   np.testing.assert_allclose(ex['imitation_weights'][ex['rewrite_mask'] > 0], 0.5)
   assert rl_task.rlmec_example(prompt, sample, logps, sample, True, seq_len=7, pad_id=0) is None
+  sample, rewrite = np.array([10, 99, 11, 12, 13, 2]), np.array([10, 11, 13, 2])  # two deletions
+  ex = rl_task.rlmec_example(prompt, sample, -np.ones(6), rewrite, False, seq_len=14, pad_id=0)
+  m = ex['mask'] > 0
+  np.testing.assert_allclose(ex['rewards'][m], [0, -0.1, 0, -0.1, 0, 0])
 
 
 def test_rlmec_trainer_loss_decreases(tmp_path):
