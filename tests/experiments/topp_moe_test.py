@@ -127,7 +127,13 @@ def test_variant_config_merges_moe_options_and_rejects_bad_names():
   top2 = topp_moe.variant_config(config, 'top2').model
   assert top2.mlp == 'moe'
   assert top2.mlp_options.to_dict() == dict(
-    num_experts=8, expert_d_ff=192, dispatch='auto', k_max=None, routing='top_k', k=2
+    num_experts=8,
+    expert_d_ff=192,
+    dispatch='auto',
+    k_max=None,
+    routing='top_k',
+    k=2,
+    renormalize=True,
   )
   assert topp_moe.variant_config(config, 'dense').model.mlp_options.to_dict() == {}
   assert config.model.mlp == 'swiglu'  # the base config is left alone
