@@ -51,29 +51,41 @@ def _error_outputs(nb) -> list[str]:
   return errors
 
 
-def test_quickstart_notebook_runs(tmp_path, notebook_data_dir):
-  workdir = tmp_path / 'workdir'
+def execute_notebook(name: str, tmp_path, timeout: int = 900, **env_vars: str):
+  """Runs colab/<name> in a fresh kernel with the repository importable and `env_vars` set.
+
+  Returns the executed notebook; fails the test with the error outputs of any cell.
+  """
   env = dict(os.environ)
   env.update(
-    KUAIJAX_NOTEBOOK_STEPS=str(STEPS),
-    KUAIJAX_NOTEBOOK_WORKDIR=str(workdir),
-    KUAIJAX_DATA_DIR=notebook_data_dir,
     KUAIJAX_REPO=str(REPO_ROOT),
-    # The repository is importable in the kernel, so the install cell has nothing to do.
+    # The repository is importable in the kernel, so an install cell has nothing to do.
     PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get('PYTHONPATH')) if p),
+    **env_vars,
   )
-  env.pop('MPLBACKEND', None)  # the kernel's inline backend shows the figure
-  nb = nbformat.read(NOTEBOOK, as_version=4)
+  env.pop('MPLBACKEND', None)  # the kernel's inline backend shows the figures
+  nb = nbformat.read(COLAB_DIR / name, as_version=4)
   client = nbclient.NotebookClient(
     nb,
     km=_kernel_manager(tmp_path),
-    timeout=600,
+    timeout=timeout,
     allow_errors=True,
     resources={'metadata': {'path': str(COLAB_DIR)}},
   )
   client.execute(env=env)
   assert not _error_outputs(nb), _error_outputs(nb)
+  return nb
 
+
+def test_quickstart_notebook_runs(tmp_path, notebook_data_dir):
+  workdir = tmp_path / 'workdir'
+  nb = execute_notebook(
+    'quickstart.ipynb',
+    tmp_path,
+    KUAIJAX_NOTEBOOK_STEPS=str(STEPS),
+    KUAIJAX_NOTEBOOK_WORKDIR=str(workdir),
+    KUAIJAX_DATA_DIR=notebook_data_dir,
+  )
   results = json.loads((workdir / 'results.json').read_text())
   assert results['step'] == STEPS
   for task in TASKS:

@@ -117,7 +117,7 @@ def sequence_logps(token_logps: jax.Array, mask: jax.Array) -> tuple[jax.Array, 
   Returns `(logps[B], lengths[B])`, both float32. Masked positions never contribute, even if they
   hold non-finite values.
   """
-  _check_same_shape(('token_logps', token_logps), ('mask', mask))
+  check_same_shape(('token_logps', token_logps), ('mask', mask))
   m = jnp.asarray(mask).astype(bool)
   lp = jnp.where(m, jnp.asarray(token_logps, jnp.float32), 0.0)
   return lp.sum(-1), m.sum(-1).astype(jnp.float32)
@@ -198,7 +198,7 @@ def dpo_loss(
       named.append((name, arr))
   if pair_mask is not None:
     named.append(('pair_mask', pair_mask))
-  _check_same_shape(*named)
+  check_same_shape(*named)
   if jnp.ndim(policy_chosen_logps) != 1:
     raise ValueError(
       f'dpo_loss: expected per-sequence log-probs of shape [B], got {jnp.shape(policy_chosen_logps)}'
@@ -287,12 +287,12 @@ def d2po_loss(
   """
   _check_gamma_unit(gamma, 'd2po_loss')
   _check_beta(beta)
-  _check_same_shape(
+  check_same_shape(
     ('policy_chosen_logps', policy_chosen_logps),
     ('ref_chosen_logps', ref_chosen_logps),
     ('chosen_mask', chosen_mask),
   )
-  _check_same_shape(
+  check_same_shape(
     ('policy_rejected_logps', policy_rejected_logps),
     ('ref_rejected_logps', ref_rejected_logps),
     ('rejected_mask', rejected_mask),
@@ -336,18 +336,18 @@ def sppd_loss(
   if not (gamma >= 0.0 and math.isfinite(gamma)):
     raise ValueError(f'sppd_loss: gamma must be finite and >= 0, got {gamma}')
   _check_beta(beta)
-  _check_same_shape(
+  check_same_shape(
     ('policy_chosen_logps', policy_chosen_logps),
     ('ref_chosen_logps', ref_chosen_logps),
     ('chosen_mask', chosen_mask),
   )
-  _check_same_shape(
+  check_same_shape(
     ('policy_rejected_logps', policy_rejected_logps),
     ('ref_rejected_logps', ref_rejected_logps),
     ('rejected_mask', rejected_mask),
   )
   _check_batch(policy_chosen_logps, policy_rejected_logps, pair_mask, 'sppd_loss')
-  _check_same_shape(('chosen_values', chosen_values), ('rejected_values', rejected_values))
+  check_same_shape(('chosen_values', chosen_values), ('rejected_values', rejected_values))
   if jnp.shape(chosen_values) != jnp.shape(policy_chosen_logps)[:1]:
     raise ValueError(
       f'sppd_loss: chosen_values shape {jnp.shape(chosen_values)} != batch '
@@ -413,7 +413,8 @@ def _check_gamma_unit(gamma, where):
     raise ValueError(f'{where}: gamma must lie in (0, 1], got {gamma}')
 
 
-def _check_same_shape(*named):
+def check_same_shape(*named):
+  """Raises a ValueError naming both arrays when any of the (name, array) pairs differ in shape."""
   (first_name, first), *rest = named
   for name, arr in rest:
     if jnp.shape(arr) != jnp.shape(first):

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kuaijax.losses.preference import check_same_shape
+
 __all__ = [
   'GRPO_AGGREGATIONS',
   'SAMPLE_FILTERS',
@@ -44,7 +46,7 @@ def rlmec_token_rewards(keep_probs: jax.Array, correct: jax.Array, mask: jax.Arr
   Wrong samples (`correct[b]` False): r_t = clip(p_t - 0.5, -0.1, 0); correct samples:
   r_t = clip(p_t - 0.5, 0, 0.5); 0 off the mask. Returns float32 [B, T].
   """
-  _check_same_shape(('keep_probs', keep_probs), ('mask', mask))
+  check_same_shape(('keep_probs', keep_probs), ('mask', mask))
   if jnp.shape(correct) != jnp.shape(keep_probs)[:1]:
     raise ValueError(
       f'rlmec_token_rewards: correct shape {jnp.shape(correct)} != [{jnp.shape(keep_probs)[0]}]'
@@ -89,9 +91,7 @@ def rlmec_loss(
     raise ValueError(f'rlmec_loss: eps must lie in [0, 1), got {eps}')
   if not lam >= 0.0:
     raise ValueError(f'rlmec_loss: lam must be >= 0, got {lam}')
-  _check_same_shape(
-    ('logps', logps), ('old_logps', old_logps), ('rewards', rewards), ('mask', mask)
-  )
+  check_same_shape(('logps', logps), ('old_logps', old_logps), ('rewards', rewards), ('mask', mask))
   imitation = (imitation_logps, imitation_weights, imitation_mask)
   if any(x is None for x in imitation) and not all(x is None for x in imitation):
     raise ValueError(
@@ -120,7 +120,7 @@ def rlmec_loss(
   if imitation_logps is None:
     imitation_loss, n_v = jnp.float32(0.0), jnp.float32(0.0)
   else:
-    _check_same_shape(
+    check_same_shape(
       ('imitation_logps', imitation_logps),
       ('imitation_weights', imitation_weights),
       ('imitation_mask', imitation_mask),
@@ -397,7 +397,7 @@ def grpo_loss(
   named = [('logps', logps), ('old_logps', old_logps), ('mask', mask)]
   if ref_logps is not None:
     named.append(('ref_logps', ref_logps))
-  _check_same_shape(*named)
+  check_same_shape(*named)
   batch = jnp.shape(logps)[:1]
   if jnp.shape(advantages) not in (batch, jnp.shape(logps)):
     raise ValueError(
@@ -444,12 +444,3 @@ def grpo_loss(
 def _masked_mean(x, w):
   w = jnp.asarray(w, jnp.float32)
   return (jnp.where(w > 0, x, 0.0) * w).sum() / jnp.maximum(w.sum(), 1.0)
-
-
-def _check_same_shape(*named):
-  (first_name, first), *rest = named
-  for name, arr in rest:
-    if jnp.shape(arr) != jnp.shape(first):
-      raise ValueError(
-        f'shape mismatch: {first_name} has shape {jnp.shape(first)} but {name} has {jnp.shape(arr)}'
-      )

@@ -3,13 +3,11 @@
 import json
 import os
 
-import nbclient
-import nbformat
 import pytest
 
 from kuaijax.config_lib import load_config
 from kuaijax.main import run_experiment
-from tests.colab_test import PNG_MAGIC, _error_outputs, _kernel_manager
+from tests.colab_test import PNG_MAGIC, execute_notebook
 from tests.conftest import REPO_ROOT
 
 CONFIG = os.path.join(REPO_ROOT, 'configs/pcformer/lm.py')
@@ -78,26 +76,14 @@ def test_config_variants_and_errors(tmp_path):
 
 def test_notebook_runs_at_the_smallest_size(tmp_path):
   workdir = tmp_path / 'workdir'
-  env = dict(os.environ)
-  env.update(
+  nb = execute_notebook(
+    'pcformer.ipynb',
+    tmp_path,
     KUAIJAX_NOTEBOOK_STEPS='2',
     KUAIJAX_NOTEBOOK_TINY='1',
     KUAIJAX_NOTEBOOK_WORKDIR=str(workdir),
-    KUAIJAX_REPO=str(REPO_ROOT),
-    PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get('PYTHONPATH')) if p),
     XLA_FLAGS='',
   )
-  env.pop('MPLBACKEND', None)
-  nb = nbformat.read(os.path.join(REPO_ROOT, 'colab/pcformer.ipynb'), as_version=4)
-  client = nbclient.NotebookClient(
-    nb,
-    km=_kernel_manager(tmp_path),
-    timeout=900,
-    allow_errors=True,
-    resources={'metadata': {'path': os.path.join(REPO_ROOT, 'colab')}},
-  )
-  client.execute(env=env)
-  assert not _error_outputs(nb), _error_outputs(nb)
   results = json.loads((workdir / 'results.json').read_text())
   assert [r['variant'] for r in results['variants']] == ['vanilla', 'pc_rk2', 'harpe']
   outputs = [o for cell in nb.cells for o in cell.get('outputs', [])]

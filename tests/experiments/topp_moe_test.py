@@ -5,8 +5,6 @@ import json
 import os
 
 import jax.numpy as jnp
-import nbclient
-import nbformat
 import numpy as np
 import pytest
 from flax import nnx
@@ -19,7 +17,7 @@ from kuaijax.main import run_experiment
 from kuaijax.models.transformer import Transformer, TransformerConfig
 from kuaijax.train import lm_task
 from kuaijax.train.metrics import read_metrics
-from tests.colab_test import COLAB_DIR, PNG_MAGIC, _error_outputs, _kernel_manager
+from tests.colab_test import PNG_MAGIC, execute_notebook
 from tests.conftest import REPO_ROOT
 
 CONFIG = os.path.join(REPO_ROOT, 'configs/topp_moe/compare.py')
@@ -224,26 +222,14 @@ def test_tiny_experiment_writes_table_plots_and_stats(tmp_path):
 
 def test_notebook_runs_the_comparison(tmp_path):
   workdir = tmp_path / 'workdir'
-  env = dict(os.environ)
-  env.update(
+  nb = execute_notebook(
+    'topp_moe.ipynb',
+    tmp_path,
     KUAIJAX_NOTEBOOK_STEPS='2',
     KUAIJAX_NOTEBOOK_VARIANTS='topp',
     KUAIJAX_NOTEBOOK_TINY='1',
     KUAIJAX_NOTEBOOK_WORKDIR=str(workdir),
-    KUAIJAX_REPO=str(REPO_ROOT),
-    PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get('PYTHONPATH')) if p),
   )
-  env.pop('MPLBACKEND', None)
-  nb = nbformat.read(COLAB_DIR / 'topp_moe.ipynb', as_version=4)
-  client = nbclient.NotebookClient(
-    nb,
-    km=_kernel_manager(tmp_path),
-    timeout=600,
-    allow_errors=True,
-    resources={'metadata': {'path': str(COLAB_DIR)}},
-  )
-  client.execute(env=env)
-  assert not _error_outputs(nb), _error_outputs(nb)
   results = json.loads((workdir / 'results.json').read_text())
   assert list(results['variants']) == ['topp']
   assert '| topp |' in (workdir / 'results.md').read_text()
