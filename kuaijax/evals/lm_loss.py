@@ -30,8 +30,12 @@ def _summarise(loss_sums: np.ndarray, counts: np.ndarray, task_names: Sequence[s
   return out
 
 
-class LMEvaluator:
-  """Scores a model on pre-built batches; call as `evaluator(model, step) -> metrics`."""
+class BatchEvaluator:
+  """Runs a jitted per-batch function over fixed evaluation batches, sharded on the mesh.
+
+  Subclasses give `batch_fn(graphdef) -> fn(params, batch)` and reduce what `batch_outputs` yields;
+  the compiled function is cached per model graph.
+  """
 
   def __init__(self, batches: Sequence[dict], task_names: Sequence[str], *, mesh, rules):
     if not batches:
@@ -41,33 +45,44 @@ class LMEvaluator:
     self._mesh, self._rules = mesh, rules
     self._compiled = {}
 
-  def _score_fn(self, graphdef):
+  def batch_fn(self, graphdef):
+    raise NotImplementedError
+
+  def batch_outputs(self, model: nnx.Module):
+    """Yields the host copy of `batch_fn`'s output for every batch, in order."""
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(state)
     if graphdef not in self._compiled:
-      num_tasks = len(self.task_names)
+      self._compiled[graphdef] = jax.jit(self.batch_fn(graphdef))
+    fn = self._compiled[graphdef]
+    with parallel.axis_rules(self._mesh, self._rules):
+      for batch in self.batches:
+        yield jax.device_get(fn(params, parallel.shard_batch(batch, self._mesh, self._rules)))
 
-      def score(params, batch):
-        model = nnx.merge(graphdef, params)
-        logits, _ = model(
-          batch['inputs'], positions=batch['positions'], segment_ids=batch['segment_ids']
-        )
-        ce, _ = token_cross_entropy(logits, batch['targets'])
-        return per_task_sums(ce, batch['loss_mask'], batch['task_ids'], num_tasks)
 
-      self._compiled[graphdef] = jax.jit(score)
-    return self._compiled[graphdef]
+class LMEvaluator(BatchEvaluator):
+  """Scores a model on pre-built batches; call as `evaluator(model, step) -> metrics`."""
+
+  def batch_fn(self, graphdef):
+    num_tasks = len(self.task_names)
+
+    def score(params, batch):
+      model = nnx.merge(graphdef, params)
+      logits, _ = model(
+        batch['inputs'], positions=batch['positions'], segment_ids=batch['segment_ids']
+      )
+      ce, _ = token_cross_entropy(logits, batch['targets'])
+      return per_task_sums(ce, batch['loss_mask'], batch['task_ids'], num_tasks)
+
+    return score
 
   def __call__(self, model: nnx.Module, step: int | None = None) -> dict:
     del step
-    graphdef, state = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(state)
-    score = self._score_fn(graphdef)
     loss_sums = np.zeros(len(self.task_names))
     counts = np.zeros(len(self.task_names))
-    with parallel.axis_rules(self._mesh, self._rules):
-      for batch in self.batches:
-        s, c = score(params, parallel.shard_batch(batch, self._mesh, self._rules))
-        loss_sums += np.asarray(jax.device_get(s), np.float64)
-        counts += np.asarray(jax.device_get(c), np.float64)
+    for s, c in self.batch_outputs(model):
+      loss_sums += np.asarray(s, np.float64)
+      counts += np.asarray(c, np.float64)
     return _summarise(loss_sums, counts, self.task_names)
 
 

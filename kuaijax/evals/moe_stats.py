@@ -8,18 +8,16 @@ layers (empty aux) are skipped; a model with no MoE layer gives an empty dict.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kuaijax import parallel
+from kuaijax.evals.lm_loss import BatchEvaluator
 from kuaijax.losses.lm import per_task_sums
 
 
-class MoEStatsEvaluator:
+class MoEStatsEvaluator(BatchEvaluator):
   """`evaluator(model, step) -> metrics` over pre-built batches (the LMEvaluator's batches).
 
   Metrics: `experts_per_token` and `experts_per_token/{task}` (mean over MoE layers and target
@@ -28,55 +26,40 @@ class MoEStatsEvaluator:
   `moe/layer{i}/expert_load` (the layer's own per-batch load, averaged over batches; lists).
   """
 
-  def __init__(self, batches: Sequence[dict], task_names: Sequence[str], *, mesh, rules):
-    if not batches:
-      raise ValueError('the evaluation set is empty: no evaluation batches were built')
-    self.batches = list(batches)
-    self.task_names = tuple(task_names)
-    self._mesh, self._rules = mesh, rules
-    self._compiled = {}
+  def batch_fn(self, graphdef):
+    num_tasks = len(self.task_names)
 
-  def _stats_fn(self, graphdef):
-    if graphdef not in self._compiled:
-      num_tasks = len(self.task_names)
+    def stats(params, batch):
+      model = nnx.merge(graphdef, params)
+      _, extras = model(
+        batch['inputs'],
+        positions=batch['positions'],
+        segment_ids=batch['segment_ids'],
+        return_hidden=True,
+      )
+      out = {}
+      for i, aux in enumerate(extras['mlp_aux']):
+        if 'experts_per_token' not in aux:
+          continue
+        k = aux['experts_per_token']
+        sums, counts = per_task_sums(k, batch['loss_mask'], batch['task_ids'], num_tasks)
+        mask = batch['loss_mask'].astype(jnp.float32)
+        hist = jax.nn.one_hot(k.astype(jnp.int32), aux['k_hist'].shape[0]) * mask[..., None]
+        out[i] = (sums, counts, hist.sum((0, 1)), aux['expert_load'])
+      return out
 
-      def stats(params, batch):
-        model = nnx.merge(graphdef, params)
-        _, extras = model(
-          batch['inputs'],
-          positions=batch['positions'],
-          segment_ids=batch['segment_ids'],
-          return_hidden=True,
-        )
-        out = {}
-        for i, aux in enumerate(extras['mlp_aux']):
-          if 'experts_per_token' not in aux:
-            continue
-          k = aux['experts_per_token']
-          sums, counts = per_task_sums(k, batch['loss_mask'], batch['task_ids'], num_tasks)
-          mask = batch['loss_mask'].astype(jnp.float32)
-          hist = jax.nn.one_hot(k.astype(jnp.int32), aux['k_hist'].shape[0]) * mask[..., None]
-          out[i] = (sums, counts, hist.sum((0, 1)), aux['expert_load'])
-        return out
-
-      self._compiled[graphdef] = jax.jit(stats)
-    return self._compiled[graphdef]
+    return stats
 
   def __call__(self, model: nnx.Module, step: int | None = None) -> dict:
     del step
-    graphdef, state = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(state)
-    fn = self._stats_fn(graphdef)
     totals = {}
-    with parallel.axis_rules(self._mesh, self._rules):
-      for batch in self.batches:
-        out = jax.device_get(fn(params, parallel.shard_batch(batch, self._mesh, self._rules)))
-        for layer, values in out.items():
-          values = [np.asarray(v, np.float64) for v in values]
-          if layer in totals:
-            totals[layer] = [a + b for a, b in zip(totals[layer], values)]
-          else:
-            totals[layer] = values
+    for out in self.batch_outputs(model):
+      for layer, values in out.items():
+        values = [np.asarray(v, np.float64) for v in values]
+        if layer in totals:
+          totals[layer] = [a + b for a, b in zip(totals[layer], values)]
+        else:
+          totals[layer] = values
     if not totals:
       return {}
     metrics = {}
