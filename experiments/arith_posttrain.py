@@ -25,6 +25,7 @@ from flax import nnx
 
 from kuaijax import parallel
 from kuaijax.evals import arith_accuracy
+from kuaijax.losses import rl
 from kuaijax.train import checkpoint as ckpt_lib
 from kuaijax.train import grpo_task, lm_task, preference_task, rl_task, sft_task
 from kuaijax.train.trainer import param_layout, train, write_results
@@ -228,13 +229,15 @@ def _run_grpo(ctx: _Context, cfg, stage_dir: str):
     reward_options=sc.reward_options.to_dict() if sc.reward == 'relative_length' else None,
     temperature=sc.temperature,
     sample_filter=sc.sample_filter,
+    advantage_scale=rl.resolve_advantage_scale(sc.advantage_scale, sc.loss_type),
     offline_injection=sc.offline_injection,
   )
   loss_fn = grpo_task.grpo_loss_fn(
     pad_id=ctx.tokenizer.pad_id,
     kl_coef=sc.kl_coef,
     clip_eps=sc.clip_eps,
-    aggregation=sc.aggregation,
+    clip_eps_high=sc.clip_eps_high if sc.clip_eps_high >= 0 else None,
+    loss_type=sc.loss_type,
   )
   result = train(
     cfg,
@@ -262,6 +265,14 @@ def _cell(summary: dict, key: str) -> str:
   return f'{100 * summary[key]:.1f} ± {100 * summary[key + "/std"]:.1f}'
 
 
+def _label(name: str, config) -> str:
+  """The table's row name; the GRPO row names its loss type and advantage scaling."""
+  if name == 'grpo':
+    sc = config.grpo
+    return f'GRPO ({sc.loss_type}, {rl.resolve_advantage_scale(sc.advantage_scale, sc.loss_type)})'
+  return _LABELS[name]
+
+
 def results_table(results: dict, config) -> str:
   """Markdown: sampled accuracy (%) by level, mean ± sample std over the seeds, and greedy."""
   levels = list(config.eval.levels)
@@ -277,11 +288,11 @@ def results_table(results: dict, config) -> str:
     s = r['eval']['sampled']
     cells = [_cell(s, f'accuracy/level_{k}') for k in levels] + [_cell(s, 'accuracy')]
     greedy = f'{100 * r["eval"]["greedy"]["accuracy"]:.1f}'
-    lines.append(f'| {_LABELS[name]} | ' + ' | '.join(cells) + f' | {greedy} |')
+    lines.append(f'| {_label(name, config)} | ' + ' | '.join(cells) + f' | {greedy} |')
   lines += ['', '| stage | steps | wall time (s) | data |', '|---|---:|---:|---|']
   for name, r in results['methods'].items():
     stats = json.dumps(results['stats'].get(name, {}), sort_keys=True)
-    lines.append(f'| {_LABELS[name]} | {r["step"]} | {r["wall_s"]:.0f} | {stats} |')
+    lines.append(f'| {_label(name, config)} | {r["step"]} | {r["wall_s"]:.0f} | {stats} |')
   return '\n'.join(lines) + '\n'
 
 

@@ -108,8 +108,11 @@ def get_config(arg=None):
     reward_options=dict(tau=0.5, l_base=100.0, low=-0.5, high=0.5),
     temperature=1.0,
     kl_coef=0.0,
+    # GRPO family (kuaijax.losses.rl.GRPO_LOSS_TYPES): grpo | bnpo | dr_grpo | dapo | cispo.
+    loss_type='bnpo',
+    advantage_scale='auto',  # 'auto' (the loss type's own) | 'group' | 'batch' | 'none'
     clip_eps=0.2,
-    aggregation='token_mean',
+    clip_eps_high=-1.0,  # < 0: the loss type's default (dapo 0.28, cispo 4.0, else clip_eps)
     sample_filter='all',  # or 'negative_only' / 'positive_only'
     offline_injection=False,
   )

@@ -114,6 +114,7 @@ class GRPORollouts:
     temperature: float = 1.0,
     top_p: float | None = None,
     sample_filter: str = 'all',
+    advantage_scale: str = 'group',
     offline_injection: bool = False,
     injection_max_accuracy: float = 0.125,
   ):
@@ -125,6 +126,7 @@ class GRPORollouts:
     self.reward, self.reward_options = get_reward(reward), dict(reward_options or {})
     self.temperature, self.top_p = temperature, top_p
     self.sample_filter = sample_filter
+    self.advantage_scale = advantage_scale
     self.offline_injection, self.injection_max_accuracy = offline_injection, injection_max_accuracy
     self._rescore = {}
 
@@ -178,7 +180,7 @@ class GRPORollouts:
         texts = decode_completions(tok, tokens, lengths)
     rewards, correct = self.reward(texts, answers, lengths, g, **self.reward_options)
     advantages, keep, metrics = rl.grpo_process_rewards(
-      rewards, g, correct=correct, filter=self.sample_filter
+      rewards, g, correct=correct, filter=self.sample_filter, scale=self.advantage_scale
     )
     n = len(texts)
     row = lambda x: np.full(n, float(x), np.float32)
@@ -203,13 +205,14 @@ def grpo_loss_fn(
   kl_coef: float = 0.0,
   clip_eps: float = 0.2,
   clip_eps_high: float | None = None,
-  aggregation: str = 'token_mean',
+  loss_type: str = 'grpo',
+  max_length: int | None = None,
 ):
   """`loss_fn(model, batch, rng[, frozen])` over `GRPORollouts` batches.
 
   With kl_coef > 0 the reference params must come as the trainer's `frozen` argument.
   """
-  check_choice('grpo.aggregation', aggregation, rl.GRPO_AGGREGATIONS)
+  check_choice('grpo.loss_type', loss_type, rl.GRPO_LOSS_TYPES)
 
   def logps_of(model, batch):
     logps, _ = score_completions(
@@ -235,7 +238,8 @@ def grpo_loss_fn(
       kl_coef=kl_coef,
       clip_eps=clip_eps,
       clip_eps_high=clip_eps_high,
-      aggregation=aggregation,
+      loss_type=loss_type,
+      max_length=max_length,
       sample_mask=batch['sample_mask'],
     )
     metrics.update(
