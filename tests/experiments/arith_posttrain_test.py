@@ -41,7 +41,7 @@ def test_tiny_demo_writes_the_table_and_resumes(tmp_path):
   assert len(sft_losses) == 4 and sft_losses[-1] < sft_losses[0] - 0.2
   assert results['stats']['dpo']['pairs'] > 0 and results['stats']['rlmec']['examples'] > 0
   table = (tmp_path / 'results.md').read_text()
-  for row in ('| SFT |', '| DPO |', '| RLMEC |', '| GRPO |', 'level 2', '±'):
+  for row in ('| SFT |', '| DPO |', '| RLMEC |', '| GRPO (bnpo, group) |', 'level 2', '±'):
     assert row in table
   assert json.loads((tmp_path / 'results.json').read_text())['stages'] == list(results['methods'])
   # A stage alone from the finished SFT workdir: the initial policy gets its own row.
