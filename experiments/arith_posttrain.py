@@ -16,6 +16,7 @@ import time
 import jax
 from matplotlib.figure import Figure
 
+from kuaijax.losses import rl
 from kuaijax.train.metrics import read_metrics
 from kuaijax.train.pipeline import run_pipeline
 from kuaijax.train.trainer import write_results
@@ -25,6 +26,17 @@ def _cell(summary: dict, key: str) -> str:
   if key not in summary:
     return '-'
   return f'{100 * summary[key]:.1f} ± {100 * summary[key + "/std"]:.1f}'
+
+
+def _label(block: dict) -> str:
+  """A stage's row name; a GRPO stage names its loss type and advantage scaling."""
+  if block.get('method') != 'grpo':
+    return block['label']
+  loss_type = block.get('loss', {}).get('loss_type', 'grpo')
+  scale = rl.resolve_advantage_scale(
+    block.get('options', {}).get('advantage_scale', 'auto'), loss_type
+  )
+  return f'{block["label"]} ({loss_type}, {scale})'
 
 
 def results_table(stages: dict, config) -> str:
@@ -45,7 +57,7 @@ def results_table(stages: dict, config) -> str:
     e = info['eval']
     cells = [_cell(e, f'accuracy/level_{k}') for k in groups] + [_cell(e, 'accuracy')]
     greedy = f'{100 * e["greedy/accuracy"]:.1f}' if 'greedy/accuracy' in e else '-'
-    lines.append(f'| {info["block"]["label"]} | ' + ' | '.join(cells) + f' | {greedy} |')
+    lines.append(f'| {_label(info["block"])} | ' + ' | '.join(cells) + f' | {greedy} |')
   lines += ['', '| stage | type | steps | wall time (s) | data |', '|---|---|---:|---:|---|']
   for name, info in stages.items():
     summary = {k: v for k, v in info['summary'].items() if k not in ('steps', 'last_train_metrics')}

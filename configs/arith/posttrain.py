@@ -183,9 +183,12 @@ def get_config(arg=None):
       reward_options=dict(tau=0.5, l_base=100.0, low=-0.5, high=0.5),
       temperature=1.0,
       sample_filter='all',  # or 'negative_only' / 'positive_only'
+      advantage_scale='auto',  # 'auto' (the loss type's own) | 'group' | 'batch' | 'none'
       offline_injection=False,
     ),
-    loss=dict(kl_coef=0.0, clip_eps=0.2, aggregation='token_mean'),
+    # GRPO family (kuaijax.losses.rl.GRPO_LOSS_TYPES): grpo | bnpo | dr_grpo | dapo | cispo;
+    # clip_eps_high < 0 takes the loss type's default (dapo 0.28, cispo 4.0, else clip_eps).
+    loss=dict(kl_coef=0.0, loss_type='bnpo', clip_eps=0.2, clip_eps_high=-1.0),
   )
   config.stage = stage
   config.evals = CD(

@@ -7,8 +7,10 @@ trainer's per-batch hook: with the CURRENT params it samples `group_size` comple
 optionally injects the gold completion into groups that are almost all wrong, and turns the
 rewards into group-normalised advantages and a sample filter (`rl.grpo_process_rewards`). The old
 log-probs are the sampling pass's raw log-probs. `loss_fn` re-scores the completions and calls
-`rl.grpo_loss(**<stage>.loss)` (kl_coef, clip_eps, clip_eps_high, aggregation, ... — any option the
-loss takes, so new loss variants need no change here); kl_coef > 0 needs a `reference` stage.
+`rl.grpo_loss(**<stage>.loss)` (loss_type: grpo | bnpo | dr_grpo | dapo | cispo, kl_coef, clip_eps,
+clip_eps_high (< 0: the loss type's default), max_length, ... — any option the loss takes, so new loss
+variants need no change here); kl_coef > 0 needs a `reference` stage. The option `advantage_scale`
+('auto' = the loss type's own, 'group', 'batch', 'none') scales the group-relative advantages.
 
 `train.batch_size` counts PROMPTS per step; each step trains on batch_size x group_size sequences.
 The hook's rng comes from the trainer (fixed per step), so a resumed run re-samples the same groups.
@@ -69,6 +71,7 @@ class GRPO(Method):
     temperature: float = 1.0,
     top_p: float = 1.0,
     sample_filter: str = 'all',
+    advantage_scale: str = 'auto',
     offline_injection: bool = False,
     injection_max_accuracy: float = 0.125,
   ):
@@ -77,9 +80,11 @@ class GRPO(Method):
       raise ValueError(f'grpo group_size must be >= 2, got {group_size}')
     check_choice('grpo reward', reward, REWARDS)
     check_choice('grpo sample_filter', sample_filter, rl.SAMPLE_FILTERS)
-    check_choice(
-      'grpo loss.aggregation', self.loss.get('aggregation', 'token_mean'), rl.GRPO_AGGREGATIONS
-    )
+    if self.loss.get('clip_eps_high', -1.0) < 0:  # config sentinel: the loss type's default
+      self.loss.pop('clip_eps_high', None)
+    loss_type = self.loss.setdefault('loss_type', 'grpo')
+    check_choice('grpo loss.loss_type', loss_type, rl.GRPO_LOSS_TYPES)
+    self.advantage_scale = rl.resolve_advantage_scale(advantage_scale, loss_type)
     if ctx.task is None:
       raise ValueError('grpo needs a task (config.data.task) to check its samples')
     self.group_size, self.reward = group_size, REWARDS[reward]
@@ -165,7 +170,7 @@ class GRPO(Method):
         correct = check(sequences.decode_completions(tok, tokens, lengths))
     rewards = self.reward(correct, lengths, g, **self.reward_options)
     advantages, keep, metrics = rl.grpo_process_rewards(
-      rewards, g, correct=correct, filter=self.sample_filter
+      rewards, g, correct=correct, filter=self.sample_filter, scale=self.advantage_scale
     )
     row = lambda x: np.full(len(correct), float(x), np.float32)
     return {

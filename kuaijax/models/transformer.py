@@ -108,7 +108,8 @@ class TransformerConfig:
   pc_alpha_init: float = 0.5
   pc_cache: str = 'corrector'  # 'corrector' (only the corrector writes) | 'per_stage' (exact)
   attention_causal_blocks: int = 4  # query blocks whose above-diagonal key blocks are skipped
-  norm_eps: float = 1e-6
+  norm_eps: float = 1e-6  # RMSNorm epsilon (block and final norms)
+  pc_norm_eps: float = 1e-5  # LayerNorm epsilon of the PC stage / predictor / corrector norms
   dtype: str = 'float32'  # compute dtype
   param_dtype: str = 'float32'
   remat: str = 'none'
@@ -142,6 +143,9 @@ class TransformerConfig:
       raise ValueError(
         f'model.attention_causal_blocks must be >= 1, got {self.attention_causal_blocks}'
       )
+    for name in ('norm_eps', 'pc_norm_eps'):
+      if not getattr(self, name) > 0:
+        raise ValueError(f'model.{name} must be > 0, got {getattr(self, name)!r}')
     if not self.init_std > 0:
       raise ValueError(f'model.init_std must be > 0, got {self.init_std}')
     object.__setattr__(self, 'num_kv_heads', kv)
@@ -240,7 +244,7 @@ class Transformer(nnx.Module):
       alpha_type=cfg.pc_alpha,
       alpha_init=cfg.pc_alpha_init,
       cache_mode=cfg.pc_cache,
-      eps=cfg.norm_eps,
+      eps=cfg.pc_norm_eps,
       init_std=cfg.init_std,
       param_dtype=pd,
       rngs=rngs,

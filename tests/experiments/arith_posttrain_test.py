@@ -49,7 +49,15 @@ def test_tiny_demo_writes_the_table_and_plots(tmp_path):
   assert stages['pairs']['summary']['pairs'] > 0 and stages['rlmec']['summary']['examples'] > 0
   assert stages['rft']['summary']['gold'] == 4  # with_gold: each sampled prompt's solution
   table = (tmp_path / 'results.md').read_text()
-  for row in ('| SFT |', '| DPO |', '| RFT |', '| RLMEC |', '| GRPO |', 'level 2', '±'):
+  for row in (
+    '| SFT |',
+    '| DPO |',
+    '| RFT |',
+    '| RLMEC |',
+    '| GRPO (bnpo, group) |',
+    'level 2',
+    '±',
+  ):
     assert row in table
   assert json.loads((tmp_path / 'results.json').read_text())['order'] == list(stages)
   assert (tmp_path / 'loss_curves.png').stat().st_size > 0
