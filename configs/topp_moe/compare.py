@@ -24,6 +24,7 @@ SentencePiece tokenizer (32000) is trained into the workdir unless data.spm_mode
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from kuaijax.config_lib import check_choice, parse_arg, trainer_config
 
@@ -92,10 +93,11 @@ def get_config(arg=None):
       remat='dots',
     )
   )
-  # Options shared by every MoE variant (`model.mlp_options`, see kuaijax.models.moe); k_max None
-  # -> min(E, 4) Top-P slots, dispatch 'auto' -> the fastest exact strategy of the backend.
+  # Options shared by every MoE variant (`model.mlp_options`, see kuaijax.models.moe); dispatch
+  # 'auto' -> the fastest exact strategy of the backend. k_max caps the Top-P experts per token:
+  # unset -> the layer's default, 0 -> no cap (all num_experts), e.g. --config.moe_layer.k_max=8.
   config.moe_layer = ml_collections.ConfigDict(
-    dict(num_experts=16, expert_d_ff=2816, dispatch='auto', k_max=None), type_safe=False
+    dict(num_experts=16, expert_d_ff=2816, dispatch='auto', k_max=placeholder(int))
   )
   config.moe_loss = ml_collections.ConfigDict(
     dict(balance_weight=1e-2, entropy_weight=1e-4, z_loss_weight=0.0, aux_reduce='mean')

@@ -482,6 +482,8 @@ def moe_layer_options(options: Mapping) -> dict:
     gmm_implementation='auto',
   )
   opts.update(options)
+  if opts['k_max'] == 0 and not isinstance(opts['k_max'], bool):
+    opts['k_max'] = opts['num_experts']  # 0: no cap; unlike None, a command line can set it
   check_options(
     num_experts=opts['num_experts'],
     routing_name=opts['routing'],
