@@ -8,7 +8,8 @@ policy (the 'sft' stage of this run, else `config.init_from`), which is also the
 - grpo: online groups from the current policy, reward by name -> `grpo_task`.
 Every trained policy (and the initial one when 'sft' is not run) is evaluated on held-out test
 problems (`kuaijax.evals.arith_accuracy`): sampled accuracy by level over several seeds (mean and
-sample std) plus greedy accuracy. Writes results.json and results.md (the table) into the workdir.
+sample std) plus greedy accuracy. Writes results.json, results.md (the table) and loss_curves.png
+(training loss of every stage) into the workdir.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from kuaijax import parallel
+from kuaijax import parallel, plotting
 from kuaijax.evals import arith_accuracy
 from kuaijax.train import checkpoint as ckpt_lib
 from kuaijax.train import grpo_task, lm_task, preference_task, rl_task, sft_task
@@ -322,6 +323,7 @@ def run(config, workdir: str) -> dict:
   results['wall_s'] = time.time() - start
   results['num_params'] = int(sum(x.size for x in jax.tree.leaves(result.params)))
   table = results_table(results, config)
+  plotting.write_loss_curves(workdir, stages)
   write_results(workdir, results, table)
   print(table)
   return results

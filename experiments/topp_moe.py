@@ -8,7 +8,8 @@ token per task and per layer (`kuaijax.evals.moe_stats`), activated parameters. 
 losses enter with the weights of `config.moe_loss` (paper: balance 1e-2, entropy 1e-4), averaged or
 summed over layers.
 
-Writes results.json, results.md (the tables), mean_k_per_layer.png and mean_k_over_steps.png.
+Writes results.json, results.md (the tables), loss_curves.png, mean_k_per_layer.png and
+mean_k_over_steps.png.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import jax
 from matplotlib.figure import Figure
 
-from kuaijax import parallel
+from kuaijax import parallel, plotting
 from kuaijax.config_lib import check_choice
 from kuaijax.evals.lm_loss import LMEvaluator
 from kuaijax.evals.moe_stats import MoEStatsEvaluator
@@ -236,6 +237,7 @@ def run(config, workdir: str) -> dict:
     f'{config.train.batch_size} x {config.data.seq_len} = {tokens:,} training tokens each',
   )
   plots = plot_mean_k(rows, workdir) if jax.process_index() == 0 else []
+  plots += plotting.write_loss_curves(workdir, names)
   results = {
     'variants': rows,
     'tokens_per_variant': tokens,

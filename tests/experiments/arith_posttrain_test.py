@@ -8,6 +8,7 @@ import pytest
 from experiments import arith_posttrain
 from kuaijax.config_lib import load_config
 from kuaijax.train.metrics import read_metrics
+from tests.colab_test import PNG_MAGIC
 from tests.conftest import REPO_ROOT
 
 CONFIG = os.path.join(REPO_ROOT, 'configs/arith/posttrain.py')
@@ -44,6 +45,7 @@ def test_tiny_demo_writes_the_table_and_resumes(tmp_path):
   for row in ('| SFT |', '| DPO |', '| RLMEC |', '| GRPO |', 'level 2', '±'):
     assert row in table
   assert json.loads((tmp_path / 'results.json').read_text())['stages'] == list(results['methods'])
+  assert (tmp_path / 'loss_curves.png').read_bytes().startswith(PNG_MAGIC)
   # A stage alone from the finished SFT workdir: the initial policy gets its own row.
   config = tiny_config('grpo')
   config.init_from = str(tmp_path / 'sft')
