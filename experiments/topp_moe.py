@@ -49,7 +49,10 @@ def variant_config(config, name: str):
   layer_options = overrides.pop('mlp_options', {})
   model.update(overrides)
   if model['mlp'] == 'moe':
-    model['mlp_options'] = {**config.moe_layer.to_dict(), **layer_options}
+    shared = config.moe_layer.to_dict()
+    if shared['k_max'] == 0:  # the config's "no cap" (None cannot be set from the command line)
+      shared['k_max'] = shared['num_experts']
+    model['mlp_options'] = {**shared, **layer_options}
   elif layer_options:
     raise ValueError(f'variants.{name}.mlp_options is set but variants.{name}.mlp is not "moe"')
   with sub.unlocked():

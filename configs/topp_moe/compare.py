@@ -97,7 +97,8 @@ def get_config(arg=None):
   )
   # Options shared by every MoE variant (`model.mlp_options`, see kuaijax.models.moe); dispatch
   # 'auto' -> the fastest exact strategy of the backend. k_max caps the Top-P experts per token:
-  # unset -> the layer's default, 0 -> no cap (all num_experts), e.g. --config.moe_layer.k_max=8.
+  # unset -> the layer's default, 0 -> no cap (= num_experts; experiments/topp_moe.py), e.g.
+  # --config.moe_layer.k_max=8.
   config.moe_layer = ml_collections.ConfigDict(
     dict(num_experts=16, expert_d_ff=2816, dispatch='auto', k_max=placeholder(int))
   )

@@ -461,10 +461,7 @@ def is_moe_layer(layer_index: int, *, expert_frequency: int = 1, first_dense_lay
 
 
 def moe_layer_options(options: Mapping) -> dict:
-  """Validates `model.mlp_options` of an MoE model; returns them with defaults filled in.
-
-  `k_max=0` means no cap on the Top-P experts per token (k_max = num_experts).
-  """
+  """Validates `model.mlp_options` of an MoE model; returns them with defaults filled in."""
   prefix = 'model.mlp_options.'
   unknown = sorted(set(options) - set(MOE_OPTIONS))
   if unknown:
@@ -485,8 +482,6 @@ def moe_layer_options(options: Mapping) -> dict:
     gmm_implementation='auto',
   )
   opts.update(options)
-  if opts['k_max'] == 0 and not isinstance(opts['k_max'], bool):
-    opts['k_max'] = opts['num_experts']  # unlike None, 0 can be set from the command line
   check_options(
     num_experts=opts['num_experts'],
     routing_name=opts['routing'],
