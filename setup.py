@@ -7,11 +7,19 @@ setup(
   name='kuaijax',
   version='0.1.0',
   description=__doc__,
+  # Tested by CI (.ci/run) on two stacks: Python 3.11 with jax 0.10.2 / flax 0.12.8 / numpy 2.4 (the
+  # newest jax for 3.11) and Python 3.12 with the newest releases (2026-11-30: jax 0.12.0.1 / flax
+  # 0.12.12 / numpy 2.5). The jax and flax lower bounds are the oldest tested releases; no upper
+  # bounds: CI's second leg follows the newest releases.
   python_requires='>=3.11',
+  classifiers=[
+    'Programming Language :: Python :: 3.11',
+    'Programming Language :: Python :: 3.12',
+  ],
   packages=find_packages(include=['kuaijax*', 'experiments*', 'pallas_kernels*']),
   install_requires=[
-    'jax>=0.10',
-    'flax>=0.12',
+    'jax>=0.10.2',
+    'flax>=0.12.8',
     'optax>=0.2.5',
     'orbax-checkpoint>=0.11',
     'grain>=0.2.12',
@@ -36,8 +44,8 @@ setup(
       'ipykernel>=6.29',
       'ruff>=0.6',
     ],
-    'gpu': ['jax[cuda12]>=0.10'],
-    'tpu': ['jax[tpu]>=0.10'],
+    'gpu': ['jax[cuda12]>=0.10.2'],
+    'tpu': ['jax[tpu]>=0.10.2'],
     'hf': ['torch', 'transformers', 'safetensors'],
   },
 )

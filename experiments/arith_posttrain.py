@@ -14,10 +14,9 @@ import os
 import time
 
 import jax
-from matplotlib.figure import Figure
 
+from kuaijax import plotting
 from kuaijax.losses import rl
-from kuaijax.train.metrics import read_metrics
 from kuaijax.train.pipeline import run_pipeline
 from kuaijax.train.trainer import write_results
 
@@ -67,27 +66,6 @@ def results_table(stages: dict, config) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def plot_losses(stages: dict, workdir: str) -> str | None:
-  """loss_curves.png: the training loss of every training stage against its step."""
-  curves = {}
-  for name, info in stages.items():
-    if info['type'] == 'train':
-      records = [r for r in read_metrics(os.path.join(workdir, name)) if 'loss' in r]
-      curves[name] = ([r['step'] for r in records], [r['loss'] for r in records])
-  if not curves:
-    return None
-  fig = Figure(figsize=(4 * len(curves), 3.2))
-  for ax, (name, (steps, losses)) in zip(
-    fig.subplots(1, len(curves), squeeze=False)[0], curves.items()
-  ):
-    ax.plot(steps, losses, marker='.')
-    ax.set(title=name, xlabel='step', ylabel='loss')
-    ax.grid(alpha=0.3)
-  path = os.path.join(workdir, 'loss_curves.png')
-  fig.savefig(path, dpi=100, bbox_inches='tight')
-  return path
-
-
 def run(config, workdir: str) -> dict:
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
@@ -95,8 +73,8 @@ def run(config, workdir: str) -> dict:
   results = {'stages': stages, 'order': list(stages), 'wall_s': time.time() - start}
   table = results_table(stages, config)
   if jax.process_index() == 0:
-    plot = plot_losses(stages, workdir)
-    results['plots'] = [os.path.basename(plot)] if plot else []
+    trained = [name for name, info in stages.items() if info['type'] == 'train']
+    results['plots'] = [os.path.basename(p) for p in plotting.write_loss_curves(workdir, trained)]
   write_results(workdir, results, table)
   print(table)
   return results

@@ -7,7 +7,7 @@ and a 'dropless' baseline whose grouped matmul is plain `jax.lax.ragged_dot` are
 jit(grad) of sum(y * cotangent) w.r.t. (x, router_w, w1, w3, w2). The reference is a dense
 SwiGLU of width round(mean_k * f) timed the same way. Timings are interleaved (one call of each
 variant per round, median over rounds) so machine load hits every variant alike.
-Writes results.json and results.md into the workdir.
+Writes results.json, results.md and times.png (the ratios as bars) into the workdir.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from kuaijax import plotting
 from kuaijax.models import moe
 from kuaijax.train.trainer import write_results
 from pallas_kernels.common import markdown_table
@@ -165,6 +166,13 @@ def run(config, workdir: str) -> dict:
   )
   table = header + markdown_table(rows, columns)
   os.makedirs(workdir, exist_ok=True)
+  plotting.write_bar_chart(
+    workdir,
+    'times.png',
+    {s: info['ratios'] for s, info in payload['settings'].items()},
+    title=f'MoE FFN fwd+bwd time on {payload["device"]}',
+    xlabel='x the dense SwiGLU of equal active FLOPs',
+  )
   write_results(workdir, payload, table)
   print(table)
   return payload

@@ -4,7 +4,8 @@ utilisation = (model FLOPs per step / step time) / (FLOPs/s of a large square ma
 process, same dtype). Model FLOPs per token = 6 * (matmul params incl. the output head) + 12 * layers *
 d_model * seq_len (attention scores and values, forward + backward; the causal half is not discounted).
 The training loop is the real one (`kuaijax.train.trainer.train`) fed with synthetic token batches, so
-data loading does not limit the number. Writes results.json and results.md into the workdir.
+data loading does not limit the number. Writes results.json, results.md and loss_curves.png into the
+workdir.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kuaijax import plotting
 from kuaijax.models.transformer import TransformerConfig
 from kuaijax.train import lm_task
 from kuaijax.train.trainer import train, write_results
@@ -107,6 +109,7 @@ def run(config, workdir: str) -> dict:
     f'{seq_len} | {config.train.batch_size} | {tokens_per_s:,.0f} | {model_flops / 1e12:.3f} | '
     f'{peak / 1e12:.3f} | {model_flops / peak:.1%} |\n'
   )
+  plotting.write_loss_curves(workdir)
   write_results(workdir, results, table)
   print(table)
   return results

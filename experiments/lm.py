@@ -1,12 +1,14 @@
 """Train the decoder LM on an embedded corpus; report validation loss per task vs a unigram baseline.
 
-Writes metrics.jsonl, checkpoints, results.json and results.md (the table) into the workdir.
+Writes metrics.jsonl, checkpoints, results.json, results.md (the table) and loss_curves.png (training
+and per-task validation loss, unigram baselines dashed) into the workdir.
 """
 
 from __future__ import annotations
 
 import jax
 
+from kuaijax import plotting
 from kuaijax.data import pipeline
 from kuaijax.evals.lm_loss import unigram_baseline
 from kuaijax.train import lm_task
@@ -53,6 +55,7 @@ def run(config, workdir: str) -> dict:
     data.train_source, data.tokenizer, max_examples=config.eval.unigram_max_examples or None
   )
   unigram = unigram_baseline(counts, data.eval_batches, data.task_names)
+  plotting.write_loss_curves(workdir, baselines=unigram)
   results = {
     'step': result.step,
     'model': result.last_eval,

@@ -6,7 +6,8 @@ evaluator, `kuaijax.train.lm_task`), in `workdir/<name>`. Table 1: validation lo
 perplexity, parameters, block evaluations per token and training tokens/s. Table 2: needle
 retrieval accuracy (kuaijax.evals.passkey) at the training length and beyond for those variants of
 `config.retrieval.variants` that run (single-base RoPE vs HARPE). Plots: the learned alpha per layer and
-the corrector matrices W / Wc of every PC variant. Writes results.json, results.md and the PNGs.
+the corrector matrices W / Wc of every PC variant, and the loss curves of every variant. Writes
+results.json, results.md and the PNGs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from kuaijax import parallel
+from kuaijax import parallel, plotting
 from kuaijax.evals.passkey import evaluate_retrieval
 from kuaijax.models.transformer import TransformerConfig
 from kuaijax.train import lm_task
@@ -193,7 +194,7 @@ def run(config, workdir: str) -> dict:
           template=config.retrieval.template,
         )
       retrieval[name] = {'rope': _rope_description(cfg), 'by_length': by_length}
-  plots = plot_stack_params(learned, workdir)
+  plots = plot_stack_params(learned, workdir) + plotting.write_loss_curves(workdir, names)
   table = comparison_table(
     data.task_names,
     rows,

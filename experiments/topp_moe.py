@@ -8,7 +8,8 @@ token per task and per layer (`kuaijax.evals.moe_stats`), activated parameters. 
 losses enter with the weights of `config.moe_loss` (paper: balance 1e-2, entropy 1e-4), averaged or
 summed over layers.
 
-Writes results.json, results.md (the tables), mean_k_per_layer.png and mean_k_over_steps.png.
+Writes results.json, results.md (the tables), loss_curves.png, mean_k_per_layer.png and
+mean_k_over_steps.png.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import jax
 from matplotlib.figure import Figure
 
+from kuaijax import plotting
 from kuaijax.config_lib import check_choice
 from kuaijax.train import lm_task
 from kuaijax.train.metrics import read_metrics
@@ -44,7 +46,10 @@ def variant_config(config, name: str):
   layer_options = overrides.pop('mlp_options', {})
   model.update(overrides)
   if model['mlp'] == 'moe':
-    model['mlp_options'] = {**config.moe_layer.to_dict(), **layer_options}
+    shared = config.moe_layer.to_dict()
+    if shared['k_max'] == 0:  # the config's "no cap" (None cannot be set from the command line)
+      shared['k_max'] = shared['num_experts']
+    model['mlp_options'] = {**shared, **layer_options}
   elif layer_options:
     raise ValueError(f'variants.{name}.mlp_options is set but variants.{name}.mlp is not "moe"')
   with sub.unlocked():
@@ -216,6 +221,7 @@ def run(config, workdir: str) -> dict:
     f'{config.train.batch_size} x {config.data.seq_len} = {tokens:,} training tokens each',
   )
   plots = plot_mean_k(rows, workdir) if jax.process_index() == 0 else []
+  plots += plotting.write_loss_curves(workdir, names)
   results = {
     'variants': rows,
     'tokens_per_variant': tokens,

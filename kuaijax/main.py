@@ -17,11 +17,29 @@ from ml_collections import config_flags
 
 from kuaijax import parallel
 
-_CONFIG = config_flags.DEFINE_config_file(
-  'config', None, 'Experiment config file.', lock_config=True
-)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
-flags.mark_flags_as_required(['config', 'workdir'])
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv: list[str] | None = None):
+  """Defines --config (with its --config.<key>=value overrides) and --workdir on `flag_values`.
+
+  Returns their holders. Tests parse command lines through this same definition; `sys_argv` (the
+  full argument list) tells ml_collections which override flags to define (default: sys.argv).
+  """
+  config = config_flags.DEFINE_config_file(
+    'config',
+    None,
+    'Experiment config file.',
+    flag_values=flag_values,
+    lock_config=True,
+    sys_argv=sys_argv,
+  )
+  workdir = flags.DEFINE_string(
+    'workdir', None, 'Directory for checkpoints, metrics and results.', flag_values=flag_values
+  )
+  flags.mark_flags_as_required(['config', 'workdir'], flag_values=flag_values)
+  return config, workdir
+
+
+_CONFIG, _WORKDIR = define_flags()
 
 
 def available_experiments() -> list[str]:

@@ -1,8 +1,10 @@
 """Decoder LM on kj_lm_mixture: validation loss per task vs a unigram baseline.
 
-runlocal (2 CPU cores, ~4 minutes; every task's loss should beat the unigram baseline):
+runlocal (2 CPU cores; recorded run: 2 min 46 s including building the data, validation loss 1.283
+nats/token over all tasks vs 3.452 for the unigram baseline, every task below its baseline; table
+in README.md; loss_curves.png in the workdir):
   python -m kuaijax.main --config=configs/lm/mixture.py:runlocal --workdir=/tmp/kj_lm
-full scale (one 8-chip TPU v4/v5 host or 8 GPUs, ~150M params, ~10 h):
+full scale (one 8-chip TPU v4/v5 host or 8 GPUs, ~150M params, ~10 h; not recorded):
   python -m kuaijax.main --config=configs/lm/mixture.py --workdir=gs://.../lm_mixture
 """
 

@@ -11,6 +11,7 @@ import pytest
 
 from kuaijax.main import run_experiment
 from kuaijax.train.metrics import read_metrics
+from tests.colab_test import PNG_MAGIC
 from tests.conftest import REPO_ROOT, tiny_lm_config
 
 TINY_FLAGS = [
@@ -51,6 +52,7 @@ def test_lm_experiment_writes_table_and_results(tmp_path):
   for task in ('code', 'arith', 'copy', 'recall'):
     assert saved['model'][f'loss/{task}'] > 0 and saved['unigram'][f'loss/{task}'] > 0
     assert f'| {task} |' in (tmp_path / 'results.md').read_text()
+  assert (tmp_path / 'loss_curves.png').read_bytes().startswith(PNG_MAGIC)
 
 
 def _final_eval(workdir):
@@ -134,6 +136,7 @@ def test_bench_train_reports_utilisation(tmp_path):
   results = run_experiment(config, str(tmp_path))
   assert results['tokens_per_s'] > 0 and 0 < results['utilisation'] < 2
   assert 'utilisation' in (tmp_path / 'results.md').read_text()
+  assert (tmp_path / 'loss_curves.png').read_bytes().startswith(PNG_MAGIC)
 
 
 def test_sentencepiece_option_trains_a_tokenizer_into_the_workdir(tmp_path):

@@ -51,7 +51,7 @@ def test_tiny_run_writes_both_tables_and_plots(tmp_path):
   assert learned['W'][0][1] == 0.0  # the upper triangle stays masked
   for name in results['plots']:
     assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
-  assert sorted(results['plots']) == ['alpha.png', 'pc_rk2_corrector.png']
+  assert sorted(results['plots']) == ['alpha.png', 'loss_curves.png', 'pc_rk2_corrector.png']
   assert json.loads((tmp_path / 'results.json').read_text())['variants'][0]['stack'] == 'pc_rk2'
 
 

@@ -207,7 +207,7 @@ def test_tiny_experiment_writes_table_plots_and_stats(tmp_path):
   assert 'multiple-choice accuracy' in table and '| piqa | average |' in table
   assert rows['top2']['params']['total'] == rows['topp']['params']['total']
   assert sorted(rows['topp']['layer_mean_k']) == ['0', '1']  # JSON keys
-  for png in ('mean_k_per_layer.png', 'mean_k_over_steps.png'):
+  for png in ('mean_k_per_layer.png', 'mean_k_over_steps.png', 'loss_curves.png'):
     data = (tmp_path / png).read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 5_000
   records = read_metrics(str(tmp_path / 'topp'))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.gmm import gmm, pallas_gpu, pallas_tpu, reference, tgmm
+from tests.pallas_kernels.lowering import lowered_text
 
 # (m, k, n, group_sizes): empty groups, groups smaller than a tile, m not a multiple of the tile, rows past
 # sum(group_sizes), a single group, all groups empty.
@@ -170,12 +171,8 @@ def test_tpu_kernel_in_interpret_mode(case, dtype):
   _assert_close(t, reference.tgmm(lhs, grad, sizes), dtype)
 
 
-def _hlo_for(platform, fn, *args):
-  return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
-
-
 def test_kernels_lower_for_gpu_and_tpu():
-  """Both kernels go through the Triton and Mosaic lowerings (no device needed to lower)."""
+  """Both kernels go through the Triton and Mosaic lowerings (for abstract devices: none needed)."""
   m, k, n, num_groups = 300, 256, 384, 4
   lhs = jnp.zeros((m, k), jnp.bfloat16)
   rhs = jnp.zeros((num_groups, k, n), jnp.bfloat16)
@@ -186,7 +183,7 @@ def test_kernels_lower_for_gpu_and_tpu():
     ('tpu', pallas_tpu, 'tpu_custom_call'),
   ]:
     for fn, operand in [(module.gmm, rhs), (module.tgmm, grad)]:
-      hlo = _hlo_for(
+      hlo = lowered_text(
         platform,
         lambda x, y, s, fn=fn: fn(x, y, s, preferred_element_type=jnp.float32),
         lhs,

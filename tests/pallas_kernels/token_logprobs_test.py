@@ -9,6 +9,7 @@ import pytest
 
 from pallas_kernels.token_logprobs import pallas_gpu, pallas_tpu, token_logprobs
 from pallas_kernels.token_logprobs.reference import token_logprobs_reference
+from tests.pallas_kernels.lowering import lowered_text
 
 # (lead shape, d, V, dtype, options); V is never a multiple of the chunk except in 'even'.
 CASES = {
@@ -89,9 +90,11 @@ def test_tpu_kernel_in_interpreter_matches_reference():
 
 
 @pytest.mark.parametrize(
-  'platform, kernels', [('cuda', pallas_gpu), ('tpu', pallas_tpu)], ids=['gpu', 'tpu']
+  'platform, kernels, marker',
+  [('cuda', pallas_gpu, 'triton'), ('tpu', pallas_tpu, 'tpu_custom_call')],
+  ids=['gpu', 'tpu'],
 )
-def test_kernels_lower_for_their_hardware(platform, kernels):
+def test_kernels_lower_for_their_hardware(platform, kernels, marker):
   """Without the device: the kernels lower to Triton / Mosaic (catches unsupported ops early)."""
   t, d, v = 100, 64, 1000
   h = jax.ShapeDtypeStruct((t, d), jnp.bfloat16)
@@ -99,13 +102,13 @@ def test_kernels_lower_for_their_hardware(platform, kernels):
   y = jax.ShapeDtypeStruct((t,), jnp.int32)
   f = jax.ShapeDtypeStruct((t,), jnp.float32)
   kw = dict(temperature=0.7, soft_cap=30.0)
-  fwd = jax.jit(lambda h, w, y: kernels.forward(h, w, y, **kw))
-  bwd = jax.jit(lambda h, w, y, *vs: kernels.backward(h, w, y, *vs, **kw))
+  fwd = lambda h, w, y: kernels.forward(h, w, y, **kw)
+  bwd = lambda h, w, y, *vs: kernels.backward(h, w, y, *vs, **kw)
   for text in (
-    fwd.trace(h, w, y).lower(lowering_platforms=(platform,)).as_text(),
-    bwd.trace(h, w, y, f, f, f, f).lower(lowering_platforms=(platform,)).as_text(),
+    lowered_text(platform, fwd, h, w, y),
+    lowered_text(platform, bwd, h, w, y, f, f, f, f),
   ):
-    assert 'token_logprobs' in text
+    assert 'token_logprobs' in text and marker in text
 
 
 @pytest.mark.gpu

@@ -1,0 +1,97 @@
+"""Every leaf of every config can be set from the command line, through kuaijax.main's own flags.
+
+ml_collections can only override a field whose type it knows: a leaf whose default is None (type
+NoneType) cannot be set at all, so configs use typed placeholders or sentinels instead. The configs
+are found at test time, so configs added later are covered too.
+"""
+
+import glob
+import os
+
+import ml_collections
+import pytest
+from absl import flags
+from ml_collections.config_flags import config_path
+
+from kuaijax import main
+from tests.conftest import REPO_ROOT
+
+CONFIG_FILES = sorted(
+  os.path.relpath(path, REPO_ROOT)
+  for path in glob.glob(os.path.join(REPO_ROOT, 'configs', '**', '*.py'), recursive=True)
+  if os.path.basename(path) != '__init__.py'
+)
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = ''):
+  """(dotted path, field type, value) of every leaf."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', config.get_type(key), value
+
+
+def _other_value(path: str, field_type: type, value):
+  """A value of the leaf's type that differs from `value`."""
+  if field_type is bool:
+    return not value
+  if field_type is int:
+    return 3 if value is None else value + 1
+  if field_type is float:
+    return 0.5 if value is None else 2 * value + 0.5
+  if field_type is str:
+    return 'x' if value is None else value + 'x'
+  if field_type is tuple:
+    return value[::-1] if len(value) > 1 else (*value, *value) if value else ('x',)
+  raise AssertionError(f'config leaf {path} has type {field_type.__name__}: not settable by a flag')
+
+
+def _flag_text(value) -> str:
+  return repr(value) if isinstance(value, tuple) else str(value)
+
+
+def parse_command_line(config_spec: str, overrides: dict):
+  """The config kuaijax.main would get from `--config=<spec> --config.<key>=<value> ...`."""
+  argv = [
+    'kuaijax.main',
+    f'--config={config_spec}',
+    '--workdir=/tmp/unused',
+    *(f'--config.{key}={_flag_text(value)}' for key, value in overrides.items()),
+  ]
+  flag_values = flags.FlagValues()
+  config_flag, _ = main.define_flags(flag_values, sys_argv=argv)
+  flag_values(argv)
+  return config_flag.value
+
+
+def test_config_files_are_found():
+  assert {'configs/lm/mixture.py', 'configs/topp_moe/compare.py'} <= set(CONFIG_FILES)
+
+
+@pytest.mark.parametrize('arg', ['', ':runlocal'], ids=['full', 'runlocal'])
+@pytest.mark.parametrize('path', CONFIG_FILES)
+def test_every_leaf_can_be_overridden(path, arg):
+  spec = os.path.join(REPO_ROOT, path) + arg
+  config = parse_command_line(spec, {})
+  leaves = list(_leaves(config))
+  assert leaves, f'{path}{arg} has no fields'
+  new = {p: _other_value(p, field_type, value) for p, field_type, value in leaves}
+  overridden = parse_command_line(spec, new)
+  for p, expected in new.items():
+    assert config_path.get_value(p, overridden) == expected, p
+
+
+def test_topp_moe_k_max_is_settable_and_zero_means_no_cap():
+  from experiments import topp_moe
+  from kuaijax.models.moe import moe_layer_options
+
+  spec = os.path.join(REPO_ROOT, 'configs/topp_moe/compare.py:runlocal')
+  options = lambda config: moe_layer_options(
+    topp_moe.variant_config(config, 'topp').model.mlp_options
+  )
+  config = parse_command_line(spec, {})
+  assert config.moe_layer.k_max is None and options(config)['k_max'] is None  # the layer's default
+  assert options(parse_command_line(spec, {'moe_layer.k_max': 3}))['k_max'] == 3
+  no_cap = options(parse_command_line(spec, {'moe_layer.k_max': 0}))
+  assert no_cap['k_max'] == no_cap['num_experts'] == 8
