@@ -244,6 +244,45 @@ def load_params(folder: str, cfg: TransformerConfig, family: str, abstract_param
   )
 
 
+def model_section(folder: str, *, dtype: str = 'float32') -> dict:
+  """The `config.model` section (TransformerConfig fields) of a HF folder, for experiment configs
+  that start from `init_from_hf` (MoE routing options may then be changed, e.g. to 'top_p')."""
+  return families.model_config(
+    read_config(folder), where=os.path.join(folder, CONFIG_FILE), dtype=dtype
+  )
+
+
+# MoE options that only change how experts are picked, not which weights exist.
+ROUTING_OPTIONS = ('routing', 'p', 'k', 'k_max', 'renormalize', 'dispatch', 'capacity_factor')
+
+
+def load_for_config(folder: str, cfg: TransformerConfig, abstract_params, shardings):
+  """Params of a HF folder for a run whose model config is `cfg` (the trainer's init_from_hf).
+
+  Every function-defining field of `cfg` must equal the folder's (dtypes and the MoE routing
+  options may differ, so a pretrained top-k MoE can continue training with Top-P routing).
+  """
+  hf = model_section(folder)
+  ours = dataclasses.asdict(cfg)
+  ours['mlp_options'] = dict(cfg.mlp_kwargs)
+  for key, value in hf.items():
+    if key in ('dtype', 'param_dtype'):
+      continue
+    if key == 'mlp_options':
+      for name, v in value.items():
+        if name not in ROUTING_OPTIONS and ours['mlp_options'].get(name) != v:
+          raise ValueError(
+            f'init_from_hf={folder!r}: model.mlp_options.{name}='
+            f'{ours["mlp_options"].get(name)!r} but the checkpoint has {v!r}'
+          )
+    elif ours.get(key) != value:
+      raise ValueError(
+        f'init_from_hf={folder!r}: model.{key}={ours.get(key)!r} but the checkpoint has {value!r}'
+      )
+  family = read_config(folder)['model_type']
+  return load_params(folder, cfg, family, abstract_params, shardings)
+
+
 def load_model(
   folder: str,
   *,
