@@ -326,6 +326,17 @@ def _to_hf(layout: Layout, value: np.ndarray) -> list[np.ndarray]:
   return out
 
 
+def hf_tensors(params, family: str, num_experts: int = 0, *, dtype=None) -> dict[str, np.ndarray]:
+  """HF tensor name -> numpy array of a kuaijax pure-dict param tree (host copies)."""
+  layouts = _layouts(params, family, num_experts)
+  tensors = {}
+  for path, leaf in _flat(params).items():
+    value = np.asarray(jax.device_get(leaf))
+    value = value if dtype is None else value.astype(dtype)
+    tensors.update(zip(layouts[path].names, _to_hf(layouts[path], value), strict=True))
+  return tensors
+
+
 def save_model(
   model: Transformer,
   folder: str,
@@ -347,12 +358,7 @@ def save_model(
   hf = families.hf_config(fields, family, dtype=dtype)
   params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
   num_experts = dict(cfg.mlp_kwargs).get('num_experts', 0)
-  layouts = _layouts(params, family, num_experts)
-  tensors = {}
-  for path, leaf in _flat(params).items():
-    layout = layouts[path]
-    value = np.asarray(jax.device_get(leaf)).astype(DTYPES[dtype])
-    tensors.update(zip(layout.names, _to_hf(layout, value), strict=True))
+  tensors = hf_tensors(params, family, num_experts, dtype=DTYPES[dtype])
   os.makedirs(folder, exist_ok=True)
   shards, current, size = [], {}, 0
   for name in sorted(tensors):
