@@ -278,6 +278,7 @@ def hf_config(model: dict, family: str | None = None, *, dtype: str = 'float32')
     tie_word_embeddings=bool(model.get('tie_embeddings', True)),
     rope_theta=rope['rope_theta'],
     rope_parameters=rope,
+    rope_scaling=rope if scaling else None,  # the transformers < 5 spelling
     torch_dtype=dtype,
   )
   if family in ('mistral', 'mixtral'):

@@ -231,8 +231,9 @@ def load_params(folder: str, cfg: TransformerConfig, family: str, abstract_param
         if layout.stacked:
           experts = range(*index[0].indices(leaf.shape[0]))
           parts = [_read(ckpt, layout.names[e], layout, leaf.shape[1:], index[1:]) for e in experts]
-          return np.stack(parts).astype(leaf.dtype)
-        return _read(ckpt, layout.names[0], layout, leaf.shape, index).astype(leaf.dtype)
+          return np.stack(parts).astype(leaf.dtype, copy=False)
+        value = _read(ckpt, layout.names[0], layout, leaf.shape, index)
+        return value.astype(leaf.dtype, copy=False)
 
       return jax.make_array_from_callback(leaf.shape, flat_shardings[path], region)
 

@@ -65,7 +65,7 @@ def test_greedy_generation_matches_transformers(saved, family):
   np.testing.assert_array_equal(np.asarray(out.tokens), ref)
 
 
-@pytest.mark.parametrize('family', ['qwen3', 'qwen2_moe'])
+@pytest.mark.parametrize('family', ['llama', 'qwen3', 'qwen2_moe'])
 def test_export_round_trip_loads_in_transformers(saved, family, tmp_path):
   folder, hf = saved(family)
   model = model_io.load_model(folder)
