@@ -1,8 +1,9 @@
 """Perplexity of a Hugging Face model folder on a JSONL file, plus greedy generations; for MoE
 models optionally a Top-P routing sweep (mean experts per token and perplexity per p).
 
-See configs/hf/eval.py for the command. Scoring reuses the LM-loss and MoE-stats evaluators: every
-text is one row (no packing), padded rows and positions carry segment 0 and no loss.
+See configs/hf/eval.py for the command. Every text is one row (no packing); padded rows and
+positions carry segment 0 and no loss. Scores come from `sampling.score`, experts per token from the
+MoE-stats evaluator.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from flax import nnx
 from matplotlib.figure import Figure
 
 from kuaijax import parallel, sampling
-from kuaijax.evals.lm_loss import LMEvaluator
 from kuaijax.evals.moe_stats import MoEStatsEvaluator
 from kuaijax.hf import model_io
 from kuaijax.hf.tokenizer import HFTokenizer
@@ -77,8 +77,8 @@ def text_batches(token_lists: list[np.ndarray], batch_size: int) -> list[dict]:
   return batches
 
 
-def nll_by_position(model, batches, mesh, rules) -> np.ndarray:
-  """Mean NLL of the prediction at each position (over the texts that reach it)."""
+def score_texts(model, batches, mesh, rules) -> tuple[np.ndarray, np.ndarray]:
+  """Summed next-token NLL and the number of predictions at each position, over all texts."""
   graphdef, state = nnx.split(model, nnx.Param)
 
   @jax.jit
@@ -96,9 +96,9 @@ def nll_by_position(model, batches, mesh, rules) -> np.ndarray:
   with parallel.axis_rules(mesh, rules):
     for batch in batches:
       nll = jax.device_get(token_nll(params, parallel.shard_batch(batch, mesh, rules)))
-      sums = sums + np.asarray(nll).sum(0)
+      sums = sums + np.asarray(nll, np.float64).sum(0)
       counts = counts + batch['loss_mask'].sum(0)
-  return sums / np.maximum(counts, 1)
+  return sums, counts
 
 
 def greedy_samples(model, tokenizer, token_lists, config) -> list[dict]:
@@ -139,7 +139,7 @@ def _plot(workdir: str, name: str, xs, ys_list, labels, title, xlabel, ylabel) -
   return path
 
 
-def top_p_sweep(config, texts_batches, mesh, rules, ps) -> list[dict]:
+def top_p_sweep(config, texts_batches, tokens: int, mesh, rules, ps) -> list[dict]:
   """Perplexity and experts per token with routing='top_p' (k_max = all experts) at each p."""
   cfg, _ = model_io.model_config(config.hf_path, dtype=config.dtype)
   num_experts = dict(cfg.mlp_kwargs).get('num_experts')
@@ -151,7 +151,7 @@ def top_p_sweep(config, texts_batches, mesh, rules, ps) -> list[dict]:
     model = model_io.load_model(
       config.hf_path, dtype=config.dtype, overrides={'mlp_options': options}, mesh=mesh, rules=rules
     )
-    lm = LMEvaluator(texts_batches, ('text',), mesh=mesh, rules=rules)(model)
+    nll = float(score_texts(model, texts_batches, mesh, rules)[0].sum() / tokens)
     stats = MoEStatsEvaluator(texts_batches, ('text',), mesh=mesh, rules=rules)(model)
     layers = sorted(
       int(k.split('/')[1][5:]) for k in stats if k.startswith('moe/layer') and k.endswith('mean_k')
@@ -159,8 +159,8 @@ def top_p_sweep(config, texts_batches, mesh, rules, ps) -> list[dict]:
     rows.append(
       dict(
         p=p,
-        mean_nll=lm['loss'],
-        perplexity=lm['ppl'],
+        mean_nll=nll,
+        perplexity=math.exp(nll),
         experts_per_token=stats['experts_per_token'],
         layer_mean_k=[stats[f'moe/layer{i}/mean_k'] for i in layers],
       )
@@ -183,14 +183,15 @@ def run(config, workdir: str) -> dict:
     short = [i for i, t in enumerate(token_lists) if len(t) < 2]
     raise ValueError(f'{config.eval_file}: texts {short[:5]} have fewer than 2 tokens')
   batches = text_batches(token_lists, int(config.batch_size))
-  lm = LMEvaluator(batches, ('text',), mesh=mesh, rules=rules)(model)
-  by_position = nll_by_position(model, batches, mesh, rules)
+  sums, counts = score_texts(model, batches, mesh, rules)
+  mean_nll = float(sums.sum() / counts.sum())
+  by_position = sums / np.maximum(counts, 1)
   samples = greedy_samples(model, tokenizer, token_lists, config)
   results = dict(
     model_type=model_io.read_config(config.hf_path)['model_type'],
-    mean_nll=lm['loss'],
-    perplexity=math.exp(lm['loss']),
-    tokens=int(lm['tokens/text']),
+    mean_nll=mean_nll,
+    perplexity=math.exp(mean_nll),
+    tokens=int(counts.sum()),
     texts=len(texts),
     truncated_texts=int(truncated),
     generations=samples,
@@ -217,7 +218,7 @@ def run(config, workdir: str) -> dict:
   ]
   ps = [float(p) for p in str(config.top_p_sweep).split(',') if p.strip()]
   if ps:
-    sweep = top_p_sweep(config, batches, mesh, rules, ps)
+    sweep = top_p_sweep(config, batches, results['tokens'], mesh, rules, ps)
     results['top_p_sweep'] = sweep
     lines += [
       '',

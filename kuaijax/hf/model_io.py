@@ -91,7 +91,6 @@ def layout_of(path: tuple, ndim: int, family: str, num_experts: int) -> Layout:
   mixtral = family == 'mixtral'
   moe = p + ('block_sparse_moe.' if mixtral else 'mlp.')
   names = ('w1', 'w3', 'w2') if mixtral else ('gate_proj', 'up_proj', 'down_proj')
-  expert = moe + 'experts.{}.' + '{}.weight'
   table = {
     ('mlp', 'gate'): _linear(p + 'mlp.shared_expert_gate.weight'),
     ('mlp', 'router'): _linear(moe + 'gate.weight'),
@@ -101,7 +100,7 @@ def layout_of(path: tuple, ndim: int, family: str, num_experts: int) -> Layout:
     table[('mlp', ours)] = _linear(p + f'mlp.{theirs}.weight')  # dense SwiGLU
     table[('mlp', 'shared', ours)] = _linear(p + f'mlp.shared_expert.{theirs}.weight')
   for ours, theirs in zip(('w1', 'w3', 'w2'), names, strict=True):
-    experts = _experts(expert.replace('{}.weight', f'{theirs}.weight'), num_experts)
+    experts = _experts(moe + 'experts.{}.' + theirs + '.weight', num_experts)
     table[('mlp', 'moe', ours)] = experts
     if ndim == 3:  # the stacked experts of an MoE layer (a dense layer's SwiGLU is 2-D)
       table[('mlp', ours)] = experts
