@@ -58,7 +58,7 @@ def check_choice(name: str, value, allowed) -> None:
 
 
 def trainer_config(**train_overrides) -> ml_collections.ConfigDict:
-  """The sections every training experiment shares: train, optimizer, parallel, init_from.
+  """The sections every training experiment shares: train, optimizer, parallel, init_from(_hf).
 
   Experiment configs start from this and set their own `experiment`, `data` and `model` sections.
   """
@@ -66,6 +66,9 @@ def trainer_config(**train_overrides) -> ml_collections.ConfigDict:
 
   config = ml_collections.ConfigDict()
   config.init_from = ''  # a workdir (or its checkpoints folder) to take the initial params from
+  # a Hugging Face model folder (config.json + safetensors) to take the initial params from; the
+  # model section must match it (kuaijax.hf.model_io.model_section(folder) builds one)
+  config.init_from_hf = ''
   config.train = ml_collections.ConfigDict(
     dict(
       steps=1000,

@@ -8,7 +8,8 @@ mesh, the sharded init, the jitted step (donated state, explicit in/out sharding
 accumulation by `lax.scan`), orbax checkpoints with the data-iterator state, metrics, the progress bar
 and the non-finite guard.
 
-Resume order: the latest checkpoint in `workdir` -> `config.init_from` (params only) -> scratch.
+Resume order: the latest checkpoint in `workdir` -> `config.init_from` (params only) ->
+`config.init_from_hf` (a Hugging Face folder, params only) -> scratch.
 Randomness: parameters from `train.seed`; the step rng is `fold_in(key(train.seed + 1), step)`, so a
 resumed run replays exactly the steps an uninterrupted run would take.
 
@@ -120,6 +121,24 @@ def _write_config(workdir: str, config) -> None:
     return
   with open(path, 'w') as f:
     f.write(text)
+
+
+def initial_params(config, abstract_params, shardings, init_params: Callable[[], dict]):
+  """Params of a run without a checkpoint in its workdir: `config.init_from` (a kuaijax workdir),
+  else `config.init_from_hf` (a Hugging Face folder matching `config.model`), else `init_params()`."""
+  if config.init_from:
+    params, from_step = ckpt_lib.load_params(config.init_from, abstract_params, shardings)
+    logging.info('initialised params from %s (step %d)', config.init_from, from_step)
+    return params
+  if config.get('init_from_hf'):
+    from kuaijax.hf import model_io
+    from kuaijax.models.transformer import TransformerConfig
+
+    cfg = TransformerConfig.from_config(config.model)
+    params = model_io.load_for_config(config.init_from_hf, cfg, abstract_params, shardings)
+    logging.info('initialised params from Hugging Face folder %s', config.init_from_hf)
+    return params
+  return jax.jit(init_params, out_shardings=shardings)()
 
 
 def train(
@@ -248,13 +267,7 @@ def train(
         state = checkpointer.restore(latest, target, data_iter)
         logging.info('resumed from %s/%d', checkpointer.directory, latest)
       else:
-        if config.init_from:
-          params, from_step = ckpt_lib.load_params(
-            config.init_from, abstract_params, param_shardings
-          )
-          logging.info('initialised params from %s (step %d)', config.init_from, from_step)
-        else:
-          params = jax.jit(init_params, out_shardings=param_shardings)()
+        params = initial_params(config, abstract_params, param_shardings, init_params)
         state = jax.jit(init_state, out_shardings=state_shardings)(params)
       _write_config(workdir, config)
       start = int(state['step'])
