@@ -32,11 +32,15 @@ class LMData:
   task_names: tuple[str, ...]
 
 
-def resolve_tokenizer(data_config, workdir: str, train_source):
-  """The configured tokenizer; a SentencePiece model with no path is trained into the workdir."""
+def resolve_tokenizer(data_config, workdir: str, train_source, hf_path: str = ''):
+  """The configured tokenizer; a SentencePiece model with no path is trained into the workdir.
+
+  `data.tokenizer='hf'` reads tokenizer.json from `hf_path` (the run's `init_from_hf` folder)."""
   if data_config.tokenizer != 'sentencepiece' or data_config.spm_model_path:
     return tokenizers.get_tokenizer(
-      data_config.tokenizer, spm_model_path=data_config.spm_model_path or None
+      data_config.tokenizer,
+      spm_model_path=data_config.spm_model_path or None,
+      hf_path=hf_path or None,
     )
   prefix = os.path.join(workdir, 'spm')
   limit = data_config.spm_train_examples
@@ -61,7 +65,7 @@ def build_lm_data(config, workdir: str) -> LMData:
   data_dir = dc.data_dir or sources.default_data_dir()
   train_source = sources.get_data_source(dc.name, split=dc.train_split, data_dir=data_dir)
   eval_source = sources.get_data_source(dc.name, split=dc.eval_split, data_dir=data_dir)
-  tokenizer = resolve_tokenizer(dc, workdir, train_source)
+  tokenizer = resolve_tokenizer(dc, workdir, train_source, config.get('init_from_hf', ''))
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(
       f'model.vocab_size={config.model.vocab_size} is smaller than the '

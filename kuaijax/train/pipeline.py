@@ -95,8 +95,11 @@ class Pipeline:
   def __init__(self, config, workdir: str):
     self.config, self.workdir = config, workdir
     dc = config.data
+    # data.tokenizer='hf' reads tokenizer.json from the run's init_from_hf folder.
     self.tokenizer = tokenizers.get_tokenizer(
-      dc.tokenizer, spm_model_path=dc.spm_model_path or None
+      dc.tokenizer,
+      spm_model_path=dc.spm_model_path or None,
+      hf_path=config.get('init_from_hf') or None,
     )
     if self.tokenizer.vocab_size > config.model.vocab_size:
       raise ValueError(
