@@ -1,5 +1,8 @@
 """Programs for the launcher tests, run as `python -m tests.launch_helper MODE ...` in each process.
 
+sum      initialises jax.distributed like kuaijax.main, sums a global array whose rows each process
+         gives (row r = r) and writes [process_count, device_count, local devices, sum] to
+         $KJ_OUT/<process index>.json.
 fail     process 1 exits with status 7 at once; the others write their pid to $KJ_PID_DIR and sleep.
 main     `kuaijax.main` where every process exits with status 3 right after the checkpoint of step
          $KJ_CRASH_STEP is written (a run killed mid-way), first writing the train-split example
@@ -18,6 +21,25 @@ def _fail():
   with open(os.path.join(os.environ['KJ_PID_DIR'], f'{os.getpid()}.pid'), 'w') as f:
     f.write(str(os.getpid()))
   time.sleep(120)
+
+
+def _sum():
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from kuaijax import parallel
+
+  parallel.maybe_initialize_distributed()
+  mesh = parallel.make_mesh({'data': -1})
+  local = jax.local_device_count()
+  rows = np.arange(local, dtype=np.float32) + jax.process_index() * local
+  global_rows = parallel.shard_batch({'x': rows}, mesh, parallel.DEFAULT_RULES)['x']
+  total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, PartitionSpec()))(
+    global_rows
+  )
+  with open(os.path.join(os.environ['KJ_OUT'], f'{jax.process_index()}.json'), 'w') as f:
+    json.dump([jax.process_count(), jax.device_count(), local, float(total)], f)
 
 
 class _Recorded:
@@ -75,4 +97,4 @@ def _main(argv):
 
 if __name__ == '__main__':
   mode, rest = sys.argv[1], sys.argv[2:]
-  _fail() if mode == 'fail' else _main(rest)
+  {'fail': _fail, 'sum': _sum}.get(mode, lambda: _main(rest))()
