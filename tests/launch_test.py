@@ -196,3 +196,12 @@ def test_process_env_sets_the_coordinator_contract():
   assert (env['JAX_NUM_PROCESSES'], env['JAX_PROCESS_ID']) == ('2', '1')
   assert env['JAX_COORDINATOR_ADDRESS'] == '127.0.0.1:1234'
   assert env['JAX_CPU_COLLECTIVES_IMPLEMENTATION'] == 'gloo'
+
+
+@pytest.mark.parametrize('name', ['tpu_pod.sh', 'slurm_gpu.sbatch', 'multi_gpu.sh'])
+def test_launch_recipes_are_valid_executable_scripts(name):
+  path = os.path.join(REPO_ROOT, 'launch', name)
+  assert os.access(path, os.X_OK)
+  subprocess.run(['bash', '-n', path], check=True)
+  with open(path) as f:
+    assert 'python -m kuaijax.main --config=' in f.read()
