@@ -122,11 +122,17 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Overrides):
   return config
 
 
-def plan(config, hyper_runs: list[Overrides], root: str) -> list[SweepRun]:
-  """Checks every run's overrides against `config` and gives each run its workdir under `root`."""
+def plan(
+  config, hyper_runs: list[Overrides], root: str, names: Sequence[str] | None = None
+) -> list[SweepRun]:
+  """Checks every run's overrides against `config` and gives each run its workdir under `root`.
+
+  Runs are named by `run_name(overrides)` unless `names` are given.
+  """
+  names = list(names) if names is not None else [run_name(o) for o in hyper_runs]
   runs = [
-    SweepRun(run_name(o), o, apply_overrides(config, o), os.path.join(root, run_name(o)))
-    for o in hyper_runs
+    SweepRun(n, o, apply_overrides(config, o), os.path.join(root, n))
+    for n, o in zip(names, hyper_runs, strict=True)
   ]
   names = [r.name for r in runs]
   if len(set(names)) != len(names):
