@@ -33,34 +33,36 @@ ALPHAS = np.linspace(0.005, 2.0, 800)
 FLOPS_PER_PARAM_TOKEN = 6
 
 
+def _profile(x, y, alphas):
+  """(sse, E, A_scaled) of the least-squares line y = E + A z with z = x^-alpha, for every alpha."""
+  z = x[None, :] ** -alphas[:, None]
+  zc = z - z.mean(axis=1, keepdims=True)
+  yc = y - y.mean()
+  slope = (zc @ yc) / np.maximum((zc**2).sum(axis=1), 1e-300)
+  intercept = y.mean() - slope * z.mean(axis=1)
+  sse = ((yc[None, :] - slope[:, None] * zc) ** 2).sum(axis=1)
+  return sse, intercept, slope
+
+
 def fit_power_law(x, y) -> dict:
   """Least-squares L = E + A x^-alpha: E and A are linear given alpha, so alpha is profiled on a grid
-  (then refined on a finer grid around the best value)."""
+  (then refined twice on finer grids around the best value)."""
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
   if len(x) < 3:
     raise ValueError(f'a power-law fit needs at least 3 points, got {len(x)}')
   scale = np.exp(np.mean(np.log(x)))  # x / scale keeps x^-alpha well conditioned
-
-  def solve(alpha):
-    design = np.stack([np.ones_like(x), (x / scale) ** -alpha], axis=1)
-    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-    return coef, float(np.sum((design @ coef - y) ** 2))
-
-  grid = ALPHAS
-  for _ in range(2):
-    sse = [solve(a)[1] for a in grid]
-    best = grid[int(np.argmin(sse))]
-    step = grid[1] - grid[0]
-    grid = np.linspace(max(best - step, 1e-4), best + step, 200)
-  sse = [solve(a)[1] for a in grid]
-  alpha = float(grid[int(np.argmin(sse))])
-  (e, a_scaled), sse = solve(alpha)
+  xs, grid = x / scale, ALPHAS
+  for _ in range(3):
+    sse, intercept, slope = _profile(xs, y, grid)
+    i = int(np.argmin(sse))
+    alpha, step = float(grid[i]), grid[1] - grid[0]
+    grid = np.linspace(max(alpha - step, 1e-4), alpha + step, 101)
   total = float(np.sum((y - y.mean()) ** 2))
   return {
-    'E': float(e),
-    'A': float(a_scaled * scale**alpha),
+    'E': float(intercept[i]),
+    'A': float(slope[i] * scale**alpha),
     'alpha': alpha,
-    'r2': 1.0 - sse / total if total > 0 else 1.0,
+    'r2': 1.0 - float(sse[i]) / total if total > 0 else 1.0,
     'n': len(x),
   }
 
