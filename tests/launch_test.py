@@ -56,14 +56,23 @@ def _config(**extra):
   return config
 
 
-def _launch(workdir, *, module='kuaijax.main', mode=(), env=None, processes=2, devices=4):
-  """Runs the launcher as its own process (as a user would); returns its exit status."""
-  flags = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
+def _launch(
+  workdir,
+  *,
+  module='kuaijax.main',
+  mode=(),
+  env=None,
+  devices=4,
+  config=CONFIG,
+  overrides=OVERRIDES,
+):
+  """Runs the launcher (2 processes) as its own process, as a user would; returns its status."""
+  flags = [f'--config.{k}={v}' for k, v in overrides.items()]
   cmd = [
-    *(sys.executable, '-m', 'kuaijax.launch', f'--processes={processes}'),
+    *(sys.executable, '-m', 'kuaijax.launch', '--processes=2'),
     *(f'--devices_per_process={devices}', f'--module={module}', '--timeout=60', '--'),
     *mode,
-    f'--config={CONFIG}',
+    f'--config={config}',
     f'--workdir={workdir}',
     *flags,
   ]
@@ -142,6 +151,40 @@ def test_two_processes_killed_and_restarted_match_one_process(built_data, tmp_pa
   assert abs(one['loss'] - two['loss']) < 1e-5
   # Workdir files are written once, by process 0: one line per logged step.
   assert [r['step'] for r in read_metrics(workdir) if 'loss' in r] == [1, 2, 3, 4]
+
+
+MOE_CONFIG = 'configs/topp_moe/compare.py:runlocal'
+MOE_OVERRIDES = {
+  **{k: v for k, v in OVERRIDES.items() if k.split('.')[0] in ('model', 'train')},
+  'data.seq_len': 64,
+  'data.eval_batch_size': 8,
+  'data.eval_batches': 1,
+  'model.num_kv_heads': 2,
+  'moe_layer.num_experts': 4,
+  'moe_layer.expert_d_ff': 32,
+  'run_variants': 'top2',
+  'parallel.mesh.data': 1,
+  'parallel.mesh.expert': 4,
+}
+
+
+@pytest.mark.slow
+def test_moe_with_experts_across_two_processes_matches_one_process(built_data, tmp_path):
+  """Top-2 MoE with its 4 experts on 4 devices of 2 processes (all-to-all over gloo)."""
+  config = load_config(os.path.join(REPO_ROOT, MOE_CONFIG))
+  config.update_from_flattened_dict({**MOE_OVERRIDES, 'parallel.num_devices': 4})
+  with config.data.unlocked():
+    config.data.shards = 2  # the 2-process run's default: one shard per process
+  reference = tmp_path / 'one_process'
+  run_experiment(config, str(reference))
+  workdir = tmp_path / 'two_processes'
+  assert _launch(workdir, devices=2, config=MOE_CONFIG, overrides=MOE_OVERRIDES) == 0
+  expected, got = _losses(reference / 'top2'), _losses(workdir / 'top2')
+  assert sorted(got) == [1, 2, 3, 4]
+  np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=0, atol=1e-5)
+  one = json.loads((reference / 'results.json').read_text())['variants']['top2']['eval']
+  two = json.loads((workdir / 'results.json').read_text())['variants']['top2']['eval']
+  assert abs(one['loss'] - two['loss']) < 1e-5
 
 
 def test_a_failing_process_stops_the_others(tmp_path):
