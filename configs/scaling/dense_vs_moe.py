@@ -4,8 +4,10 @@ Every family trains the same sizes on the same tokens; MoE layers have 8 (runloc
 experts of width d_model, dense layers a SwiGLU of width 2 d_model, so Top-2 activates the dense
 FFN's parameters while holding four (eight) times as many. See experiments/scaling.py.
 
-runlocal (2 CPU cores shared with other jobs; 3 families x 5 sizes, d_model 16..64, 2 layers,
-120 steps of 8 x 128 tokens each; wall time and fits: experiments/scaling/README.md):
+runlocal (3 families x 5 sizes, d_model 16..64, 2 layers, 120 steps of 8 x 128 tokens each; recorded
+on 2 CPU cores shared with other jobs: 22 min of training + 18 s of fits; power laws fit every family
+(R^2 0.96-0.99), Top-2 within 0.011 of dense at equal compute, Top-P 0.02-0.22 above; tables and
+which claims hold in experiments/scaling/README.md):
   python -m kuaijax.main --config=configs/scaling/dense_vs_moe.py:runlocal --workdir=/tmp/kj_scaling
 full scale (6 sizes, d_model 256..1536 and 4..24 layers, 10B tokens each on the paper's corpus; one
 cluster job per cell with the same shared workdir, then one more call that only fits; not run here):
