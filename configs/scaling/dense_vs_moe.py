@@ -59,7 +59,6 @@ def get_config(arg=None):
   else:
     config.base = load_config(base_file)
     sizes = [_size(d, n, 64) for d, n in FULL_SIZES]
-    config.base.mc_eval.tasks = ()
     # 10B tokens per cell: 4768 steps x 1024 x 2048.
     config.base.train.update(steps=4768, batch_size=1024, eval_every=596, checkpoint_every=596)
     config.base.optimizer.update(warmup_steps=400)
