@@ -67,6 +67,9 @@ def test_bad_sweep_keys_and_values_are_named(spec, tmp_path):
     sweep.plan(config, sweep.sweep('scale.x', [1]), str(tmp_path))
   with pytest.raises(TypeError, match="sweep key 'model.num_layers': value 'four'"):
     sweep.plan(config, sweep.sweep('model.num_layers', ['four']), str(tmp_path))
+  assert (
+    len(sweep.load_sweep(os.path.join(REPO_ROOT, 'configs/lm/lr_sweep.py'), str(tmp_path))) == 6
+  )
   with pytest.raises(ValueError, match='declares no sweep'):
     sweep.load_sweep(os.path.join(REPO_ROOT, 'configs/lm/mixture.py'), str(tmp_path))
 
@@ -119,3 +122,40 @@ def test_print_gives_one_main_command_per_run(spec, tmp_path):
     '--config.optimizer.lr=0.003',
   } <= set(argv)
   assert f'--workdir={tmp_path}/model.d_model=64,model.num_layers=4,optimizer.lr=0.003' in argv
+
+
+TINY_LM = textwrap.dedent(
+  """
+  import os
+  from kuaijax.config_lib import load_config
+
+  def get_config(arg=None):
+    config = load_config(os.path.join({root!r}, 'configs/lm/mixture.py:runlocal'))
+    config.parallel.num_devices = 1
+    config.data.update(seq_len=64, eval_batch_size=8, eval_batches=1)
+    config.model.update(d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=32)
+    config.train.update(steps=2, batch_size=2, log_every=1, eval_every=2, checkpoint_every=2,
+                        progress=False, async_checkpoint=False)
+    config.eval.unigram_max_examples = 20
+    return config
+
+  def get_hyper(hyper, arg=None):
+    return hyper.sweep('optimizer.lr', [1e-3, 1e-2])
+  """
+)
+
+
+@pytest.mark.slow
+def test_the_cli_runs_real_experiments_then_skips_them(tmp_path):
+  path = tmp_path / 'tiny.py'
+  path.write_text(TINY_LM.format(root=REPO_ROOT))
+  cmd = [sys.executable, '-m', 'kuaijax.sweep', f'--config={path}', f'--workdir={tmp_path / "w"}']
+  first = subprocess.run(
+    [*cmd, '--metrics=model.loss'], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+  )
+  assert first.returncode == 0, first.stderr[-2000:]
+  rows = json.loads((tmp_path / 'w' / 'sweep.json').read_text())
+  assert [r['optimizer.lr'] for r in rows] == [1e-3, 1e-2]
+  assert all(r['status'] == 'done' and r['model.loss'] > 0 for r in rows)
+  again = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+  assert again.stdout.count('finished, skipped') == 2
