@@ -8,7 +8,7 @@ local port), JAX_NUM_PROCESSES, JAX_PROCESS_ID and its own simulated CPU devices
 then calls `jax.distributed.initialize()` through `parallel.maybe_initialize_distributed`, the same
 code path as TPU pods, SLURM and hand-set `JAX_COORDINATOR_ADDRESS` jobs. The launcher exits with
 the first non-zero exit status of any process after stopping the others, so no process outlives a
-failure. Process 0 writes the workdir's files (config, metrics, results); orbax checkpoints are
+failure; on Linux the processes also get SIGTERM when the launcher itself dies (even by SIGKILL). Process 0 writes the workdir's files (config, metrics, results); orbax checkpoints are
 written collectively, each process its shards.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ import time
 from kuaijax.parallel import INIT_TIMEOUT_ENV
 
 _DEVICE_FLAG = '--xla_force_host_platform_device_count'
+_PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -50,6 +52,12 @@ def process_env(
     'XLA_FLAGS': ' '.join([*flags, f'{_DEVICE_FLAG}={devices}']),
     INIT_TIMEOUT_ENV: str(timeout_s),
   }
+
+
+def _die_with_parent() -> None:
+  """In the child before exec: SIGTERM it when the launcher dies, even by SIGKILL (Linux only)."""
+  with contextlib.suppress(OSError, AttributeError):
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _stop(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
@@ -94,7 +102,12 @@ def launch(
         timeout_s=timeout_s,
       )
       procs.append(
-        subprocess.Popen([sys.executable, '-m', module, *argv], env=env, start_new_session=True)
+        subprocess.Popen(
+          [sys.executable, '-m', module, *argv],
+          env=env,
+          start_new_session=True,
+          preexec_fn=_die_with_parent,
+        )
       )
     while True:
       codes = [p.poll() for p in procs]

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -193,9 +194,36 @@ def test_a_failing_process_stops_the_others(tmp_path):
   out = subprocess.run([*cmd, '--', 'fail'], cwd=REPO_ROOT, env=env, timeout=TIMEOUT_S)
   assert out.returncode == 7
   for name in os.listdir(tmp_path):
-    pid = int((tmp_path / name).read_text())
-    with pytest.raises(ProcessLookupError):
-      os.kill(pid, 0)
+    assert not _running(int(name.removesuffix('.pid')))
+
+
+def _running(pid: int) -> bool:
+  """Whether `pid` exists and is not a zombie (an orphan's zombie may wait for a reaper)."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except FileNotFoundError:
+    return False
+
+
+def test_killing_the_launcher_stops_its_processes(tmp_path):
+  env = {**os.environ, 'KJ_PID_DIR': str(tmp_path)}
+  cmd = [sys.executable, '-m', 'kuaijax.launch', '--processes=1', '--module=tests.launch_helper']
+  launcher = subprocess.Popen([*cmd, '--', 'fail'], cwd=REPO_ROOT, env=env)
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not os.listdir(tmp_path) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    (name,) = os.listdir(tmp_path)
+    child = int(name.removesuffix('.pid'))
+    launcher.kill()  # SIGKILL: the launcher cannot clean up; the child's parent-death signal does
+    launcher.wait(timeout=30)
+    while time.monotonic() < deadline and _running(child):
+      time.sleep(0.1)
+    assert not _running(child)
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
 
 
 def test_unreachable_coordinator_is_a_clear_error_in_bounded_time(monkeypatch):
