@@ -107,20 +107,25 @@ def trainer_config(**train_overrides) -> ml_collections.ConfigDict:
   return config
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads 'configs/<paper>/<exp>.py[:arg]' like `--config=` does (for notebooks and tests).
-
-  The result is locked, as on the command line: assigning a key that does not exist is an error.
-  """
+def load_config_module(path: str):
+  """Imports a config file as a module (its get_config, and get_hyper when it declares a sweep)."""
   import importlib.util
   import os
 
-  path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'config file {path!r} does not exist')
   module_spec = importlib.util.spec_from_file_location(f'_kuaijax_config_{abs(hash(path))}', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
+  return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads 'configs/<paper>/<exp>.py[:arg]' like `--config=` does (for notebooks and tests).
+
+  The result is locked, as on the command line: assigning a key that does not exist is an error.
+  """
+  path, _, arg = spec.partition(':')
+  config = load_config_module(path).get_config(arg or None)
   config.lock()
   return config

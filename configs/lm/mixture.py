@@ -32,6 +32,7 @@ def get_config(arg=None):
       seq_len=1024,
       pack=True,
       seed=1,
+      shards=0,  # data shards (0: one per process); fix it to compare runs across process counts
       task_names=TASKS,
       eval_batch_size=64,
       eval_batches=16,

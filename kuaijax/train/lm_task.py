@@ -78,15 +78,18 @@ def build_lm_data(config, workdir: str) -> LMData:
     seq_len=dc.seq_len,
     pack=dc.pack,
     task_names=task_names,
+    shard_count=int(dc.get('shards', 0)) or jax.process_count(),
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  train_dataset = pipeline.lm_train_dataset(train_source, batch_size=micro, seed=dc.seed, **common)
+  train_dataset = pipeline.lm_train_dataset_shards(
+    train_source, batch_size=micro, seed=dc.seed, **common
+  )
   eval_batch = dc.eval_batch_size // jax.process_count()
   # A fixed shuffle (seed 0, independent of the data seed) so that a truncated evaluation set is a
   # sample of every task rather than the split's first examples, identical across runs.
   eval_examples = grain.MapDataset.source(eval_source).shuffle(seed=0)
-  eval_batches = pipeline.lm_eval_batches(
+  eval_batches = pipeline.lm_eval_batches_shards(
     eval_examples, batch_size=eval_batch, num_batches=dc.eval_batches, **common
   )
   return LMData(tokenizer, train_dataset, eval_batches, train_source, task_names)
