@@ -4,11 +4,14 @@ Every variant in `config.run_variants` is the base `config.model` updated by
 `config.variants[name]` (MoE variants: `mlp='moe'` and `mlp_options` on top of `config.moe_layer`),
 trained with the same data order, steps, batch and optimizer into `workdir/<name>/` (each resumes
 on its own), and scored on the same evaluation batches: validation loss per task, experts per
-token per task and per layer (`kuaijax.evals.moe_stats`), activated parameters. The MoE auxiliary
-losses enter with the weights of `config.moe_loss` (paper: balance 1e-2, entropy 1e-4), averaged or
-summed over layers.
+token per task and per layer (`kuaijax.evals.moe_stats`), activated parameters, and the paper's
+"harder -> more experts" at token level: per MoE layer and task, the Spearman rank correlation
+between a target token's loss under the model and the number of experts it selected
+(`TokenLossExperts`). The MoE auxiliary losses enter with the weights of `config.moe_loss` (paper:
+balance 1e-2, entropy 1e-4), averaged or summed over layers.
 
-Writes results.json, results.md (the tables), mean_k_per_layer.png and mean_k_over_steps.png.
+Writes results.json, results.md (the tables), mean_k_per_layer.png, mean_k_over_steps.png and
+loss_k_spearman.png.
 """
 
 from __future__ import annotations
@@ -16,19 +19,82 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
+from flax import nnx
 from matplotlib.figure import Figure
 
 from kuaijax import parallel
 from kuaijax.config_lib import check_choice
-from kuaijax.evals.lm_loss import LMEvaluator
+from kuaijax.evals.lm_loss import BatchEvaluator, LMEvaluator
 from kuaijax.evals.moe_stats import MoEStatsEvaluator
 from kuaijax.evals.multiple_choice import build_evaluator as build_mc_evaluator
+from kuaijax.losses.lm import token_cross_entropy
 from kuaijax.train import lm_task
 from kuaijax.train.metrics import read_metrics
 from kuaijax.train.trainer import train, write_results
 
 EXPERT_WEIGHTS = ('w1', 'w2', 'w3')
 REFERENCE_VARIANT = 'top2'  # activated parameters are reported relative to this one when present
+
+
+def average_ranks(a: np.ndarray) -> np.ndarray:
+  """Ranks 1..n of a 1-D array, ties sharing their average rank (as Spearman's rho needs)."""
+  order = np.argsort(a, kind='stable')
+  inverse = np.empty_like(order)
+  inverse[order] = np.arange(a.size)
+  ordered = a[order]
+  first = np.r_[True, ordered[1:] != ordered[:-1]]
+  tie_group = np.cumsum(first)[inverse]
+  bounds = np.r_[np.nonzero(first)[0], a.size]
+  return 0.5 * (bounds[tie_group] + bounds[tie_group - 1] + 1)
+
+
+def spearman(a, b) -> float | None:
+  """Spearman's rank correlation; None when either side is constant or has < 3 values."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+    return None
+  return float(np.corrcoef(average_ranks(a), average_ranks(b))[0, 1])
+
+
+class TokenLossExperts(BatchEvaluator):
+  """Token-level "harder -> more experts": loss vs experts selected, per MoE layer and task.
+
+  Metrics per MoE layer i: `moe/layer{i}/max_k` (most experts any target token used),
+  `moe/layer{i}/loss_k_spearman` (over all target tokens) and `.../loss_k_spearman/{task}`.
+  """
+
+  def batch_fn(self, graphdef):
+    def per_token(params, batch):
+      model = nnx.merge(graphdef, params)
+      logits, extras = model(
+        batch['inputs'], positions=batch['positions'], segment_ids=batch['segment_ids']
+      )
+      ce, _ = token_cross_entropy(logits, batch['targets'])
+      ks = {i: a['experts_per_token'] for i, a in enumerate(extras['mlp_aux']) if a}
+      return ce, ks, batch['loss_mask'], batch['task_ids']
+
+    return per_token
+
+  def __call__(self, model: nnx.Module, step: int | None = None) -> dict:
+    del step
+    outs = list(self.batch_outputs(model))
+    if not outs or not outs[0][1]:
+      return {}
+    mask = np.concatenate([np.asarray(o[2]).reshape(-1) for o in outs]) > 0
+    loss = np.concatenate([np.asarray(o[0]).reshape(-1) for o in outs])[mask]
+    task = np.concatenate([np.asarray(o[3]).reshape(-1) for o in outs])[mask]
+    metrics = {}
+    for layer in outs[0][1]:
+      k = np.concatenate([np.asarray(o[1][layer]).reshape(-1) for o in outs])[mask]
+      prefix = f'moe/layer{layer}'
+      metrics[f'{prefix}/max_k'] = float(k.max())
+      rhos = {'': spearman(loss, k)}
+      for t, name in enumerate(self.task_names):
+        rhos[f'/{name}'] = spearman(loss[task == t], k[task == t])
+      # Undefined correlations (constant k, e.g. Top-K) are left out.
+      metrics.update({f'{prefix}/loss_k_spearman{n}': r for n, r in rhos.items() if r is not None})
+    return metrics
 
 
 def variant_names(config) -> list[str]:
@@ -54,6 +120,17 @@ def variant_config(config, name: str):
   with sub.unlocked():
     sub.model = model
   return sub
+
+
+def layer_values(ev: dict, name: str) -> dict:
+  """{layer index: ev['moe/layer{i}/<name>']} over the MoE layers that report it."""
+  out = {}
+  for key, value in ev.items():
+    head, _, rest = key.partition('/')
+    layer, _, metric = rest.partition('/')
+    if head == 'moe' and layer.startswith('layer') and metric == name:
+      out[int(layer.removeprefix('layer'))] = value
+  return out
 
 
 def aux_weights(moe_loss) -> dict:
@@ -113,14 +190,29 @@ def results_tables(rows: dict, task_names, title: str) -> str:
     layers = sorted({layer for r in moe_rows.values() for layer in r['layer_mean_k']})
     lines += [
       '',
-      'Mean experts per token per MoE layer (validation target tokens):',
+      'Experts per token per MoE layer, mean / max (validation target tokens):',
       '',
       '| variant | ' + ' | '.join(f'layer {i}' for i in layers) + ' | train trunc rate |',
       '|---|' + '---:|' * (len(layers) + 1),
     ]
     for name, row in moe_rows.items():
-      cells = [_fmt(row['layer_mean_k'].get(i), '.2f') for i in layers]
+      cells = [
+        f'{_fmt(row["layer_mean_k"].get(i), ".2f")} / {_fmt(row["layer_max_k"].get(i), ".0f")}'
+        for i in layers
+      ]
       lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {_fmt(row["trunc_rate"], ".3f")} |')
+    lines += [
+      '',
+      "Spearman rank correlation between a target token's loss and its number of experts, per "
+      'layer (– : undefined, the number of experts is constant):',
+      '',
+      '| variant | tokens | ' + ' | '.join(f'layer {i}' for i in layers) + ' |',
+      '|---|---|' + '---:|' * len(layers),
+    ]
+    for name, row in moe_rows.items():
+      for task, rhos in row['layer_spearman'].items():
+        cells = [_fmt(rhos.get(i), '.3f') for i in layers]
+        lines.append(f'| {name} | {task} | ' + ' | '.join(cells) + ' |')
   mc_tasks = sorted(
     {k.removeprefix('acc/') for r in rows.values() for k in r['eval'] if k.startswith('acc/')}
   )
@@ -170,6 +262,24 @@ def plot_mean_k(rows: dict, workdir: str) -> list[str]:
   ax.legend()
   paths.append(os.path.join(workdir, 'mean_k_over_steps.png'))
   fig.savefig(paths[-1], dpi=100, bbox_inches='tight')
+
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
+  for name, row in moe_rows.items():
+    for task, rhos in row['layer_spearman'].items():
+      if rhos:
+        layers = sorted(rhos)
+        style = dict(linewidth=2.5, color='k') if task == 'all' else {}
+        ax.plot(layers, [rhos[i] for i in layers], marker='o', label=f'{name} {task}', **style)
+  ax.axhline(0.0, color='grey', linewidth=0.8)
+  ax.set(
+    title='token loss vs experts selected (Spearman)', xlabel='layer', ylabel='rank correlation'
+  )
+  ax.grid(alpha=0.3)
+  if ax.lines[1:]:  # the zero line is always there
+    ax.legend(fontsize=7)
+  paths.append(os.path.join(workdir, 'loss_k_spearman.png'))
+  fig.savefig(paths[-1], dpi=100, bbox_inches='tight')
   return paths
 
 
@@ -181,7 +291,8 @@ def run(config, workdir: str) -> dict:
   rules = config.parallel.rules
   lm_eval = LMEvaluator(data.eval_batches, data.task_names, mesh=mesh, rules=rules)
   moe_eval = MoEStatsEvaluator(data.eval_batches, data.task_names, mesh=mesh, rules=rules)
-  evaluators = [lm_eval, moe_eval]
+  token_eval = TokenLossExperts(data.eval_batches, data.task_names, mesh=mesh, rules=rules)
+  evaluators = [lm_eval, moe_eval, token_eval]
   if config.mc_eval.tasks:
     evaluators.append(
       build_mc_evaluator(
@@ -214,10 +325,11 @@ def run(config, workdir: str) -> dict:
     train_records = [r for r in records if 'aux/mean_k' in r]
     rows[name] = {
       'eval': {k: v for k, v in ev.items() if not isinstance(v, list)},
-      'layer_mean_k': {
-        int(k.split('/')[1].removeprefix('layer')): v
-        for k, v in ev.items()
-        if k.startswith('moe/layer') and k.endswith('/mean_k')
+      'layer_mean_k': layer_values(ev, 'mean_k'),
+      'layer_max_k': layer_values(ev, 'max_k'),
+      'layer_spearman': {
+        task: layer_values(ev, 'loss_k_spearman' + ('' if task == 'all' else f'/{task}'))
+        for task in ('all', *data.task_names)
       },
       'mean_k_curve': [(r['step'], r['aux/mean_k']) for r in train_records],
       'trunc_rate': train_records[-1].get('aux/trunc_rate') if train_records else None,

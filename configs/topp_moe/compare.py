@@ -92,10 +92,11 @@ def get_config(arg=None):
       remat='dots',
     )
   )
-  # Options shared by every MoE variant (`model.mlp_options`, see kuaijax.models.moe); k_max None
-  # -> min(E, 4) Top-P slots, dispatch 'auto' -> the fastest exact strategy of the backend.
+  # Options shared by every MoE variant (`model.mlp_options`, kuaijax.models.moe.MoEConfig):
+  # k_max 0 = uncapped Top-P (the paper; k_max > 0 caps experts per token, counted as truncation);
+  # dispatch 'auto' = the faster exact strategy of the backend (never all experts for Top-P).
   config.moe_layer = ml_collections.ConfigDict(
-    dict(num_experts=16, expert_d_ff=2816, dispatch='auto', k_max=None), type_safe=False
+    dict(num_experts=16, expert_d_ff=2816, dispatch='auto', k_max=0)
   )
   config.moe_loss = ml_collections.ConfigDict(
     dict(balance_weight=1e-2, entropy_weight=1e-4, z_loss_weight=0.0, aux_reduce='mean')
