@@ -30,8 +30,7 @@ from matplotlib.figure import Figure
 
 from kuaijax import routing as routing_lib
 from kuaijax.models import moe
-from kuaijax.train.trainer import write_results
-from pallas_kernels.common import markdown_table
+from pallas_kernels.common import markdown_table, write_report
 
 DENSE_EQUIVALENT = 'dense SwiGLU, same active FLOPs'
 ORIGINAL = 'original Dynamic_MoE loop (JAX)'
@@ -286,9 +285,8 @@ def run(config, workdir: str) -> dict:
   table = header + markdown_table(rows, columns)
   table += '\nCost vs mean k (uncapped, dispatch auto, p sweep):\n\n'
   table += markdown_table(sweep_rows, ['case', 'p', 'mean_k', 'max_k', 'fwd+bwd ms', 'us_per_pair'])
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
+  if jax.process_index() == 0:  # no trainer imports: runs where grain / tfds are not installed
+    write_report(workdir, 'results', payload, table)
     plot_cost(payload['cases'], os.path.join(workdir, 'cost_vs_mean_k.png'))
-  write_results(workdir, payload, table)
   print(table)
   return payload
