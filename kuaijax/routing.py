@@ -112,8 +112,10 @@ def expert_load(expert_ids, num_experts: int, *, mask=None) -> jax.Array:
   ids = jnp.asarray(expert_ids).reshape(-1, jnp.shape(expert_ids)[-1])
   m = jnp.ones(ids.shape[:1], jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
   m = m.reshape(-1)
-  load = jnp.zeros((num_experts,), jnp.float32).at[ids].add(
-    jnp.broadcast_to(m[:, None], ids.shape), mode='drop'
+  load = (
+    jnp.zeros((num_experts,), jnp.float32)
+    .at[ids]
+    .add(jnp.broadcast_to(m[:, None], ids.shape), mode='drop')
   )
   return load / jnp.maximum(jnp.sum(m), 1.0)
 
