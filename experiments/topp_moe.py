@@ -231,56 +231,63 @@ def results_tables(rows: dict, task_names, title: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _save(ax, path: str, **title_and_labels) -> str:
+  fig = ax.figure
+  ax.set(**title_and_labels)
+  ax.grid(alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
+  fig.savefig(path, dpi=100, bbox_inches='tight')
+  return path
+
+
 def plot_mean_k(rows: dict, workdir: str) -> list[str]:
-  """mean_k_per_layer.png (validation) and mean_k_over_steps.png (training logs).
+  """mean_k_per_layer.png (validation), mean_k_over_steps.png (training logs) and
+  loss_k_spearman.png (token loss vs experts selected, per layer and task).
 
   Uses matplotlib's Figure directly (no pyplot), so no GUI backend is needed or changed.
   """
   moe_rows = {n: r for n, r in rows.items() if r['layer_mean_k']}
   if not moe_rows:
     return []
-  paths = []
-  fig = Figure(figsize=(6, 4))
-  ax = fig.subplots()
+  axes = {name: Figure(figsize=(6, 4)).subplots() for name in ('layer', 'steps', 'rho')}
   for name, row in moe_rows.items():
     layers = sorted(row['layer_mean_k'])
-    ax.plot(layers, [row['layer_mean_k'][i] for i in layers], marker='o', label=name)
-    ax.set_xticks(layers)
-  ax.set(title='experts per token by layer (validation)', xlabel='layer', ylabel='mean k')
-  ax.grid(alpha=0.3)
-  ax.legend()
-  paths.append(os.path.join(workdir, 'mean_k_per_layer.png'))
-  fig.savefig(paths[-1], dpi=100, bbox_inches='tight')
-
-  fig = Figure(figsize=(6, 4))
-  ax = fig.subplots()
-  for name, row in moe_rows.items():
+    axes['layer'].plot(layers, [row['layer_mean_k'][i] for i in layers], marker='o', label=name)
+    axes['layer'].set_xticks(layers)
     steps, values = zip(*row['mean_k_curve']) if row['mean_k_curve'] else ((), ())
-    ax.plot(steps, values, marker='.', label=name)
-  ax.set(title='experts per token during training', xlabel='step', ylabel='mean k (all layers)')
-  ax.grid(alpha=0.3)
-  ax.legend()
-  paths.append(os.path.join(workdir, 'mean_k_over_steps.png'))
-  fig.savefig(paths[-1], dpi=100, bbox_inches='tight')
-
-  fig = Figure(figsize=(6, 4))
-  ax = fig.subplots()
-  for name, row in moe_rows.items():
+    axes['steps'].plot(steps, values, marker='.', label=name)
     for task, rhos in row['layer_spearman'].items():
       if rhos:
         layers = sorted(rhos)
         style = dict(linewidth=2.5, color='k') if task == 'all' else {}
-        ax.plot(layers, [rhos[i] for i in layers], marker='o', label=f'{name} {task}', **style)
-  ax.axhline(0.0, color='grey', linewidth=0.8)
-  ax.set(
-    title='token loss vs experts selected (Spearman)', xlabel='layer', ylabel='rank correlation'
-  )
-  ax.grid(alpha=0.3)
-  if ax.lines[1:]:  # the zero line is always there
-    ax.legend(fontsize=7)
-  paths.append(os.path.join(workdir, 'loss_k_spearman.png'))
-  fig.savefig(paths[-1], dpi=100, bbox_inches='tight')
-  return paths
+        values = [rhos[i] for i in layers]
+        axes['rho'].plot(layers, values, marker='o', label=f'{name} {task}', **style)
+  axes['rho'].axhline(0.0, color='grey', linewidth=0.8)
+  path = lambda name: os.path.join(workdir, name)
+  return [
+    _save(
+      axes['layer'],
+      path('mean_k_per_layer.png'),
+      title='experts per token by layer (validation)',
+      xlabel='layer',
+      ylabel='mean k',
+    ),
+    _save(
+      axes['steps'],
+      path('mean_k_over_steps.png'),
+      title='experts per token during training',
+      xlabel='step',
+      ylabel='mean k (all layers)',
+    ),
+    _save(
+      axes['rho'],
+      path('loss_k_spearman.png'),
+      title='token loss vs experts selected (Spearman)',
+      xlabel='layer',
+      ylabel='rank correlation',
+    ),
+  ]
 
 
 def run(config, workdir: str) -> dict:
