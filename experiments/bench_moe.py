@@ -1,13 +1,18 @@
-"""MoE FFN forward+backward time over a dense SwiGLU MLP with the same active FLOPs, side by side.
+"""Does Top-P MoE cost what it activates? The MoE FFN fwd+bwd, side by side in one process.
 
-For Top-2 and for Top-P (router scale calibrated so the mean experts per token is near
-`bench.target_mean_k`; the measured mean k is reported), every dispatch strategy of
-`kuaijax.models.moe.moe_ffn` ('auto', 'dense' = every expert on every token, 'capacity', 'dropless')
-and a 'dropless' baseline whose grouped matmul is plain `jax.lax.ragged_dot` are timed as
-jit(grad) of sum(y * cotangent) w.r.t. (x, router_w, w1, w3, w2). The reference is a dense
-SwiGLU of width round(mean_k * f) timed the same way. Timings are interleaved (one call of each
-variant per round, median over rounds) so machine load hits every variant alike.
-Writes results.json, results.md and times.png (the ratios as bars) into the workdir.
+For each case of `bench.cases` (E experts of width f, optional shared experts) the router is scaled
+so that uncapped Top-P (p = bench.p) selects about `target_mean_k` experts per token, and these
+are timed as jit(grad) of sum(y * cotangent) w.r.t. (x, router_w, w1, w3, w2[, shared]):
+- Top-P with k_max = 2, 4, ceil(max selected) and E (uncapped), dispatch 'auto';
+- the uncapped layer with each of `bench.dispatches` (e.g. 'dropless', 'dense' = all experts);
+- the original Dynamic_MoE layer's algorithm re-implemented in JAX (`original_loop`: a loop over
+  experts, each gathering its tokens, running its SwiGLU and index-adding the weighted output);
+- a dense SwiGLU whose width (mean k + shared) * f gives the same active FLOPs.
+Then a p sweep of the uncapped 'auto' layer: time and time per selected (token, expert) pair vs
+the mean k (cost_vs_mean_k.png). Timings are interleaved (one call of each variant per round,
+median over rounds) so machine load hits every variant alike; on CPU the clock is the process CPU
+time (all threads), steadier than wall time on a shared machine; on GPU/TPU wall time.
+Writes results.json, results.md and cost_vs_mean_k.png into the workdir.
 """
 
 from __future__ import annotations
@@ -21,158 +26,267 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from matplotlib.figure import Figure
 
-from kuaijax import plotting
+from kuaijax import routing as routing_lib
 from kuaijax.models import moe
-from kuaijax.train.trainer import write_results
-from pallas_kernels.common import markdown_table
+from pallas_kernels.common import markdown_table, write_report
+
+DENSE_EQUIVALENT = 'dense SwiGLU, same active FLOPs'
+ORIGINAL = 'original Dynamic_MoE loop (JAX)'
 
 
-def _ragged_dot(lhs, rhs, group_sizes):
-  return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+def top_p_assignments(probs: np.ndarray, p: float):
+  """Per expert, the (token, slot) pairs that select it: the original code's `torch.where`.
+
+  Sorted descending, an expert is kept while the inclusive cumsum minus itself is <= p (the
+  original's `cumsum > p` mask with the crossing expert re-admitted: the same set).
+  """
+  order = np.argsort(-probs, axis=-1, kind='stable')
+  sorted_p = np.take_along_axis(probs, order, axis=-1)
+  keep = np.cumsum(sorted_p, axis=-1) - sorted_p <= p
+  tokens, slots = [], []
+  for e in range(probs.shape[1]):
+    t, s = np.nonzero(keep & (order == e))
+    tokens.append(t.astype(np.int32))
+    slots.append(s.astype(np.int32))
+  return tokens, slots
 
 
-def calibrate_router_scale(x, router_dir, *, p: float, k_max: int, target: float) -> float:
-  """Scale s of the router weights whose Top-P mean experts per token is closest to `target`."""
+def original_loop(x, router_w, w1, w3, w2, *shared, p, tokens, slots):
+  """The original PyTorch layer (SwitchMLP) in JAX: loop over experts with their own token lists.
+
+  Index lists come from `top_p_assignments` on the host (the original finds them on device with
+  a host sync per expert; here they are constants of the compiled program, which favours it).
+  """
+  logits = x.astype(jnp.float32) @ router_w.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  sorted_p, _ = jax.lax.top_k(probs, probs.shape[1])
+  routing_weights = jnp.where(jnp.cumsum(sorted_p, axis=-1) - sorted_p <= p, sorted_p, 0.0)
+  y = jnp.zeros(x.shape, jnp.float32)
+  for e, (idx, top) in enumerate(zip(tokens, slots)):
+    out = moe.swiglu(x[idx], w1[e], w3[e], w2[e]) * routing_weights[idx, top, None]
+    y = y.at[idx].add(out.astype(jnp.float32))
+  y = y.astype(x.dtype)
+  return y + moe.swiglu(x, *shared) if shared else y
+
+
+def calibrate_router_scale(probs_of, *, p: float, target: float) -> float:
+  """Scale s of the router whose uncapped Top-P mean experts per token is closest to `target`."""
 
   @jax.jit
   def mean_k(scale):
-    _, _, _, ids, _ = moe.route(
-      x, scale * router_dir, routing_name='top_p', p=p, k=1, k_max=k_max, renormalize=False
-    )
-    return jnp.mean(jnp.sum(ids < router_dir.shape[1], axis=-1))
+    weights, _ = routing_lib.top_p(probs_of(scale), p=p)
+    return jnp.mean(jnp.sum(weights > 0, axis=-1))
 
   lo, hi = 0.0, 64.0  # mean k falls as the logits sharpen
-  for _ in range(24):
+  for _ in range(20):
     mid = 0.5 * (lo + hi)
-    if float(mean_k(mid)) > target:
-      lo = mid
-    else:
-      hi = mid
+    lo, hi = (mid, hi) if float(mean_k(mid)) > target else (lo, mid)
   return 0.5 * (lo + hi)
 
 
-def _interleaved_times(fns: dict, args: dict, rounds: int) -> dict:
+def _clock(kind: str):
+  return time.process_time if kind == 'cpu' else time.perf_counter
+
+
+def interleaved_times(fns: dict, args: dict, rounds: int, clock: str) -> dict:
+  """Median seconds per call of each fn, one call of each per round (compiled + warmed first)."""
+  now = _clock(clock)
   for name, fn in fns.items():
-    jax.block_until_ready(fn(*args[name]))  # compile + warm up
+    logging.info('bench_moe: compiling %s', name)
+    jax.block_until_ready(fn(*args[name]))
   times = {name: [] for name in fns}
   for _ in range(rounds):
     for name, fn in fns.items():
-      start = time.perf_counter()
+      start = now()
       jax.block_until_ready(fn(*args[name]))
-      times[name].append(time.perf_counter() - start)
+      times[name].append(now() - start)
   return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _grad_fn(fn, cotangent, num_args):
+  def loss(*params):
+    return jnp.sum((fn(*params) * cotangent).astype(jnp.float32))
+
+  return jax.jit(jax.grad(loss, argnums=tuple(range(num_args))))
+
+
+def bench_case(name, case, b, dtype, clock):
+  """The k_max / strategy / baseline table of one case and its p sweep."""
+  tokens, d = b.tokens, b.d_model
+  e, f, ns = case['num_experts'], case['d_ff'], case['num_shared_experts']
+  keys = jax.random.split(jax.random.key(b.seed), 9)
+  x = jax.random.normal(keys[0], (tokens, d), dtype)
+  router_dir = jax.random.normal(keys[1], (d, e), jnp.float32) / np.sqrt(d)
+  w1 = (jax.random.normal(keys[2], (e, d, f)) / np.sqrt(d)).astype(dtype)
+  w3 = (jax.random.normal(keys[3], (e, d, f)) / np.sqrt(d)).astype(dtype)
+  w2 = (jax.random.normal(keys[4], (e, f, d)) / np.sqrt(f)).astype(dtype)
+  shared = ()
+  if ns:
+    fs = ns * f
+    shared = (
+      (jax.random.normal(keys[5], (d, fs)) / np.sqrt(d)).astype(dtype),
+      (jax.random.normal(keys[6], (d, fs)) / np.sqrt(d)).astype(dtype),
+      (jax.random.normal(keys[7], (fs, d)) / np.sqrt(fs)).astype(dtype),
+    )
+  cotangent = jax.random.normal(keys[8], (tokens, d), dtype)
+  logits_dir = x.astype(jnp.float32) @ router_dir
+  scale = calibrate_router_scale(
+    lambda s: jax.nn.softmax(s * logits_dir, axis=-1), p=b.p, target=case['target_mean_k']
+  )
+  router_w = scale * router_dir
+  params = (x, router_w, w1, w3, w2, *shared)
+
+  def layer(**options):
+    options = {'p': b.p, **options}
+    cfg = moe.MoEConfig(
+      num_experts=e, num_shared_experts=ns, gmm_implementation=b.gmm_implementation, **options
+    )
+    return functools.partial(_apply, cfg=cfg), cfg
+
+  def routing_stats(cfg):
+    return jax.jit(lambda *a: moe.moe_ffn(*a[:5], cfg)[1])(*params)
+
+  aux = routing_stats(layer()[1])
+  mean_k, max_k = float(aux['mean_k']), int(aux['max_k'])
+  fns, args, info = {}, {}, {}
+  for k_max in sorted({2, 4, max_k, e}):
+    label = f'k_max={k_max}' + (' (uncapped)' if k_max == e else '')
+    label += ' = ceil(max selected)' if k_max == max_k else ''
+    fn, cfg = layer(k_max=0 if k_max == e else k_max)
+    fns[label], args[label] = _grad_fn(fn, cotangent, len(params)), params
+    a = aux if k_max == e else routing_stats(cfg)
+    info[label] = dict(mean_k=float(a['mean_k']), strategy=cfg.strategy, k_max=k_max)
+  uncapped_label = next(k for k in info if 'uncapped' in k)
+  max_label = next(k for k in info if 'max selected' in k)
+  for dispatch in b.dispatches.split(','):
+    label = f'uncapped, dispatch={dispatch}'
+    fn, cfg = layer(dispatch=dispatch)
+    fns[label], args[label] = _grad_fn(fn, cotangent, len(params)), params
+    info[label] = dict(mean_k=mean_k, strategy=cfg.strategy, k_max=e)
+  probs = np.asarray(jax.nn.softmax(x.astype(jnp.float32) @ router_w, axis=-1))
+  tok_lists, slot_lists = top_p_assignments(probs, b.p)
+  loop = functools.partial(original_loop, p=b.p, tokens=tok_lists, slots=slot_lists)
+  fns[ORIGINAL], args[ORIGINAL] = _grad_fn(loop, cotangent, len(params)), params
+  info[ORIGINAL] = dict(mean_k=mean_k, strategy='loop over experts', k_max=e)
+  width = max(1, round((mean_k + ns) * f))
+  dense_w = (
+    (jax.random.normal(keys[5], (d, width)) / np.sqrt(d)).astype(dtype),
+    (jax.random.normal(keys[6], (d, width)) / np.sqrt(d)).astype(dtype),
+    (jax.random.normal(keys[7], (width, d)) / np.sqrt(width)).astype(dtype),
+  )
+  fns[DENSE_EQUIVALENT] = _grad_fn(moe.swiglu, cotangent, 4)
+  args[DENSE_EQUIVALENT] = (x, *dense_w)
+  info[DENSE_EQUIVALENT] = dict(mean_k=mean_k, strategy=f'width {width}', k_max=0)
+  logging.info(
+    'bench_moe: %s, mean k %.3f, max k %d: timing %d variants', name, mean_k, max_k, len(fns)
+  )
+  times = interleaved_times(fns, args, b.rounds, clock)
+  base = times[DENSE_EQUIVALENT]
+  rows = []
+  for label, t in times.items():
+    pairs = tokens * info[label]['mean_k']
+    info[label].update(seconds=t, vs_dense=t / base)
+    rows.append(
+      {
+        'case': name,
+        'variant': label,
+        'dispatch': info[label]['strategy'],
+        'mean k': info[label]['mean_k'],
+        'fwd+bwd ms': 1e3 * t,
+        'x dense equal FLOPs': t / base,
+        'x original loop': t / times[ORIGINAL],
+        'us per selected pair': 1e6 * t / pairs,
+      }
+    )
+  summary = dict(
+    mean_k=mean_k,
+    max_k=max_k,
+    router_scale=scale,
+    dense_width=width,
+    uncapped_vs_kmax_ceil_max=times[uncapped_label] / times[max_label],
+    uncapped_vs_original=times[uncapped_label] / times[ORIGINAL],
+    uncapped_vs_dense=times[uncapped_label] / base,
+    variants=info,
+  )
+
+  sweep = []
+  sweep_fns, sweep_args = {}, {}
+  for p in b.sweep_p:
+    fn, cfg = layer(p=p)
+    sweep_fns[p], sweep_args[p] = _grad_fn(fn, cotangent, len(params)), params
+    a = routing_stats(cfg)
+    sweep.append(dict(p=p, mean_k=float(a['mean_k']), max_k=int(a['max_k'])))
+  sweep_times = interleaved_times(sweep_fns, sweep_args, b.rounds, clock)
+  for row in sweep:
+    t = sweep_times[row['p']]
+    row.update(seconds=t, us_per_pair=1e6 * t / (tokens * row['mean_k']))
+  summary['p_sweep'] = sweep
+  return rows, summary
+
+
+def _apply(x, router_w, w1, w3, w2, *shared, cfg):
+  return moe.moe_ffn(x, router_w, w1, w3, w2, cfg, shared=shared or None)[0]
+
+
+def plot_cost(summaries: dict, path: str) -> None:
+  """Time and time per selected pair vs mean k over the p sweep, one panel per case."""
+  fig = Figure(figsize=(5 * len(summaries), 4))
+  axes = fig.subplots(1, len(summaries), squeeze=False)[0]
+  for ax, (name, s) in zip(axes, summaries.items()):
+    ks = [r['mean_k'] for r in s['p_sweep']]
+    ax.plot(ks, [1e3 * r['seconds'] for r in s['p_sweep']], marker='o', label='fwd+bwd ms')
+    for r in s['p_sweep']:
+      ax.annotate(f'p={r["p"]}', (r['mean_k'], 1e3 * r['seconds']), fontsize=7)
+    ax.set(title=f'{name}: cost vs experts selected', xlabel='mean k', ylabel='ms')
+    ax.set_ylim(bottom=0)
+    ax.set_xlim(left=0)
+    twin = ax.twinx()
+    twin.plot(ks, [r['us_per_pair'] for r in s['p_sweep']], marker='s', color='C1')
+    twin.set_ylabel('us per selected pair', color='C1')
+    twin.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+  fig.savefig(path, dpi=100, bbox_inches='tight')
 
 
 def run(config, workdir: str) -> dict:
   b = config.bench
   dtype = jnp.dtype(b.dtype)
-  tokens, d, f, num_experts = b.tokens, b.d_model, b.d_ff, b.num_experts
-  keys = jax.random.split(jax.random.key(b.seed), 8)
-  x = jax.random.normal(keys[0], (tokens, d), dtype)
-  router_dir = jax.random.normal(keys[1], (d, num_experts), jnp.float32) / np.sqrt(d)
-  std = 1.0 / np.sqrt(d)
-  w1 = (std * jax.random.normal(keys[2], (num_experts, d, f))).astype(dtype)
-  w3 = (std * jax.random.normal(keys[3], (num_experts, d, f))).astype(dtype)
-  w2 = (jax.random.normal(keys[4], (num_experts, f, d)) / np.sqrt(f)).astype(dtype)
-  cotangent = jax.random.normal(keys[5], (tokens, d), dtype)
-
-  settings = {
-    'top_k': dict(routing='top_k', k=b.k, router_w=router_dir),
-    'top_p': dict(
-      routing='top_p',
-      p=b.p,
-      k_max=b.k_max,
-      router_w=calibrate_router_scale(x, router_dir, p=b.p, k_max=b.k_max, target=b.target_mean_k)
-      * router_dir,
-    ),
+  backend = jax.default_backend()
+  clock = b.clock if b.clock != 'auto' else ('cpu' if backend == 'cpu' else 'wall')
+  payload = {
+    'device': jax.devices()[0].device_kind,
+    'backend': backend,
+    'clock': clock,
+    'tokens': b.tokens,
+    'd_model': b.d_model,
+    'p': b.p,
+    'dtype': b.dtype,
+    'rounds': b.rounds,
+    'cases': {},
   }
-  variants = {
-    'auto': dict(dispatch='auto'),
-    'dense (all experts)': dict(dispatch='dense'),
-    'capacity': dict(dispatch='capacity', capacity_factor=b.capacity_factor),
-    'dropless (gmm)': dict(dispatch='dropless'),
-    'dropless (ragged_dot)': dict(dispatch='dropless', grouped_matmul=_ragged_dot),
-  }
-  rows, payload = (
-    [],
-    {
-      'device': jax.devices()[0].device_kind,
-      'backend': jax.default_backend(),
-      'tokens': tokens,
-      'd_model': d,
-      'd_ff': f,
-      'num_experts': num_experts,
-      'dtype': b.dtype,
-      'rounds': b.rounds,
-      'settings': {},
-    },
-  )
-  for setting, opts in settings.items():
-    opts = dict(opts)
-    router_w = opts.pop('router_w')
-    _, aux = jax.jit(functools.partial(moe.moe_ffn, dispatch='dense', **opts))(
-      x, router_w, w1, w3, w2
-    )
-    mean_k = float(aux['mean_k'])
-    width = max(1, round(mean_k * f))
-    dense_w = [
-      (std * jax.random.normal(keys[6], (d, width))).astype(dtype),
-      (std * jax.random.normal(keys[7], (d, width))).astype(dtype),
-      (jax.random.normal(keys[6], (width, d)) / np.sqrt(width)).astype(dtype),
-    ]
-
-    def grad_of(fn, num_args):
-      def loss(*params):
-        return jnp.sum((fn(*params) * cotangent).astype(jnp.float32))
-
-      return jax.jit(jax.grad(loss, argnums=tuple(range(num_args))))
-
-    fns, args = {'dense SwiGLU (same active FLOPs)': grad_of(moe.swiglu, 4)}, {}
-    args['dense SwiGLU (same active FLOPs)'] = (x, *dense_w)
-    drop_rates = {}
-    for name, v in variants.items():
-      call = functools.partial(moe.moe_ffn, **opts, **v)
-      fns[name] = grad_of(lambda *a, call=call: call(*a)[0], 5)
-      args[name] = (x, router_w, w1, w3, w2)
-      drop_rates[name] = float(jax.jit(call)(x, router_w, w1, w3, w2)[1]['drop_rate'])
-    logging.info('bench_moe: timing %d variants of %s (mean k %.3f)', len(fns), setting, mean_k)
-    times = _interleaved_times(fns, args, b.rounds)
-    base = times['dense SwiGLU (same active FLOPs)']
-    resolved = moe.resolve_dispatch('auto', num_experts, b.k if setting == 'top_k' else b.k_max)
-    info = {'mean_k': mean_k, 'max_k': float(aux['max_k']), 'dense_width': width, 'times_s': {}}
-    for name, t in times.items():
-      ratio = t / base
-      info['times_s'][name] = t
-      rows.append(
-        {
-          'routing': setting,
-          'mean k': f'{mean_k:.3f}',
-          'variant': name + (f' -> {resolved}' if name == 'auto' else ''),
-          'fwd+bwd ms': 1e3 * t,
-          'x dense-equivalent': ratio,
-          'drop rate': drop_rates.get(name, 0.0),
-        }
-      )
-    info['ratios'] = {name: t / base for name, t in times.items()}
-    info['auto_resolves_to'] = resolved
-    info['drop_rates'] = drop_rates
-    payload['settings'][setting] = info
-  columns = ['routing', 'mean k', 'variant', 'fwd+bwd ms', 'x dense-equivalent', 'drop rate']
+  rows = []
+  for name in b.run_cases.split(','):
+    case_rows, summary = bench_case(name, b.cases[name].to_dict(), b, dtype, clock)
+    rows += case_rows
+    payload['cases'][name] = summary
+  columns = ['case', 'variant', 'dispatch', 'mean k', 'fwd+bwd ms', 'x dense equal FLOPs']
+  columns += ['x original loop', 'us per selected pair']
+  sweep_rows = [
+    {'case': n, **{k: v for k, v in r.items() if k != 'seconds'}, 'fwd+bwd ms': 1e3 * r['seconds']}
+    for n, s in payload['cases'].items()
+    for r in s['p_sweep']
+  ]
   header = (
-    f'MoE FFN fwd+bwd on {payload["device"]} ({payload["backend"]}): T={tokens}, d={d}, f={f}, '
-    f'E={num_experts}, {b.dtype}; Top-P p={b.p}, k_max={b.k_max}; capacity_factor='
-    f'{b.capacity_factor}; median of {b.rounds} interleaved rounds.\n\n'
+    f'MoE FFN fwd+bwd on {payload["device"]} ({backend}, {clock} clock): T={b.tokens}, '
+    f'd={b.d_model}, {b.dtype}, Top-P p={b.p}; median of {b.rounds} interleaved rounds.\n\n'
   )
   table = header + markdown_table(rows, columns)
-  os.makedirs(workdir, exist_ok=True)
-  plotting.write_bar_chart(
-    workdir,
-    'times.png',
-    {s: info['ratios'] for s, info in payload['settings'].items()},
-    title=f'MoE FFN fwd+bwd time on {payload["device"]}',
-    xlabel='x the dense SwiGLU of equal active FLOPs',
-  )
-  write_results(workdir, payload, table)
+  table += '\nCost vs mean k (uncapped, dispatch auto, p sweep):\n\n'
+  table += markdown_table(sweep_rows, ['case', 'p', 'mean_k', 'max_k', 'fwd+bwd ms', 'us_per_pair'])
+  if jax.process_index() == 0:  # no trainer imports: runs where grain / tfds are not installed
+    write_report(workdir, 'results', payload, table)
+    plot_cost(payload['cases'], os.path.join(workdir, 'cost_vs_mean_k.png'))
   print(table)
   return payload

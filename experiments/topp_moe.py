@@ -4,12 +4,14 @@ Every variant in `config.run_variants` is the base `config.model` updated by
 `config.variants[name]` (MoE variants: `mlp='moe'` and `mlp_options` on top of `config.moe_layer`),
 trained with the same data order, steps, batch and optimizer into `workdir/<name>/` (each resumes
 on its own), and scored on the same evaluation batches: validation loss per task, experts per
-token per task and per layer (`kuaijax.evals.moe_stats`), activated parameters. The MoE auxiliary
-losses enter with the weights of `config.moe_loss` (paper: balance 1e-2, entropy 1e-4), averaged or
-summed over layers.
+token per task and per layer (`kuaijax.evals.moe_stats`), activated parameters, and the paper's
+"harder -> more experts" at token level: per MoE layer and task, the Spearman rank correlation
+between a target token's loss under the model and the number of experts it selected
+(the `moe_token_loss` evaluator). The MoE auxiliary losses enter with the weights of `config.moe_loss` (paper:
+balance 1e-2, entropy 1e-4), averaged or summed over layers.
 
-Writes results.json, results.md (the tables), loss_curves.png, mean_k_per_layer.png and
-mean_k_over_steps.png.
+Writes results.json, results.md (the tables), loss_curves.png, mean_k_per_layer.png,
+mean_k_over_steps.png and loss_k_spearman.png.
 """
 
 from __future__ import annotations
@@ -46,15 +48,23 @@ def variant_config(config, name: str):
   layer_options = overrides.pop('mlp_options', {})
   model.update(overrides)
   if model['mlp'] == 'moe':
-    shared = config.moe_layer.to_dict()
-    if shared['k_max'] == 0:  # the config's "no cap" (None cannot be set from the command line)
-      shared['k_max'] = shared['num_experts']
-    model['mlp_options'] = {**shared, **layer_options}
+    model['mlp_options'] = {**config.moe_layer.to_dict(), **layer_options}
   elif layer_options:
     raise ValueError(f'variants.{name}.mlp_options is set but variants.{name}.mlp is not "moe"')
   with sub.unlocked():
     sub.model = model
   return sub
+
+
+def layer_values(ev: dict, name: str) -> dict:
+  """{layer index: ev['moe/layer{i}/<name>']} over the MoE layers that report it."""
+  out = {}
+  for key, value in ev.items():
+    head, _, rest = key.partition('/')
+    layer, _, metric = rest.partition('/')
+    if head == 'moe' and layer.startswith('layer') and metric == name:
+      out[int(layer.removeprefix('layer'))] = value
+  return out
 
 
 def aux_weights(moe_loss) -> dict:
@@ -114,14 +124,29 @@ def results_tables(rows: dict, task_names, title: str) -> str:
     layers = sorted({layer for r in moe_rows.values() for layer in r['layer_mean_k']})
     lines += [
       '',
-      'Mean experts per token per MoE layer (validation target tokens):',
+      'Experts per token per MoE layer, mean / max (validation target tokens):',
       '',
       '| variant | ' + ' | '.join(f'layer {i}' for i in layers) + ' | train trunc rate |',
       '|---|' + '---:|' * (len(layers) + 1),
     ]
     for name, row in moe_rows.items():
-      cells = [_fmt(row['layer_mean_k'].get(i), '.2f') for i in layers]
+      cells = [
+        f'{_fmt(row["layer_mean_k"].get(i), ".2f")} / {_fmt(row["layer_max_k"].get(i), ".0f")}'
+        for i in layers
+      ]
       lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {_fmt(row["trunc_rate"], ".3f")} |')
+    lines += [
+      '',
+      "Spearman rank correlation between a target token's loss and its number of experts, per "
+      'layer (– : undefined, the number of experts is constant):',
+      '',
+      '| variant | tokens | ' + ' | '.join(f'layer {i}' for i in layers) + ' |',
+      '|---|---|' + '---:|' * len(layers),
+    ]
+    for name, row in moe_rows.items():
+      for task, rhos in row['layer_spearman'].items():
+        cells = [_fmt(rhos.get(i), '.3f') for i in layers]
+        lines.append(f'| {name} | {task} | ' + ' | '.join(cells) + ' |')
   mc_tasks = sorted(
     {k.removeprefix('acc/') for r in rows.values() for k in r['eval'] if k.startswith('acc/')}
   )
@@ -140,38 +165,63 @@ def results_tables(rows: dict, task_names, title: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _save(ax, path: str, **title_and_labels) -> str:
+  fig = ax.figure
+  ax.set(**title_and_labels)
+  ax.grid(alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
+  fig.savefig(path, dpi=100, bbox_inches='tight')
+  return path
+
+
 def plot_mean_k(rows: dict, workdir: str) -> list[str]:
-  """mean_k_per_layer.png (validation) and mean_k_over_steps.png (training logs).
+  """mean_k_per_layer.png (validation), mean_k_over_steps.png (training logs) and
+  loss_k_spearman.png (token loss vs experts selected, per layer and task).
 
   Uses matplotlib's Figure directly (no pyplot), so no GUI backend is needed or changed.
   """
   moe_rows = {n: r for n, r in rows.items() if r['layer_mean_k']}
   if not moe_rows:
     return []
-  paths = []
-  fig = Figure(figsize=(6, 4))
-  ax = fig.subplots()
+  axes = {name: Figure(figsize=(6, 4)).subplots() for name in ('layer', 'steps', 'rho')}
   for name, row in moe_rows.items():
     layers = sorted(row['layer_mean_k'])
-    ax.plot(layers, [row['layer_mean_k'][i] for i in layers], marker='o', label=name)
-    ax.set_xticks(layers)
-  ax.set(title='experts per token by layer (validation)', xlabel='layer', ylabel='mean k')
-  ax.grid(alpha=0.3)
-  ax.legend()
-  paths.append(os.path.join(workdir, 'mean_k_per_layer.png'))
-  fig.savefig(paths[-1], dpi=100, bbox_inches='tight')
-
-  fig = Figure(figsize=(6, 4))
-  ax = fig.subplots()
-  for name, row in moe_rows.items():
+    axes['layer'].plot(layers, [row['layer_mean_k'][i] for i in layers], marker='o', label=name)
+    axes['layer'].set_xticks(layers)
     steps, values = zip(*row['mean_k_curve']) if row['mean_k_curve'] else ((), ())
-    ax.plot(steps, values, marker='.', label=name)
-  ax.set(title='experts per token during training', xlabel='step', ylabel='mean k (all layers)')
-  ax.grid(alpha=0.3)
-  ax.legend()
-  paths.append(os.path.join(workdir, 'mean_k_over_steps.png'))
-  fig.savefig(paths[-1], dpi=100, bbox_inches='tight')
-  return paths
+    axes['steps'].plot(steps, values, marker='.', label=name)
+    for task, rhos in row['layer_spearman'].items():
+      if rhos:
+        layers = sorted(rhos)
+        style = dict(linewidth=2.5, color='k') if task == 'all' else {}
+        values = [rhos[i] for i in layers]
+        axes['rho'].plot(layers, values, marker='o', label=f'{name} {task}', **style)
+  axes['rho'].axhline(0.0, color='grey', linewidth=0.8)
+  path = lambda name: os.path.join(workdir, name)
+  return [
+    _save(
+      axes['layer'],
+      path('mean_k_per_layer.png'),
+      title='experts per token by layer (validation)',
+      xlabel='layer',
+      ylabel='mean k',
+    ),
+    _save(
+      axes['steps'],
+      path('mean_k_over_steps.png'),
+      title='experts per token during training',
+      xlabel='step',
+      ylabel='mean k (all layers)',
+    ),
+    _save(
+      axes['rho'],
+      path('loss_k_spearman.png'),
+      title='token loss vs experts selected (Spearman)',
+      xlabel='layer',
+      ylabel='rank correlation',
+    ),
+  ]
 
 
 def run(config, workdir: str) -> dict:
@@ -199,10 +249,11 @@ def run(config, workdir: str) -> dict:
     train_records = [r for r in records if 'aux/mean_k' in r]
     rows[name] = {
       'eval': {k: v for k, v in ev.items() if not isinstance(v, list)},
-      'layer_mean_k': {
-        int(k.split('/')[1].removeprefix('layer')): v
-        for k, v in ev.items()
-        if k.startswith('moe/layer') and k.endswith('/mean_k')
+      'layer_mean_k': layer_values(ev, 'mean_k'),
+      'layer_max_k': layer_values(ev, 'max_k'),
+      'layer_spearman': {
+        task: layer_values(ev, 'loss_k_spearman' + ('' if task == 'all' else f'/{task}'))
+        for task in ('all', *data.task_names)
       },
       'mean_k_curve': [(r['step'], r['aux/mean_k']) for r in train_records],
       'trunc_rate': train_records[-1].get('aux/trunc_rate') if train_records else None,

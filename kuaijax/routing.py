@@ -5,7 +5,7 @@ Everything is computed in float32 whatever the input dtype. Probabilities are `[
 order (ties: lower expert id first). A slot that selects nothing carries weight 0 and the sentinel id
 `E`, so per-token variable expert counts fit static shapes.
 
-Top-P (dynamic routing, ../shared/specs/topp_moe.md): expert j in sorted order is kept iff the
+Top-P (dynamic routing, arXiv 2403.07652; experiments/topp_moe/README.md): expert j in sorted order is kept iff the
 *exclusive* cumulative probability of the experts before it is <= p. The top-1 expert is therefore
 always kept, and p = 1 keeps every expert. Weights are the raw probabilities (no renormalisation).
 
@@ -104,6 +104,22 @@ def assignment_counts(expert_ids: jax.Array, num_experts: int) -> jax.Array:
   return jnp.sum(jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32), axis=-2)
 
 
+def expert_load(expert_ids, num_experts: int, *, mask=None) -> jax.Array:
+  """Fraction of (masked) tokens that selected each expert, [E] float32 (sums to the mean k).
+
+  A scatter-add over the [M, K] selections (linear in K, unlike the [M, K, E] one-hot counts).
+  """
+  ids = jnp.asarray(expert_ids).reshape(-1, jnp.shape(expert_ids)[-1])
+  m = jnp.ones(ids.shape[:1], jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+  m = m.reshape(-1)
+  load = (
+    jnp.zeros((num_experts,), jnp.float32)
+    .at[ids]
+    .add(jnp.broadcast_to(m[:, None], ids.shape), mode='drop')
+  )
+  return load / jnp.maximum(jnp.sum(m), 1.0)
+
+
 def balance_loss(probs, expert_ids, *, mask=None) -> jax.Array:
   """The paper's load-balance loss `N * sum_i f_i * Q_i`.
 
@@ -112,7 +128,7 @@ def balance_loss(probs, expert_ids, *, mask=None) -> jax.Array:
   """
   probs = _probs_f32(probs)
   num_experts = probs.shape[-1]
-  f = _token_mean(assignment_counts(expert_ids, num_experts).reshape(-1, num_experts), mask)
+  f = expert_load(expert_ids, num_experts, mask=mask)
   q = _token_mean(probs.reshape(-1, num_experts), mask)
   return num_experts * jnp.sum(jax.lax.stop_gradient(f) * q)
 
@@ -141,15 +157,14 @@ def routing_stats(expert_ids, num_experts: int, *, truncated=None, mask=None) ->
   """
   expert_ids = jnp.asarray(expert_ids)
   num_slots = expert_ids.shape[-1]
-  counts = assignment_counts(expert_ids, num_experts)
-  per_token = jnp.sum(counts, axis=-1)
+  per_token = jnp.sum(expert_ids < num_experts, axis=-1).astype(jnp.float32)
   flat_k = per_token.reshape(-1)
   valid = jnp.ones_like(flat_k) if mask is None else jnp.asarray(mask, jnp.float32).reshape(-1)
   stats = {
     'mean_k': _token_mean(flat_k, mask),
     'max_k': jnp.max(jnp.where(valid > 0, flat_k, 0.0)),
     'k_hist': _token_mean(jax.nn.one_hot(flat_k.astype(jnp.int32), num_slots + 1), mask),
-    'expert_load': _token_mean(counts.reshape(-1, num_experts), mask),
+    'expert_load': expert_load(expert_ids, num_experts, mask=mask),
     'experts_per_token': per_token,
   }
   if truncated is not None:

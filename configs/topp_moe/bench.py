@@ -1,12 +1,14 @@
-"""MoE FFN dispatch benchmark: fwd+bwd time over a dense SwiGLU with the same active FLOPs.
+"""Top-P MoE layer cost vs the experts it activates (experiments/bench_moe.py).
 
-CPU (E=8, d=512, f=1024, 8192 tokens, float32; 6 min wall on 2 CPU cores in the recorded run):
+Cases: E=8 experts of width 1024, and fine-grained E=64 of width 128 with 2 shared experts
+(DeepSeekMoE style); T=8192 tokens, d=512, float32, p=0.4, router scaled to ~2 experts per token.
+CPU (2 cores shared with other jobs; 'dropless' compiles one program per bucket: minutes):
   python -m kuaijax.main --config=configs/topp_moe/bench.py --workdir=/tmp/kj_bench_moe
+GPU (bf16, the Pallas gmm; run by pallas_kernels/gpu_check.sh):
+  python -m kuaijax.main --config=configs/topp_moe/bench.py:dtype=bfloat16 --workdir=$OUT/bench_moe
 Seconds-long smoke run (tests):
   python -m kuaijax.main --config=configs/topp_moe/bench.py:runlocal --workdir=/tmp/kj_bench_moe_rl
-Goal: the 'auto' strategy <= 1.5x the dense-equivalent on CPU (<= 1.3x on a GPU). Recorded (CPU,
-experiments/topp_moe/README.md): 'auto' at 0.91x (Top-2) and 0.85x (Top-P); GPU not recorded.
-Results: results.json, results.md and times.png in the workdir.
+Recorded numbers: not recorded yet. Results: results.json, results.md, cost_vs_mean_k.png.
 """
 
 import ml_collections
@@ -22,18 +24,24 @@ def get_config(arg=None):
     dict(
       tokens=8192,
       d_model=512,
-      d_ff=1024,
-      num_experts=8,
-      k=2,
       p=0.4,
-      k_max=4,
-      target_mean_k=2.0,
-      capacity_factor=1.25,
+      cases=dict(
+        e8=dict(num_experts=8, d_ff=1024, num_shared_experts=0, target_mean_k=2.0),
+        e64=dict(num_experts=64, d_ff=128, num_shared_experts=2, target_mean_k=2.0),
+      ),
+      run_cases='e8,e64',
+      # Extra uncapped strategies next to 'auto' ('dense' = every expert on every token).
+      dispatches='dropless,dense',
+      sweep_p=(0.1, 0.2, 0.3, 0.4, 0.6, 0.8),
+      gmm_implementation='auto',
+      clock='auto',  # 'auto': process CPU time on CPU, wall time on GPU/TPU; or 'cpu' | 'wall'
       dtype=args.dtype,
-      rounds=5,
+      rounds=3,
       seed=0,
     )
   )
   if args.runlocal:
-    config.bench.update(tokens=256, d_model=32, d_ff=64, rounds=2)
+    config.bench.update(tokens=256, d_model=32, rounds=1, sweep_p=(0.2, 0.6))
+    config.bench.cases.e8.update(d_ff=64)
+    config.bench.cases.e64.update(num_experts=16, d_ff=16)
   return config

@@ -3,11 +3,12 @@
 Args: `runlocal` (laptop size on the embedded kj_lm_mixture) and `suite=table|p_sweep` (the paper's
 comparison, or Top-P at p = 0.1 .. 0.7 next to Top-2).
 
-runlocal comparison (2 CPU cores: 916 s measured with the cores shared by other jobs, load 10-19;
-the table shows validation loss and experts per token per task, the per-layer mean k and the
-activated parameters vs Top-2; in the recorded run Top-2 had the lowest validation loss, 1.8705,
-Top-P the second lowest, 1.9727, and Top-P's mean k fell from 3.10 to 2.17 during training;
-experiments/topp_moe/README.md has the table):
+runlocal comparison (2 CPU cores shared by other jobs, load 14-16: 41 min wall; the table shows
+validation loss and experts per token per task, mean / max experts per layer, the Spearman rank
+correlation of token loss vs experts selected per layer and task, and the activated parameters vs
+Top-2; recorded 2026-11-30 with uncapped Top-P: validation loss Top-2 1.871, Top-P 2.106 with 2.27
+experts per token (max 3), mean k 3.10 -> 2.22 during training, loss/experts rho 0.12 - 0.30 per
+layer; experiments/topp_moe/README.md has the tables):
   python -m kuaijax.main --config=configs/topp_moe/compare.py:runlocal --workdir=/tmp/kj_topp_moe
 runlocal p sweep (Top-2 and seven Top-P variants; not timed, roughly 2.5x the comparison):
   python -m kuaijax.main --config=configs/topp_moe/compare.py:runlocal,suite=p_sweep \
@@ -26,7 +27,6 @@ SentencePiece tokenizer (32000) is trained into the workdir unless data.spm_mode
 """
 
 import ml_collections
-from ml_collections.config_dict import placeholder
 
 from kuaijax.config_lib import check_choice, parse_arg, trainer_config
 
@@ -95,12 +95,11 @@ def get_config(arg=None):
       remat='dots',
     )
   )
-  # Options shared by every MoE variant (`model.mlp_options`, see kuaijax.models.moe); dispatch
-  # 'auto' -> the fastest exact strategy of the backend. k_max caps the Top-P experts per token:
-  # unset -> the layer's default, 0 -> no cap (= num_experts; experiments/topp_moe.py), e.g.
-  # --config.moe_layer.k_max=8.
+  # Options shared by every MoE variant (`model.mlp_options`, kuaijax.models.moe.MoEConfig):
+  # k_max 0 = uncapped Top-P (the paper; k_max > 0 caps experts per token, counted as truncation);
+  # dispatch 'auto' = the faster exact strategy of the backend (never all experts for Top-P).
   config.moe_layer = ml_collections.ConfigDict(
-    dict(num_experts=16, expert_d_ff=2816, dispatch='auto', k_max=placeholder(int))
+    dict(num_experts=16, expert_d_ff=2816, dispatch='auto', k_max=0)
   )
   config.moe_loss = ml_collections.ConfigDict(
     dict(balance_weight=1e-2, entropy_weight=1e-4, z_loss_weight=0.0, aux_reduce='mean')
@@ -119,6 +118,7 @@ def get_config(arg=None):
   config.evals = ml_collections.ConfigDict()
   config.evals.lm = dict(type='lm_loss')
   config.evals.moe = dict(type='moe_stats')
+  config.evals.token = dict(type='moe_token_loss')  # token loss vs experts selected (Spearman)
   config.evals.mc = ml_collections.ConfigDict(
     dict(
       type='multiple_choice',

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kuaijax.evals.lm_loss import BatchEvaluator
-from kuaijax.losses.lm import per_task_sums
+from kuaijax.losses.lm import per_task_sums, token_cross_entropy
 
 
 class MoEStatsEvaluator(BatchEvaluator):
@@ -72,4 +72,60 @@ class MoEStatsEvaluator(BatchEvaluator):
     for t, name in enumerate(self.task_names):
       if task_counts[t] > 0:
         metrics[f'experts_per_token/{name}'] = float(task_sums[t] / task_counts[t])
+    return metrics
+
+
+def average_ranks(a: np.ndarray) -> np.ndarray:
+  """Ranks 1..n of a 1-D array, ties sharing their average rank (as Spearman's rho needs)."""
+  order = np.argsort(a, kind='stable')
+  inverse = np.empty_like(order)
+  inverse[order] = np.arange(a.size)
+  ordered = a[order]
+  first = np.r_[True, ordered[1:] != ordered[:-1]]
+  tie_group = np.cumsum(first)[inverse]
+  bounds = np.r_[np.nonzero(first)[0], a.size]
+  return 0.5 * (bounds[tie_group] + bounds[tie_group - 1] + 1)
+
+
+def spearman(a, b) -> float | None:
+  """Spearman's rank correlation; None when either side is constant or has < 3 values."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+    return None
+  return float(np.corrcoef(average_ranks(a), average_ranks(b))[0, 1])
+
+
+class TokenLossExperts(BatchEvaluator):
+  """Token-level "harder -> more experts": loss vs experts selected, per MoE layer and task.
+
+  Metrics per MoE layer i: `moe/layer{i}/max_k` (most experts any target token used),
+  `moe/layer{i}/loss_k_spearman` (over all target tokens) and `.../loss_k_spearman/{task}`
+  (left out where undefined, e.g. a constant k under Top-K routing).
+  """
+
+  def batch_fn(self, model, batch):
+    logits, extras = model(
+      batch['inputs'], positions=batch['positions'], segment_ids=batch['segment_ids']
+    )
+    ce, _ = token_cross_entropy(logits, batch['targets'])
+    ks = {i: a['experts_per_token'] for i, a in enumerate(extras['mlp_aux']) if a}
+    return ce, ks, batch['loss_mask'], batch['task_ids']
+
+  def evaluate(self, graphdef, params, step=None) -> dict:
+    del step
+    outs = list(self.batch_outputs(graphdef, params))
+    if not outs or not outs[0][1]:
+      return {}
+    mask = np.concatenate([np.asarray(o[2]).reshape(-1) for o in outs]) > 0
+    loss = np.concatenate([np.asarray(o[0]).reshape(-1) for o in outs])[mask]
+    task = np.concatenate([np.asarray(o[3]).reshape(-1) for o in outs])[mask]
+    metrics = {}
+    for layer in outs[0][1]:
+      k = np.concatenate([np.asarray(o[1][layer]).reshape(-1) for o in outs])[mask]
+      prefix = f'moe/layer{layer}'
+      metrics[f'{prefix}/max_k'] = float(k.max())
+      rhos = {'': spearman(loss, k)}
+      for t, name in enumerate(self.task_names):
+        rhos[f'/{name}'] = spearman(loss[task == t], k[task == t])
+      metrics.update({f'{prefix}/loss_k_spearman{n}': r for n, r in rhos.items() if r is not None})
     return metrics

@@ -4,6 +4,8 @@ block its options. Every experiment builds its evaluators with `build_evaluators
 Kinds (options in brackets):
   lm_loss          loss / perplexity per task on the LM evaluation batches (ctx.lm_batches)
   moe_stats        experts per token per task and layer, on the same batches
+  moe_token_loss   per layer: most experts any token used, and the Spearman correlation of token
+                   loss vs experts selected (overall and per task), on the same batches
   multiple_choice  zero-shot accuracy [tasks (list of {name, source, format, ...}), max_len,
                    batch_size]
   task_accuracy    accuracy of generations, checked by the task [split, groups, per_group, seeds,
@@ -22,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 from kuaijax.evals.base import Evaluator, Evaluators
 from kuaijax.evals.lm_loss import LMEvaluator
-from kuaijax.evals.moe_stats import MoEStatsEvaluator
+from kuaijax.evals.moe_stats import MoEStatsEvaluator, TokenLossExperts
 from kuaijax.evals.multiple_choice import build_evaluator as build_multiple_choice
 from kuaijax.evals.passkey import PasskeyEvaluator
 from kuaijax.evals.task_accuracy import TaskAccuracyEvaluator, load_eval_records
@@ -72,6 +74,13 @@ def _moe_stats(options, ctx):
   del options
   batches = _lm_batches(ctx, 'moe_stats')
   return MoEStatsEvaluator(batches, ctx.task_names, mesh=ctx.mesh, rules=ctx.rules)
+
+
+@register_evaluator('moe_token_loss')
+def _moe_token_loss(options, ctx):
+  del options
+  batches = _lm_batches(ctx, 'moe_token_loss')
+  return TokenLossExperts(batches, ctx.task_names, mesh=ctx.mesh, rules=ctx.rules)
 
 
 @register_evaluator('multiple_choice')

@@ -1,17 +1,23 @@
 """Expert parallelism: experts sharded over the mesh axis 'expert', tokens exchanged by all-to-all.
 
 Inside `jax.shard_map` every device holds its own tokens (the flattened token axis is sharded over
-the mesh's batch axes, 'expert' included) and E / n experts (n = size of 'expert'). A device sends
-each kept (token, slot) assignment to the shard owning its expert through a fixed-capacity
-`all_to_all` buffer of C rows per destination, the shard runs its local experts on what it received
-(any single-device dispatch strategy, one routing slot per row), and a second `all_to_all` brings
-the outputs back, where they are weighted by the routing weights and summed per token.
+the mesh's batch axes, 'expert' included) and E / n experts (n = size of 'expert'). A device
+counting-sorts its selected (token, expert) pairs by expert (`dispatch.group_positions`), so the
+pairs for each destination shard form one run; the devices then exchange counts first: one `pmax`
+of the largest per-destination count picks C, the smallest of a few static buffer sizes that holds
+it (`dispatch.bucketed`, the same buckets as the single-device layer), and only then the selected
+rows go out in an `all_to_all` of [n, C] rows (with their local expert ids). The shard runs its
+local experts on what it received (grouped matmuls over the received rows), a second `all_to_all`
+brings the outputs back, and they are weighted and summed per token. Nothing is dropped, so the
+result equals one device; traffic and compute follow the selected pairs, up to the bucket padding.
 
-C defaults to the worst case (T_local * min(K, E / n) rows: nothing can be dropped, the result is
-exact); a `capacity_factor` sizes it to ceil(capacity_factor * T_local * K / n) instead, and
-assignments past the capacity are dropped (lowest routing weight first) and counted. Only the
-fixed-capacity all-to-all is used: `jax.lax.ragged_all_to_all` is not lowered by XLA:CPU, where the
-tests run.
+With dispatch='capacity' the buffer is fixed instead: C = ceil(capacity_factor * T_local * K / n)
+rows per destination, and assignments past it are dropped (lowest routing weight first) and
+counted.
+
+`jax.lax.ragged_all_to_all` would send exactly the counted rows, but XLA:CPU does not lower it
+(where the tests run) and a single-GPU machine cannot exercise it, so the bucketed all-to-all is
+used on every backend.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
+
+from kuaijax.models import dispatch
 
 BATCH_AXES = ('data', 'fsdp', 'expert')
 AXIS = 'expert'
@@ -39,58 +47,58 @@ def token_axes(mesh: Mesh, tokens: int) -> tuple[str, ...]:
   return axes
 
 
-def send_capacity(capacity_factor, tokens: int, slots: int, shards: int, local_experts: int) -> int:
-  """Rows per destination shard in the all-to-all buffer (worst case when capacity_factor is None)."""
-  worst = tokens * min(slots, local_experts)
-  if capacity_factor is None:
-    return worst
+def send_capacity(capacity_factor: float, tokens: int, slots: int, shards: int) -> int:
+  """Rows per destination of the fixed-capacity exchange (dispatch='capacity')."""
+  worst = tokens * slots
   return max(1, min(worst, math.ceil(capacity_factor * tokens * slots / shards)))
 
 
-def _local_ffn(x, weights, ids, w1, w3, w2, *, shards, capacity_factor, local_dispatch, options):
-  """Per-device body: route rows to shards, all-to-all, local experts, all-to-all back, combine."""
-  from kuaijax.models.moe import STRATEGIES
-
-  tokens, slots = ids.shape
+def _exchange(cap, x, weights, ids, slot, w1, w3, w2, *, shards, matmul):
+  """Send the pairs at `slot` [T, K] (rows of an [n, cap] buffer), run local experts, bring back."""
+  tokens, _ = ids.shape
   local_experts, d, _ = w1.shape
-  cap = send_capacity(capacity_factor, tokens, slots, shards, local_experts)
-  flat, flat_w = ids.reshape(-1), weights.reshape(-1)
-  dest = flat // local_experts  # the sentinel id E maps to shard n: nowhere
-  # Per destination, highest routing weight first, so a full buffer drops the lightest assignments.
-  order = jnp.lexsort((-jax.lax.stop_gradient(flat_w), dest)).astype(jnp.int32)
-  sizes = jnp.zeros((shards,), jnp.int32).at[dest].add(1, mode='drop')
-  starts = jnp.cumsum(sizes) - sizes
-  rank_sorted = (
-    jnp.arange(flat.shape[0], dtype=jnp.int32) - starts[jnp.minimum(dest[order], shards - 1)]
-  )
-  rank = jnp.zeros_like(order).at[order].set(rank_sorted)
-  valid = dest < shards
-  keep = valid & (rank < cap)
-  slot_pos = jnp.where(keep, dest * cap + rank, shards * cap)
-  assignment = jnp.arange(flat.shape[0], dtype=jnp.int32)
-  send_token = (
-    jnp.full((shards * cap,), tokens, jnp.int32).at[slot_pos].set(assignment // slots, mode='drop')
-  )
-  send_eid = (
-    jnp.full((shards * cap,), local_experts, jnp.int32)
-    .at[slot_pos]
-    .set(flat % local_experts, mode='drop')
-  )
-  send_x = jnp.take(x, send_token, axis=0, mode='fill', fill_value=0).reshape(shards, cap, d)
+  size = shards * cap
+  token, weight = dispatch.rows_of(size, slot, weights)
+  eid = jnp.full((size,), local_experts, jnp.int32)  # empty rows keep the sentinel
+  eid = eid.at[slot.reshape(-1)].set((ids % local_experts).reshape(-1), mode='drop')
   a2a = functools.partial(
     jax.lax.all_to_all, axis_name=AXIS, split_axis=0, concat_axis=0, tiled=True
   )
-  recv_x = a2a(send_x).reshape(shards * cap, d)
-  recv_eid = a2a(send_eid.reshape(shards, cap)).reshape(shards * cap, 1)
+  recv_x = a2a(dispatch.gather_rows(x, token).reshape(shards, cap, d)).reshape(size, d)
+  recv_eid = a2a(eid.reshape(shards, cap)).reshape(size, 1)
+  sizes, positions = dispatch.group_positions(recv_eid, local_experts)
   ones = (recv_eid < local_experts).astype(jnp.float32)
-  out, _ = STRATEGIES[local_dispatch](
-    recv_x, ones, recv_eid, w1, w3, w2, capacity_factor=None, **options
-  )
-  back = a2a(out.reshape(shards, cap, d)).reshape(shards * cap, d)
-  out_slots = jnp.take(back, slot_pos, axis=0, mode='fill', fill_value=0).reshape(tokens, slots, d)
-  y = jnp.sum(weights[:, :, None] * out_slots.astype(jnp.float32), axis=1).astype(x.dtype)
-  dropped = jnp.sum(valid & ~keep).astype(jnp.int32)
-  return y, dropped
+  out = dispatch.ffn_rows(size, recv_x, ones, positions, sizes, w1, w3, w2, matmul)
+  back = a2a(out.reshape(shards, cap, d)).reshape(size, d)
+  return dispatch.combine_rows(back, token, weight, tokens, x.dtype)
+
+
+def _local_ffn(x, weights, ids, w1, w3, w2, *, shards, capacity_factor, matmul, axes):
+  """Per-device body: slots per destination, bucketed (or fixed) all-to-all, local experts, back."""
+  tokens, slots = ids.shape
+  local_experts = w1.shape[0]
+  num_experts = shards * local_experts
+  body = functools.partial(_exchange, shards=shards, matmul=matmul)
+  if capacity_factor is not None:
+    cap = send_capacity(capacity_factor, tokens, slots, shards)
+    slot, _, dropped = dispatch.capacity_slots(
+      (ids // local_experts).reshape(-1), weights.reshape(-1), shards, cap
+    )
+    y = body(cap, x, weights, ids, slot.reshape(tokens, slots), w1, w3, w2)
+    return y, dropped
+  sizes, positions = dispatch.group_positions(ids, num_experts)
+  per_dest = sizes.reshape(shards, local_experts).sum(axis=1)
+  dest_start = jnp.cumsum(per_dest) - per_dest
+  dest = jnp.minimum(ids // local_experts, shards - 1)
+  need = jax.lax.pmax(jnp.max(per_dest), axes)  # every device takes the same bucket
+
+  def exchange(cap, x, weights, ids, positions, w1, w3, w2):
+    slot = jnp.where(ids < num_experts, dest * cap + positions - dest_start[dest], shards * cap)
+    return body(cap, x, weights, ids, slot, w1, w3, w2)
+
+  buckets = dispatch.bucket_sizes(-(-tokens // shards), tokens * min(slots, local_experts))
+  y = dispatch.bucketed(need, buckets, exchange, x, weights, ids, positions, w1, w3, w2)
+  return y, jnp.zeros((), jnp.int32)
 
 
 def expert_parallel_ffn(
@@ -102,14 +110,16 @@ def expert_parallel_ffn(
   w2,
   *,
   mesh: Mesh,
-  local_dispatch: str,
-  capacity_factor=None,
+  capacity: bool = False,
+  capacity_factor: float = 1.25,
   gmm_implementation='auto',
   grouped_matmul=None,
+  **_,
 ):
   """Routed expert outputs with experts sharded over `mesh`'s 'expert' axis.
 
   x [T, d], weights/ids [T, K] (global arrays, sentinel id E), w1/w3 [E, d, f], w2 [E, f, d].
+  capacity: the fixed-capacity exchange (drops counted) instead of the exact bucketed one.
   Returns (y [T, d], dropped assignments summed over all devices).
   """
   shards = mesh.shape[AXIS]
@@ -118,17 +128,16 @@ def expert_parallel_ffn(
     raise ValueError(
       f'num_experts={num_experts} is not divisible by the expert mesh axis size {shards}'
     )
-  if local_dispatch == 'capacity':
-    local_dispatch = 'dropless'  # the all-to-all buffer is the capacity; locally nothing drops
   axes = token_axes(mesh, x.shape[0])
   tok = PartitionSpec(axes)
   exp = PartitionSpec(AXIS)
+  matmul = dispatch.grouped_matmul(x.dtype, gmm_implementation, grouped_matmul)
   body = functools.partial(
     _local_ffn,
     shards=shards,
-    capacity_factor=capacity_factor,
-    local_dispatch=local_dispatch,
-    options=dict(gmm_implementation=gmm_implementation, grouped_matmul=grouped_matmul),
+    capacity_factor=capacity_factor if capacity else None,
+    matmul=matmul,
+    axes=axes,
   )
 
   def wrapped(x, weights, ids, w1, w3, w2):

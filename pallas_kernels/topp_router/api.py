@@ -2,7 +2,7 @@
 
 `topp_router(x, router_w, p=..., k_max=...)` computes router logits x @ W_r and a float32 softmax,
 selects each token's Top-P experts (exclusive cumulative sum <= p over the experts sorted by
-probability, top-1 always kept; ../shared/specs/topp_moe.md) among its top k_max, and counts the
+probability, top-1 always kept; experiments/topp_moe/README.md) among its top k_max, and counts the
 tokens sent to each expert. The result equals `reference.topp_router` (the unfused
 `kuaijax.routing` path). All implementations share one backward pass (custom_vjp in `xla.backward`):
 gradients reach x and router_w through the kept weights and through the returned logits (e.g. a

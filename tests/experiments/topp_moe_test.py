@@ -12,6 +12,7 @@ from flax import nnx
 from experiments import topp_moe
 from kuaijax import parallel
 from kuaijax.config_lib import load_config
+from kuaijax.evals import moe_stats
 from kuaijax.evals.moe_stats import MoEStatsEvaluator
 from kuaijax.main import run_experiment
 from kuaijax.models.transformer import Transformer, TransformerConfig
@@ -128,7 +129,7 @@ def test_variant_config_merges_moe_options_and_rejects_bad_names():
     num_experts=8,
     expert_d_ff=192,
     dispatch='auto',
-    k_max=None,
+    k_max=0,
     routing='top_k',
     k=2,
     renormalize=True,
@@ -218,6 +219,26 @@ def test_tiny_experiment_writes_table_plots_and_stats(tmp_path):
   last_eval = [r for r in records if 'eval/loss' in r][-1]
   assert len(last_eval['eval/moe/layer0/k_hist']) == 5  # k = 0..k_max (4)
   assert rows['topp']['mean_k_curve'] == [[r['step'], r['aux/mean_k']] for r in train]
+  for layer in ('0', '1'):
+    assert 1 <= rows['topp']['layer_max_k'][layer] <= 4
+    # Left out where undefined (a near-uniform router at init gives every token the same k).
+    for rhos in rows['topp']['layer_spearman'].values():
+      assert -1 <= rhos.get(layer, 0.0) <= 1
+  assert rows['top2']['layer_spearman']['all'] == {}  # k is constant: undefined
+  assert 'Spearman rank correlation' in table
+  assert (tmp_path / 'loss_k_spearman.png').read_bytes().startswith(PNG_MAGIC)
+
+
+def test_spearman_with_ties_matches_hand_computed_ranks():
+  np.testing.assert_allclose(
+    moe_stats.average_ranks(np.array([3.0, 1.0, 3.0, 2.0])), [3.5, 1, 3.5, 2]
+  )
+  assert moe_stats.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+  assert moe_stats.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+  # ranks (1, 2, 3, 4) vs (1.5, 1.5, 3, 4): Pearson of the ranks.
+  expected = np.corrcoef([1, 2, 3, 4], [1.5, 1.5, 3, 4])[0, 1]
+  assert moe_stats.spearman([1, 2, 3, 4], [5, 5, 7, 9]) == pytest.approx(expected)
+  assert moe_stats.spearman([1, 2, 3], [2, 2, 2]) is None
 
 
 def test_notebook_runs_the_comparison(tmp_path):

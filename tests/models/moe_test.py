@@ -1,6 +1,6 @@
-"""MoE feed-forward: dispatch strategies vs 'dense' vs a per-token numpy reference (forward and
-gradients), capacity drops on a hand-made example, layer selection, training inside a Transformer,
-bad input."""
+"""MoE feed-forward: every dispatch strategy vs 'dense' (all experts) vs a per-token numpy reference
+(forward and gradients), uncapped Top-P by default, bucketed buffers that never recompile, capacity
+drops on a hand-made example, layer selection, training inside a Transformer, bad input."""
 
 import functools
 
@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from kuaijax.models import moe
+from kuaijax.models import dispatch, moe
 from kuaijax.models.layers import SwiGLU
 from kuaijax.models.transformer import Transformer, TransformerConfig
 from kuaijax.train import lm_task
@@ -36,7 +36,7 @@ def make_inputs(seed=0, dtype=jnp.float32, router_scale=1.0, shared=False):
   return (x, router_w, w1, w3, w2), sh
 
 
-def numpy_reference(x, router_w, w1, w3, w2, *, routing, p=0.4, k=2, k_max=None, shared=None):
+def numpy_reference(x, router_w, w1, w3, w2, *, routing, p=0.4, k=2, k_max=0, shared=None):
   """Token by token: brute-force expert set, SwiGLU of each kept expert, raw-probability weights."""
   x, router_w, w1, w3, w2 = (np.asarray(a, np.float64) for a in (x, router_w, w1, w3, w2))
   logits = x @ router_w
@@ -49,7 +49,7 @@ def numpy_reference(x, router_w, w1, w3, w2, *, routing, p=0.4, k=2, k_max=None,
       kept = order[:k]
     else:
       kept = [e for j, e in enumerate(order) if probs[t, order[:j]].sum() <= p]
-      kept = kept[: (k_max or min(E, 4))]
+      kept = kept[: (k_max or E)]
     for e in kept:
       h = x[t] @ w1[e]
       y[t] += probs[t, e] * ((h / (1 + np.exp(-h)) * (x[t] @ w3[e])) @ w2[e])
@@ -60,69 +60,143 @@ def numpy_reference(x, router_w, w1, w3, w2, *, routing, p=0.4, k=2, k_max=None,
   return y
 
 
-@pytest.mark.parametrize('routing', ['top_k', 'top_p'])
-def test_dense_dispatch_matches_numpy_reference(routing):
-  args, shared = make_inputs(shared=routing == 'top_p')
-  y, aux = jax.jit(
-    lambda *a: moe.moe_ffn(*a, routing=routing, dispatch='dense', k_max=3, shared=shared)
-  )(*args)
-  ref = numpy_reference(*args, routing=routing, k_max=3, shared=shared)
+def cfg(**options):
+  return moe.MoEConfig(num_experts=E, **options)
+
+
+@pytest.mark.parametrize('routing,k_max', [('top_k', 0), ('top_p', 0), ('top_p', 2)])
+def test_dense_dispatch_matches_numpy_reference(routing, k_max):
+  args, shared = make_inputs(shared=routing == 'top_p', router_scale=0.1)
+  c = cfg(routing=routing, dispatch='dense', k_max=k_max)
+  y, aux = jax.jit(lambda *a: moe.moe_ffn(*a, c, shared=shared))(*args)
+  ref = numpy_reference(*args, routing=routing, k_max=k_max, shared=shared)
   np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
   assert aux['experts_per_token'].shape == (T,)
-  assert aux['k_hist'].shape == ((2 if routing == 'top_k' else 3) + 1,)
+  assert aux['k_hist'].shape == (c.slots + 1,)
   assert aux['expert_load'].shape == (E,)
   np.testing.assert_allclose(jnp.sum(aux['expert_load']), aux['mean_k'], rtol=1e-6)
-  if routing == 'top_p':  # the router scale of make_inputs gives a mix of 1, 2 and 3 experts
-    assert 1.0 < float(aux['mean_k']) < 3.0
+  if routing == 'top_p' and not k_max:  # this router scale selects 1 to 4 experts per token
+    assert 1.5 < float(aux['mean_k']) < 3.0 and float(aux['max_k']) >= 3
+    assert float(aux['trunc_rate']) == 0.0
 
 
 CASES = [
-  # (routing, shared, dtype, extra options)
-  ('top_k', False, jnp.float32, {}),
-  ('top_p', True, jnp.float32, {'k_max': 4}),
-  ('top_k', True, jnp.bfloat16, {'renormalize': True}),
-  ('top_p', False, jnp.bfloat16, {}),
+  # (routing, shared, dtype, extra options, strategies compared with 'dense')
+  ('top_p', True, jnp.float32, {}, ('tiled', 'dropless', 'capacity')),  # uncapped (the default)
+  ('top_k', False, jnp.float32, {}, ('tiled', 'dropless')),  # one bucket: the real gmm
+  pytest.param(
+    'top_p',
+    False,
+    jnp.float32,
+    {'k_max': 4, 'router_impl': 'fused'},
+    ('tiled', 'dropless'),
+    marks=pytest.mark.slow,
+  ),
+  pytest.param(
+    'top_k',
+    True,
+    jnp.bfloat16,
+    {'renormalize': True},
+    ('tiled', 'dropless', 'capacity'),
+    marks=pytest.mark.slow,
+  ),
+  pytest.param('top_p', False, jnp.bfloat16, {}, ('tiled', 'dropless'), marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize('routing,shared,dtype,extra', CASES)
-def test_strategies_match_dense_forward_and_gradients(routing, shared, dtype, extra):
-  args, sh = make_inputs(seed=1, dtype=dtype, shared=shared)
+@pytest.mark.parametrize('routing,shared,dtype,extra,strategies', CASES)
+def test_strategies_match_dense_forward_and_gradients(routing, shared, dtype, extra, strategies):
+  args, sh = make_inputs(seed=1, dtype=dtype, shared=shared, router_scale=0.4)
   cotangent = jax.random.normal(jax.random.key(7), (T, D))
 
   def run(dispatch):
+    # capacity T: nothing can be dropped. Top-P 'dropless' compiles one program per bucket:
+    # XLA's ragged_dot compiles fast (pallas_kernels.gmm is tested on its own).
+    fast = dict(gmm_implementation='ragged_dot') if routing == 'top_p' else {}
+    c = cfg(routing=routing, dispatch=dispatch, capacity_factor=float(E), **fast, **extra)
+
     def loss(args):
-      y, aux = moe.moe_ffn(
-        *args,
-        routing=routing,
-        dispatch=dispatch,
-        capacity_factor=float(E),  # capacity T: nothing can be dropped
-        shared=sh,
-        **extra,
-      )
+      y, aux = moe.moe_ffn(*args, c, shared=sh)
       # The balance loss sends gradients to the router through the probabilities too.
       return jnp.sum(y.astype(jnp.float32) * cotangent) + aux['balance_loss'], (y, aux)
 
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
 
   (_, (y_ref, aux_ref)), g_ref = run('dense')
+  if dtype == jnp.float32:
+    ref = numpy_reference(*args, routing=routing, k_max=extra.get('k_max', 0), shared=sh)
+    np.testing.assert_allclose(y_ref, ref, rtol=1e-4, atol=1e-4)
   tol = dict(rtol=1e-5, atol=2e-5) if dtype == jnp.float32 else dict(rtol=3e-2, atol=3e-2)
-  for dispatch in ('capacity', 'dropless'):  # 'auto' resolves to one of these (tested below)
-    (_, (y, aux)), grads = run(dispatch)
+  for name in strategies:
+    (_, (y, aux)), grads = run(name)
     assert y.dtype == dtype
     assert float(aux['drop_rate']) == 0.0
     np.testing.assert_allclose(
-      np.asarray(y, np.float32), np.asarray(y_ref, np.float32), **tol, err_msg=dispatch
+      np.asarray(y, np.float32), np.asarray(y_ref, np.float32), **tol, err_msg=name
     )
-    for name, a, b in zip(['x', 'router_w', 'w1', 'w3', 'w2'], grads, g_ref):
+    for arg, a, b in zip(['x', 'router_w', 'w1', 'w3', 'w2'], grads, g_ref):
       scale = max(1.0, float(jnp.max(jnp.abs(b.astype(jnp.float32)))))
       np.testing.assert_allclose(
         np.asarray(a, np.float32) / scale,
         np.asarray(b, np.float32) / scale,
         **tol,
-        err_msg=f'{dispatch}: d{name}',
+        err_msg=f'{name}: d{arg}',
       )
     assert float(jnp.max(jnp.abs(grads[1]))) > 0  # the router learns
+
+
+def test_bucket_change_does_not_recompile():
+  """Selections of very different sizes hit different buffer sizes in one compiled program."""
+  args, _ = make_inputs(seed=2)
+  cotangent = jax.random.normal(jax.random.key(8), (T, D))
+  traces = []
+
+  def loss(args, c):
+    traces.append(c.dispatch)
+    y, aux = moe.moe_ffn(*args, c)
+    return jnp.sum(y * cotangent), aux['mean_k']
+
+  step = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  buckets = dispatch.bucket_sizes(T, T * E)
+  hit = set()
+  bucketed = cfg(dispatch='dropless', gmm_implementation='ragged_dot')
+  for scale in (8.0, 1.0, 0.3, 0.0):  # sharp -> flat router: from ~1 to ~3 experts per token
+    a = (args[0], scale * args[1], *args[2:])
+    (_, ref_k), ref = step(a, cfg(dispatch='dense'))
+    for c in (bucketed, cfg(dispatch='tiled')):
+      (_, mean_k), grads = step(a, c)
+      np.testing.assert_allclose(mean_k, ref_k)
+      for u, v in zip(grads, ref):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=2e-5)
+    hit.add(int(np.searchsorted(buckets, round(float(mean_k) * T))))
+  assert len(hit) >= 3, (hit, buckets)
+  assert sorted(traces) == ['dense', 'dropless', 'tiled']  # one trace each
+
+
+def test_group_positions_is_a_stable_sort_by_expert():
+  rng = np.random.default_rng(0)
+  ids = np.stack([rng.permutation(E + 3)[:4] for _ in range(T)]).astype(np.int32)
+  ids = np.minimum(ids, E)  # ids >= E are empty slots (sentinel E)
+  sizes, rows = dispatch.group_positions(jnp.asarray(ids), E)
+  flat = ids.reshape(-1)
+  order = np.argsort(flat, kind='stable')
+  expected = np.full(flat.shape, flat.size)
+  expected[order[: int(np.sum(flat < E))]] = np.arange(int(np.sum(flat < E)))
+  np.testing.assert_array_equal(np.asarray(rows).reshape(-1), expected)
+  np.testing.assert_array_equal(sizes, np.bincount(flat[flat < E], minlength=E))
+  assert dispatch.bucket_sizes(48, 48 * 6)[0] == 48 and dispatch.bucket_sizes(48, 288)[-1] == 288
+
+
+def test_uncapped_by_default_and_truncation_only_when_asked():
+  args, _ = make_inputs()
+  flat = (args[0], 0.0 * args[1], *args[2:])  # uniform router: p=0.4 of 1/6 each keeps 3 experts
+  _, aux = moe.moe_ffn(*flat, cfg(dispatch='dense'))
+  assert float(aux['mean_k']) == 3.0 and float(aux['trunc_rate']) == 0.0
+  _, aux = moe.moe_ffn(*flat, cfg(dispatch='dense', k_max=2))
+  assert float(aux['mean_k']) == 2.0 and float(aux['trunc_rate']) == 1.0
+  _, aux = moe.moe_ffn(*flat, cfg(dispatch='dense', k_max=3))
+  assert float(aux['trunc_rate']) == 0.0  # k_max = the set size cuts nothing
+  assert cfg().slots == E and cfg(k_max=2).slots == 2 and cfg(routing='top_k', k=3).slots == 3
 
 
 def test_capacity_drops_lowest_weights_and_counts_them():
@@ -136,23 +210,16 @@ def test_capacity_drops_lowest_weights_and_counts_them():
 
   @functools.partial(jax.jit, static_argnums=(0, 1))
   def run(capacity_factor, dispatch='capacity'):
-    return moe.moe_ffn(
-      x,
-      router_w,
-      w1,
-      w3,
-      w2,
-      routing='top_k',
-      k=1,
-      dispatch=dispatch,
-      capacity_factor=capacity_factor,
+    c = moe.MoEConfig(
+      num_experts=2, routing='top_k', k=1, dispatch=dispatch, capacity_factor=capacity_factor
     )
+    return moe.moe_ffn(x, router_w, w1, w3, w2, c)
 
   # capacity = ceil(0.5 * 4 tokens * 1 slot / 2 experts) = 1 row per expert.
   y, aux = run(0.5)
   assert float(aux['drop_rate']) == pytest.approx(3 / 4)
   # Only token 1 (largest weight) is served; the others lose their only expert.
-  full, _ = run(None, 'dense')
+  full, _ = run(1.0, 'dense')
   np.testing.assert_allclose(y[1], full[1], rtol=1e-6)
   np.testing.assert_array_equal(y[jnp.array([0, 2, 3])], 0.0)
   # capacity 2 (factor 1): tokens 1 and 2 are kept, 2 of 4 dropped.
@@ -162,10 +229,12 @@ def test_capacity_drops_lowest_weights_and_counts_them():
   np.testing.assert_array_equal(y2[jnp.array([0, 3])], 0.0)
 
 
-def test_auto_dispatch_choice():
-  assert moe.resolve_dispatch('auto', 8, 2) == 'dropless'
-  assert moe.resolve_dispatch('auto', 4, 4) == 'dense'
-  assert moe.resolve_dispatch('capacity', 8, 2) == 'capacity'
+def test_auto_dispatch_never_computes_unselected_experts():
+  exact = 'tiled' if jax.default_backend() == 'cpu' else 'dropless'
+  assert cfg(routing='top_p', p=1.0).strategy == exact  # even when p keeps every expert
+  assert cfg(routing='top_k', k=2).strategy == exact
+  assert cfg(routing='top_k', k=E).strategy == 'dense'  # every expert is selected anyway
+  assert cfg(dispatch='capacity').strategy == 'capacity'
 
 
 def moe_model_config(**options):
@@ -173,7 +242,7 @@ def moe_model_config(**options):
   model = config.model.to_dict()
   model.update(
     mlp='moe',
-    mlp_options=dict(num_experts=4, expert_d_ff=32, routing='top_p', p=0.5, k_max=3, **options),
+    mlp_options=dict(num_experts=4, expert_d_ff=32, routing='top_p', p=0.5, **options),
   )
   return model
 
@@ -199,10 +268,13 @@ def test_layer_selection_and_parameter_layout():
   assert [bool(a) for a in extras['mlp_aux']] == [False, True, False, True]
   assert extras['mlp_aux'][1]['experts_per_token'].shape == (2, 8)
   hash(nnx.split(model)[0])  # graphdefs must stay hashable: jit static args and cache keys
+  model_cfg['mlp_options'].pop('expert_d_ff')  # 0: the model's d_ff
+  model = Transformer(TransformerConfig.from_config(model_cfg), rngs=nnx.Rngs(0))
+  assert model.layers[1].mlp.w1.shape == (4, d, model_cfg['d_ff'])
 
 
 def test_moe_transformer_trains():
-  config = TransformerConfig.from_config(moe_model_config(dispatch='dropless'))
+  config = TransformerConfig.from_config(moe_model_config())
   model = Transformer(config, rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
   rng = np.random.default_rng(0)
@@ -229,7 +301,7 @@ def test_moe_transformer_trains():
     loss, metrics, grads = step(model, optimizer, batch)
     losses.append(float(loss))
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
-  assert 'aux/balance_loss' in metrics and 1.0 <= float(metrics['aux/mean_k']) <= 3.0
+  assert 'aux/balance_loss' in metrics and 1.0 <= float(metrics['aux/mean_k']) <= 4.0
   for name in ('router', 'w1', 'w3', 'w2'):
     assert float(jnp.max(jnp.abs(getattr(grads.layers[0].mlp, name)[...]))) > 0
 
@@ -240,31 +312,30 @@ BAD = [
   ({'k': 0}, 'k=0'),
   ({'k': E + 1}, f'k={E + 1}'),
   ({'k_max': E + 1}, f'k_max={E + 1}'),
-  ({'k_max': 0}, 'k_max=0'),
+  ({'k_max': -1}, 'k_max=-1'),
   ({'capacity_factor': 0.0}, 'capacity_factor=0.0'),
   ({'capacity_factor': -1}, 'capacity_factor=-1'),
   ({'routing': 'top_q'}, "routing='top_q'"),
   ({'dispatch': 'magic'}, "dispatch='magic'"),
+  ({'router_impl': 'fast'}, "router_impl='fast'"),
+  ({'router_impl': 'fused', 'routing': 'top_k'}, "router_impl='fused' needs routing='top_p'"),
+  ({'expert_frequency': 0}, 'expert_frequency=0'),
 ]
 
 
 @pytest.mark.parametrize('options,message', BAD)
 def test_bad_options_name_the_field(options, message):
-  args, _ = make_inputs()
-  with pytest.raises(ValueError, match=message.replace('[', r'\[')):
-    moe.moe_ffn(*args, **options)
-  layer_options = dict(num_experts=E, **options)
-  with pytest.raises(ValueError, match='model.mlp_options.' + message):
-    moe.moe_layer_options(layer_options)
+  with pytest.raises(ValueError, match='model.mlp_options.' + message.replace('[', r'\[')):
+    moe.MoEConfig.from_options(dict(num_experts=E, **options))
 
 
 def test_bad_layer_options():
   with pytest.raises(ValueError, match=r"unknown keys \['n_experts'\]"):
-    moe.moe_layer_options({'num_experts': 4, 'n_experts': 4})
+    moe.MoEConfig.from_options({'num_experts': 4, 'n_experts': 4})
   with pytest.raises(ValueError, match='num_experts is required'):
-    moe.moe_layer_options({'k': 2})
-  with pytest.raises(ValueError, match='expert_frequency=0'):
-    moe.moe_layer_options({'num_experts': 4, 'expert_frequency': 0})
+    moe.MoEConfig.from_options({'k': 2})
   args, _ = make_inputs()
   with pytest.raises(ValueError, match='w2'):
-    moe.moe_ffn(*args[:4], args[4][:, :, :-1])
+    moe.moe_ffn(*args[:4], args[4][:, :, :-1], cfg())
+  with pytest.raises(ValueError, match='router_w'):
+    moe.moe_ffn(*args, moe.MoEConfig(num_experts=E + 1))
