@@ -131,6 +131,14 @@ class Attention(nnx.Module):
       dtype=pd,
     )
 
+  def project_kv(self, x, positions) -> tuple[jax.Array, jax.Array]:
+    """The keys (rotated) and values [b, l, kv_heads, head_dim] that x [b, l, d] writes to a cache."""
+    dt = self.dtype
+    k = dense(x, self.wk[...].astype(dt))
+    v = dense(x, self.wv[...].astype(dt))
+    k = constrain(rope(k, positions, self.k_bases), ('batch', 'length', 'kv_heads', 'kv'))
+    return k, v
+
   def __call__(
     self, x, positions, segment_ids, cache: KVCache | None = None, *, commit: bool = True
   ):
@@ -142,10 +150,8 @@ class Attention(nnx.Module):
     """
     dt = self.dtype
     q = dense(x, self.wq[...].astype(dt))
-    k = dense(x, self.wk[...].astype(dt))
-    v = dense(x, self.wv[...].astype(dt))
     q = constrain(rope(q, positions, self.q_bases), ('batch', 'length', 'heads', 'kv'))
-    k = constrain(rope(k, positions, self.k_bases), ('batch', 'length', 'kv_heads', 'kv'))
+    k, v = self.project_kv(x, positions)
     b, length = x.shape[:2]
     q_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     if cache is None:
