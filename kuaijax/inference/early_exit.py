@@ -49,13 +49,17 @@ def check_shared_head(model) -> None:
     )
 
 
-def check_rule(rule: str, threshold: float, gate: ExitGate | None = None) -> None:
+def check_rule(rule: str, threshold: float) -> None:
+  """Raises on an unknown rule or a threshold outside (0, 1]."""
   if rule not in EXIT_RULES:
     raise ValueError(f'exit rule {rule!r} is not one of {list(EXIT_RULES)}')
   if not (isinstance(threshold, int | float | np.floating) and 0 < threshold <= 1):
     raise ValueError(
       f'exit threshold must be in (0, 1] (1.0 = never exit early), got {threshold!r}'
     )
+
+
+def _check_gate(rule: str, gate) -> None:
   if rule == 'gate' and gate is None:
     raise ValueError("exit rule 'gate' needs a fitted gate (fit_gate)")
 
@@ -157,7 +161,8 @@ def exit_layers(
 ) -> jax.Array:
   """Per-token exit layer (1-based layers used) from per-layer logits [L, ..., V] (teacher-forced:
   every layer saw the full-depth context, not the propagated exit states of decoding)."""
-  check_rule(rule, threshold, gate)
+  check_rule(rule, threshold)
+  _check_gate(rule, gate)
   num_layers = logits.shape[0]
   _check_min_layer(min_layer, num_layers)
   used = jnp.full(logits.shape[1:-1], num_layers, jnp.int32)
@@ -253,7 +258,8 @@ def early_exit_generate(
   check_shared_head(model)
   if model.config.stack_spec.kind != 'vanilla':
     raise ValueError(f'early exit needs model.stack=vanilla, got {model.config.stack!r}')
-  check_rule(rule, threshold, gate)
+  check_rule(rule, threshold)
+  _check_gate(rule, gate)
   num_layers = model.config.num_layers
   _check_min_layer(min_layer, num_layers)
   prompts = jnp.asarray(prompts, jnp.int32)
