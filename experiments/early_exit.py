@@ -30,14 +30,13 @@ from kuaijax.train.trainer import train, write_results
 
 def _settings(config) -> list[tuple[str, str, float]]:
   """(label, rule, threshold) of every exit setting; 'full' (confidence 1.0) first."""
+  for t in (*config.exit.thresholds, *config.exit.gate_thresholds):
+    early_exit.check_rule('confidence', t)
   out = [('full', 'confidence', 1.0)]
   out += [(f'conf {t}', 'confidence', float(t)) for t in config.exit.thresholds if t < 1]
   if config.exit.agreement:
     out.append(('agreement', 'agreement', 1.0))
-  out += [(f'gate {t}', 'gate', float(t)) for t in config.exit.gate_thresholds]
-  for _, rule, threshold in out:
-    early_exit.check_rule(rule, threshold)
-  return out
+  return out + [(f'gate {t}', 'gate', float(t)) for t in config.exit.gate_thresholds]
 
 
 def _batches(problems, tokenizer, seq_len):
