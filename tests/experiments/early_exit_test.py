@@ -21,6 +21,7 @@ def tiny_config():
   config.train.update(steps=2, batch_size=2, log_every=1, checkpoint_every=2, progress=False)
   config.train.async_checkpoint = False
   config.exit.update(thresholds=(0.5,), agreement=False, gate_thresholds=())
+  # gate_problems = test problems: the gate's read-outs reuse the test rows' compiled shape.
   config.eval.update(levels=(1,), problems_per_level=2, gate_problems=2, max_new_tokens=6)
   config.eval.timing_repeats = 1
   return config
