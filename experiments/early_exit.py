@@ -25,6 +25,7 @@ from kuaijax.data import arith
 from kuaijax.evals import arith_accuracy
 from kuaijax.inference import early_exit
 from kuaijax.train import lm_task, sft_task
+from kuaijax.train.metrics import plot_loss_curve
 from kuaijax.train.trainer import train, write_results
 
 
@@ -149,7 +150,7 @@ def run(config, workdir: str) -> dict:
     'analysis': analysis,
     'settings': rows,
     'gate': {'w': np.asarray(gate.w).tolist(), 'b': float(gate.b)},
-    'train': {'steps': result.step, 'wall_s': train_s, 'history': result.history},
+    'train': {'steps': result.step, 'wall_s': train_s},
     'num_params': int(sum(x.size for x in jax.tree.leaves(result.params))),
     'num_test_problems': len(test),
   }
@@ -227,11 +228,5 @@ def plot(results: dict, workdir: str) -> list[str]:
     ax.set(xlabel='speed-up vs full decoding (batch 1)', ylabel=label)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, 'tradeoff.png'), dpi=80)
-  fig = Figure(figsize=(5, 3.5))
-  ax = fig.add_subplot()
-  history = [h for h in results['train']['history'] if 'loss' in h]
-  ax.plot([h['step'] for h in history], [h['loss'] for h in history])
-  ax.set(xlabel='step', ylabel='SFT loss', yscale='log')
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, 'loss_curves.png'), dpi=80)
+  plot_loss_curve(os.path.join(workdir, 'sft'), os.path.join(workdir, 'loss_curves.png'))
   return ['layers.png', 'tradeoff.png', 'loss_curves.png']

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from kuaijax.data import arith
 from kuaijax.inference import aggregate, answers, multi_run
 from kuaijax.train import lm_task, sft_task
+from kuaijax.train.metrics import plot_loss_curve
 from kuaijax.train.trainer import train, write_results
 
 SCENARIOS = ('trigger', 'mixed')
@@ -362,13 +363,7 @@ def plot(results: dict, config, workdir: str) -> list[str]:
     ax.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, 'accuracy_vs_k.png'), dpi=80)
-  fig = Figure(figsize=(5, 3.5))
-  ax = fig.add_subplot()
-  history = [h for h in results['train']['history'] if 'loss' in h]
-  ax.plot([h['step'] for h in history], [h['loss'] for h in history])
-  ax.set(xlabel='step', ylabel='SFT loss', yscale='log')
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, 'loss_curves.png'), dpi=80)
+  plot_loss_curve(os.path.join(workdir, 'sft'), os.path.join(workdir, 'loss_curves.png'))
   return ['accuracy_vs_k.png', 'loss_curves.png']
 
 
@@ -400,7 +395,6 @@ def run(config, workdir: str) -> dict:
       'rows': rows,
       'pairs': len(pairs),
       'wall_s': train_s,
-      'history': result.history,
     },
     'eval_wall_s': time.time() - start - train_s,
   }

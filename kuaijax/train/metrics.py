@@ -88,3 +88,16 @@ class Progress:
 
   def close(self):
     self._bar.close()
+
+
+def plot_loss_curve(train_workdir: str, png_path: str) -> None:
+  """The training loss of `train_workdir/metrics.jsonl` (resumed runs included) as a PNG."""
+  from matplotlib.figure import Figure
+
+  records = [r for r in read_metrics(train_workdir) if 'loss' in r]
+  fig = Figure(figsize=(5, 3.5))
+  ax = fig.add_subplot()
+  ax.plot([r['step'] for r in records], [r['loss'] for r in records])
+  ax.set(xlabel='step', ylabel='training loss', yscale='log')
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=80)
