@@ -40,8 +40,8 @@ NUM_FEATURES = 4
 
 def check_shared_head(model) -> None:
   """Raises unless the model has one final norm and one output head shared by all layers."""
-  missing = [a for a in ('final_norm', 'output_head', 'layers', 'layer_step', 'layer_kv')]
-  missing = [a for a in missing if not hasattr(model, a)]
+  needed = ('final_norm', 'output_head', 'layers', 'layer_step', 'layer_kv')
+  missing = [a for a in needed if not hasattr(model, a)]
   if missing:
     raise ValueError(
       f'early exit reads intermediate layers through the shared final norm and LM head; '
