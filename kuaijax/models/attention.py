@@ -166,6 +166,18 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(c.head_dim, eps=c.norm_eps, param_dtype=pd, rngs=rngs)
       self.k_norm = RMSNorm(c.head_dim, eps=c.norm_eps, param_dtype=pd, rngs=rngs)
 
+  def project_kv(self, x, positions) -> tuple[jax.Array, jax.Array]:
+    """The keys (rotated) and values [b, l, kv_heads, head_dim] that x [b, l, d] writes to a cache."""
+    dt = self.dtype
+    k = dense(x, self.wk[...].astype(dt))
+    v = dense(x, self.wv[...].astype(dt))
+    if hasattr(self, 'bk'):
+      k, v = k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+    if hasattr(self, 'k_norm'):
+      k = self.k_norm(k)
+    k = rope(k, positions, self.k_bases, self.llama3_scaling)
+    return constrain(k, ('batch', 'length', 'kv_heads', 'kv')), v
+
   def __call__(
     self, x, positions, segment_ids, cache: KVCache | None = None, *, commit: bool = True
   ):
@@ -177,20 +189,13 @@ class Attention(nnx.Module):
     """
     dt = self.dtype
     q = dense(x, self.wq[...].astype(dt))
-    k = dense(x, self.wk[...].astype(dt))
-    v = dense(x, self.wv[...].astype(dt))
     if hasattr(self, 'bq'):
-      q, k, v = (
-        q + self.bq[...].astype(dt),
-        k + self.bk[...].astype(dt),
-        v + self.bv[...].astype(dt),
-      )
+      q = q + self.bq[...].astype(dt)
     if hasattr(self, 'q_norm'):
-      q, k = self.q_norm(q), self.k_norm(k)
+      q = self.q_norm(q)
     q = rope(q, positions, self.q_bases, self.llama3_scaling)
-    k = rope(k, positions, self.k_bases, self.llama3_scaling)
     q = constrain(q, ('batch', 'length', 'heads', 'kv'))
-    k = constrain(k, ('batch', 'length', 'kv_heads', 'kv'))
+    k, v = self.project_kv(x, positions)
     b, length = x.shape[:2]
     q_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     if cache is None:

@@ -284,12 +284,14 @@ class Transformer(nnx.Module):
     segment_ids: jax.Array | None = None,
     caches: Sequence[KVCache] | None = None,
     return_hidden: bool = False,
+    return_layers: bool = False,
   ):
     """tokens [b, l] -> (logits [b, l, vocab] float32 (or final hidden states), extras).
 
     `extras` holds `mlp_aux` (one dict per layer; for multi-evaluation stacks the elementwise mean
     over the layer's block evaluations), `caches` (updated, or None) and `hidden` (the normalised
-    final hidden states, for chunked log-prob kernels that apply the head themselves).
+    final hidden states, for chunked log-prob kernels that apply the head themselves); with
+    `return_layers`, also `layers`: the residual stream after each layer (before the final norm).
     """
     b, length = tokens.shape
     if segment_ids is None:
@@ -306,7 +308,7 @@ class Transformer(nnx.Module):
         'use model.init_caches'
       )
     history = self.stack.init_history(x)
-    mlp_aux, new_caches = [], []
+    mlp_aux, new_caches, layer_states = [], [], []
     for i, block in enumerate(self.layers):
       if caches is None and self.config.remat != 'none':
         # The whole layer (all RK stages, predictor and corrector) is one checkpointed function.
@@ -320,16 +322,34 @@ class Transformer(nnx.Module):
         )
         new_caches.extend(layer_caches or ())
       mlp_aux.append(aux)
+      layer_states.append(x)
     hidden = self.final_norm(x)
     extras = {
       'mlp_aux': mlp_aux,
       'caches': None if caches is None else new_caches,
       'hidden': hidden,
     }
+    if return_layers:
+      extras['layers'] = layer_states
     if return_hidden:
       return hidden, extras
     logits = dense(hidden, self.output_head().astype(hidden.dtype)).astype(jnp.float32)
     return constrain(logits, ('batch', 'length', 'vocab')), extras
+
+  def layer_step(self, i: int, x, positions, segment_ids, cache: KVCache):
+    """Layer i alone on residual states x with its KV cache -> (x, cache); vanilla stack only.
+
+    With `layer_kv`, what early-exit decoding needs to run (or skip) the layers one at a time.
+    """
+    if self.config.stack_spec.kind != 'vanilla':
+      raise ValueError(f'layer_step needs model.stack=vanilla, got {self.config.stack!r}')
+    x, _, _, caches = self.stack.step(i, self.layers[i], x, (), positions, segment_ids, [cache])
+    return x, caches[0]
+
+  def layer_kv(self, i: int, x, positions) -> tuple[jax.Array, jax.Array]:
+    """The keys/values layer i would cache for residual states x (its attention input is norm(x))."""
+    block = self.layers[i]
+    return block.attn.project_kv(block.attn_norm(x), positions)
 
   def init_caches(self, batch: int, max_len: int, dtype=None) -> list[KVCache]:
     """Empty KV caches for decoding up to `max_len` tokens: one per layer (times the block
