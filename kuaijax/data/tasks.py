@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 from kuaijax.data import arith, sources
+from kuaijax.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,23 +60,19 @@ def load_kj_arith(
   return records
 
 
-TASKS: dict[str, Task] = {
-  'kj_arith': Task(
+TASKS = Registry('task')
+get_task = TASKS.lookup
+
+
+def register_task(name: str, task: Task) -> Task:
+  return TASKS.register(name)(task)
+
+
+register_task(
+  'kj_arith',
+  Task(
     load=load_kj_arith,
     is_correct=lambda text, record: arith.check_answer(text, int(record['answer'])),
     group='level',
   ),
-}
-
-
-def register_task(name: str, task: Task) -> Task:
-  if name in TASKS:
-    raise ValueError(f'task {name!r} is already registered')
-  TASKS[name] = task
-  return task
-
-
-def get_task(name: str) -> Task:
-  if name not in TASKS:
-    raise ValueError(f'data task {name!r} is not one of {sorted(TASKS)}')
-  return TASKS[name]
+)
