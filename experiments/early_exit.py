@@ -21,10 +21,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from kuaijax import plotting, sampling
-from kuaijax.data import arith
-from kuaijax.evals import arith_accuracy
+from kuaijax.data import arith, sequences, tasks, tokenizers
 from kuaijax.inference import early_exit
-from kuaijax.train import lm_task, sft_task
+from kuaijax.train import lm_task
 from kuaijax.train.trainer import train, write_results
 
 
@@ -41,7 +40,8 @@ def _settings(config) -> list[tuple[str, str, float]]:
 
 def _batches(problems, tokenizer, seq_len):
   """Unpacked LM rows (one gold solution each) as one batch dict, loss on the solution."""
-  rows, _ = sft_task.sft_examples(problems, tokenizer, seq_len, pack=False)
+  pairs = [(arith.format_prompt(p.question), p.solution) for p in problems]
+  rows, _ = sequences.supervised_rows(pairs, tokenizer, seq_len, pack=False)
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
@@ -61,16 +61,14 @@ def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   settings = _settings(config)
   dc, ec = config.data, config.eval
-  tokenizer = sft_task.get_tokenizer(dc)
-  train_problems = sft_task.load_problems(
-    'train', levels=tuple(dc.train_levels), limit=dc.train_examples, data_dir=dc.data_dir or None
+  tokenizer = tokenizers.get_tokenizer(dc.tokenizer, spm_model_path=dc.spm_model_path or None)
+  train_problems = tasks.load_arith_problems(
+    'train', levels=tuple(dc.train_levels), limit=dc.train_examples or 0, data_dir=dc.data_dir
   )
-  dataset, _ = sft_task.sft_dataset(
-    train_problems,
-    tokenizer,
-    seq_len=dc.seq_len,
-    batch_size=config.train.batch_size // jax.process_count(),
-    seed=dc.seed,
+  pairs = [(arith.format_prompt(p.question), p.solution) for p in train_problems]
+  train_rows, _ = sequences.supervised_rows(pairs, tokenizer, dc.seq_len)
+  dataset = sequences.in_memory_dataset(
+    train_rows, batch_size=config.train.batch_size // jax.process_count(), seed=dc.seed
   )
   result = train(
     config,
@@ -84,8 +82,8 @@ def run(config, workdir: str) -> dict:
   num_layers = config.model.num_layers
   test = []
   for level in ec.levels:
-    test += sft_task.load_problems(
-      'test', levels=(level,), limit=ec.problems_per_level, data_dir=dc.data_dir or None
+    test += tasks.load_arith_problems(
+      'test', levels=(level,), limit=ec.problems_per_level, data_dir=dc.data_dir
     )
   teacher = _batches(test, tokenizer, ec.score_len)
   analysis = early_exit.layer_analysis(model, [teacher])
@@ -98,8 +96,8 @@ def run(config, workdir: str) -> dict:
     model, gate_rows['inputs'], gate_rows['positions'], gate_rows['segment_ids']
   )
   gate = early_exit.fit_gate(gate_logits, jnp.asarray(gate_rows['loss_mask']))
-  prompts, lengths = arith_accuracy.prompt_batch(
-    tokenizer, [p.question for p in test], ec.prompt_len
+  prompts, lengths = sequences.prompt_batch(
+    tokenizer, [arith.format_prompt(p.question) for p in test], ec.prompt_len
   )
   common = dict(
     max_new_tokens=ec.max_new_tokens, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id
@@ -110,7 +108,7 @@ def run(config, workdir: str) -> dict:
     options = dict(rule=rule, threshold=threshold, gate=gate if rule == 'gate' else None)
     out = early_exit.early_exit_generate(model, prompts, lengths, **options, **common)
     tokens, gen_lengths, used = jax.device_get((out.tokens, out.lengths, out.layers_used))
-    texts = arith_accuracy.decode_completions(tokenizer, tokens, gen_lengths)
+    texts = sequences.decode_completions(tokenizer, tokens, gen_lengths)
     accuracy = float(np.mean([arith.check_answer(t, p.answer) for t, p in zip(texts, test)]))
     real = np.arange(used.shape[1])[None] < gen_lengths[:, None]
     exits = early_exit.exit_layers(logits, **options)

@@ -27,9 +27,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from kuaijax import plotting
-from kuaijax.data import arith
+from kuaijax.data import arith, sequences, tasks, tokenizers
 from kuaijax.inference import aggregate, answers, multi_run
-from kuaijax.train import lm_task, sft_task
+from kuaijax.train import lm_task
 from kuaijax.train.trainer import train, write_results
 
 SCENARIOS = ('trigger', 'mixed')
@@ -157,22 +157,11 @@ def training_texts(problems, words, config, rng: random.Random) -> list[tuple[st
 def train_model(config, workdir: str, pairs, tokenizer):
   """SFT on (prompt, completion) pairs: packed rows, loss on completions only."""
   seq_len = config.data.seq_len
-  sequences = []
-  for prompt, completion in pairs:
-    encoded = sft_task.encode_sequence(
-      np.concatenate([[tokenizer.bos_id], tokenizer.encode_array(prompt)]).astype(np.int32),
-      sft_task.completion_ids(tokenizer, completion),
-      seq_len,
-      tokenizer.pad_id,
-    )
-    if encoded is None:
-      raise ValueError(f'a training example is longer than data.seq_len={seq_len}')
-    tokens, mask = encoded
-    n = int(np.flatnonzero(tokens != tokenizer.pad_id).max()) + 1
-    sequences.append((tokens[:n], mask[:n]))
-  rows = sft_task.pack_sequences(sequences, seq_len, tokenizer.pad_id)
+  rows, dropped = sequences.supervised_rows(pairs, tokenizer, seq_len)
+  if dropped:
+    raise ValueError(f'{dropped} training examples are longer than data.seq_len={seq_len}')
   micro = config.train.batch_size // config.train.grad_accum // jax.process_count()
-  dataset = sft_task.in_memory_dataset(rows, batch_size=micro, seed=config.data.seed)
+  dataset = sequences.in_memory_dataset(rows, batch_size=micro, seed=config.data.seed)
   result = train(
     config,
     os.path.join(workdir, 'sft'),
@@ -188,8 +177,8 @@ def eval_items(config) -> dict[str, list[Item]]:
   ec = config.eval
   problems = []
   for level in ec.levels:
-    problems += sft_task.load_problems(
-      'test', levels=(level,), limit=ec.problems_per_level, data_dir=config.data.data_dir or None
+    problems += tasks.load_arith_problems(
+      'test', levels=(level,), limit=ec.problems_per_level, data_dir=config.data.data_dir
     )
   train_words = {q for q, _, _ in word_problems(0, config.data.word_examples)}
   words = word_problems(2, ec.word_questions, exclude=train_words)
@@ -373,10 +362,10 @@ def run(config, workdir: str) -> dict:
   bad_k = [k for k in config.eval.ks if not isinstance(k, int) or k < 1]
   if bad_k or not config.eval.ks:
     raise ValueError(f'eval.ks must be ints >= 1, got {tuple(config.eval.ks)}')
-  tokenizer = sft_task.get_tokenizer(config.data)
   dc = config.data
-  problems = sft_task.load_problems(
-    'train', levels=tuple(dc.train_levels), limit=dc.train_examples, data_dir=dc.data_dir or None
+  tokenizer = tokenizers.get_tokenizer(dc.tokenizer, spm_model_path=dc.spm_model_path or None)
+  problems = tasks.load_arith_problems(
+    'train', levels=tuple(dc.train_levels), limit=dc.train_examples or 0, data_dir=dc.data_dir
   )
   words = word_problems(0, dc.word_examples)
   pairs = training_texts(problems, words, config, random.Random(dc.seed))

@@ -60,6 +60,14 @@ def load_kj_arith(
   return records
 
 
+def load_arith_problems(
+  split: str, *, data_dir: str = '', limit: int = 0, levels: Sequence[int] = arith.LEVELS
+) -> list[arith.ArithProblem]:
+  """`load_kj_arith` as `arith.ArithProblem`s (for experiments that work on problems directly)."""
+  records = load_kj_arith(split, data_dir=data_dir, limit=limit, levels=levels)
+  return [arith.record_problem(r) for r in records]
+
+
 TASKS = Registry('task')
 get_task = TASKS.lookup
 
