@@ -259,7 +259,7 @@ def test_notebook_runs_the_comparison(tmp_path):
     for o in cell.get('outputs', [])
     if o.get('output_type') == 'display_data' and 'image/png' in o.get('data', {})
   ]
-  assert len(shown) == 2, 'both plots are shown'
+  assert len(shown) == 3, 'the three plots are shown'
 
 
 @pytest.mark.slow
