@@ -232,7 +232,7 @@ def _apply(x, router_w, w1, w3, w2, *shared, cfg):
 
 def plot_cost(summaries: dict, path: str) -> None:
   """Time and time per selected pair vs mean k over the p sweep, one panel per case."""
-  fig = Figure(figsize=(5 * len(summaries), 4))
+  fig = Figure(figsize=(6 * len(summaries), 4), layout='constrained')
   axes = fig.subplots(1, len(summaries), squeeze=False)[0]
   for ax, (name, s) in zip(axes, summaries.items()):
     ks = [r['mean_k'] for r in s['p_sweep']]
