@@ -221,3 +221,41 @@ def grm_examples(
       )
   stats['examples'] = len(examples)
   return examples, stats
+
+
+def _dedupe_key(text: str) -> str:
+  """The original's identity of two correct samples: the text without newlines, spaces and dots."""
+  return text.replace('\n', '').replace(' ', '').replace('.', '')
+
+
+def usable_samples(
+  problem_ids: Sequence, cases: Sequence[Case], edits: Sequence[Edit]
+) -> tuple[list[int], dict]:
+  """Indices of the samples RLMEC trains on, and counts of what was dropped.
+
+  A wrong sample is used iff its rewrite reaches the gold answer (else 'dropped_unreached');
+  correct samples are de-duplicated per problem ('duplicates'); 'problems_without_sample' counts
+  problems none of whose samples is used.
+  """
+  if not len(problem_ids) == len(cases) == len(edits):
+    raise ValueError(f'{len(problem_ids)} problem ids, {len(cases)} cases, {len(edits)} edits')
+  keep, seen = [], set()
+  stats = {'samples': len(cases), 'correct': 0, 'wrong': 0, 'dropped_unreached': 0, 'duplicates': 0}
+  for i, (pid, case, edit) in enumerate(zip(problem_ids, cases, edits)):
+    if edit.error_step == 0:
+      key = (pid, _dedupe_key(case.prediction))
+      if key in seen:
+        stats['duplicates'] += 1
+        continue
+      seen.add(key)
+      stats['correct'] += 1
+    elif reaches_gold(case, edit):
+      stats['wrong'] += 1
+    else:
+      stats['dropped_unreached'] += 1
+      continue
+    keep.append(i)
+  used = {problem_ids[i] for i in keep}
+  stats['problems_without_sample'] = len(set(problem_ids) - used)
+  stats['used'] = len(keep)
+  return keep, stats

@@ -162,3 +162,29 @@ def test_copy_rate():
   cases = [wrong] * 300 + [right] * 900
   _, stats = minimum_edit.grm_examples(cases, minimum_edit.ProgramTeacher()(cases), seed=0)
   assert stats['rewritten'] == 300 and abs(stats['copy'] / 900 - 0.25) < 0.05
+
+
+def test_usable_samples():
+  right = '[1] 4*5=20\n[2] 20-3=17\nThe answer is 17'
+  wrong = '[1] 4*5=20\n[2] 20-3=18\nThe answer is 18'
+  cases = [
+    case(right),
+    case(right.replace('\n', ' \n') + '.'),
+    case(wrong),
+    case(wrong),
+    case(right),
+  ]
+  edits = minimum_edit.ProgramTeacher()(cases)
+  edits[3] = Edit(2, wrong, 'unchanged')  # a rewrite that misses the gold answer
+  ids = ['a', 'a', 'a', 'b', 'c']
+  keep, stats = minimum_edit.usable_samples(ids, cases, edits)
+  assert keep == [0, 2, 4]
+  assert stats == {
+    'samples': 5,
+    'correct': 2,
+    'wrong': 1,
+    'dropped_unreached': 1,
+    'duplicates': 1,
+    'problems_without_sample': 1,
+    'used': 3,
+  }
