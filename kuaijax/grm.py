@@ -9,8 +9,9 @@
   length-bucketed padded batches through `sampling.score` (the `token_logprobs` kernel: no
   [B, L, V] logits). With the rewrite prompt as prompt and the ORIGINAL sample as completion, p_t =
   exp(log-prob) is how likely the GRM is to keep token y_t.
-- `token_rewards`: r_t = clip(p_t - 0.5, -0.1, 0) for wrong samples, clip(p_t - 0.5, 0, 0.5) for
-  correct ones; imitation weights of the rewrite tokens come from `kuaijax.data.edits`.
+- `token_rewards`: from p_t, r_t = clip(p_t - 0.5, -0.1, 0) for wrong samples and
+  clip(p_t - 0.5, 0, 0.5) for correct ones; imitation weights of the rewrite tokens come from
+  `kuaijax.data.edits`.
 - GRM quality: `changed_tokens` (sample tokens a rewrite does not keep), `edit_distance`,
   `reward_auc`; speed: `benchmark_scoring` (scoring vs a plain forward pass of the same batches).
 """
@@ -218,23 +219,23 @@ def score_completions(
   return out, stats
 
 
-def token_rewards(keep_logps: Sequence[np.ndarray], correct: Sequence[bool]) -> list[np.ndarray]:
-  """RLMEC token rewards from the GRM's log keep-probabilities of each sample's tokens.
+def token_rewards(keep_probs: Sequence[np.ndarray], correct: Sequence[bool]) -> list[np.ndarray]:
+  """RLMEC token rewards from the GRM's keep-probabilities p_t of each sample's tokens.
 
-  p_t = exp(log p_t); wrong samples r_t = clip(p_t - 0.5, -0.1, 0), correct samples
-  clip(p_t - 0.5, 0, 0.5) (`kuaijax.losses.rl.rlmec_token_rewards`, one padded call).
+  Wrong samples r_t = clip(p_t - 0.5, -0.1, 0), correct samples clip(p_t - 0.5, 0, 0.5)
+  (`kuaijax.losses.rl.rlmec_token_rewards`, one padded call).
   """
-  if len(keep_logps) != len(correct):
-    raise ValueError(f'{len(keep_logps)} log-prob arrays but {len(correct)} correctness flags')
-  if not len(keep_logps):
+  if len(keep_probs) != len(correct):
+    raise ValueError(f'{len(keep_probs)} probability arrays but {len(correct)} correctness flags')
+  if not len(keep_probs):
     return []
-  width = max(1, max(len(x) for x in keep_logps))
-  probs = np.zeros((len(keep_logps), width), np.float32)
+  width = max(1, max(len(x) for x in keep_probs))
+  probs = np.zeros((len(keep_probs), width), np.float32)
   mask = np.zeros_like(probs)
-  for r, x in enumerate(keep_logps):
-    probs[r, : len(x)], mask[r, : len(x)] = np.exp(x), 1.0
+  for r, x in enumerate(keep_probs):
+    probs[r, : len(x)], mask[r, : len(x)] = x, 1.0
   rewards = np.asarray(rl.rlmec_token_rewards(probs, jnp.asarray(np.asarray(correct, bool)), mask))
-  return [rewards[r, : len(x)].copy() for r, x in enumerate(keep_logps)]
+  return [rewards[r, : len(x)].copy() for r, x in enumerate(keep_probs)]
 
 
 def changed_tokens(sample: Sequence[int], rewrite: Sequence[int]) -> np.ndarray:

@@ -28,8 +28,8 @@ def case(prediction):
 
 
 def test_token_rewards_formula():
-  p = np.array([1.0, 0.9, 0.55, 0.5, 0.45, 0.3, 1e-30])
-  wrong, right = grm.token_rewards([np.log(p), np.log(p[:3])], [False, True])
+  p = np.array([1.0, 0.9, 0.55, 0.5, 0.45, 0.3, 0.0])
+  wrong, right = grm.token_rewards([p, p[:3]], [False, True])
   np.testing.assert_allclose(wrong, [0, 0, 0, 0, -0.05, -0.1, -0.1], atol=1e-6)
   np.testing.assert_allclose(right, [0.5, 0.4, 0.05], atol=1e-6)
   assert grm.token_rewards([], []) == []
