@@ -19,10 +19,10 @@ import jax
 from flax import nnx
 
 from kuaijax import grm
-from kuaijax.data import minimum_edit
-from kuaijax.evals import arith_accuracy
+from kuaijax.data import minimum_edit, sequences, tasks, tokenizers
+from kuaijax.evals.task_accuracy import sample_completions
 from kuaijax.train import checkpoint as ckpt_lib
-from kuaijax.train import lm_task, sft_task
+from kuaijax.train import lm_task
 from kuaijax.train.trainer import param_layout, write_results
 
 
@@ -47,16 +47,16 @@ def _timed(fn):
 def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   bc, dc = config.bench, config.data
-  tokenizer = sft_task.get_tokenizer(dc)
+  tokenizer = tokenizers.get_tokenizer(dc.tokenizer, spm_model_path=dc.spm_model_path or None)
   model = _model(config)
-  problems = sft_task.load_problems(
-    'train', levels=tuple(dc.train_levels), limit=bc.problems, data_dir=dc.data_dir or None
+  records = tasks.get_task('kj_arith').load(
+    'train', levels=tuple(dc.levels), limit=bc.problems, data_dir=dc.data_dir
   )
   rollouts, seconds = _timed(
-    lambda: arith_accuracy.sample_solutions(
+    lambda: sample_completions(
       model,
       tokenizer,
-      problems,
+      [r['prompt'] for r in records],
       num_samples=bc.num_samples,
       temperature=bc.temperature,
       top_p=bc.top_p,
@@ -68,9 +68,9 @@ def run(config, workdir: str) -> dict:
   tokens = sum(len(r.tokens) for r in rollouts)
   rows = {'sampling': (len(rollouts), tokens, seconds)}
   cases = [
-    minimum_edit.Case(p.question, p.solution, str(p.answer), r.text)
-    for r in rollouts
-    for p in [problems[r.problem_index]]
+    minimum_edit.Case(r['question'], r['completion'], str(r['answer']), s.text)
+    for s in rollouts
+    for r in [records[s.index]]
   ]
   teacher = grm.ModelTeacher(
     model,
@@ -84,7 +84,7 @@ def run(config, workdir: str) -> dict:
   _, seconds = _timed(lambda: teacher(cases))
   tokens = teacher.stats['locate/tokens'] + teacher.stats['rewrite/tokens']
   rows['GRM rewriting'] = (len(cases), tokens, seconds)
-  prompts = [grm.encode_prompt(tokenizer, teacher.prompts.rewrite_prompt(c)) for c in cases]
+  prompts = [sequences.prompt_ids(tokenizer, teacher.prompts.rewrite_prompt(c)) for c in cases]
   samples = [r.tokens for r in rollouts]
   score = lambda: grm.score_completions(model, prompts, samples, batch_size=bc.batch_size)
   (_, stats), seconds = _timed(score)

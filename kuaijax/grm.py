@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from kuaijax import sampling
-from kuaijax.data import edits, minimum_edit
+from kuaijax.data import edits, minimum_edit, sequences
 from kuaijax.losses import rl
 
 _WIDTH_MULTIPLE = 64  # padded widths are multiples of this: few shapes, few compilations
@@ -37,11 +37,6 @@ _WIDTH_MULTIPLE = 64  # padded widths are multiples of this: few shapes, few com
 
 def _round_up(x: int, multiple: int = _WIDTH_MULTIPLE) -> int:
   return max(multiple, -(-int(x) // multiple) * multiple)
-
-
-def encode_prompt(tokenizer, text: str) -> np.ndarray:
-  """`[bos] + tokens(text)` as int32 (the layout every kuaijax prompt uses)."""
-  return np.concatenate([[tokenizer.bos_id], tokenizer.encode_array(text)]).astype(np.int32)
 
 
 def greedy_continue(
@@ -103,7 +98,7 @@ class ModelTeacher:
 
   def _run(self, texts: list[str], max_new_tokens: int, phase: str) -> list[str | None]:
     """Greedy continuations of prompt texts (None for a prompt that does not fit)."""
-    encoded = [encode_prompt(self.tokenizer, t) for t in texts]
+    encoded = [sequences.prompt_ids(self.tokenizer, t) for t in texts]
     fits = [i for i, e in enumerate(encoded) if len(e) <= self.max_prompt_len]
     outs, stats = greedy_continue(
       self.model,

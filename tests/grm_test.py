@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from kuaijax import grm, sampling
-from kuaijax.data import minimum_edit, tokenizers
+from kuaijax.data import minimum_edit, sequences, tokenizers
 from kuaijax.data.minimum_edit import Case, Edit
 from kuaijax.models.transformer import Transformer, TransformerConfig
 
@@ -134,7 +134,7 @@ def test_model_teacher_with_a_tiny_model(model):
   def greedy(
     text, n
   ):  # one prompt, generated directly (same shapes: the compiled program is reused)
-    ids = grm.encode_prompt(TOK, text)
+    ids = sequences.prompt_ids(TOK, text)
     rows = np.zeros((2, -(-len(ids) // 64) * 64), np.int32)
     rows[:, : len(ids)] = ids
     gen = sampling.generate(

@@ -21,7 +21,7 @@ def get_config(arg=None):
       data_dir='',  # '' -> $KUAIJAX_DATA_DIR or ~/tensorflow_datasets
       tokenizer='byte',
       spm_model_path='',
-      train_levels=(1, 2, 3, 4),
+      levels=(1, 2, 3, 4),
       prompt_len=288,
       max_new_tokens=128,
     )
@@ -54,7 +54,7 @@ def get_config(arg=None):
     )
   )
   if args.runlocal:
-    config.data.update(train_levels=(1, 2), prompt_len=224, max_new_tokens=96)
+    config.data.update(levels=(1, 2), prompt_len=224, max_new_tokens=96)
     config.model.update(
       d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=384, dtype='float32'
     )
