@@ -240,7 +240,8 @@ def teacher_stage(stage) -> dict:
 def grm_quality(reference: list[dict], judged: list[dict], tokenizer) -> dict:
   """A model teacher's verdicts against a reference teacher's, on the same wrong samples.
 
-  locate_accuracy: the same first wrong step; rewrite_success: the model's rewrite reaches the gold
+  locate_accuracy: the same first wrong step, parsed from the model's own answer (a fallback k
+  after an unparsable or out-of-range answer counts as wrong); rewrite_success: the model's rewrite reaches the gold
   answer; edit_distance / reference_edit_distance: mean token edit distance from the sample to the
   model's / the reference's rewrite, over samples where both reach gold, and their ratio (1 = as
   minimal as the reference).
@@ -253,7 +254,8 @@ def grm_quality(reference: list[dict], judged: list[dict], tokenizer) -> dict:
       raise ValueError('compare: the two teacher stages judged different samples')
     if ref['error_step'] == 0:
       continue
-    same.append(ref['error_step'] == got['error_step'])
+    located = got['note'] not in ('locate_unparsed', 'locate_out_of_range', 'prompt_too_long')
+    same.append(located and ref['error_step'] == got['error_step'])
     success.append(bool(got['reaches_gold']))
     if got['reaches_gold'] and ref['reaches_gold']:
       sample = tokenizer.encode(got['completion'])
