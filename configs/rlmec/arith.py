@@ -227,10 +227,10 @@ def get_config(arg=None):
     config.model.update(
       d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=768, dtype='float32'
     )
-    sizes = dict(sft=(3000, 32, 2e-3), grm=(1500, 32, 1e-3))
+    sizes = dict(sft=(2000, 32, 2e-3), grm=(1000, 32, 1e-3))
     post_steps, post_bs, post_lr = 100, 32, 5e-5
     s.samples.update(limit=1000, offset=0, batch_size=250)
-    config.evals.arith.update(per_group=200, batch_size=200)
+    config.evals.arith.update(per_group=100, batch_size=150)
     for name in ('teacher', 'grm_rewrite', 'rewards', 'prog_rewards'):
       s[name].batch_size = 250
   elif args.runlocal:
