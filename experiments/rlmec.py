@@ -230,8 +230,8 @@ def run(config, workdir: str) -> dict:
   for seed in config.seeds:
     seed_dir = os.path.join(workdir, f'seed_{seed}')
     per_seed[seed] = run_pipeline(seed_config(config, seed, sft_path), seed_dir)
-    if not sft_path and 'sft' in per_seed[seed]:
-      sft_path = per_seed[seed]['sft']['params']
+    if not sft_path and 'sft' in per_seed[seed]:  # a stage's own params path is relative to it
+      sft_path = os.path.join(seed_dir, per_seed[seed]['sft']['params'])
   results = {**summarise(per_seed, config), 'wall_s': time.time() - start}
   results['per_seed'] = {
     seed: {name: {k: v for k, v in info.items() if k != 'block'} for name, info in stages.items()}
