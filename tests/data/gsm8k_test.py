@@ -3,7 +3,7 @@ import pathlib
 
 import pytest
 
-from kuaijax.data import gsm8k, sources
+from kuaijax.data import gsm8k, sources, tasks
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures'
 
@@ -60,3 +60,14 @@ def test_errors_name_file_and_line(tmp_path):
     path.write_text(f'{good}\n\n{line}\n')
     with pytest.raises(ValueError, match=f'bad.jsonl:3: .*{message}'):
       gsm8k.load_gsm8k(path)
+
+
+def test_gsm8k_task():
+  task = tasks.get_task(f'gsm8k:{FIXTURES}/gsm8k_{{split}}.jsonl')
+  records = task.load('test', limit=4)
+  assert len(records) == 4
+  assert records[1]['prompt'] == f'Question: {records[1]["question"]}\nSolution:\n'
+  assert records[1]['completion'].endswith('1200 pens.\nThe answer is 1200')
+  assert all(task.is_correct(r['completion'], r) for r in records)
+  assert not task.is_correct('The answer is 1,201', records[1])
+  assert task.is_correct('so $1,200.00 in all. The answer is 1,200.', records[1])
