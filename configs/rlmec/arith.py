@@ -11,7 +11,8 @@ prog_rewards -> rlmec_prog. Seeds after the first reuse the first seed's SFT pol
 runlocal (2 CPU cores; byte tokens, 0.2M-parameter policy, levels 1-2 trained, level 3 held out;
 wall time and numbers: not recorded yet):
   python -m kuaijax.main --config=configs/rlmec/arith.py:runlocal --workdir=workdirs/rlmec_arith
-gpu (one GPU; 3.2M parameters; wall time and numbers: not recorded yet):
+gpu (one GPU; 3.2M parameters; seed 0 on an H200: 5 min 51 s wall, every row 65-67% over levels
+1-3 (100 / ~92 / ~7%), RLMEC within the sampling spread of SFT; see the README):
   python -m kuaijax.main --config=configs/rlmec/arith.py:gpu --workdir=workdirs/rlmec_arith_gpu
 full scale (the paper's hyper-parameters on a ~76M model, levels 1-4 trained; not run):
   python -m kuaijax.main --config=configs/rlmec/arith.py --workdir=gs://.../rlmec_arith
