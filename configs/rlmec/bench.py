@@ -1,8 +1,10 @@
 """Speed of RLMEC's offline stages: sampling, GRM rewriting, reward scoring (and scoring vs forward).
 
-CPU (the runlocal model sizes of configs/rlmec/arith.py; 2 CPU cores): wall time not recorded yet
+CPU (0.84M parameters, 32 samples; 2 shared CPU cores): 2 min 4 s wall; scoring / plain forward
+tokens/s ratio 0.96 (experiments/rlmec/README.md)
   python -m kuaijax.main --config=configs/rlmec/bench.py:runlocal --workdir=/tmp/kj_bench_rlmec
-GPU (a ~25M-parameter model, bf16): wall time and numbers not recorded yet
+GPU (a ~25M-parameter model, bf16): not recorded (on an H200 the Pallas token_logprobs kernel
+failed for this shape and the run did not finish in its slot; see the README)
   python -m kuaijax.main --config=configs/rlmec/bench.py --workdir=/tmp/kj_bench_rlmec
 A trained GRM instead of a random model: add --config.init_from=<workdir of a grm_train stage>.
 """
