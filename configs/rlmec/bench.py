@@ -6,7 +6,7 @@ tokens/s ratio 0.96 (experiments/rlmec/README.md)
 GPU (a ~25M-parameter model, bf16): not recorded (on an H200 the Pallas token_logprobs kernel
 failed for this shape and the run did not finish in its slot; see the README)
   python -m kuaijax.main --config=configs/rlmec/bench.py --workdir=/tmp/kj_bench_rlmec
-A trained GRM instead of a random model: add --config.init_from=<workdir of a grm_train stage>.
+A trained GRM instead of a random model: add --config.init_from=<workdir>/seed_0/grm.
 """
 
 import ml_collections
