@@ -4,9 +4,10 @@ samples and online GRPO.
 Table: held-out accuracy by difficulty level per trained policy, sampled over several seeds
 (mean ± std) plus greedy (experiments/arith/README.md has our numbers).
 
-runlocal (0.84M-parameter byte-level policy trained on levels 1-2, evaluated on levels 1-3; ~16 min
-wall on 2 CPU cores shared with other jobs; SFT reaches ~43% on level 1 and ~6% on level 2, DPO,
-RFT, RLMEC and GRPO stay within the seed spread of it; see experiments/arith/README.md):
+runlocal (0.84M-parameter byte-level policy trained on levels 1-2, evaluated on levels 1-3). Recorded
+before the stage pipeline (same hyper-parameters, stages sft+dpo+grpo): 15 min 50 s wall on 2 CPU
+cores shared with other jobs; SFT ~43% on level 1, ~6% on level 2, DPO and GRPO within the seed
+spread of it (experiments/arith/README.md). The RFT and RLMEC rows on the pipeline: not recorded.
   python -m kuaijax.main --config=configs/arith/posttrain.py:runlocal --workdir=workdirs/arith_posttrain
 full scale (one GPU or TPU host; ~76M parameters, levels 1-4; not run yet):
   python -m kuaijax.main --config=configs/arith/posttrain.py --workdir=gs://.../arith_posttrain

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 import grain
 import numpy as np
 
+from kuaijax.registry import Registry
+
 _SERIAL_READ = grain.ReadOptions(num_threads=0)
 
 
@@ -151,19 +153,9 @@ def plain_chat_template(role: str, content: str) -> str:
 
 # name -> render(role, content) -> text of one turn (role markers included). Register more with
 # `register_chat_template`, e.g. a model's own template with its special tokens.
-CHAT_TEMPLATES: dict[str, Callable[[str, str], str]] = {'plain': plain_chat_template}
-
-
-def register_chat_template(name: str):
-  """Decorator: `@register_chat_template('mine') def render(role, content) -> str`."""
-
-  def register(render):
-    if name in CHAT_TEMPLATES:
-      raise ValueError(f'chat template {name!r} is already registered')
-    CHAT_TEMPLATES[name] = render
-    return render
-
-  return register
+# `@register_chat_template('mine') def render(role, content) -> str`.
+CHAT_TEMPLATES = Registry('chat template', {'plain': plain_chat_template})
+register_chat_template = CHAT_TEMPLATES.register
 
 
 def encode_chat(
@@ -176,11 +168,9 @@ def encode_chat(
   (only the final one) or 'user' (user turns: a query model). The mask is target-aligned as in
   `encode_sequence`; `pack_sequences` turns the pairs into rows.
   """
-  if template not in CHAT_TEMPLATES:
-    raise ValueError(f'chat template {template!r} is not one of {sorted(CHAT_TEMPLATES)}')
+  render = CHAT_TEMPLATES.lookup(template)
   if loss_on not in CHAT_LOSS_ON:
     raise ValueError(f'loss_on={loss_on!r} is not one of {list(CHAT_LOSS_ON)}')
-  render = CHAT_TEMPLATES[template]
   last = max((i for i, m in enumerate(messages) if m['role'] == 'assistant'), default=-1)
   tokens, scored = [np.array([tokenizer.bos_id], np.int32)], [np.zeros(1, bool)]
   for i, message in enumerate(messages):

@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 from kuaijax.data import arith, gsm8k, sources
+from kuaijax.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,20 +60,28 @@ def load_kj_arith(
   return records
 
 
-TASKS: dict[str, Task] = {
-  'kj_arith': Task(
+TASKS = Registry('task')
+
+
+def get_task(name: str) -> Task:
+  """A registered task, or 'gsm8k:/path/{split}.jsonl' (`gsm8k_task`)."""
+  if name.startswith(gsm8k.PREFIX):
+    return gsm8k_task(name.removeprefix(gsm8k.PREFIX))
+  return TASKS.lookup(name)
+
+
+def register_task(name: str, task: Task) -> Task:
+  return TASKS.register(name)(task)
+
+
+register_task(
+  'kj_arith',
+  Task(
     load=load_kj_arith,
     is_correct=lambda text, record: arith.check_answer(text, int(record['answer'])),
     group='level',
   ),
-}
-
-
-def register_task(name: str, task: Task) -> Task:
-  if name in TASKS:
-    raise ValueError(f'task {name!r} is already registered')
-  TASKS[name] = task
-  return task
+)
 
 
 def gsm8k_task(pattern: str) -> Task:
@@ -94,12 +103,3 @@ def gsm8k_task(pattern: str) -> Task:
     ]
 
   return Task(load=load, is_correct=lambda text, r: gsm8k.extract_answer(text) == r['answer'])
-
-
-def get_task(name: str) -> Task:
-  """A registered task, or 'gsm8k:/path/{split}.jsonl' (`gsm8k_task`)."""
-  if name.startswith(gsm8k.PREFIX):
-    return gsm8k_task(name.removeprefix(gsm8k.PREFIX))
-  if name not in TASKS:
-    raise ValueError(f'data task {name!r} is not one of {sorted(TASKS)}')
-  return TASKS[name]

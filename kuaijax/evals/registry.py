@@ -18,14 +18,15 @@ Register another with `register_evaluator('name')`: a builder `(options: dict, c
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from kuaijax.evals.base import Evaluator, Evaluators
+from kuaijax.evals.base import Evaluators
 from kuaijax.evals.lm_loss import LMEvaluator
 from kuaijax.evals.moe_stats import MoEStatsEvaluator
 from kuaijax.evals.multiple_choice import build_evaluator as build_multiple_choice
 from kuaijax.evals.passkey import PasskeyEvaluator
 from kuaijax.evals.task_accuracy import TaskAccuracyEvaluator, load_eval_records
+from kuaijax.registry import Registry
 
 
 @dataclasses.dataclass
@@ -41,17 +42,9 @@ class EvalContext:
   task_names: Sequence[str] = ()
 
 
-EVALUATORS: dict[str, Callable[[dict, EvalContext], Evaluator]] = {}
-
-
-def register_evaluator(name: str):
-  def register(builder):
-    if name in EVALUATORS:
-      raise ValueError(f'evaluator {name!r} is already registered')
-    EVALUATORS[name] = builder
-    return builder
-
-  return register
+# kind -> builder(options: dict, ctx: EvalContext) -> Evaluator | None
+EVALUATORS = Registry('evaluator')
+register_evaluator = EVALUATORS.register
 
 
 def _lm_batches(ctx: EvalContext, kind: str):
@@ -131,10 +124,9 @@ def build_evaluators(evals_config, ctx: EvalContext) -> Evaluators:
   for name, block in (evals_config or {}).items():
     options = dict(block.to_dict() if hasattr(block, 'to_dict') else block)
     kind = options.pop('type', name)
-    if kind not in EVALUATORS:
-      raise ValueError(f'evals.{name}.type={kind!r} is not one of {sorted(EVALUATORS)}')
+    builder = EVALUATORS.lookup(kind)
     try:
-      evaluator = EVALUATORS[kind](options, ctx)
+      evaluator = builder(options, ctx)
     except KeyError as e:
       raise ValueError(f'evals.{name} ({kind}) misses option {e}') from None
     if evaluator is not None:

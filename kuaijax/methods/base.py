@@ -22,6 +22,7 @@ import numpy as np
 
 from kuaijax.data.sequences import completion_ids
 from kuaijax.data.tasks import Task
+from kuaijax.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,26 +79,18 @@ class Method:
   token_fields: tuple[str, ...] = ('inputs',)
 
 
-METHODS: dict[str, type[Method]] = {}
+METHODS = Registry('method')
+get_method = METHODS.lookup
 
 
 def register_method(name: str):
   """Class decorator: `@register_method('rft') class RFT(Method): ...`."""
 
   def register(cls):
-    if name in METHODS:
-      raise ValueError(f'method {name!r} is already registered')
     cls.name = name
-    METHODS[name] = cls
-    return cls
+    return METHODS.register(name)(cls)
 
   return register
-
-
-def get_method(name: str) -> type[Method]:
-  if name not in METHODS:
-    raise ValueError(f'method {name!r} is not one of {sorted(METHODS)}')
-  return METHODS[name]
 
 
 def tokens_or_text(record: dict, key: str, tokenizer) -> np.ndarray:

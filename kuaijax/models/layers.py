@@ -8,7 +8,7 @@ in any layer without touching the transformer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from kuaijax.parallel import constrain
+from kuaijax.registry import Registry
 
 
 def param(
@@ -95,19 +96,8 @@ class SwiGLU(nnx.Module):
 
 
 # name -> factory(config, layer_index, rngs) returning a module called as `y, aux = mlp(x)`.
-MLP_REGISTRY: dict[str, Callable] = {}
-
-
-def register_mlp(name: str):
-  """Decorator registering a feed-forward factory under `name` (see module docstring)."""
-
-  def wrap(factory):
-    if name in MLP_REGISTRY:
-      raise ValueError(f'feed-forward {name!r} is registered twice')
-    MLP_REGISTRY[name] = factory
-    return factory
-
-  return wrap
+MLP_REGISTRY = Registry('feed-forward')
+register_mlp = MLP_REGISTRY.register  # decorator: @register_mlp('name') def factory(...)
 
 
 @register_mlp('swiglu')

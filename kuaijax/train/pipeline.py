@@ -197,7 +197,7 @@ def run_pipeline(config, workdir: str) -> dict[str, dict]:
     if os.path.exists(path):
       with open(path) as f:
         done[name] = json.load(f)
-      if done[name].get('block') != block.to_dict():
+      if done[name].get('block') != json.loads(json.dumps(block.to_dict())):
         logging.warning('stage %s finished earlier with a different config; kept as it is', name)
       continue
     start = time.time()

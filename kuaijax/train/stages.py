@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import zlib
-from collections.abc import Callable
 
 from flax import nnx
 
@@ -25,6 +24,7 @@ from kuaijax import parallel
 from kuaijax.data import records as records_lib
 from kuaijax.data import tasks
 from kuaijax.evals.task_accuracy import sample_completions
+from kuaijax.registry import Registry
 from kuaijax.train import checkpoint as ckpt_lib
 from kuaijax.train import lm_task
 from kuaijax.train.trainer import param_layout
@@ -33,25 +33,10 @@ TASK_PREFIX = 'task:'
 DATA_FILE = 'data.jsonl'
 STAGE_FILE = 'stage.json'
 
-STAGE_TYPES: dict[str, Callable] = {}
-
-
-def register_stage_type(name: str):
-  """Decorator: `@register_stage_type('teacher') def teacher(stage) -> dict: ...`."""
-
-  def register(fn):
-    if name in STAGE_TYPES:
-      raise ValueError(f'stage type {name!r} is already registered')
-    STAGE_TYPES[name] = fn
-    return fn
-
-  return register
-
-
-def get_stage_type(name: str) -> Callable:
-  if name not in STAGE_TYPES:
-    raise ValueError(f'stage type {name!r} is not one of {sorted(STAGE_TYPES)}')
-  return STAGE_TYPES[name]
+# name -> fn(stage) -> summary dict. `@register_stage_type('teacher') def teacher(stage): ...`
+STAGE_TYPES = Registry('stage type')
+register_stage_type = STAGE_TYPES.register
+get_stage_type = STAGE_TYPES.lookup
 
 
 def stage_seed(base: int, name: str) -> int:
