@@ -47,8 +47,11 @@ def read(workdir, stage):
 
 @pytest.mark.slow
 def test_pipeline_end_to_end(tmp_path):
-  config = tiny_config()
+  config = tiny_config(seeds=(0, 1))
   results = rlmec_exp.run(config, str(tmp_path))
+  # the second seed post-trains the first seed's SFT policy (imported, same evaluation)
+  assert results['per_seed'][1]['sft']['type'] == 'params'
+  assert results['rows']['sft']['accuracy'][1] == 0.0
   assert list(results['rows']) == ['sft', 'rlmec_prog', 'rlmec']
   assert os.path.exists(tmp_path / 'results.md') and os.path.exists(tmp_path / 'token_rewards.png')
   samples, teacher = read(tmp_path, 'samples'), read(tmp_path, 'teacher')
