@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
 
-from kuaijax.data import kj_arith, kj_lm_mixture
+from kuaijax.data import gsm8k, kj_arith, kj_lm_mixture
 
 # Builders generated on first use (importing their modules also registers them with tfds).
 _BUILDERS = {'kj_arith': kj_arith.KjArith, 'kj_lm_mixture': kj_lm_mixture.KjLmMixture}
@@ -83,6 +83,8 @@ def get_data_source(
   """
   if name.startswith(JSONL_PREFIX):
     return load_jsonl(name.removeprefix(JSONL_PREFIX).replace('{split}', split))
+  if name.startswith(gsm8k.PREFIX):
+    return gsm8k.load_gsm8k(name.removeprefix(gsm8k.PREFIX).replace('{split}', split))
   data_dir = str(data_dir or default_data_dir())
   if name in EMBEDDED:
     prepare_embedded(name, data_dir)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from kuaijax.data import arith, sources
+from kuaijax.data import arith, gsm8k, sources
 from kuaijax.registry import Registry
 
 
@@ -69,7 +69,13 @@ def load_arith_problems(
 
 
 TASKS = Registry('task')
-get_task = TASKS.lookup
+
+
+def get_task(name: str) -> Task:
+  """A registered task, or 'gsm8k:/path/{split}.jsonl' (`gsm8k_task`)."""
+  if name.startswith(gsm8k.PREFIX):
+    return gsm8k_task(name.removeprefix(gsm8k.PREFIX))
+  return TASKS.lookup(name)
 
 
 def register_task(name: str, task: Task) -> Task:
@@ -84,3 +90,24 @@ register_task(
     group='level',
   ),
 )
+
+
+def gsm8k_task(pattern: str) -> Task:
+  """GSM8K from local jsonl files ('/path/{split}.jsonl', `kuaijax.data.gsm8k`): prompt
+  `arith.format_prompt(question)`, completion the reasoning lines + "The answer is N"; a text is
+  correct iff its normalised final answer equals the record's."""
+
+  def load(split: str, *, data_dir: str = '', limit: int = 0, levels=()) -> list[dict]:
+    del data_dir, levels  # the path names the files; GSM8K has no levels
+    records = sources.get_data_source(gsm8k.PREFIX + pattern, split=split)
+    records = records[:limit] if limit else records
+    return [
+      {
+        **r,
+        'prompt': arith.format_prompt(r['question']),
+        'completion': f'{r["solution"]}\nThe answer is {r["answer"]}',
+      }
+      for r in records
+    ]
+
+  return Task(load=load, is_correct=lambda text, r: gsm8k.extract_answer(text) == r['answer'])

@@ -2,7 +2,7 @@
 
 Config:
   config.stages        'sft,samples,dpo' (',' or '+'): the stages to run, in order; the stages they
-                       depend on (through `init_from`, `reference`, `policy`, `data`) are added first.
+                       depend on (through the fields in `DEPENDENCY_FIELDS`) are added first.
   config.stage.<name>  one block per stage: `type` ('train', 'sample', 'params' or any registered
                        with `kuaijax.train.stages.register_stage_type`) and the type's options.
   config.seed          base seed; each stage's seeds are derived from its name (`stage_seed`).
@@ -12,7 +12,8 @@ Config:
 A 'train' stage: `method` (a name in `kuaijax.methods.METHODS`), `data` ('task:<split>' or a stage
 name), `init_from` (a stage name or checkpoint path; '' = from scratch), `reference` (a stage name
 or path, for methods that need one), `options` (the method's keyword options), `loss` (forwarded to
-its loss function), and `train` / `optimizer` overrides of the shared sections.
+its loss function), `train` / `optimizer` overrides of the shared sections, and optionally
+`evaluate=False` (a model that is not a policy, e.g. a reward model, skips `config.evals`).
 
 Each stage works in `<workdir>/<name>/` and, when it finishes, writes `stage.json` (its summary,
 evaluation, the data set or parameters it produced). Re-running the same command skips finished
@@ -39,7 +40,17 @@ from kuaijax.train import lm_task
 from kuaijax.train.stages import STAGE_FILE, Stage, get_stage_type, register_stage_type
 from kuaijax.train.trainer import check_batch_config, param_layout, train
 
-DEPENDENCY_FIELDS = ('init_from', 'reference', 'policy', 'data')
+# Block fields that may name another stage (RLMEC's stages add teacher / model / compare / auc_data).
+DEPENDENCY_FIELDS = (
+  'init_from',
+  'reference',
+  'policy',
+  'data',
+  'teacher',
+  'model',
+  'compare',
+  'auc_data',
+)
 
 
 def parse_stage_list(text: str) -> list[str]:
@@ -160,7 +171,7 @@ def train_stage(stage: Stage) -> dict:
     model_factory=lm_task.model_factory(cfg.model),
     loss_fn=method.loss_fn,
     train_dataset=dataset,
-    evaluate=evaluators.evaluate if evaluators.evaluators else None,
+    evaluate=evaluators.evaluate if evaluators.evaluators and b.get('evaluate', True) else None,
     frozen=frozen,
     prepare_batch=method.rollout,
     count_tokens=method.count_tokens,

@@ -1,0 +1,257 @@
+"""RLMEC on kj_arith end to end, beside its baselines, over several seeds: the table and the plots.
+
+Seed s runs the stages of the config (`configs/rlmec/arith.py`) through
+`kuaijax.train.pipeline.run_pipeline` in `<workdir>/seed_<s>/` with `config.seed = s`; seeds after
+the first take the first seed's SFT policy as a 'params' stage, so every method and seed post-trains
+the same SFT policy and the spread over seeds is that of sampling, GRM training and RL. Re-running
+the command resumes (finished stages are kept). This file only builds results.md / results.json
+(accuracy per level, mean ± std over seeds; GRM quality; stage speeds), loss_curves.png,
+token_rewards.png and worked_example.md (one sample through every stage).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from matplotlib.figure import Figure
+
+from experiments.arith_posttrain import plot_losses
+from kuaijax.data import records as records_lib
+from kuaijax.data import tokenizers
+from kuaijax.train.pipeline import parse_stage_list, run_pipeline
+from kuaijax.train.trainer import write_results
+
+QUALITY_KEYS = ('locate_accuracy', 'rewrite_success', 'edit_distance_ratio')
+SPEED_KEYS = (
+  ('samples', 'sample_accuracy'),
+  ('grm_rewrite', 'locate_samples_per_s'),
+  ('grm_rewrite', 'rewrite_samples_per_s'),
+  ('grm_rewrite', 'rewrite_tokens_per_s'),
+  ('rewards', 'scoring_samples_per_s'),
+  ('rewards', 'scoring_tokens_per_s'),
+)
+
+
+def seed_config(config, seed: int, sft_path: str):
+  """One seed's pipeline config: config.seed = seed, and the SFT policy from sft_path when given."""
+  out = copy.deepcopy(config)
+  out.unlock()
+  out.seed = seed
+  if sft_path:
+    out.stage.sft = ml_collections.ConfigDict(dict(type='params', label='SFT', path=sft_path))
+  out.lock()
+  return out
+
+
+def _mean_std(values) -> list[float]:
+  v = np.asarray(values, np.float64)
+  return [float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0]
+
+
+def summarise(per_seed: dict, config) -> dict:
+  """Rows (policies in `config.stages` order): eval keys as [mean, std] over seeds; GRM quality."""
+  groups = next(iter(config.evals.values())).groups
+  keys = [f'accuracy/level_{g}' for g in groups] + ['accuracy', 'greedy/accuracy']
+  rows = {}
+  for name in parse_stage_list(config.stages):
+    evals = [stages[name].get('eval') or {} for stages in per_seed.values() if name in stages]
+    row = {
+      k: _mean_std([e[k] for e in evals]) for k in keys if evals and all(k in e for e in evals)
+    }
+    if row:
+      rows[name] = {'label': config.stage[name].label, **row}
+  quality = {}
+  for seed, stages in per_seed.items():
+    q = {}
+    if 'grm_rewrite' in stages:
+      q.update({k: stages['grm_rewrite']['summary']['quality'][k] for k in QUALITY_KEYS})
+    for name, key in (('rewards', 'reward_auc'), ('prog_rewards', 'programmatic_reward_auc')):
+      if name in stages:
+        q[key] = stages[name]['summary'].get('reward_auc', float('nan'))
+    quality[seed] = q
+  keys = sorted(set.intersection(*(set(q) for q in quality.values()))) if quality else []
+  return {
+    'rows': rows,
+    'grm_quality': quality,
+    'grm_quality_mean': {k: _mean_std([q[k] for q in quality.values()]) for k in keys},
+    'speed': {
+      f'{stage}/{key}': _mean_std([s[stage]['summary'][key] for s in per_seed.values()])
+      for stage, key in SPEED_KEYS
+      if all(stage in s for s in per_seed.values())
+    },
+  }
+
+
+def _pct(pair) -> str:
+  return f'{100 * pair[0]:.1f} ± {100 * pair[1]:.1f}'
+
+
+def results_table(results: dict, config) -> str:
+  ev = next(iter(config.evals.values()))
+  trained = set(config.data.levels)
+  head = [f'level {g}' + ('' if g in trained else ' (not trained)') for g in ev.groups]
+  n = len(config.seeds)
+  lines = [
+    f'## kj_arith held-out accuracy (%), {ev.split} split, {ev.per_group} problems per level',
+    '',
+    f'Mean ± std over {n} seeds of the accuracy sampled at T={ev.temperature} (each itself the '
+    f'mean over {len(ev.seeds)} sampling seeds); last column greedy. Seeds share the SFT policy.',
+    '',
+    '| policy | ' + ' | '.join(head) + ' | all | greedy all |',
+    '|---|' + '---:|' * (len(head) + 2),
+  ]
+  for row in results['rows'].values():
+    keys = [f'accuracy/level_{g}' for g in ev.groups] + ['accuracy', 'greedy/accuracy']
+    cells = [_pct(row[k]) if k in row else '-' for k in keys]
+    lines.append(f'| {row["label"]} | ' + ' | '.join(cells) + ' |')
+  q = results['grm_quality_mean']
+  if q:
+    cell = lambda k, pct: (
+      (_pct(q[k]) if pct else f'{q[k][0]:.2f} ± {q[k][1]:.2f}') if k in q else '-'
+    )
+    lines += [
+      '',
+      f'## GRM quality on the policy samples (mean ± std over {n} seeds)',
+      '',
+      "locate: the GRM names the program teacher's first wrong step; rewrite: the GRM's rewrite "
+      'reaches the gold answer; edit ratio: token edit distance sample -> GRM rewrite over sample -> '
+      'teacher rewrite (1 = as minimal); AUC: token rewards of wrong samples separating the tokens '
+      'the teacher changes (lower reward) from the rest, 0.5 = chance.',
+      '',
+      '| locate accuracy (%) | rewrite reaches gold (%) | edit ratio | reward AUC, GRM | '
+      'reward AUC, programmatic |',
+      '|---:|---:|---:|---:|---:|',
+      f'| {cell("locate_accuracy", True)} | {cell("rewrite_success", True)} | '
+      f'{cell("edit_distance_ratio", False)} | {cell("reward_auc", False)} | '
+      f'{cell("programmatic_reward_auc", False)} |',
+    ]
+  if results['speed']:
+    lines += ['', '| stage metric | mean ± std over seeds |', '|---|---:|']
+    for key, (mean, std) in results['speed'].items():
+      lines.append(f'| {key} | {mean:,.3g} ± {std:,.2g} |')
+  return '\n'.join(lines) + '\n'
+
+
+def _pieces(tokenizer, tokens) -> list[str]:
+  """Each token's text (byte tokens are single characters; a newline is shown as ⏎)."""
+  return [(tokenizer.decode([int(t)]) or '·').replace('\n', '⏎') for t in tokens]
+
+
+def render_rewards(pieces, rewards, threshold: float = -0.05) -> str:
+  """The sample's text with the runs of tokens whose reward is below `threshold` in ⟦ ⟧."""
+  out, inside = [], False
+  for piece, r in zip(pieces, rewards):
+    if (r < threshold) != inside:
+      inside = not inside
+      out.append('⟦' if inside else '⟧')
+    out.append(piece)
+  return ''.join(out) + ('⟧' if inside else '')
+
+
+def _wrong_examples(seed_dir: str, count: int) -> list[tuple[dict, dict, dict]]:
+  """(teacher record, GRM record, reward record) of the first wrong samples with GRM rewards."""
+  read = lambda stage: records_lib.read_records(os.path.join(seed_dir, stage, 'data.jsonl'))
+  teacher, grm_rewrite = read('teacher'), read('grm_rewrite')
+  rewards = {(r['index'], r['completion']): r for r in read('rewards')}
+  out = []
+  for t, g in zip(teacher, grm_rewrite):
+    r = rewards.get((t['index'], t['completion']))
+    if r is not None and t['error_step'] > 0:
+      out.append((t, g, r))
+    if len(out) == count:
+      break
+  return out
+
+
+def plot_token_rewards(examples, tokenizer, path: str) -> str | None:
+  """token_rewards.png: the GRM's token rewards of a few wrong samples; shaded: the tokens the
+  program teacher's rewrite changes."""
+  if not examples:
+    return None
+  from kuaijax.data.sequences import completion_ids
+  from kuaijax.grm import changed_tokens
+
+  fig = Figure(figsize=(16, 2.4 * len(examples)))
+  for ax, (t, g, r) in zip(fig.subplots(len(examples), 1, squeeze=False)[:, 0], examples):
+    tokens = np.asarray(r['completion_tokens'])
+    rewards = np.asarray(r['rewards'])
+    changed = changed_tokens(tokens, completion_ids(tokenizer, t['rewrite']))
+    x = np.arange(len(rewards))
+    for k in np.flatnonzero(changed):
+      ax.axvspan(k - 0.5, k + 0.5, color='tab:red', alpha=0.15, lw=0)
+    ax.bar(x, rewards, color='tab:blue', width=0.8)
+    ax.set_xticks(x, _pieces(tokenizer, tokens), fontsize=6)
+    ax.set(ylabel='r_t', ylim=(-0.105, 0.005), xlim=(-0.5, len(x) - 0.5))
+    ax.set_title(
+      f'first wrong step: teacher [{t["error_step"]}], GRM [{g["error_step"]}] ({g["note"]})',
+      fontsize=9,
+    )
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  return path
+
+
+def worked_example(seed_dir: str, tokenizer) -> str:
+  """Markdown: one wrong sample through teacher, GRM rewrite and token rewards."""
+  examples = _wrong_examples(seed_dir, 20)
+  if not examples:
+    return ''
+  # prefer a sample whose GRM rewrite reached the gold answer
+  t, g, r = next((e for e in examples if e[1]['reaches_gold']), examples[0])
+  pieces = _pieces(tokenizer, r['completion_tokens'])
+  return '\n'.join(
+    [
+      f'Question: {t["question"]}',
+      '',
+      f'Gold solution:\n```\n{t["gold"]}\n```',
+      f'Policy sample (wrong):\n```\n{t["completion"]}\n```',
+      f'Program teacher: first wrong step [{t["error_step"]}], rewrite:\n```\n{t["rewrite"]}\n```',
+      f'GRM: first wrong step [{g["error_step"]}] ({g["note"]}), rewrite (reaches gold: '
+      f'{g["reaches_gold"]}):\n```\n{g["rewrite"]}\n```',
+      'GRM token rewards of the sample (⟦ ⟧: r_t < -0.05; ⏎ = newline):',
+      f'```\n{render_rewards(pieces, r["rewards"])}\n```',
+      'Per token (piece: reward): '
+      + ' '.join(f'`{p}`:{w:.2f}' for p, w in zip(pieces, r['rewards'])),
+      '',
+    ]
+  )
+
+
+def run(config, workdir: str) -> dict:
+  start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  per_seed, sft_path = {}, ''
+  for seed in config.seeds:
+    seed_dir = os.path.join(workdir, f'seed_{seed}')
+    per_seed[seed] = run_pipeline(seed_config(config, seed, sft_path), seed_dir)
+    if not sft_path and 'sft' in per_seed[seed]:  # a stage's own params path is relative to it
+      sft_path = os.path.join(seed_dir, per_seed[seed]['sft']['params'])
+  results = {**summarise(per_seed, config), 'wall_s': time.time() - start}
+  results['per_seed'] = {
+    seed: {name: {k: v for k, v in info.items() if k != 'block'} for name, info in stages.items()}
+    for seed, stages in per_seed.items()
+  }
+  table = results_table(results, config)
+  if jax.process_index() == 0:
+    first = os.path.join(workdir, f'seed_{config.seeds[0]}')
+    tokenizer = tokenizers.get_tokenizer(
+      config.data.tokenizer, spm_model_path=config.data.spm_model_path or None
+    )
+    plots = [plot_losses(per_seed[config.seeds[0]], first)]
+    if 'rewards' in per_seed[config.seeds[0]]:
+      examples = _wrong_examples(first, 4)
+      plots.append(
+        plot_token_rewards(examples, tokenizer, os.path.join(workdir, 'token_rewards.png'))
+      )
+      with open(os.path.join(workdir, 'worked_example.md'), 'w') as f:
+        f.write(worked_example(first, tokenizer))
+    results['plots'] = [os.path.relpath(p, workdir) for p in plots if p]
+  write_results(workdir, json.loads(json.dumps(results, default=float)), table)
+  print(table)
+  return results

@@ -1,0 +1,95 @@
+"""RLMEC end to end on a tiny model: every stage runs, and each stage's output agrees with truths."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import rlmec as rlmec_exp
+from kuaijax import grm
+from kuaijax.config_lib import load_config
+from kuaijax.data import minimum_edit, tokenizers
+from kuaijax.data import records as records_lib
+from kuaijax.losses import rl
+from tests.conftest import REPO_ROOT
+
+TOK = tokenizers.ByteTokenizer()
+
+
+def tiny_config(seeds=(0,)):
+  config = load_config(os.path.join(REPO_ROOT, 'configs/rlmec/arith.py') + ':runlocal')
+  config.unlock()
+  config.seeds = seeds
+  config.stages = 'sft,grm_rewrite,rlmec_prog,rlmec'
+  # An untrained GRM's rewrites never reach the gold answer (no RLMEC data): score the program
+  # teacher's rewrites with the GRM instead; the GRM rewriting stage still runs.
+  config.stage.rewards.data = 'teacher'
+  config.parallel.num_devices = 1
+  config.train.update(progress=False, async_checkpoint=False)
+  config.model.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=64)
+  config.data.update(limit=16, max_new_tokens=24)
+  for name in ('sft', 'grm', 'rlmec', 'rlmec_prog'):
+    config.stage[name].train.update(
+      steps=2, batch_size=2, log_every=1, checkpoint_every=2, eval_every=2
+    )
+  config.stage.samples.update(limit=4, num_samples=2, batch_size=4)
+  for name in ('grm_rewrite', 'rewards', 'prog_rewards'):
+    config.stage[name].batch_size = 8
+  config.evals.arith.update(groups=(1, 3), per_group=2, seeds=(0,), batch_size=4)
+  config.lock()
+  return config
+
+
+def read(workdir, stage):
+  return records_lib.read_records(os.path.join(workdir, 'seed_0', stage, 'data.jsonl'))
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end(tmp_path):
+  config = tiny_config(seeds=(0, 1))
+  results = rlmec_exp.run(config, str(tmp_path))
+  # the second seed post-trains the first seed's SFT policy (imported, same evaluation)
+  assert results['per_seed'][1]['sft']['type'] == 'params'
+  assert results['rows']['sft']['accuracy'][1] == 0.0
+  assert list(results['rows']) == ['sft', 'rlmec_prog', 'rlmec']
+  assert os.path.exists(tmp_path / 'results.md') and os.path.exists(tmp_path / 'token_rewards.png')
+  samples, teacher = read(tmp_path, 'samples'), read(tmp_path, 'teacher')
+  assert len(samples) == len(teacher) == 8
+  # teacher: the program teacher's verdict on every sample; correct samples kept as they are
+  for s, t in zip(samples, teacher):
+    case = minimum_edit.Case(s['question'], s['gold'], str(s['answer']), s['completion'])
+    assert minimum_edit.ProgramTeacher().edit(case) == minimum_edit.Edit(
+      t['error_step'], t['rewrite'], t['note']
+    )
+    assert t['reaches_gold']
+  # grm_data: 2 examples per usable wrong sample, plus copies
+  grm_data = read(tmp_path, 'grm_data')
+  wrong = sum(t['error_step'] > 0 for t in teacher)
+  tasks = [r['task'] for r in grm_data]
+  assert tasks.count('locate') == tasks.count('rewrite') == wrong
+  # programmatic rewards: keep = alignment matches; rewards by the formula
+  for r in read(tmp_path, 'prog_rewards'):
+    sample, rewrite = np.asarray(r['completion_tokens']), np.asarray(r['rewrite_tokens'])
+    keep = 1.0 - grm.changed_tokens(sample, rewrite)
+    np.testing.assert_array_equal(r['keep_probs'], keep)
+    expected = np.clip(keep - 0.5, 0, 0.5) if r['correct'] else np.clip(keep - 0.5, -0.1, 0)
+    np.testing.assert_allclose(r['rewards'], expected, atol=1e-6)
+  # GRM rewriting: every wrong sample judged, quality against the program teacher
+  grm_info = json.loads((tmp_path / 'seed_0' / 'grm_rewrite' / 'stage.json').read_text())
+  assert grm_info['summary']['quality']['wrong_samples'] == wrong
+  assert set(grm_info['summary']['notes']) <= set(minimum_edit.NOTES)
+  # GRM rewards: p_t in (0, 1], correct samples once per prompt
+  stage_info = json.loads((tmp_path / 'seed_0' / 'rewards' / 'stage.json').read_text())
+  used = read(tmp_path, 'rewards')
+  assert stage_info['summary']['used'] == len(used)
+  keys = [(r['index'], r['completion']) for r in used if r['correct']]
+  assert len(keys) == len(set(keys))
+  for r in used:
+    p = np.asarray(r['keep_probs'])
+    assert len(p) == len(r['completion_tokens']) and np.all((p > 0) & (p <= 1))
+    np.testing.assert_allclose(
+      r['rewards'],
+      rl.rlmec_token_rewards(p[None], np.array([r['correct']]), np.ones((1, len(p))))[0],
+      atol=1e-6,
+    )
