@@ -60,12 +60,19 @@ def sharegpt_messages(conversation: list) -> list[dict[str, str]]:
   return messages
 
 
+_SKIP_REASONS = {
+  'unknown role': 'unknown_role',
+  'empty content': 'empty_content',
+  'out of order': 'out_of_order',
+  'end with an assistant': 'out_of_order',
+  'no messages': 'no_messages',
+  'only a system': 'no_messages',
+}
+
+
 def _skip_reason(error: ValueError) -> str:
-  text = str(error)
-  for reason in ('unknown role', 'empty content', 'out of order', 'no messages', 'only a system'):
-    if reason in text:
-      return reason.replace(' ', '_')
-  return 'malformed'
+  """The counter key of a skipped conversation (the problem `sharegpt_messages` found)."""
+  return next((key for text, key in _SKIP_REASONS.items() if text in str(error)), 'malformed')
 
 
 def load_sharegpt(path: str | os.PathLike) -> tuple[list[dict], collections.Counter]:
