@@ -129,20 +129,14 @@ class FakeJudge:
 class ModelJudge:
   """A kuaijax chat model as the judge: (system, user) -> its greedy reply."""
 
-  def __init__(self, model, tokenizer, *, max_prompt_len: int, max_new_tokens: int = 256):
-    self.model, self.tokenizer = model, tokenizer
-    self.max_prompt_len, self.max_new_tokens = max_prompt_len, max_new_tokens
+  def __init__(self, model, tokenizer, **generate_options):
+    """generate_options: max_prompt_len, max_new_tokens, batch_size of `generate_turns`."""
+    self.answerer = multi_turn.ModelAnswerer(model, tokenizer, **generate_options)
 
   def __call__(self, prompts: Sequence[tuple[str, str]]) -> list[str]:
-    conversations = [
-      [{'role': 'system', 'content': system}, {'role': 'user', 'content': user}]
-      for system, user in prompts
-    ]
-    replies, _ = multi_turn.generate_turns(
-      self.model,
-      self.tokenizer,
-      conversations,
-      max_prompt_len=self.max_prompt_len,
-      max_new_tokens=self.max_new_tokens,
+    return self.answerer(
+      [
+        [{'role': 'system', 'content': system}, {'role': 'user', 'content': user}]
+        for system, user in prompts
+      ]
     )
-    return replies

@@ -1,14 +1,36 @@
-"""Multi-turn generation helpers: the next turn of many conversations at once, through the chat layout."""
+"""Multi-turn evaluation: sessions answered turn by turn, per-turn exact match, context sensitivity.
 
-from collections.abc import Sequence
+kj_dialog-8 (the toy stand-in for MT-Bench++): held-out kj_dialog sessions cut to 8 turns; the model
+answers turn k after seeing turns 1..k-1 with its OWN earlier answers (as MT-Bench evaluates; or
+the gold ones), and each answer is compared with the program's exact answer. Reported: accuracy
+per turn, overall, on context-dependent and on self-contained turns. The context-sensitivity
+measure is, over context-dependent turns, the mean of
+  log p(gold answer | full gold history + query) - log p(gold answer | query alone),
+i.e. how much the model's belief in the right answer rests on the history (larger = uses context).
+
+Answering is pluggable: any `Answerer` (conversations -> next assistant turns) works; `ModelAnswerer`
+generates greedily through the chat layout. A judge-based score for real data lives in
+`kuaijax.evals.judge`.
+"""
+
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from flax import nnx
 
 from kuaijax import sampling
-from kuaijax.data import chat
+from kuaijax.data import chat, dialog
 
 _BUCKET = 32  # Prompt widths are rounded up to a multiple of this, so few programs get compiled.
+HISTORIES = ('own', 'gold')
+Answerer = Callable[[list[list[chat.Message]]], list[str]]
+
+
+def _chunks(items: Sequence, size: int):
+  """Fixed-size chunks, the last one padded with copies of the first item (and its real size)."""
+  for start in range(0, len(items), size):
+    chunk = list(items[start : start + size])
+    yield chunk + [chunk[0]] * (size - len(chunk)), len(chunk)
 
 
 def generate_turns(
@@ -19,12 +41,14 @@ def generate_turns(
   next_role: str = 'assistant',
   max_prompt_len: int,
   max_new_tokens: int,
+  batch_size: int = 64,
   template: chat.ChatTemplate = chat.DEFAULT_TEMPLATE,
 ) -> tuple[list[str], int]:
   """(greedy next turn of each conversation, number of prompts truncated from the oldest turns).
 
-  Prompts that do not fit max_prompt_len even after dropping all older exchanges raise ValueError.
-  A reply that hits max_new_tokens without eos is returned as far as it got.
+  Batches have a fixed size (the last padded with copies) and widths rounded up to a multiple of
+  32, so repeated calls reuse compiled programs. Prompts that do not fit max_prompt_len even after
+  dropping all older exchanges raise ValueError. A reply cut at max_new_tokens is kept as is.
   """
   prompts, truncated = [], 0
   for i, messages in enumerate(conversations):
@@ -37,19 +61,173 @@ def generate_turns(
       )
     prompts.append(encoded[0])
     truncated += encoded[1] > 0
-  if not prompts:
-    return [], 0
-  width = -(-max(len(p) for p in prompts) // _BUCKET) * _BUCKET
-  batch = np.full((len(prompts), width), tokenizer.pad_id, np.int32)
-  for row, ids in zip(batch, prompts, strict=True):
-    row[: len(ids)] = ids
-  out = sampling.generate(
-    model,
-    batch,
-    np.asarray([len(p) for p in prompts], np.int32),
-    greedy=True,
-    max_new_tokens=max_new_tokens,
-    stop_tokens=(tokenizer.eos_id,),
-    pad_id=tokenizer.pad_id,
+  replies = []
+  for chunk, real in _chunks(prompts, batch_size):
+    width = -(-max(len(p) for p in chunk) // _BUCKET) * _BUCKET
+    batch = np.full((len(chunk), width), tokenizer.pad_id, np.int32)
+    for row, ids in zip(batch, chunk, strict=True):
+      row[: len(ids)] = ids
+    out = sampling.generate(
+      model,
+      batch,
+      np.asarray([len(p) for p in chunk], np.int32),
+      greedy=True,
+      max_new_tokens=max_new_tokens,
+      stop_tokens=(tokenizer.eos_id,),
+      pad_id=tokenizer.pad_id,
+    )
+    replies += [tokenizer.decode(ids).strip() for ids in out.to_lists()[:real]]
+  return replies, truncated
+
+
+class ModelAnswerer:
+  """An `Answerer` backed by a model's greedy generation; counts truncated prompts."""
+
+  def __init__(self, model, tokenizer, **generate_options):
+    self.model, self.tokenizer, self.options = model, tokenizer, generate_options
+    self.truncated = 0
+
+  def __call__(self, conversations: list[list[chat.Message]]) -> list[str]:
+    replies, truncated = generate_turns(self.model, self.tokenizer, conversations, **self.options)
+    self.truncated += truncated
+    return replies
+
+
+def answer_sessions(
+  answerer: Answerer, sessions: Sequence[Sequence[dialog.Turn]], *, history: str = 'own'
+) -> list[list[str]]:
+  """The answerer's reply to every turn of every session, asked turn by turn.
+
+  history='own' shows the answerer its own earlier replies; 'gold' the program's answers.
+  """
+  if history not in HISTORIES:
+    raise ValueError(f'history={history!r}; allowed: {", ".join(HISTORIES)}')
+  replies = [[] for _ in sessions]
+  for k in range(max((len(s) for s in sessions), default=0)):
+    active = [i for i, s in enumerate(sessions) if len(s) > k]
+    conversations = []
+    for i in active:
+      turns = sessions[i][:k]
+      shown = replies[i] if history == 'own' else [t.assistant for t in turns]
+      messages = chat.session_messages([t.user for t in turns], shown)
+      conversations.append([*messages, {'role': 'user', 'content': sessions[i][k].user}])
+    for i, reply in zip(active, answerer(conversations), strict=True):
+      replies[i].append(reply)
+  return replies
+
+
+def score_answers(
+  sessions: Sequence[Sequence[dialog.Turn]], replies: Sequence[Sequence[str]]
+) -> dict[str, float]:
+  """Exact-match accuracy per turn ('accuracy/turn_k'), overall, and by context dependence."""
+  rows = [
+    (k, turn.context_dependent, reply.strip() == turn.assistant)
+    for session, answers in zip(sessions, replies, strict=True)
+    for k, (turn, reply) in enumerate(zip(session, answers, strict=True), 1)
+  ]
+  if not rows:
+    raise ValueError('no turns to score')
+  turn, dependent, correct = (np.asarray(x) for x in zip(*rows, strict=True))
+  out = {'accuracy': float(correct.mean()), 'turns': len(rows)}
+  for name, sel in (('context_dependent', dependent), ('self_contained', ~dependent)):
+    out[f'accuracy/{name}'] = float(correct[sel].mean()) if sel.any() else float('nan')
+    out[f'count/{name}'] = int(sel.sum())
+  for k in sorted(set(turn.tolist())):
+    out[f'accuracy/turn_{k}'] = float(correct[turn == k].mean())
+  return out
+
+
+@nnx.jit
+def _sequence_logps(model, tokens, mask, segment_ids):
+  return sampling.score(model, tokens, loss_mask=mask, segment_ids=segment_ids)[1]
+
+
+def last_answer_logps(
+  model,
+  tokenizer,
+  conversations: Sequence[Sequence[chat.Message]],
+  *,
+  seq_len: int,
+  batch_size: int,
+) -> np.ndarray:
+  """log p(last assistant turn | everything before it) per conversation, in the chat layout.
+
+  Conversations longer than seq_len lose their oldest exchanges; one whose last exchange alone
+  does not fit raises ValueError.
+  """
+  examples = []
+  for i, messages in enumerate(conversations):
+    example = chat.encode_chat(messages, tokenizer, seq_len=seq_len, loss_on='last_assistant')
+    if example is None:
+      raise ValueError(f'conversation {i}: its last exchange alone exceeds seq_len={seq_len}')
+    examples.append(example)
+  out = []
+  for chunk, real in _chunks(examples, batch_size):
+    tokens = np.stack([e.tokens for e in chunk])
+    mask = np.stack([e.mask for e in chunk])
+    segments = (np.arange(seq_len)[None] < np.asarray([e.length for e in chunk])[:, None]).astype(
+      np.int32
+    )
+    out.append(np.asarray(_sequence_logps(model, tokens, mask, segments))[:real])
+  return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def context_sensitivity(
+  model, tokenizer, sessions: Sequence[Sequence[dialog.Turn]], *, seq_len: int, batch_size: int
+) -> dict[str, float]:
+  """Mean over context-dependent turns of log p(gold | full history) - log p(gold | query alone)."""
+  full, alone = [], []
+  for session in sessions:
+    messages = chat.session_messages([t.user for t in session], [t.assistant for t in session])
+    for k, turn in enumerate(session):
+      if turn.context_dependent:
+        full.append(messages[: 2 * k + 2])
+        alone.append(messages[2 * k : 2 * k + 2])
+  if not full:
+    raise ValueError('no context-dependent turns to measure')
+  options = {'seq_len': seq_len, 'batch_size': batch_size}
+  gap = last_answer_logps(model, tokenizer, full, **options) - last_answer_logps(
+    model, tokenizer, alone, **options
   )
-  return [tokenizer.decode(ids).strip() for ids in out.to_lists()], truncated
+  return {'context_sensitivity': float(gap.mean()), 'count/context_sensitivity': len(full)}
+
+
+class DialogEvaluator:
+  """`evaluate(model, step) -> dict` for the trainer: kj_dialog-8 accuracy and context sensitivity."""
+
+  def __init__(
+    self,
+    tokenizer,
+    sessions: Sequence[Sequence[dialog.Turn]],
+    *,
+    num_turns: int = 8,
+    history: str = 'own',
+    seq_len: int,
+    max_new_tokens: int,
+    batch_size: int = 64,
+  ):
+    short = [i for i, s in enumerate(sessions) if len(s) < num_turns]
+    if short or not sessions:
+      raise ValueError(f'need sessions of >= {num_turns} turns; too short: {short[:5]}')
+    self.tokenizer, self.history = tokenizer, history
+    self.sessions = [list(s[:num_turns]) for s in sessions]
+    self.seq_len, self.max_new_tokens, self.batch_size = seq_len, max_new_tokens, batch_size
+
+  def __call__(self, model, step: int | None = None) -> dict:
+    del step
+    answerer = ModelAnswerer(
+      model,
+      self.tokenizer,
+      max_prompt_len=self.seq_len - self.max_new_tokens,
+      max_new_tokens=self.max_new_tokens,
+      batch_size=self.batch_size,
+    )
+    replies = answer_sessions(answerer, self.sessions, history=self.history)
+    out = score_answers(self.sessions, replies)
+    out['truncated_prompts'] = answerer.truncated
+    out.update(
+      context_sensitivity(
+        model, self.tokenizer, self.sessions, seq_len=self.seq_len, batch_size=self.batch_size
+      )
+    )
+    return out

@@ -1,13 +1,9 @@
 import json
 import pathlib
 
-import numpy as np
 import pytest
-from flax import nnx
 
-from kuaijax.data import chat, tokenizers
-from kuaijax.evals import judge, multi_turn
-from kuaijax.models.transformer import Transformer, TransformerConfig
+from kuaijax.evals import judge
 
 # FastChat's four single-answer grading prompts (llm_judge/data/judge_prompts.jsonl).
 FASTCHAT = {
@@ -16,7 +12,6 @@ FASTCHAT = {
     json.loads, (pathlib.Path(__file__).parent / 'fixtures/mt_bench_judge_prompts.jsonl').open()
   )
 }
-TOK = tokenizers.ByteTokenizer()
 
 
 @pytest.mark.parametrize(
@@ -71,56 +66,3 @@ def test_rate_counts_replies_without_rating():
   assert judge.rate(fake, prompts) == ([None, 9.0, None, 9.0], 2)
   with pytest.raises(ValueError, match='1 replies for 4 prompts'):
     judge.rate(lambda p: ['[[1]]'], prompts)
-
-
-@nnx.jit
-def _logits(model, tokens):
-  return model(tokens)[0]
-
-
-def _greedy_reference(model, ids, steps, width=64):
-  """Greedy continuation by full causal forward passes (no KV cache), stopping at eos."""
-  ids = list(ids)
-  out = []
-  for _ in range(steps):
-    padded = np.zeros((1, width), np.int32)
-    padded[0, : len(ids)] = ids  # Causal: the padding after position len - 1 changes nothing.
-    token = int(np.argmax(np.asarray(_logits(model, padded))[0, len(ids) - 1]))
-    out.append(token)
-    if token == TOK.eos_id:
-      break
-    ids.append(token)
-  return TOK.decode(out).strip()
-
-
-def test_model_judge_and_generate_turns_with_a_small_model():
-  config = TransformerConfig(
-    vocab_size=TOK.vocab_size, d_model=16, num_layers=1, num_heads=2, d_ff=32, init_std=0.5
-  )
-  model = Transformer(config, rngs=nnx.Rngs(0))
-  conversations = [
-    [{'role': 'user', 'content': 'Sort 3 1.'}],
-    [
-      {'role': 'user', 'content': 'Sort 3 1.'},
-      {'role': 'assistant', 'content': '1 3'},
-      {'role': 'user', 'content': 'Reverse it.'},
-    ],
-  ]
-  replies, truncated = multi_turn.generate_turns(
-    model, TOK, conversations, max_prompt_len=40, max_new_tokens=6
-  )
-  assert truncated == 1  # the second conversation loses its first exchange to fit 40 tokens
-  for messages, reply in zip(conversations, replies, strict=True):
-    ids, _ = chat.encode_prompt(messages, TOK, next_role='assistant', max_len=40)
-    assert reply == _greedy_reference(model, ids, 6)
-  with pytest.raises(ValueError, match='conversation 0'):
-    multi_turn.generate_turns(model, TOK, conversations, max_prompt_len=10, max_new_tokens=2)
-  # The judge sees (system, user) as a chat; short prompts keep the compiled program shared.
-  prompts = [('Rate.', 'Sort 3 1 gave 1 3.'), ('Rate it.', 'Sort 2 1 3.')]
-  model_judge = judge.ModelJudge(model, TOK, max_prompt_len=56, max_new_tokens=6)
-  replies = model_judge(prompts)
-  for (system, user), reply in zip(prompts, replies, strict=True):
-    messages = [{'role': 'system', 'content': system}, {'role': 'user', 'content': user}]
-    ids, _ = chat.encode_prompt(messages, TOK, next_role='assistant', max_len=56)
-    assert reply == _greedy_reference(model, ids, 6)
-  assert judge.rate(model_judge, prompts) == ([None, None], 2)  # a random model writes no rating
