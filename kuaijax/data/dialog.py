@@ -466,3 +466,44 @@ def session_negatives(user_turns: Sequence[str], turn: int) -> dict[str, str | N
     kind: negative_answer(queries[-1], history, kind, random.Random(f'kj_dialog/{kind}/{key}'))
     for kind in NEGATIVE_KINDS
   }
+
+
+def capo_pairs(
+  sessions: Sequence[Sequence[Turn]], kinds: Sequence[str] = NEGATIVE_KINDS
+) -> tuple[list[dict], dict[str, int]]:
+  """CaPO preference records for every context-dependent turn and negative kind.
+
+  Each record: 'messages' (the gold history and the query, ending with the user turn), 'chosen'
+  (the exact answer), 'rejected' (the answer under the context error), 'negative' (its kind) and
+  'turn' (1-based). Returns the records and, per kind, how many turns had no differing negative.
+  """
+  bad = sorted(set(kinds) - set(NEGATIVE_KINDS))
+  if bad or not kinds:
+    raise ValueError(f'negative kinds {list(kinds)} must be a non-empty subset of {NEGATIVE_KINDS}')
+  records, missing = [], dict.fromkeys(kinds, 0)
+  for session in sessions:
+    users = [t.user for t in session]
+    for k, turn in enumerate(session, 1):
+      if not turn.context_dependent:
+        continue
+      negatives = session_negatives(users, k)
+      history = [
+        {'role': role, 'content': text}
+        for t in session[: k - 1]
+        for role, text in (('user', t.user), ('assistant', t.assistant))
+      ]
+      messages = [*history, {'role': 'user', 'content': turn.user}]
+      for kind in kinds:
+        if negatives[kind] is None:
+          missing[kind] += 1
+          continue
+        records.append(
+          {
+            'messages': messages,
+            'chosen': turn.assistant,
+            'rejected': negatives[kind],
+            'negative': kind,
+            'turn': k,
+          }
+        )
+  return records, missing

@@ -181,3 +181,24 @@ def test_negative_kind_is_checked():
   history.add(query, dialog.answer_query(query, history))
   with pytest.raises(ValueError, match='unknown negative kind'):
     dialog.negative_answer(dialog.parse_query('Reverse it.'), history, 'typo', random.Random(0))
+
+
+def test_capo_pairs_on_a_hand_made_session():
+  turns = dialog.run_session(_SESSION)
+  records, missing = dialog.capo_pairs([turns], kinds=('neglect', 'misunderstanding'))
+  assert missing == {'neglect': 0, 'misunderstanding': 0}
+  assert [(r['turn'], r['negative']) for r in records] == [
+    (t, kind) for t in (3, 4, 5, 6, 7) for kind in ('neglect', 'misunderstanding')
+  ]
+  first = records[0]
+  assert first['chosen'] == '9 2 7' and first['rejected'] == '7'
+  assert first['messages'] == [
+    {'role': 'user', 'content': 'Sort 5 1 3.'},
+    {'role': 'assistant', 'content': '1 3 5'},
+    {'role': 'user', 'content': 'Reverse 2 9.'},
+    {'role': 'assistant', 'content': '9 2'},
+    {'role': 'user', 'content': 'Append 7 to it.'},
+  ]
+  assert all(r['chosen'] != r['rejected'] for r in records)
+  with pytest.raises(ValueError, match='subset'):
+    dialog.capo_pairs([turns], kinds=('random_edit',))
