@@ -239,3 +239,39 @@ def session_messages(user: Sequence[str], assistant: Sequence[str]) -> list[Mess
     for pair in zip(user, assistant, strict=True)
     for role, text in zip(('user', 'assistant'), pair, strict=True)
   ]
+
+
+HALLUCINATION_SYSTEM = (
+  'The earlier conversation is not available. If the question refers to something said before, '
+  'guess what it is and answer.'
+)
+
+
+def corrupted_context(
+  messages: Sequence[Message], kind: str, rng: np.random.Generator
+) -> list[Message]:
+  """The conversation (ending with the user query) as a chat model sees it under a context error.
+
+  The real-data form of the CaPO negatives, answered by a chat model: 'neglect' keeps only the
+  query; 'hallucination' keeps only the query behind a system message asking to guess what it
+  refers to; 'misunderstanding' keeps one earlier exchange that is not the latest one (an
+  irrelevant part of the history) before the query. ValueError when the kind is unknown or
+  there is no such exchange.
+  """
+  validate_messages(messages)
+  if messages[-1]['role'] != 'user':
+    raise ValueError('the conversation must end with the user query to be answered')
+  query = dict(messages[-1])
+  if kind == 'neglect':
+    return [query]
+  if kind == 'hallucination':
+    return [{'role': 'system', 'content': HALLUCINATION_SYSTEM}, query]
+  if kind != 'misunderstanding':
+    raise ValueError(
+      f'unknown context error {kind!r}; allowed: neglect, hallucination, misunderstanding'
+    )
+  start, exchanges = _exchanges(messages[:-1])
+  if len(exchanges) < 2:
+    raise ValueError('misunderstanding needs at least two earlier exchanges')
+  chosen = exchanges[int(rng.integers(len(exchanges) - 1))]
+  return [*(dict(messages[i]) for i in range(start)), *(dict(messages[i]) for i in chosen), query]

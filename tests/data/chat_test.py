@@ -135,3 +135,24 @@ def test_own_or_gold_history():
     {'role': 'user', 'content': 'q2'},
     {'role': 'assistant', 'content': 'a2'},
   ]
+
+
+def test_corrupted_contexts_for_real_data():
+  query = MESSAGES[:-1]  # ends with the third user turn
+  rng = np.random.default_rng(0)
+  assert chat.corrupted_context(query, 'neglect', rng) == [query[-1]]
+  hallucination = chat.corrupted_context(query, 'hallucination', rng)
+  assert hallucination == [{'role': 'system', 'content': chat.HALLUCINATION_SYSTEM}, query[-1]]
+  seen = set()
+  for _ in range(20):
+    context = chat.corrupted_context(query, 'misunderstanding', rng)
+    assert context[0] == MESSAGES[0] and context[-1] == query[-1] and len(context) == 4
+    seen.add(context[1]['content'])
+    chat.validate_messages(context)
+  assert seen == {'Sort 3 1 2.'}  # the only earlier exchange that is not the latest one
+  with pytest.raises(ValueError, match='two earlier exchanges'):
+    chat.corrupted_context(query[:3] + query[-1:], 'misunderstanding', rng)
+  with pytest.raises(ValueError, match='end with the user query'):
+    chat.corrupted_context(MESSAGES, 'neglect', rng)
+  with pytest.raises(ValueError, match='unknown context error'):
+    chat.corrupted_context(query, 'typo', rng)
