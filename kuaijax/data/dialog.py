@@ -507,3 +507,55 @@ def capo_pairs(
           }
         )
   return records, missing
+
+
+def oracle_sessions(
+  asker: Callable[[list[list[dict]]], list[str]], *, num_sessions: int, num_turns: int
+) -> tuple[list[list[Turn]], dict[str, float]]:
+  """Sessions written by a query model (`asker`) and answered by the program, Parrot-Ask style.
+
+  asker maps conversations (each ending with an assistant turn, or empty) to the next user turns.
+  A query the program cannot parse or answer in its session ends that session there (the turns
+  so far are kept). Returns the sessions with at least one turn and statistics: queries asked,
+  the fraction well-formed, the fraction of well-formed ones that depend on the context, and the
+  mean turns and context-dependent turns per kept session.
+  """
+  users: list[list[str]] = [[] for _ in range(num_sessions)]
+  turns: list[list[Turn]] = [[] for _ in range(num_sessions)]
+  active = list(range(num_sessions))
+  asked = malformed = 0
+  for _ in range(num_turns):
+    if not active:
+      break
+    conversations = [
+      [
+        {'role': role, 'content': text}
+        for t in turns[i]
+        for role, text in (('user', t.user), ('assistant', t.assistant))
+      ]
+      for i in active
+    ]
+    queries = asker(conversations)
+    asked += len(active)
+    still = []
+    for i, query in zip(active, queries, strict=True):
+      try:
+        turns[i] = run_session([*users[i], query])
+      except InvalidQuery:
+        malformed += 1
+        continue
+      users[i].append(query)
+      still.append(i)
+    active = still
+  kept = [t for t in turns if t]
+  well_formed = asked - malformed
+  dependent = sum(t.context_dependent for s in kept for t in s)
+  stats = {
+    'queries': asked,
+    'well_formed': well_formed / max(asked, 1),
+    'context_dependent': dependent / max(well_formed, 1),
+    'turns_per_session': well_formed / max(len(kept), 1),
+    'context_dependent_per_session': dependent / max(len(kept), 1),
+    'sessions': len(kept),
+  }
+  return kept, stats

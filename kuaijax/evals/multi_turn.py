@@ -15,6 +15,7 @@ generates greedily through the chat layout. A judge-based score for real data li
 
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -42,9 +43,13 @@ def generate_turns(
   max_prompt_len: int,
   max_new_tokens: int,
   batch_size: int = 64,
+  temperature: float = 0.0,
+  seed: int = 0,
   template: chat.ChatTemplate = chat.DEFAULT_TEMPLATE,
 ) -> tuple[list[str], int]:
-  """(greedy next turn of each conversation, number of prompts truncated from the oldest turns).
+  """(next turn of each conversation, number of prompts truncated from the oldest turns).
+
+  Greedy at temperature 0, else sampled (batch b draws with fold_in(key(seed), b)).
 
   Batches have a fixed size (the last padded with copies) and widths rounded up to a multiple of
   32, so repeated calls reuse compiled programs. Prompts that do not fit max_prompt_len even after
@@ -62,7 +67,7 @@ def generate_turns(
     prompts.append(encoded[0])
     truncated += encoded[1] > 0
   replies = []
-  for chunk, real in _chunks(prompts, batch_size):
+  for b, (chunk, real) in enumerate(_chunks(prompts, batch_size)):
     width = -(-max(len(p) for p in chunk) // _BUCKET) * _BUCKET
     batch = np.full((len(chunk), width), tokenizer.pad_id, np.int32)
     for row, ids in zip(batch, chunk, strict=True):
@@ -71,7 +76,9 @@ def generate_turns(
       model,
       batch,
       np.asarray([len(p) for p in chunk], np.int32),
-      greedy=True,
+      greedy=temperature == 0,
+      temperature=temperature,
+      rng=jax.random.fold_in(jax.random.key(seed), b),
       max_new_tokens=max_new_tokens,
       stop_tokens=(tokenizer.eos_id,),
       pad_id=tokenizer.pad_id,
