@@ -53,6 +53,8 @@ def get_config(arg=None):
     )
   )
   config.eval = ml_collections.ConfigDict(dict(unigram_max_examples=0))  # 0: whole train split
+  # Evaluators by name (kuaijax.evals.registry), run every train.eval_every steps.
+  config.evals = ml_collections.ConfigDict(dict(lm=dict(type='lm_loss')))
   config.train.update(
     steps=50_000, batch_size=256, log_every=100, eval_every=2000, checkpoint_every=2000
   )

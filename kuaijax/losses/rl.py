@@ -7,7 +7,7 @@ are jnp functions over per-sample arrays [N] laid out group after group (samples
 rows i*G .. i*G+G-1, the layout of `kuaijax.sampling.generate`); offline-sample injection works on
 host numpy batches before scoring.
 
-Specs: /work/shared/specs/rlmec.md, /work/shared/specs/more_losses.md.
+Method notes (formulas, hyper-parameters, the original code's quirks): experiments/arith/README.md.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def rlmec_loss(
   eps: float = 0.3,
   lam: float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """RLMEC objective L = L_RL + lam * L_IR (specs/rlmec.md).
+  """RLMEC objective L = L_RL + lam * L_IR (arXiv 2401.06081).
 
   RL term over the policy samples y ([B, T] arrays): rho_t = exp(l_t - l_old_t) (no gradient),
   w_t = stopgrad(min(rho_t r_t, clip(rho_t, 1-eps, 1+eps) r_t)), and
@@ -172,7 +172,7 @@ def zero_advantage_fraction(rewards: jax.Array, group_size: int) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class LengthReward:
-  """The relative length reward of arXiv 2506.04913 (defaults from specs/more_losses.md)."""
+  """The relative length reward of arXiv 2506.04913 (the paper's defaults)."""
 
   tau: float = 0.5  # groups with accuracy >= tau get it
   l_base: float = 1000.0  # length scale, tokens

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kuaijax import parallel
 from kuaijax.data import pipeline, sources, tokenizers
+from kuaijax.evals import registry
 from kuaijax.losses.lm import lm_loss
 from kuaijax.models.transformer import Transformer, TransformerConfig
 
@@ -86,6 +88,20 @@ def build_lm_data(config, workdir: str) -> LMData:
   return LMData(tokenizer, train_dataset, eval_batches, train_source, task_names)
 
 
+def build_evaluators(config, data: LMData):
+  """`config.evals` (evaluators by name, `kuaijax.evals.registry`) on the LM evaluation batches."""
+  mesh = parallel.mesh_from_config(config.parallel)
+  ctx = registry.EvalContext(
+    tokenizer=data.tokenizer,
+    mesh=mesh,
+    rules=parallel.rules_dict(config.parallel.rules),
+    data=config.data,
+    lm_batches=data.eval_batches,
+    task_names=data.task_names,
+  )
+  return registry.build_evaluators(config.evals, ctx)
+
+
 def model_factory(model_config):
   """A `rngs -> Transformer` factory for the trainer; validates the model config first."""
   cfg = TransformerConfig.from_config(model_config)
@@ -127,15 +143,15 @@ def aux_loss_total(
 
 
 def lm_loss_fn(z_loss: float = 0.0, aux_weights=None, aux_reduce: str = 'mean'):
-  """`loss_fn(model, batch, rng)` for the trainer: next-token CE on packed batches (+ aux losses).
+  """`loss_fn(model, batch, rng, frozen=None)` for the trainer: next-token CE on packed batches (+ aux losses).
 
   aux_weights: coefficient per auxiliary loss name reported by the layers (e.g. the MoE layer's
   'balance_loss', 'entropy_loss', 'router_z_loss'); aux_reduce: how layers combine ('mean'|'sum').
   """
   aux_weights = dict(aux_weights or {})
 
-  def loss_fn(model: nnx.Module, batch: dict, rng):
-    del rng
+  def loss_fn(model: nnx.Module, batch: dict, rng, frozen=None):
+    del rng, frozen
     logits, extras = model(
       batch['inputs'], positions=batch['positions'], segment_ids=batch['segment_ids']
     )
