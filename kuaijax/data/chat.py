@@ -1,20 +1,20 @@
-"""Chat layout shared by multi-turn methods: template, validation, loss masks, truncation.
+"""Multi-turn conversations on the shared chat layout: validation, truncation, prompts, decoding.
 
 A conversation is a list of messages {'role': 'system'|'user'|'assistant', 'content': str}: an
 optional system message, then user and assistant turns alternating, starting with the user. The
-template writes it as token ids
-
-  [bos] marker(role_1) content_1 [eos] marker(role_2) content_2 [eos] ...
-
-with plain-text role markers ('User: ', 'Assistant: ', 'System: ') and the tokenizer's eos closing
-every turn, so generation of any turn stops at eos. `decode_chat` inverts it.
-
-`encode_chat` lays a conversation out in one row of `seq_len` tokens with a target-aligned loss
-mask (mask[t] = 1 iff tokens[t + 1] is scored, the convention of `kuaijax.sampling.score`). What
-is scored (`loss_on`): every assistant turn, only the last one (CaPO / evaluation), or every user
-turn (the Parrot-Ask query model); a scored turn covers its content and closing eos, never the
-marker. Conversations longer than seq_len lose their oldest exchanges (user turn + answer; the
-system message stays), never part of a turn; the number of dropped exchanges is returned.
+token layout is `kuaijax.data.sequences.encode_chat` (a registered template renders each turn, e.g.
+'plain': 'User: ...\\n'; assistant turns end with eos; loss on every assistant turn, only the last
+one, or the user turns for a query model such as Parrot-Ask). This module adds what multi-turn
+methods need on top of it:
+- `validate_messages`: a clear error for unknown roles, missing or empty turns, roles out of order;
+- `encode_chat`: one row of seq_len tokens; a conversation that is too long loses its oldest
+  exchanges (user turn + answer; the system message stays), never part of a turn, and the number
+  dropped is returned;
+- `encode_prompt`: the ids to generate the next user or assistant turn from (same truncation), and
+  `stop_tokens`, where that turn ends;
+- `decode_chat`: the messages back from ids (the template round trip);
+- `with_answers`: the conversation with the model's OWN earlier answers as history, or the gold ones;
+- `corrupted_context`: the three CaPO context errors for real conversations.
 """
 
 import dataclasses
@@ -22,26 +22,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kuaijax.data import sequences
 from kuaijax.data.tokenizers import Tokenizer
 
-ROLES = ('system', 'user', 'assistant')
-LOSS_ON = ('all_assistant', 'last_assistant', 'user')
+ROLES = sequences.CHAT_ROLES
+LOSS_ON = sequences.CHAT_LOSS_ON
 Message = dict[str, str]
-
-
-@dataclasses.dataclass(frozen=True)
-class ChatTemplate:
-  """Role markers written before each turn's content."""
-
-  system: str = 'System: '
-  user: str = 'User: '
-  assistant: str = 'Assistant: '
-
-  def marker(self, role: str) -> str:
-    return getattr(self, role)
-
-
-DEFAULT_TEMPLATE = ChatTemplate()
+_SENTINEL = '\x00kuaijax-content\x00'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +42,26 @@ class ChatExample:
   dropped_exchanges: int
 
 
-def validate_messages(messages: Sequence[Message], *, allow_trailing_user: bool = True) -> None:
-  """Raises ValueError naming the first problem: unknown role, empty turn, order of roles."""
+def turn_affixes(role: str, template: str = 'plain') -> tuple[str, str]:
+  """(text before, text after) the content in the template's rendering of a `role` turn."""
+  if template not in sequences.CHAT_TEMPLATES:
+    raise ValueError(f'chat template {template!r} is not one of {sorted(sequences.CHAT_TEMPLATES)}')
+  before, sep, after = sequences.CHAT_TEMPLATES[template](role, _SENTINEL).partition(_SENTINEL)
+  if not sep:
+    raise ValueError(f'chat template {template!r} does not write the content of a {role} turn')
+  return before, after
+
+
+def validate_messages(
+  messages: Sequence[Message],
+  *,
+  allow_trailing_user: bool = True,
+  allow_empty_answers: bool = False,
+) -> None:
+  """Raises ValueError naming the first problem: unknown role, empty turn, order of roles.
+
+  allow_empty_answers: an assistant turn may be empty (a model's own earlier, empty reply).
+  """
   if not messages:
     raise ValueError('conversation has no messages')
   for i, message in enumerate(messages):
@@ -64,7 +69,8 @@ def validate_messages(messages: Sequence[Message], *, allow_trailing_user: bool 
     if role not in ROLES:
       raise ValueError(f'message {i}: unknown role {role!r}; allowed: {", ".join(ROLES)}')
     content = message.get('content')
-    if not isinstance(content, str) or not content.strip():
+    empty_ok = allow_empty_answers and role == 'assistant' and isinstance(content, str)
+    if not empty_ok and (not isinstance(content, str) or not content.strip()):
       raise ValueError(f'message {i} ({role}): missing or empty content')
   start = 1 if messages[0]['role'] == 'system' else 0
   for i, message in enumerate(messages[start:], start):
@@ -80,30 +86,19 @@ def validate_messages(messages: Sequence[Message], *, allow_trailing_user: bool 
     raise ValueError('conversation must end with an assistant turn')
 
 
-def _spans(messages, tokenizer, template) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Per message: (marker ids, content ids + eos)."""
-  return [
-    (
-      tokenizer.encode_array(template.marker(m['role'])),
-      np.append(tokenizer.encode_array(m['content']), tokenizer.eos_id).astype(np.int32),
-    )
-    for m in messages
-  ]
-
-
 def _exchanges(messages: Sequence[Message]) -> tuple[int, list[list[int]]]:
   """(number of leading system messages, message indices grouped by exchange: user [+ answer])."""
-  start = 1 if messages[0]['role'] == 'system' else 0
+  start = 1 if messages and messages[0]['role'] == 'system' else 0
   rest = list(range(start, len(messages)))
   return start, [rest[i : i + 2] for i in range(0, len(rest), 2)]
 
 
-def _scored(role: str, index: int, last_assistant: int, loss_on: str) -> bool:
-  if loss_on == 'user':
-    return role == 'user'
-  if loss_on == 'last_assistant':
-    return index == last_assistant
-  return role == 'assistant'
+def _latest(messages: Sequence[Message], dropped: int) -> list[Message]:
+  """The conversation without its `dropped` oldest exchanges (a system message stays)."""
+  start, exchanges = _exchanges(messages)
+  return [messages[i] for i in range(start)] + [
+    messages[i] for ex in exchanges[dropped:] for i in ex
+  ]
 
 
 def encode_chat(
@@ -111,44 +106,29 @@ def encode_chat(
   tokenizer: Tokenizer,
   *,
   seq_len: int,
-  loss_on: str = 'all_assistant',
-  template: ChatTemplate = DEFAULT_TEMPLATE,
+  loss_on: str = 'assistant',
+  template: str = 'plain',
 ) -> ChatExample | None:
   """One conversation laid out in seq_len tokens, or None if its last exchange alone does not fit.
 
-  The conversation must be valid (`validate_messages`) and end with the turn kind that is scored
-  ('user' needs at least one user turn; the assistant options need an assistant turn).
+  The conversation must be valid (`validate_messages`) and end with an assistant turn, unless the
+  loss is on the user turns (a query model may be taught the query a conversation ends with).
   """
   if loss_on not in LOSS_ON:
     raise ValueError(f'loss_on={loss_on!r}; allowed: {", ".join(LOSS_ON)}')
   validate_messages(messages, allow_trailing_user=loss_on == 'user')
-  spans = _spans(messages, tokenizer, template)
-  start, exchanges = _exchanges(messages)
-  size = lambda indices: sum(len(spans[i][0]) + len(spans[i][1]) for i in indices)
-  budget = seq_len - 1 - size(range(start))  # bos and the system message always stay.
-  kept = len(exchanges)
-  used = 0
-  while kept > 0 and used + size(exchanges[kept - 1]) <= budget:
-    used += size(exchanges[kept - 1])
-    kept -= 1
-  dropped = kept
-  if dropped == len(exchanges):
-    return None
-  indices = list(range(start)) + [i for ex in exchanges[dropped:] for i in ex]
-  last_assistant = max((i for i in indices if messages[i]['role'] == 'assistant'), default=-1)
-  ids = [np.asarray([tokenizer.bos_id], np.int32)]
-  scored = [np.zeros(1, bool)]
-  for i in indices:
-    marker, content = spans[i]
-    ids += [marker, content]
-    is_scored = _scored(messages[i]['role'], i, last_assistant, loss_on)
-    scored += [np.zeros(len(marker), bool), np.full(len(content), is_scored)]
-  ids, scored = np.concatenate(ids), np.concatenate(scored)
-  tokens = np.full(seq_len, tokenizer.pad_id, np.int32)
-  tokens[: len(ids)] = ids
-  mask = np.zeros(seq_len, np.float32)
-  mask[: len(ids) - 1] = scored[1:]
-  return ChatExample(tokens, mask, len(ids), dropped)
+  num_exchanges = len(_exchanges(messages)[1])
+  for dropped in range(num_exchanges):
+    ids, scored = sequences.encode_chat(
+      _latest(messages, dropped), tokenizer, template=template, loss_on=loss_on
+    )
+    if len(ids) <= seq_len:
+      tokens = np.full(seq_len, tokenizer.pad_id, np.int32)
+      tokens[: len(ids)] = ids
+      mask = np.zeros(seq_len, np.float32)
+      mask[: len(ids)] = scored
+      return ChatExample(tokens, mask, len(ids), dropped)
+  return None
 
 
 def encode_prompt(
@@ -157,59 +137,79 @@ def encode_prompt(
   *,
   next_role: str,
   max_len: int,
-  template: ChatTemplate = DEFAULT_TEMPLATE,
+  template: str = 'plain',
+  allow_empty_answers: bool = False,
 ) -> tuple[np.ndarray, int] | None:
-  """(ids ending with next_role's marker, dropped exchanges) for generating the next turn.
+  """(ids of the conversation + the next turn's opening, dropped exchanges) to generate that turn.
 
   The oldest exchanges are dropped until the prompt has at most max_len ids; None when even the
-  most recent exchange does not fit. `messages` may be empty (the first user turn).
+  most recent exchange does not fit. `messages` may be empty (the first user turn);
+  allow_empty_answers lets a model's own empty replies stand in the history.
   """
   if next_role not in ('user', 'assistant'):
     raise ValueError(f'next_role={next_role!r}; must be user or assistant')
   if messages:
-    validate_messages(messages)
+    validate_messages(messages, allow_empty_answers=allow_empty_answers)
     expected = 'assistant' if messages[-1]['role'] == 'user' else 'user'
     if next_role != expected:
       raise ValueError(f'next turn must be {expected!r} after a {messages[-1]["role"]!r} turn')
   elif next_role != 'user':
     raise ValueError('an empty conversation continues with a user turn')
-  spans = _spans(messages, tokenizer, template)
-  marker = tokenizer.encode_array(template.marker(next_role))
-  start, exchanges = _exchanges(messages) if messages else (0, [])
-  pieces = lambda indices: [x for i in indices for x in spans[i]]
-  for dropped in range(len(exchanges) + 1):
-    if dropped and dropped == len(exchanges) and next_role == 'assistant':
+  opening = tokenizer.encode_array(turn_affixes(next_role, template)[0]).astype(np.int32)
+  exchanges = len(_exchanges(messages)[1])
+  for dropped in range(exchanges + 1):
+    if dropped and dropped == exchanges and next_role == 'assistant':
       return None  # The pending user turn itself would go.
-    indices = list(range(start)) + [i for ex in exchanges[dropped:] for i in ex]
-    ids = np.concatenate([[tokenizer.bos_id], *pieces(indices), marker]).astype(np.int32)
+    history, _ = sequences.encode_chat(_latest(messages, dropped), tokenizer, template=template)
+    ids = np.concatenate([history, opening]).astype(np.int32)
     if len(ids) <= max_len:
       return ids, dropped
   return None
 
 
-def decode_chat(
-  ids: Sequence[int], tokenizer: Tokenizer, *, template: ChatTemplate = DEFAULT_TEMPLATE
-) -> list[Message]:
-  """The messages of `encode_chat` / `encode_prompt` ids (padding and bos ignored).
+def answer_ids(tokenizer: Tokenizer, content: str, *, template: str = 'plain') -> np.ndarray:
+  """An assistant turn after its opening: content + the template's turn ending + eos, so that
+  `encode_prompt(..., next_role='assistant')` followed by these ids is exactly the layout of the
+  conversation with this answer (how CaPO pairs and answer log-probs are scored)."""
+  text = content + turn_affixes('assistant', template)[1]
+  return np.append(tokenizer.encode_array(text), tokenizer.eos_id).astype(np.int32)
 
-  Raises ValueError when a turn does not start with a role marker.
+
+def stop_tokens(tokenizer: Tokenizer, role: str, template: str = 'plain') -> tuple[int, ...]:
+  """The ids that end a generated `role` turn: eos for the assistant; for the user (no eos in the
+  layout) the first token of the template's turn ending ('\\n' for 'plain'), so generated queries
+  are single-line."""
+  if role == 'assistant':
+    return (tokenizer.eos_id,)
+  ending = tokenizer.encode(turn_affixes(role, template)[1])
+  if not ending:
+    raise ValueError(f'chat template {template!r} ends a {role} turn with nothing to stop at')
+  return (ending[0],)
+
+
+def decode_chat(
+  ids: Sequence[int], tokenizer: Tokenizer, *, template: str = 'plain'
+) -> list[Message]:
+  """The messages of `encode_chat` / `encode_prompt` ids (padding, bos and eos ignored).
+
+  A turn runs from a role's opening to the next opening that follows a turn ending; a trailing
+  opening with nothing after it comes back as an empty turn. ValueError when the text does not
+  start with a role's opening.
   """
   ids = np.asarray(ids).reshape(-1)
-  ids = ids[(ids != tokenizer.pad_id) & (ids != tokenizer.bos_id)]
-  cuts = np.flatnonzero(ids == tokenizer.eos_id)
-  pieces = np.split(ids, cuts + 1)
-  messages = []
-  for piece in pieces:
-    closed = len(piece) and piece[-1] == tokenizer.eos_id
-    text = tokenizer.decode(piece[:-1] if closed else piece)
-    if not text and not closed:
-      continue
-    for role in ROLES:
-      if text.startswith(template.marker(role)):
-        messages.append({'role': role, 'content': text.removeprefix(template.marker(role))})
-        break
-    else:
-      raise ValueError(f'turn without a role marker: {text[:40]!r}')
+  text = tokenizer.decode(ids)
+  affixes = {role: turn_affixes(role, template) for role in ROLES}
+  messages, pos = [], 0
+  while pos < len(text):
+    role = next((r for r, (o, _) in affixes.items() if text.startswith(o, pos)), None)
+    if role is None:
+      raise ValueError(f'turn without a role opening at {text[pos : pos + 40]!r}')
+    start = pos + len(affixes[role][0])
+    ending = affixes[role][1]
+    cuts = [text.find(ending + opening, start) for opening, _ in affixes.values()]
+    end = min([c for c in cuts if c >= 0], default=len(text))
+    messages.append({'role': role, 'content': text[start:end].removesuffix(ending)})
+    pos = end + len(ending) if end < len(text) else len(text)
   return messages
 
 

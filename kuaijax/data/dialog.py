@@ -510,23 +510,25 @@ def capo_pairs(
 
 
 def oracle_sessions(
-  asker: Callable[[list[list[dict]]], list[str]], *, num_sessions: int, num_turns: int
+  asker: Callable[[list[list[dict]]], list[str]],
+  openings: Sequence[Sequence[str]],
+  *,
+  num_turns: int,
 ) -> tuple[list[list[Turn]], dict[str, float]]:
-  """Sessions written by a query model (`asker`) and answered by the program, Parrot-Ask style.
+  """Sessions continued by a query model (`asker`) and answered by the program, Parrot-Ask style.
 
-  asker maps conversations (each ending with an assistant turn, or empty) to the next user turns.
-  A query the program cannot parse or answer in its session ends that session there (the turns
-  so far are kept). Returns the sessions with at least one turn and statistics: queries asked,
-  the fraction well-formed, the fraction of well-formed ones that depend on the context, and the
-  mean turns and context-dependent turns per kept session.
+  Each session starts with the user turns of one opening (e.g. the first turn of a real session,
+  as Parrot-Ask continues real first questions) and is continued until num_turns turns: asker maps
+  the conversations (each ending with an assistant turn) to the next user turns. A generated query
+  the program cannot parse or answer in its session ends that session there. Returns the sessions
+  and statistics: generated queries, the fraction well-formed, the fraction of well-formed ones
+  that depend on the context, and the mean turns and context-dependent turns per session.
   """
-  users: list[list[str]] = [[] for _ in range(num_sessions)]
-  turns: list[list[Turn]] = [[] for _ in range(num_sessions)]
-  active = list(range(num_sessions))
-  asked = malformed = 0
-  for _ in range(num_turns):
-    if not active:
-      break
+  users = [list(opening) for opening in openings]
+  turns = [run_session(u) for u in users]
+  active = [i for i, t in enumerate(turns) if len(t) < num_turns]
+  asked = malformed = dependent_asked = 0
+  while active:
     conversations = [
       [
         {'role': role, 'content': text}
@@ -545,17 +547,18 @@ def oracle_sessions(
         malformed += 1
         continue
       users[i].append(query)
-      still.append(i)
+      dependent_asked += turns[i][-1].context_dependent
+      if len(turns[i]) < num_turns:
+        still.append(i)
     active = still
-  kept = [t for t in turns if t]
   well_formed = asked - malformed
-  dependent = sum(t.context_dependent for s in kept for t in s)
   stats = {
     'queries': asked,
     'well_formed': well_formed / max(asked, 1),
-    'context_dependent': dependent / max(well_formed, 1),
-    'turns_per_session': well_formed / max(len(kept), 1),
-    'context_dependent_per_session': dependent / max(len(kept), 1),
-    'sessions': len(kept),
+    'context_dependent': dependent_asked / max(well_formed, 1),
+    'turns_per_session': sum(map(len, turns)) / max(len(turns), 1),
+    'context_dependent_per_session': sum(t.context_dependent for s in turns for t in s)
+    / max(len(turns), 1),
+    'sessions': len(turns),
   }
-  return kept, stats
+  return turns, stats

@@ -20,9 +20,9 @@ import numpy as np
 from flax import nnx
 
 from kuaijax import sampling
-from kuaijax.data import chat, dialog
+from kuaijax.data import chat, dialog, kj_dialog, sequences, sources
+from kuaijax.evals.base import Evaluator
 
-_BUCKET = 32  # Prompt widths are rounded up to a multiple of this, so few programs get compiled.
 HISTORIES = ('own', 'gold')
 Answerer = Callable[[list[list[chat.Message]]], list[str]]
 
@@ -45,20 +45,26 @@ def generate_turns(
   batch_size: int = 64,
   temperature: float = 0.0,
   seed: int = 0,
-  template: chat.ChatTemplate = chat.DEFAULT_TEMPLATE,
+  width_multiple: int = 32,
+  template: str = 'plain',
 ) -> tuple[list[str], int]:
   """(next turn of each conversation, number of prompts truncated from the oldest turns).
 
   Greedy at temperature 0, else sampled (batch b draws with fold_in(key(seed), b)).
 
   Batches have a fixed size (the last padded with copies) and widths rounded up to a multiple of
-  32, so repeated calls reuse compiled programs. Prompts that do not fit max_prompt_len even after
+  `width_multiple`, so repeated calls reuse compiled programs (max_prompt_len: always one width). Prompts that do not fit max_prompt_len even after
   dropping all older exchanges raise ValueError. A reply cut at max_new_tokens is kept as is.
   """
   prompts, truncated = [], 0
   for i, messages in enumerate(conversations):
     encoded = chat.encode_prompt(
-      messages, tokenizer, next_role=next_role, max_len=max_prompt_len, template=template
+      messages,
+      tokenizer,
+      next_role=next_role,
+      max_len=max_prompt_len,
+      template=template,
+      allow_empty_answers=True,  # a model's own earlier reply may be empty
     )
     if encoded is None:
       raise ValueError(
@@ -68,7 +74,7 @@ def generate_turns(
     truncated += encoded[1] > 0
   replies = []
   for b, (chunk, real) in enumerate(_chunks(prompts, batch_size)):
-    width = -(-max(len(p) for p in chunk) // _BUCKET) * _BUCKET
+    width = -(-max(len(p) for p in chunk) // width_multiple) * width_multiple
     batch = np.full((len(chunk), width), tokenizer.pad_id, np.int32)
     for row, ids in zip(batch, chunk, strict=True):
       row[: len(ids)] = ids
@@ -80,7 +86,7 @@ def generate_turns(
       temperature=temperature,
       rng=jax.random.fold_in(jax.random.key(seed), b),
       max_new_tokens=max_new_tokens,
-      stop_tokens=(tokenizer.eos_id,),
+      stop_tokens=chat.stop_tokens(tokenizer, next_role, template),
       pad_id=tokenizer.pad_id,
     )
     replies += [tokenizer.decode(ids).strip() for ids in out.to_lists()[:real]]
@@ -149,6 +155,25 @@ def _sequence_logps(model, tokens, mask, segment_ids):
   return sampling.score(model, tokens, loss_mask=mask, segment_ids=segment_ids)[1]
 
 
+def answer_sequence(
+  messages: Sequence[chat.Message], tokenizer, *, seq_len: int, template: str = 'plain'
+) -> tuple[np.ndarray, np.ndarray, int, int] | None:
+  """(tokens, mask, length, dropped exchanges) scoring only the final answer (`chat.answer_ids`)
+  after the rest of the conversation; None when the answer and its query alone exceed seq_len."""
+  answer = chat.answer_ids(tokenizer, messages[-1]['content'], template=template)
+  prompt = chat.encode_prompt(
+    messages[:-1],
+    tokenizer,
+    next_role='assistant',
+    max_len=seq_len - len(answer),
+    template=template,
+  )
+  if prompt is None:
+    return None
+  tokens, mask = sequences.encode_sequence(prompt[0], answer, seq_len, tokenizer.pad_id)
+  return tokens, mask, len(prompt[0]) + len(answer), prompt[1]
+
+
 def last_answer_logps(
   model,
   tokenizer,
@@ -157,24 +182,23 @@ def last_answer_logps(
   seq_len: int,
   batch_size: int,
 ) -> np.ndarray:
-  """log p(last assistant turn | everything before it) per conversation, in the chat layout.
+  """log p(final answer | everything before it) per conversation (`answer_sequence` layout).
 
   Conversations longer than seq_len lose their oldest exchanges; one whose last exchange alone
   does not fit raises ValueError.
   """
-  examples = []
+  rows = []
   for i, messages in enumerate(conversations):
-    example = chat.encode_chat(messages, tokenizer, seq_len=seq_len, loss_on='last_assistant')
-    if example is None:
+    row = answer_sequence(messages, tokenizer, seq_len=seq_len)
+    if row is None:
       raise ValueError(f'conversation {i}: its last exchange alone exceeds seq_len={seq_len}')
-    examples.append(example)
+    rows.append(row)
   out = []
-  for chunk, real in _chunks(examples, batch_size):
-    tokens = np.stack([e.tokens for e in chunk])
-    mask = np.stack([e.mask for e in chunk])
-    segments = (np.arange(seq_len)[None] < np.asarray([e.length for e in chunk])[:, None]).astype(
-      np.int32
-    )
+  for chunk, real in _chunks(rows, batch_size):
+    tokens = np.stack([r[0] for r in chunk])
+    mask = np.stack([r[1] for r in chunk])
+    lengths = np.asarray([r[2] for r in chunk])
+    segments = (np.arange(seq_len)[None] < lengths[:, None]).astype(np.int32)
     out.append(np.asarray(_sequence_logps(model, tokens, mask, segments))[:real])
   return np.concatenate(out) if out else np.zeros(0, np.float32)
 
@@ -199,8 +223,15 @@ def context_sensitivity(
   return {'context_sensitivity': float(gap.mean()), 'count/context_sensitivity': len(full)}
 
 
-class DialogEvaluator:
-  """`evaluate(model, step) -> dict` for the trainer: kj_dialog-8 accuracy and context sensitivity."""
+def load_sessions(split: str, *, limit: int = 0, data_dir: str = '') -> list[list[dialog.Turn]]:
+  """kj_dialog sessions of one split, in split order (at most `limit`; 0 = all)."""
+  source = sources.get_data_source('kj_dialog', split=split, data_dir=data_dir or None)
+  count = min(limit, len(source)) if limit else len(source)
+  return [kj_dialog.decode_session(source[i]) for i in range(count)]
+
+
+class DialogEvaluator(Evaluator):
+  """kj_dialog-8 for the trainer and the pipeline: accuracy per turn and context sensitivity."""
 
   def __init__(
     self,
@@ -216,18 +247,22 @@ class DialogEvaluator:
     short = [i for i, s in enumerate(sessions) if len(s) < num_turns]
     if short or not sessions:
       raise ValueError(f'need sessions of >= {num_turns} turns; too short: {short[:5]}')
+    if history not in HISTORIES:
+      raise ValueError(f'history={history!r}; allowed: {", ".join(HISTORIES)}')
     self.tokenizer, self.history = tokenizer, history
     self.sessions = [list(s[:num_turns]) for s in sessions]
     self.seq_len, self.max_new_tokens, self.batch_size = seq_len, max_new_tokens, batch_size
 
-  def __call__(self, model, step: int | None = None) -> dict:
+  def evaluate(self, graphdef, params, step: int | None = None) -> dict:
     del step
+    model = nnx.merge(graphdef, params)
     answerer = ModelAnswerer(
       model,
       self.tokenizer,
       max_prompt_len=self.seq_len - self.max_new_tokens,
       max_new_tokens=self.max_new_tokens,
       batch_size=self.batch_size,
+      width_multiple=self.seq_len - self.max_new_tokens,
     )
     replies = answer_sessions(answerer, self.sessions, history=self.history)
     out = score_answers(self.sessions, replies)

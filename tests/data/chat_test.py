@@ -21,30 +21,37 @@ def _scored_ids(example):
   return targets[example.mask[: example.length - 1] > 0].tolist()
 
 
+def _turn(m):
+  """A turn's ids in the 'plain' layout, written out independently: 'Role: content\\n' (+ eos)."""
+  ids = TOK.encode(f'{m["role"].capitalize()}: {m["content"]}\n')
+  return ids + [TOK.eos_id] if m['role'] == 'assistant' else ids
+
+
 def _expected(messages, roles):
-  return [
-    i for m in messages if m['role'] in roles for i in TOK.encode(m['content']) + [TOK.eos_id]
-  ]
+  return [i for m in messages if m['role'] in roles for i in _turn(m)]
 
 
 def test_round_trip_and_layout():
   example = chat.encode_chat(MESSAGES, TOK, seq_len=256)
   assert example.dropped_exchanges == 0 and example.tokens.shape == example.mask.shape == (256,)
   assert chat.decode_chat(example.tokens, TOK) == MESSAGES
-  text = ''.join(f'{chat.DEFAULT_TEMPLATE.marker(m["role"])}{m["content"]}' for m in MESSAGES)
-  body = example.tokens[: example.length]
-  assert body[0] == TOK.bos_id and (body == TOK.eos_id).sum() == len(MESSAGES)
-  assert TOK.decode(body) == text
-  assert (example.tokens[example.length :] == TOK.pad_id).all() and not example.mask[
-    example.length - 1 :
-  ].any()
+  body = example.tokens[: example.length].tolist()
+  assert body == [TOK.bos_id, *(i for m in MESSAGES for i in _turn(m))]
+  assert (example.tokens[example.length :] == TOK.pad_id).all()
+  assert not example.mask[example.length - 1 :].any()
+  # Content with newlines and role-like words inside still round-trips.
+  tricky = [
+    {'role': 'user', 'content': 'Two lines\nUser said: hi'},
+    {'role': 'assistant', 'content': 'ok'},
+  ]
+  assert chat.decode_chat(chat.encode_chat(tricky, TOK, seq_len=128).tokens, TOK) == tricky
 
 
 def test_loss_on_masks():
   def scored(loss_on):
     return _scored_ids(chat.encode_chat(MESSAGES, TOK, seq_len=256, loss_on=loss_on))
 
-  assert scored('all_assistant') == _expected(MESSAGES, ('assistant',))
+  assert scored('assistant') == _expected(MESSAGES, ('assistant',))
   assert scored('last_assistant') == _expected(MESSAGES[-1:], ('assistant',))
   assert scored('user') == _expected(MESSAGES, ('user',))  # Parrot-Ask: only the queries.
   # A Parrot-Ask example may end on the user turn it is taught to write.
@@ -59,21 +66,10 @@ def test_loss_on_masks():
 
 def test_truncation_drops_whole_oldest_exchanges():
   full = chat.encode_chat(MESSAGES, TOK, seq_len=256).length
-  exchange = lambda i: (
-    len(
-      TOK.encode(
-        ''.join(chat.DEFAULT_TEMPLATE.marker(m['role']) + m['content'] for m in MESSAGES[i : i + 2])
-      )
-    )
-    + 2
-  )
-  for seq_len, dropped in [
-    (full, 0),
-    (full - 1, 1),
-    (full - exchange(1), 1),
-    (full - exchange(1) - 1, 2),
-  ]:
-    example = chat.encode_chat(MESSAGES, TOK, seq_len=seq_len, loss_on='all_assistant')
+  exchange = lambda i: len(_turn(MESSAGES[i])) + len(_turn(MESSAGES[i + 1]))
+  cases = [(full, 0), (full - 1, 1), (full - exchange(1), 1), (full - exchange(1) - 1, 2)]
+  for seq_len, dropped in cases:
+    example = chat.encode_chat(MESSAGES, TOK, seq_len=seq_len, loss_on='assistant')
     assert example.dropped_exchanges == dropped, seq_len
     kept = [MESSAGES[0], *MESSAGES[1 + 2 * dropped :]]
     assert chat.decode_chat(example.tokens, TOK) == kept
@@ -105,10 +101,10 @@ def test_bad_conversations(messages, error):
 
 def test_prompts_for_the_next_turn():
   ids, dropped = chat.encode_prompt(MESSAGES[:-1], TOK, next_role='assistant', max_len=256)
-  assert dropped == 0 and TOK.decode(ids).endswith('User: What was the first answer?Assistant: ')
-  # The prompt plus the answer and eos is exactly the full layout.
+  assert dropped == 0 and TOK.decode(ids).endswith('User: What was the first answer?\nAssistant: ')
+  # The prompt plus the answer's content, turn ending and eos is exactly the full layout.
   full = chat.encode_chat(MESSAGES, TOK, seq_len=256)
-  answer = TOK.encode(MESSAGES[-1]['content']) + [TOK.eos_id]
+  answer = TOK.encode(MESSAGES[-1]['content'] + '\n') + [TOK.eos_id]
   assert np.concatenate([ids, answer]).tolist() == full.tokens[: full.length].tolist()
   assert chat.decode_chat(ids, TOK)[-1] == {'role': 'assistant', 'content': ''}
   short, dropped = chat.encode_prompt(
@@ -120,6 +116,11 @@ def test_prompts_for_the_next_turn():
   assert first.tolist() == [TOK.bos_id, *TOK.encode('User: ')]
   with pytest.raises(ValueError, match="must be 'user'"):
     chat.encode_prompt(MESSAGES, TOK, next_role='assistant', max_len=256)
+  assert chat.stop_tokens(TOK, 'assistant') == (TOK.eos_id,)
+  assert chat.stop_tokens(TOK, 'user') == tuple(TOK.encode('\n'))
+  assert chat.turn_affixes('user') == ('User: ', '\n')
+  with pytest.raises(ValueError, match='not one of'):
+    chat.turn_affixes('user', template='chatml_typo')
 
 
 def test_own_or_gold_history():

@@ -206,20 +206,22 @@ def test_capo_pairs_on_a_hand_made_session():
 
 def test_oracle_sessions_answer_and_count_generated_queries():
   script = {
-    0: ['Sort 5 1 3.', 'Reverse it.', 'What was the first answer?'],
-    1: ['Sort 2 1.', 'Sort the ninth answer.', 'never asked'],  # ends at its bad 2nd query
-    2: ['Tell me a joke.'],  # ends at once: not kept
+    'Sort 5 1 3.': ['Reverse it.', 'What was the first answer?', 'never asked'],
+    'Sort 2 1.': ['Sort the ninth answer.', 'never asked'],  # ends at its bad first query
+    'Reverse 4 6.': ['Tell me a joke.'],
   }
 
   def asker(conversations):
-    if not conversations[0]:  # first turn: every session, in order
-      return [script[i][0] for i in range(len(conversations))]
-    by_opening = {lines[0]: lines for lines in script.values()}
-    return [by_opening[c[0]['content']][len(c) // 2] for c in conversations]
+    return [script[c[0]['content']][len(c) // 2 - 1] for c in conversations]
 
-  sessions, stats = dialog.oracle_sessions(asker, num_sessions=3, num_turns=3)
-  assert [[t.user for t in s] for s in sessions] == [script[0], ['Sort 2 1.']]
+  openings = [[first] for first in script]
+  sessions, stats = dialog.oracle_sessions(asker, openings, num_turns=3)
+  assert [[t.user for t in s] for s in sessions] == [
+    ['Sort 5 1 3.', 'Reverse it.', 'What was the first answer?'],
+    ['Sort 2 1.'],
+    ['Reverse 4 6.'],
+  ]
   assert [t.assistant for t in sessions[0]] == ['1 3 5', '5 3 1', '1 3 5']
-  assert stats['queries'] == 3 + 2 + 1 and stats['well_formed'] == 4 / 6
-  assert stats['context_dependent'] == 2 / 4 and stats['turns_per_session'] == 2.0
-  assert stats['sessions'] == 2 and stats['context_dependent_per_session'] == 1.0
+  assert stats['queries'] == 2 + 1 + 1 and stats['well_formed'] == 2 / 4
+  assert stats['context_dependent'] == 1.0 and stats['turns_per_session'] == 5 / 3
+  assert stats['sessions'] == 3 and stats['context_dependent_per_session'] == 2 / 3

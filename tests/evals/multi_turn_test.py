@@ -119,7 +119,7 @@ def test_context_sensitivity_against_full_forward(model):
       gap = 0.0
       for sign, conv in ((1, messages[: 2 * k + 2]), (-1, messages[2 * k : 2 * k + 2])):
         prompt, _ = chat.encode_prompt(conv[:-1], TOK, next_role='assistant', max_len=seq_len)
-        answer = TOK.encode(conv[-1]['content']) + [TOK.eos_id]
+        answer = TOK.encode(conv[-1]['content'] + '\n') + [TOK.eos_id]  # 'plain' layout
         ids = np.zeros((1, seq_len), np.int32)
         ids[0, : len(prompt) + len(answer)] = [*prompt, *answer]
         logp = np.asarray(jax.nn.log_softmax(_logits(model, ids)[0], axis=-1))
