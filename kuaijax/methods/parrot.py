@@ -150,11 +150,13 @@ def ask_sessions_stage(stage) -> dict:
     for r in sources_[: b.num_sessions]
   ]
   graphdef, params = stage.load_model(b.policy)
+  max_prompt_len = stage.config.data.seq_len - b.max_new_tokens
   asker = multi_turn.ModelAnswerer(
     nnx.merge(graphdef, params),
     stage.tokenizer,
     next_role='user',
-    max_prompt_len=stage.config.data.seq_len - b.max_new_tokens,
+    max_prompt_len=max_prompt_len,
+    width_multiple=max_prompt_len,  # one prompt width: one compiled program
     max_new_tokens=b.max_new_tokens,
     batch_size=b.batch_size,
     temperature=b.temperature,
