@@ -16,7 +16,8 @@ runlocal (2 CPU cores; a tiny byte-level model; wall time and numbers in experim
 full scale (one GPU host; ~25M parameters; not run yet):
   python -m kuaijax.main --config=configs/capo/parrot.py --workdir=workdirs/capo_full
 Args: `seeds=3` (pipelines, one per seed), `kinds=neglect+hallucination+misunderstanding+all`
-(the CaPO rows; `none` runs no CaPO stage).
+(the CaPO rows; `none` runs no CaPO stage), `stages=sft_short` (run only these stages and those they
+need, instead of the rows `kinds` implies).
 """
 
 import ml_collections
@@ -51,7 +52,9 @@ def _train(method, label, *, data, steps, batch_size, optimizer, options=None, l
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, runlocal=False, seeds=3, kinds='neglect+hallucination+misunderstanding+all')
+  args = parse_arg(
+    arg, runlocal=False, seeds=3, kinds='neglect+hallucination+misunderstanding+all', stages=''
+  )
   kinds = [k for k in args.kinds.replace(',', '+').split('+') if k and k != 'none']
   bad = sorted(set(kinds) - set(KIND_ROWS))
   if bad:
@@ -156,7 +159,8 @@ def get_config(arg=None):
       loss=dict(beta=0.1, label_smoothing=0.0),
     )
   config.stage = stage
-  config.stages = '+'.join(['sft_short', 'sft_long', *(f'capo_{k}' for k in kinds)])
+  # '' (the default): both SFT rows and the CaPO rows of `kinds`.
+  config.stages = args.stages or '+'.join(['sft_short', 'sft_long', *(f'capo_{k}' for k in kinds)])
   config.evals = CD(
     dict(
       kj_dialog8=CD(
@@ -174,18 +178,20 @@ def get_config(arg=None):
   config.train.update(progress=False)
 
   if args.runlocal:
-    config.data.update(seq_len=512, prompt_len=464, limit=600)
+    # Sized for 2 shared CPU cores: a byte-level model of ~0.1M parameters, a few dozen steps per
+    # stage; expect little beyond the answer format to be learnt (see the README's table).
+    config.data.update(seq_len=512, prompt_len=488, max_new_tokens=24, limit=600)
     config.model.update(
       d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=192, dtype='float32'
     )
-    fast = dict(lr=3e-3, warmup_steps=10)
+    fast = dict(lr=3e-3, warmup_steps=5)
     for name in ('ask', 'sft_short', 'sft_long'):
-      stage[name].train.update(_steps(120, 8))
+      stage[name].train.update(_steps(60, 8))
       stage[name].optimizer.update(fast)
-    stage.sessions.update(num_sessions=64, batch_size=64)
+    stage.sessions.update(num_sessions=32, max_new_tokens=24, batch_size=32)
     for kind in KIND_ROWS:
-      stage[f'capo_{kind}'].train.update(_steps(30, 8))
-      stage[f'capo_{kind}'].optimizer.update(lr=1e-4, warmup_steps=3)
-      stage[f'pairs_{kind}'].limit = 64
-    config.evals.kj_dialog8.update(sessions=24, batch_size=24)
+      stage[f'capo_{kind}'].train.update(_steps(20, 8))
+      stage[f'capo_{kind}'].optimizer.update(lr=1e-4, warmup_steps=2)
+      stage[f'pairs_{kind}'].limit = 32
+    config.evals.kj_dialog8.update(sessions=8, batch_size=8)
   return config
