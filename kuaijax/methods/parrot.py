@@ -16,6 +16,8 @@ Stage types:
                 generated queries were well-formed and how many depend on the context.
   capo_pairs    for every context-dependent turn of `data` (sessions), one pair per negative kind
                 in `kinds` (neglect, hallucination, misunderstanding), at most `limit` sessions.
+  chat_capo_pairs  the same for real conversations: a chat model (`policy`) answers under each
+                context error (`kuaijax.data.chat.corrupted_context`).
 The task 'kj_dialog' gives the kj_dialog sessions as records with `messages`.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from flax import nnx
 
 from kuaijax.config_lib import check_choice
@@ -184,4 +187,53 @@ def capo_pairs_stage(stage) -> dict:
     'pairs': len(pairs),
     'pairs_by_kind': counts,
     'no_negative': missing,
+  }
+
+
+@register_stage_type('chat_capo_pairs')
+def chat_capo_pairs_stage(stage) -> dict:
+  """CaPO pairs for real conversations (records with `messages`, e.g. 'sharegpt:' data).
+
+  Options: policy (the chat model that answers under a context error), data, kinds, limit
+  (conversations; 0 = all), max_new_tokens, batch_size. Every assistant turn after the first
+  exchange gives one pair per kind: chosen = the conversation's own answer, rejected = the policy's
+  greedy answer to the same query under `chat.corrupted_context` (misunderstanding needs two earlier
+  exchanges). Real data carries no context-dependence labels, so every later turn is used.
+  """
+  b = stage.block
+  records = stage.records(b.data)
+  records = records[: b.limit] if b.limit else records
+  rng = np.random.default_rng(stage.seed())
+  prompts, pairs = [], []
+  for record in records:
+    messages = record['messages']
+    start = 1 if messages[0]['role'] == 'system' else 0
+    for end in range(start + 2, len(messages) - 1, 2):
+      history, answer = messages[: end + 1], messages[end + 1]['content']
+      for kind in b.kinds:
+        if kind == 'misunderstanding' and end - start < 4:
+          continue
+        prompts.append(chat.corrupted_context(history, kind, rng))
+        pairs.append({'messages': history, 'chosen': answer, 'negative': kind})
+  if not pairs:
+    raise RuntimeError(f'stage {stage.name}: no conversation has a turn after its first exchange')
+  graphdef, params = stage.load_model(b.policy)
+  max_prompt_len = stage.config.data.seq_len - b.max_new_tokens
+  with stage.axis_rules():
+    replies, truncated = multi_turn.generate_turns(
+      nnx.merge(graphdef, params),
+      stage.tokenizer,
+      prompts,
+      max_prompt_len=max_prompt_len,
+      max_new_tokens=b.max_new_tokens,
+      batch_size=b.batch_size,
+      width_multiple=max_prompt_len,
+    )
+  kept = [{**p, 'rejected': r} for p, r in zip(pairs, replies, strict=True) if r != p['chosen']]
+  stage.write_data(kept)
+  return {
+    'conversations': len(records),
+    'pairs': len(kept),
+    'same_as_chosen': len(pairs) - len(kept),
+    'truncated_prompts': truncated,
   }

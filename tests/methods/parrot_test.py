@@ -78,3 +78,60 @@ def test_session_records_are_checked():
   bad['messages'][1]['content'] = '99'
   with pytest.raises(ValueError, match='not the program answers'):
     parrot.record_turns(bad)
+
+
+def test_chat_capo_pairs_for_real_conversations_with_a_small_model():
+  import contextlib
+  import pathlib
+
+  from flax import nnx
+
+  from kuaijax.data import chat_files
+  from kuaijax.evals import multi_turn
+  from kuaijax.jit_cache import split_params
+  from kuaijax.models.transformer import Transformer, TransformerConfig
+
+  fixture = pathlib.Path(__file__).parents[1] / 'data/fixtures/sharegpt_train.json'
+  records, _ = chat_files.load_sharegpt(fixture)
+  model = Transformer(
+    TransformerConfig(vocab_size=TOK.vocab_size, d_model=16, num_layers=1, num_heads=2, d_ff=32),
+    rngs=nnx.Rngs(0),
+  )
+  written = {}
+  stage = types.SimpleNamespace(
+    name='real_pairs',
+    block=ml_collections.ConfigDict(
+      dict(
+        policy='chat',
+        data='sharegpt',
+        kinds=('neglect', 'misunderstanding'),
+        limit=0,
+        max_new_tokens=4,
+        batch_size=2,
+      )
+    ),
+    records=lambda ref: records,
+    seed=lambda: 0,
+    load_model=lambda ref: split_params(model),
+    config=ml_collections.ConfigDict(dict(data=dict(seq_len=256))),
+    tokenizer=TOK,
+    axis_rules=contextlib.nullcontext,
+    write_data=lambda data: written.setdefault('pairs', data),
+  )
+  summary = parrot.chat_capo_pairs_stage(stage)
+  # Only the Hamlet conversation has a turn after its first exchange; misunderstanding needs two
+  # earlier exchanges, so one neglect pair.
+  (pair,) = written['pairs']
+  assert summary == {'conversations': 3, 'pairs': 1, 'same_as_chosen': 0, 'truncated_prompts': 0}
+  assert pair['messages'] == records[0]['messages'][:3] and pair['negative'] == 'neglect'
+  assert pair['chosen'] == records[0]['messages'][3]['content']
+  expected, _ = multi_turn.generate_turns(
+    model,
+    TOK,
+    [[records[0]['messages'][2]]],
+    max_prompt_len=252,
+    max_new_tokens=4,
+    batch_size=2,
+    width_multiple=252,
+  )
+  assert pair['rejected'] == expected[0]  # the model's answer to the query alone
