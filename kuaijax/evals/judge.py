@@ -140,3 +140,47 @@ class ModelJudge:
         for system, user in prompts
       ]
     )
+
+
+# FastChat grades these categories against the reference answers.
+REFERENCE_CATEGORIES = ('math', 'reasoning', 'coding', 'arena-hard-200')
+
+
+def mt_bench_scores(answerer, judge: Judge, questions: Sequence[dict]) -> dict:
+  """MT-Bench(++) single-answer grading: every turn answered with the model's own history, then
+  judged 1-10 (the last answer, in the context of the earlier turns).
+
+  answerer: conversations -> next assistant turns (e.g. `multi_turn.ModelAnswerer`); questions:
+  `mt_bench:` records. Returns the mean rating overall, per turn and per category over the rated
+  replies, and how many judge replies carried no rating (left out of the means).
+  """
+  replies: list[list[str]] = [[] for _ in questions]
+  for k in range(max((len(q['turns']) for q in questions), default=0)):
+    active = [i for i, q in enumerate(questions) if len(q['turns']) > k]
+    conversations = []
+    for i in active:
+      turns = questions[i]['turns']
+      history = [
+        {'role': role, 'content': text}
+        for q, a in zip(turns[:k], replies[i], strict=True)
+        for role, text in (('user', q), ('assistant', a))
+      ]
+      conversations.append([*history, {'role': 'user', 'content': turns[k]}])
+    for i, reply in zip(active, answerer(conversations), strict=True):
+      replies[i].append(reply)
+  prompts, keys = [], []
+  for q, answers in zip(questions, replies, strict=True):
+    use_reference = q['category'] in REFERENCE_CATEGORIES and q['reference']
+    for k in range(len(q['turns'])):
+      references = q['reference'][: k + 1] if use_reference else ()
+      prompts.append(judge_prompt(q['turns'][: k + 1], answers[: k + 1], references))
+      keys.append((k + 1, q['category']))
+  ratings, unrated = rate(judge, prompts)
+  rated = [(key, r) for key, r in zip(keys, ratings, strict=True) if r is not None]
+  out = {'score': sum(r for _, r in rated) / len(rated) if rated else float('nan')}
+  for name, select in (('turn', lambda key: key[0]), ('category', lambda key: key[1])):
+    for value in sorted({select(key) for key, _ in rated}, key=str):
+      scores = [r for key, r in rated if select(key) == value]
+      out[f'score/{name}_{value}'] = sum(scores) / len(scores)
+  out.update(judged=len(prompts), unrated=unrated)
+  return out

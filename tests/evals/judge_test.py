@@ -66,3 +66,44 @@ def test_rate_counts_replies_without_rating():
   assert judge.rate(fake, prompts) == ([None, 9.0, None, 9.0], 2)
   with pytest.raises(ValueError, match='1 replies for 4 prompts'):
     judge.rate(lambda p: ['[[1]]'], prompts)
+
+
+def test_mt_bench_scores_with_own_history_and_a_fake_judge():
+  questions = [
+    {'question_id': 1, 'category': 'writing', 'turns': ['w1', 'w2'], 'reference': []},
+    {
+      'question_id': 2,
+      'category': 'math',
+      'turns': ['m1', 'm2', 'm3'],
+      'reference': ['r1', 'r2', 'r3'],
+    },
+  ]
+  seen = []
+
+  def answerer(conversations):
+    seen.extend(conversations)
+    # Answer with the number of earlier turns in the (own) history.
+    return [f'answer after {len(c) // 2}' for c in conversations]
+
+  def fake(system, user):
+    if 'Reference' in user:
+      return 'no verdict'  # unrated: left out of the means and counted
+    return f'Rating: [[{user.count("answer after") + 5}]]'
+
+  scores = judge.mt_bench_scores(answerer, judge.FakeJudge(fake), questions)
+  assert seen[-1] == [
+    {'role': 'user', 'content': 'm1'},
+    {'role': 'assistant', 'content': 'answer after 0'},
+    {'role': 'user', 'content': 'm2'},
+    {'role': 'assistant', 'content': 'answer after 1'},
+    {'role': 'user', 'content': 'm3'},
+  ]
+  # writing: turn 1 judged on 1 answer (6), turn 2 on the transcript of 2 answers (7).
+  assert scores == {
+    'score': 6.5,
+    'score/turn_1': 6.0,
+    'score/turn_2': 7.0,
+    'score/category_writing': 6.5,
+    'judged': 5,
+    'unrated': 3,
+  }
