@@ -11,7 +11,9 @@ Stages (`kuaijax.train.pipeline`; `kuaijax.methods.parrot` has the methods and s
 Every policy is evaluated on kj_dialog-8 (own history, exact match per turn, context sensitivity);
 `experiments/capo.py` runs the pipeline once per seed and writes the table and plots.
 
-runlocal (2 CPU cores; a tiny byte-level model; wall time and numbers in experiments/capo/README.md):
+runlocal (2 CPU cores; a ~0.1M-parameter byte-level model; the ask model is too weak at this size to
+write well-formed queries, so sft_long and the pairs use the kj_dialog train sessions instead of the
+Parrot-Ask ones; wall time and numbers in experiments/capo/README.md):
   python -m kuaijax.main --config=configs/capo/parrot.py:runlocal --workdir=workdirs/capo
 full scale (one GPU host; ~25M parameters; not run yet):
   python -m kuaijax.main --config=configs/capo/parrot.py --workdir=workdirs/capo_full
@@ -130,7 +132,7 @@ def get_config(arg=None):
   )
   stage.sft_long = _train(
     'chat_sft',
-    'SFT, Parrot-Ask sessions',
+    'SFT, long sessions',
     data='sessions',
     steps=5000,
     batch_size=32,
@@ -194,4 +196,12 @@ def get_config(arg=None):
       stage[f'capo_{kind}'].optimizer.update(lr=1e-4, warmup_steps=2)
       stage[f'pairs_{kind}'].limit = 32
     config.evals.kj_dialog8.update(sessions=8, batch_size=8)
+    # At this size the ask model writes no well-formed query yet (0% in our runs), so the long-session
+    # SFT and the CaPO pairs use the kj_dialog train sessions themselves (8-12 turns); the ask model
+    # and its sessions still run for their statistics.
+    stage.sft_long.data = 'task:train'
+    for kind in KIND_ROWS:
+      stage[f'pairs_{kind}'].data = 'task:train'
+    if not args.stages:
+      config.stages = 'sessions+' + config.stages
   return config

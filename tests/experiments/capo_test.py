@@ -52,7 +52,7 @@ def test_tiny_pipeline_writes_the_table(tmp_path):
 def test_every_row_over_two_seeds(tmp_path):
   results = capo.run(tiny_config('seeds=2'), str(tmp_path))
   kinds = ('neglect', 'hallucination', 'misunderstanding', 'all')
-  labels = ['SFT, short sessions (1-2 turns)', 'SFT, Parrot-Ask sessions']
+  labels = ['SFT, short sessions (1-2 turns)', 'SFT, long sessions']
   _check_outputs(tmp_path, results, labels + [f'+ CaPO ({k})' for k in kinds], seeds=2)
   assert 'Parrot-Ask sessions (queries' in (tmp_path / 'results.md').read_text()
   for stages in results['seeds']:
@@ -65,7 +65,7 @@ def test_every_row_over_two_seeds(tmp_path):
 
 def test_config_args():
   config = load_config(f'{CONFIG}:runlocal,kinds=neglect+all,seeds=2')
-  assert config.stages == 'sft_short+sft_long+capo_neglect+capo_all' and config.seeds == 2
+  assert config.stages == 'sessions+sft_short+sft_long+capo_neglect+capo_all' and config.seeds == 2
   assert load_config(f'{CONFIG}:stages=sft_short').stages == 'sft_short'
   assert load_config(f'{CONFIG}:kinds=none').stages == 'sft_short+sft_long'
   with pytest.raises(ValueError, match='random'):
