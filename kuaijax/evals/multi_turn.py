@@ -121,8 +121,9 @@ def answer_sessions(
     conversations = []
     for i in active:
       turns = sessions[i][:k]
-      shown = replies[i] if history == 'own' else [t.assistant for t in turns]
-      messages = chat.session_messages([t.user for t in turns], shown)
+      messages = chat.session_messages([t.user for t in turns], [t.assistant for t in turns])
+      if history == 'own':
+        messages = chat.with_answers(messages, replies[i])
       conversations.append([*messages, {'role': 'user', 'content': sessions[i][k].user}])
     for i, reply in zip(active, answerer(conversations), strict=True):
       replies[i].append(reply)
