@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from experiments.arith_posttrain import plot_losses
+from kuaijax import plotting
 from kuaijax.data import records as records_lib
 from kuaijax.data import tokenizers
 from kuaijax.train.pipeline import parse_stage_list, run_pipeline
@@ -243,7 +243,11 @@ def run(config, workdir: str) -> dict:
     tokenizer = tokenizers.get_tokenizer(
       config.data.tokenizer, spm_model_path=config.data.spm_model_path or None
     )
-    plots = [plot_losses(per_seed[config.seeds[0]], first)]
+    seed0 = per_seed[config.seeds[0]]
+    trained = [
+      f'seed_{config.seeds[0]}/{n}' for n, info in seed0.items() if info['type'] == 'train'
+    ]
+    plots = plotting.write_loss_curves(workdir, trained)
     if 'rewards' in per_seed[config.seeds[0]]:
       examples = _wrong_examples(first, 4)
       plots.append(

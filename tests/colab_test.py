@@ -107,3 +107,24 @@ def test_quickstart_notebook_runs(tmp_path, notebook_data_dir):
     for cell in nb.cells
     for o in cell.get('outputs', [])
   ), 'the plot was not shown'
+
+
+def test_capo_notebook_runs(tmp_path, notebook_data_dir):
+  workdir = tmp_path / 'workdir'
+  nb = execute_notebook(
+    'capo.ipynb',
+    tmp_path,
+    KUAIJAX_NOTEBOOK_STEPS='2',
+    KUAIJAX_NOTEBOOK_STAGES='sft_short',
+    KUAIJAX_NOTEBOOK_WORKDIR=str(workdir),
+    KUAIJAX_DATA_DIR=notebook_data_dir,
+  )
+  text = ''.join(o.get('text', '') for cell in nb.cells for o in cell.get('outputs', []))
+  assert 'chosen' in text and all(
+    k in text for k in ('neglect', 'hallucination', 'misunderstanding')
+  )
+  assert '| SFT, short sessions (1-2 turns) |' in (workdir / 'results.md').read_text()
+  assert (workdir / 'accuracy_by_turn.png').read_bytes().startswith(PNG_MAGIC)
+  assert any(
+    'image/png' in o.get('data', {}) for cell in nb.cells for o in cell.get('outputs', [])
+  ), 'the plot was not shown'

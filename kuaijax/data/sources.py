@@ -13,12 +13,22 @@ from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
 
-from kuaijax.data import gsm8k, kj_arith, kj_lm_mixture
+from kuaijax.data import chat_files, gsm8k, kj_arith, kj_dialog, kj_lm_mixture
 
 # Builders generated on first use (importing their modules also registers them with tfds).
-_BUILDERS = {'kj_arith': kj_arith.KjArith, 'kj_lm_mixture': kj_lm_mixture.KjLmMixture}
+_BUILDERS = {
+  'kj_arith': kj_arith.KjArith,
+  'kj_dialog': kj_dialog.KjDialog,
+  'kj_lm_mixture': kj_lm_mixture.KjLmMixture,
+}
 EMBEDDED = tuple(_BUILDERS)
 JSONL_PREFIX = 'jsonl:'
+# Local files by prefix ('prefix:/path', `{split}` in the path replaced by the split).
+_FILE_LOADERS = {
+  'sharegpt:': lambda path: chat_files.load_sharegpt(path)[0],
+  'mt_bench:': chat_files.load_mt_bench,
+  gsm8k.PREFIX: gsm8k.load_gsm8k,
+}
 
 
 def default_data_dir() -> str:
@@ -77,14 +87,17 @@ def get_data_source(
 ) -> Sequence[dict]:
   """A random-access source for one split.
 
-  name: 'kj_arith' / 'kj_lm_mixture' (built into data_dir on first use); any other tfds name
-  (must already be prepared in data_dir, in array_record format); or 'jsonl:/path/file.jsonl'
-  (`{split}` in the path is replaced by the split). data_dir defaults to `default_data_dir()`.
+  name: 'kj_arith' / 'kj_dialog' / 'kj_lm_mixture' (built into data_dir on first use); any other
+  tfds name (must already be prepared in data_dir, in array_record format); or a local file:
+  'jsonl:/path/file.jsonl', 'sharegpt:/path/file.json' (records with `messages`, see
+  `chat_files.load_sharegpt`), 'mt_bench:/path/question.jsonl' (`chat_files.load_mt_bench`);
+  `{split}` in a path is replaced by the split. data_dir defaults to `default_data_dir()`.
   """
   if name.startswith(JSONL_PREFIX):
     return load_jsonl(name.removeprefix(JSONL_PREFIX).replace('{split}', split))
-  if name.startswith(gsm8k.PREFIX):
-    return gsm8k.load_gsm8k(name.removeprefix(gsm8k.PREFIX).replace('{split}', split))
+  for prefix, load in _FILE_LOADERS.items():
+    if name.startswith(prefix):
+      return load(name.removeprefix(prefix).replace('{split}', split))
   data_dir = str(data_dir or default_data_dir())
   if name in EMBEDDED:
     prepare_embedded(name, data_dir)

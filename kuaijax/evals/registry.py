@@ -13,6 +13,9 @@ Kinds (options in brackets):
                    max_new_tokens)
   passkey          retrieval by context length [context_lengths, depths, per_depth, batch_size,
                    template, seed]
+  kj_dialog8       multi-turn exact match per turn with own / gold history, context-dependent split
+                   and context sensitivity [split, sessions, num_turns, history, batch_size]; widths
+                   from config.data (seq_len, max_new_tokens)
 Register another with `register_evaluator('name')`: a builder `(options: dict, ctx) -> Evaluator`
 (or None when its options leave nothing to evaluate, e.g. multiple_choice with no tasks).
 """
@@ -25,6 +28,7 @@ from collections.abc import Sequence
 from kuaijax.evals.base import Evaluators
 from kuaijax.evals.lm_loss import LMEvaluator
 from kuaijax.evals.moe_stats import MoEStatsEvaluator, TokenLossExperts
+from kuaijax.evals.multi_turn import DialogEvaluator, load_sessions
 from kuaijax.evals.multiple_choice import build_evaluator as build_multiple_choice
 from kuaijax.evals.passkey import PasskeyEvaluator
 from kuaijax.evals.task_accuracy import TaskAccuracyEvaluator, load_eval_records
@@ -124,6 +128,19 @@ def _passkey(options, ctx):
     batch_size=options['batch_size'],
     template=options['template'],
     seed=options['seed'],
+  )
+
+
+@register_evaluator('kj_dialog8')
+def _kj_dialog8(options, ctx):
+  return DialogEvaluator(
+    ctx.tokenizer,
+    load_sessions(options['split'], limit=options['sessions'], data_dir=ctx.data.data_dir),
+    num_turns=options['num_turns'],
+    history=options['history'],
+    seq_len=ctx.data.seq_len,
+    max_new_tokens=ctx.data.max_new_tokens,
+    batch_size=options['batch_size'],
   )
 
 

@@ -4,7 +4,7 @@ Importing this package registers every built-in method (and the stage types they
 'pairs' and 'minimal_edit').
 """
 
-from kuaijax.methods import dpo, grpo, rft, rlmec, sft  # noqa: F401  (registration)
+from kuaijax.methods import dpo, grpo, parrot, rft, rlmec, sft  # noqa: F401  (registration)
 from kuaijax.methods.base import METHODS, Method, MethodContext, get_method, register_method
 
 __all__ = ['METHODS', 'Method', 'MethodContext', 'get_method', 'register_method']

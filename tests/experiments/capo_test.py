@@ -1,0 +1,72 @@
+"""The Parrot / CaPO pipeline end to end: a tiny run (non-slow) and a 2-seed run with every row (slow)."""
+
+import json
+import os
+
+import pytest
+
+from experiments import capo
+from kuaijax.config_lib import load_config
+from tests.conftest import REPO_ROOT
+
+CONFIG = os.path.join(REPO_ROOT, 'configs/capo/parrot.py')
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def tiny_config(arg):
+  config = load_config(f'{CONFIG}:runlocal,{arg}')
+  config.parallel.num_devices = 1
+  config.train.update(progress=False, async_checkpoint=False)
+  config.model.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=64)
+  config.data.update(limit=16, seq_len=256, prompt_len=240, max_new_tokens=16)
+  for block in config.stage.values():
+    if block.type == 'train':
+      block.train.update(steps=2, batch_size=2, log_every=1, checkpoint_every=2, eval_every=2)
+      block.optimizer.warmup_steps = 1
+    if block.type == 'capo_pairs':
+      block.update(data='task:train', limit=4)  # a 2-step ask model writes no usable query yet
+  config.stage.sessions.update(num_sessions=4, num_turns=3, max_new_tokens=16, batch_size=4)
+  config.evals.kj_dialog8.update(sessions=2, num_turns=2, batch_size=2)
+  return config
+
+
+def _check_outputs(workdir, results, labels, seeds):
+  table = (workdir / 'results.md').read_text()
+  assert all(f'| {label} |' in table for label in labels)
+  assert set(results['rows']) == set(labels)
+  for row in results['rows'].values():
+    assert len(row['accuracy/turn_1']) == seeds and 'context_sensitivity' in row
+  saved = json.loads((workdir / 'results.json').read_text())
+  assert saved['rows'] == results['rows']
+  for name in ('accuracy_by_turn.png', 'loss_curves.png'):
+    assert (workdir / name).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_tiny_pipeline_writes_the_table(tmp_path):
+  """One SFT row (the other stages: the slow test and tests/methods/parrot_test.py)."""
+  results = capo.run(tiny_config('seeds=1,stages=sft_short'), str(tmp_path))
+  _check_outputs(tmp_path, results, ['SFT, short sessions (1-2 turns)'], seeds=1)
+
+
+@pytest.mark.slow
+def test_every_row_over_two_seeds(tmp_path):
+  results = capo.run(tiny_config('seeds=2'), str(tmp_path))
+  kinds = ('neglect', 'hallucination', 'misunderstanding', 'all')
+  labels = ['SFT, short sessions (1-2 turns)', 'SFT, long sessions']
+  _check_outputs(tmp_path, results, labels + [f'+ CaPO ({k})' for k in kinds], seeds=2)
+  assert 'Parrot-Ask sessions (queries' in (tmp_path / 'results.md').read_text()
+  for stages in results['seeds']:
+    assert stages['sessions']['summary']['queries'] > 0
+    assert stages['capo_all']['summary']['pairs'] == stages['pairs_all']['summary']['pairs'] > 0
+  # Re-running finds every stage finished and writes the same table.
+  again = capo.run(tiny_config('seeds=2'), str(tmp_path))
+  assert again['rows'] == results['rows']
+
+
+def test_config_args():
+  config = load_config(f'{CONFIG}:runlocal,kinds=neglect+all,seeds=2')
+  assert config.stages == 'sessions+sft_short+sft_long+capo_neglect+capo_all' and config.seeds == 2
+  assert load_config(f'{CONFIG}:stages=sft_short').stages == 'sft_short'
+  assert load_config(f'{CONFIG}:kinds=none').stages == 'sft_short+sft_long'
+  with pytest.raises(ValueError, match='random'):
+    load_config(f'{CONFIG}:kinds=random')
