@@ -46,6 +46,14 @@ setup(
     ],
     'gpu': ['jax[cuda12]>=0.10.2'],
     'tpu': ['jax[tpu]>=0.10.2'],
-    'hf': ['torch', 'transformers', 'safetensors'],
+    # Hugging Face tokenizers / chat templates at run time; torch + transformers only as the
+    # reference of the parity tests and benchmarks.
+    'hf': [
+      'tokenizers>=0.20',
+      'jinja2>=3.1',
+      'safetensors>=0.4',
+      'torch>=2.4,<3',
+      'transformers>=4.56',
+    ],
   },
 )

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import jax
 
-from kuaijax import parallel, plotting
+from kuaijax import plotting
 from kuaijax.data import pipeline
-from kuaijax.evals.lm_loss import LMEvaluator, unigram_baseline
+from kuaijax.evals.lm_loss import unigram_baseline
 from kuaijax.train import lm_task
 from kuaijax.train.trainer import train, write_results
 
@@ -42,17 +42,14 @@ def results_table(task_names, model_eval: dict, unigram: dict, title: str) -> st
 
 def run(config, workdir: str) -> dict:
   data = lm_task.build_lm_data(config, workdir)
-  mesh = parallel.mesh_from_config(config.parallel)
-  evaluator = LMEvaluator(
-    data.eval_batches, data.task_names, mesh=mesh, rules=config.parallel.rules
-  )
+  evaluators = lm_task.build_evaluators(config, data)
   result = train(
     config,
     workdir,
     model_factory=lm_task.model_factory(config.model),
     loss_fn=lm_task.lm_loss_fn(config.train.z_loss),
     train_dataset=data.train_dataset,
-    evaluate=evaluator,
+    evaluate=evaluators.evaluate,
   )
   counts = pipeline.unigram_counts(
     data.train_source, data.tokenizer, max_examples=config.eval.unigram_max_examples or None

@@ -19,7 +19,6 @@ import ml_collections
 import numpy as np
 
 from kuaijax import parallel, plotting
-from kuaijax.evals.lm_loss import LMEvaluator
 from kuaijax.evals.passkey import evaluate_retrieval
 from kuaijax.models.transformer import TransformerConfig
 from kuaijax.train import lm_task
@@ -155,9 +154,7 @@ def run(config, workdir: str) -> dict:
     raise ValueError(f'unknown variants {unknown}; config.variants has {sorted(config.variants)}')
   data = lm_task.build_lm_data(config, workdir)
   mesh = parallel.mesh_from_config(config.parallel)
-  evaluator = LMEvaluator(
-    data.eval_batches, data.task_names, mesh=mesh, rules=config.parallel.rules
-  )
+  evaluators = lm_task.build_evaluators(config, data)
   rows, learned, retrieval = [], {}, {}
   for name in names:
     vconfig = variant_config(config, name)
@@ -168,7 +165,7 @@ def run(config, workdir: str) -> dict:
       model_factory=lm_task.model_factory(vconfig.model),
       loss_fn=lm_task.lm_loss_fn(vconfig.train.z_loss),
       train_dataset=data.train_dataset,
-      evaluate=evaluator,
+      evaluate=evaluators.evaluate,
     )
     model = result.model()
     rows.append(

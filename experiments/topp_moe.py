@@ -19,11 +19,8 @@ import os
 import jax
 from matplotlib.figure import Figure
 
-from kuaijax import parallel, plotting
+from kuaijax import plotting
 from kuaijax.config_lib import check_choice
-from kuaijax.evals.lm_loss import LMEvaluator
-from kuaijax.evals.moe_stats import MoEStatsEvaluator
-from kuaijax.evals.multiple_choice import build_evaluator as build_mc_evaluator
 from kuaijax.train import lm_task
 from kuaijax.train.metrics import read_metrics
 from kuaijax.train.trainer import train, write_results
@@ -181,23 +178,7 @@ def run(config, workdir: str) -> dict:
   names = variant_names(config)
   check_choice('moe_loss.aux_reduce', config.moe_loss.aux_reduce, lm_task.AUX_REDUCTIONS)
   data = lm_task.build_lm_data(config, workdir)
-  mesh = parallel.mesh_from_config(config.parallel)
-  rules = config.parallel.rules
-  lm_eval = LMEvaluator(data.eval_batches, data.task_names, mesh=mesh, rules=rules)
-  moe_eval = MoEStatsEvaluator(data.eval_batches, data.task_names, mesh=mesh, rules=rules)
-  evaluators = [lm_eval, moe_eval]
-  if config.mc_eval.tasks:
-    evaluators.append(
-      build_mc_evaluator(
-        [dict(t) for t in config.mc_eval.tasks],
-        data.tokenizer,
-        max_len=config.mc_eval.max_len,
-        batch_size=config.mc_eval.batch_size,
-        mesh=mesh,
-        rules=rules,
-      )
-    )
-  evaluate = lambda model, step: {k: v for e in evaluators for k, v in e(model, step).items()}
+  evaluators = lm_task.build_evaluators(config, data)
   loss_fn = lm_task.lm_loss_fn(
     config.train.z_loss, aux_weights(config.moe_loss), config.moe_loss.aux_reduce
   )
@@ -211,7 +192,7 @@ def run(config, workdir: str) -> dict:
       model_factory=lm_task.model_factory(sub.model),
       loss_fn=loss_fn,
       train_dataset=data.train_dataset,
-      evaluate=evaluate,
+      evaluate=evaluators.evaluate,
     )
     ev = result.last_eval
     records = read_metrics(run_dir)

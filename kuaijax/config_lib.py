@@ -58,7 +58,7 @@ def check_choice(name: str, value, allowed) -> None:
 
 
 def trainer_config(**train_overrides) -> ml_collections.ConfigDict:
-  """The sections every training experiment shares: train, optimizer, parallel, init_from.
+  """The sections every training experiment shares: train, optimizer, parallel, init_from(_hf).
 
   Experiment configs start from this and set their own `experiment`, `data` and `model` sections.
   """
@@ -66,6 +66,9 @@ def trainer_config(**train_overrides) -> ml_collections.ConfigDict:
 
   config = ml_collections.ConfigDict()
   config.init_from = ''  # a workdir (or its checkpoints folder) to take the initial params from
+  # a Hugging Face model folder (config.json + safetensors) to take the initial params from; the
+  # model section must match it (kuaijax.hf.model_io.model_section(folder) builds one)
+  config.init_from_hf = ''
   config.train = ml_collections.ConfigDict(
     dict(
       steps=1000,
@@ -104,20 +107,25 @@ def trainer_config(**train_overrides) -> ml_collections.ConfigDict:
   return config
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """Loads 'configs/<paper>/<exp>.py[:arg]' like `--config=` does (for notebooks and tests).
-
-  The result is locked, as on the command line: assigning a key that does not exist is an error.
-  """
+def load_config_module(path: str):
+  """Imports a config file as a module (its get_config, and get_hyper when it declares a sweep)."""
   import importlib.util
   import os
 
-  path, _, arg = spec.partition(':')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'config file {path!r} does not exist')
   module_spec = importlib.util.spec_from_file_location(f'_kuaijax_config_{abs(hash(path))}', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
+  return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads 'configs/<paper>/<exp>.py[:arg]' like `--config=` does (for notebooks and tests).
+
+  The result is locked, as on the command line: assigning a key that does not exist is an error.
+  """
+  path, _, arg = spec.partition(':')
+  config = load_config_module(path).get_config(arg or None)
   config.lock()
   return config

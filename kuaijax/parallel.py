@@ -12,6 +12,8 @@ import contextlib
 import contextvars
 import math
 import os
+import socket
+import time
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -45,20 +47,60 @@ _CURRENT: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.Context
 )
 
 
+INIT_TIMEOUT_ENV = 'KUAIJAX_INIT_TIMEOUT'  # seconds to reach the coordinator (default 300)
+
+
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+  """Polls `host:port` until it accepts a TCP connection; a clear error after `timeout_s`.
+
+  `jax.distributed.initialize` aborts the whole process (no Python exception) when a worker cannot
+  register in time; checking the coordinator first turns that into an error naming the address.
+  """
+  host, _, port = address.rpartition(':')
+  host = host.strip('[]')
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=1.0):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise TimeoutError(
+          f'JAX coordinator {address} was unreachable for {timeout_s:g} s ({e}); is process 0 '
+          f'running, and is the address right? ({INIT_TIMEOUT_ENV} sets the wait)'
+        ) from None
+      time.sleep(0.2)
+
+
 def maybe_initialize_distributed() -> None:
   """Calls `jax.distributed.initialize()` when the environment describes a multi-process job.
 
   Cloud TPU pods (several worker hostnames), SLURM / Open MPI launches with more than one task, or
-  an explicit JAX coordinator address trigger it; a single process does nothing.
+  an explicit `JAX_COORDINATOR_ADDRESS` (with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` where no
+  cluster environment gives them, as `kuaijax.launch` sets them) trigger it; a single process does
+  nothing. Workers other than process 0 first wait for a given coordinator address for at most
+  $KUAIJAX_INIT_TIMEOUT seconds, then fail with a clear error instead of hanging.
   """
+  if jax.distributed.is_initialized():
+    return
   tasks = int(os.environ.get('SLURM_NTASKS', os.environ.get('OMPI_COMM_WORLD_SIZE', '1')))
   tpu_pod = ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')
-  coordinator = 'JAX_COORDINATOR_ADDRESS' in os.environ
-  if (tpu_pod or tasks > 1 or coordinator) and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
-    logging.info(
-      'jax.distributed initialised: process %d of %d', jax.process_index(), jax.process_count()
-    )
+  address = os.environ.get('JAX_COORDINATOR_ADDRESS', '')
+  if not (tpu_pod or tasks > 1 or address):
+    return
+  timeout = int(os.environ.get(INIT_TIMEOUT_ENV, '300'))
+  kwargs = {}
+  given = [os.environ.get(k) for k in ('JAX_NUM_PROCESSES', 'JAX_PROCESS_ID')]
+  if any(given):
+    if not all(given):
+      raise ValueError('set both JAX_NUM_PROCESSES and JAX_PROCESS_ID, or neither')
+    kwargs = dict(num_processes=int(given[0]), process_id=int(given[1]))
+  if address and kwargs.get('process_id', 0) != 0:
+    wait_for_coordinator(address, timeout)
+  jax.distributed.initialize(initialization_timeout=timeout, **kwargs)
+  logging.info(
+    'jax.distributed initialised: process %d of %d', jax.process_index(), jax.process_count()
+  )
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:

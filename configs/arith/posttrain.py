@@ -1,59 +1,121 @@
-"""kj_arith post-training: SFT, then DPO on the SFT policy's own (correct, wrong) pairs and online GRPO.
+"""kj_arith post-training on the stage pipeline: SFT, then DPO / RFT / RLMEC on the SFT policy's own
+samples and online GRPO.
 
-Table: held-out accuracy by difficulty level for SFT vs DPO vs GRPO, sampled over several seeds
+Table: held-out accuracy by difficulty level per trained policy, sampled over several seeds
 (mean ± std) plus greedy (experiments/arith/README.md has our numbers).
 
-runlocal (0.84M-parameter byte-level policy trained on levels 1-2, evaluated on levels 1-3; 719 CPU-s,
-15 min 50 s wall on 2 CPU cores shared with other jobs; SFT reaches ~43% on level 1 and ~6% on
-level 2, DPO and GRPO stay within the seed spread of it; see experiments/arith/README.md):
+runlocal (0.84M-parameter byte-level policy trained on levels 1-2, evaluated on levels 1-3; ~16 min
+wall on 2 CPU cores shared with other jobs; SFT reaches ~43% on level 1 and ~6% on level 2, DPO,
+RFT, RLMEC and GRPO stay within the seed spread of it; see experiments/arith/README.md):
   python -m kuaijax.main --config=configs/arith/posttrain.py:runlocal --workdir=workdirs/arith_posttrain
 full scale (one GPU or TPU host; ~76M parameters, levels 1-4; not run yet):
   python -m kuaijax.main --config=configs/arith/posttrain.py --workdir=gs://.../arith_posttrain
-Variants: `stages=sft+dpo+rlmec+grpo` adds the RLMEC row; `dpo_loss=ipo` (any name of
-kuaijax.train.preference_task.PREFERENCE_LOSSES) and `reward=relative_length` pick the objectives.
-A stage alone from an existing SFT run:
-  ... --config=configs/arith/posttrain.py:runlocal,stages=grpo --config.init_from=workdirs/arith_posttrain/sft
+Args: `stages=sft+dpo+rft+rlmec+grpo` picks the rows (the sampling stages they need are added);
+`dpo_loss=ipo` (a `kuaijax.losses.preference.DPO_LOSS_TYPES` name, or capo / d2po) and
+`reward=relative_length` pick the objectives; `sft_from=<workdir>/sft` starts from an existing SFT
+run instead of training one:
+  ... --config=configs/arith/posttrain.py:runlocal,stages=grpo,sft_from=workdirs/arith_posttrain/sft
 """
 
 import ml_collections
 
 from kuaijax.config_lib import parse_arg, trainer_config
+from kuaijax.losses.preference import DPO_LOSS_TYPES
+
+CD = ml_collections.ConfigDict
 
 
-def _stage(**options):
-  """A stage section: trainer overrides (`train`, `optimizer`) plus the stage's own options."""
-  return ml_collections.ConfigDict(
+def _train(method, label, *, data, steps, batch_size, optimizer, options=None, loss=None, **refs):
+  """A training stage block (`kuaijax.train.pipeline`)."""
+  return CD(
     dict(
-      train=ml_collections.ConfigDict(options.pop('train')),
-      optimizer=ml_collections.ConfigDict(options.pop('optimizer')),
-      **options,
+      type='train',
+      label=label,
+      method=method,
+      data=data,
+      init_from=refs.get('init_from', ''),
+      reference=refs.get('reference', ''),
+      options=CD(options or {}),
+      loss=CD(loss or {}),
+      train=CD(_steps(steps, batch_size)),
+      optimizer=CD(optimizer),
     )
+  )
+
+
+def _steps(n, batch_size):
+  every = dict(log_every=max(1, n // 20), checkpoint_every=max(1, n // 4), eval_every=n)
+  return dict(steps=n, batch_size=batch_size, **every)
+
+
+def _sample(*, limit, offset, num_samples, temperature):
+  return CD(
+    dict(
+      type='sample',
+      policy='sft',
+      data='task:train',
+      limit=limit,
+      offset=offset,
+      num_samples=num_samples,
+      temperature=temperature,
+      top_p=1.0,
+      batch_size=128,
+    )
+  )
+
+
+def _dpo_stage(loss_name):
+  """DPO-family block: `dpo` with its loss_type, or the capo / d2po objectives."""
+  if loss_name in DPO_LOSS_TYPES:
+    method, loss = 'dpo', dict(loss_type=loss_name, beta=0.1, label_smoothing=0.0, simpo_gamma=0.5)
+  elif loss_name == 'capo':
+    method, loss = 'capo', dict(beta=0.1, label_smoothing=0.0)
+  elif loss_name == 'd2po':
+    method, loss = 'd2po', dict(beta=0.1, gamma=0.98)
+  else:
+    raise ValueError(f'dpo_loss={loss_name!r} is not one of {[*DPO_LOSS_TYPES, "capo", "d2po"]}')
+  return _train(
+    method,
+    'DPO' if method == 'dpo' else method.upper(),
+    data='pairs',
+    init_from='sft',
+    reference='sft',
+    steps=1000,
+    batch_size=32,
+    optimizer=dict(lr=1e-6, warmup_steps=30, weight_decay=0.0, min_lr_ratio=0.0),
+    options=dict(reference='precomputed'),  # or 'model' (frozen reference scored every step)
+    loss=loss,
   )
 
 
 def get_config(arg=None):
   args = parse_arg(
-    arg, runlocal=False, stages='sft+dpo+grpo', dpo_loss='sigmoid', reward='exact_answer'
+    arg,
+    runlocal=False,
+    stages='sft+dpo+grpo',
+    dpo_loss='sigmoid',
+    reward='exact_answer',
+    sft_from='',
   )
   config = trainer_config()
   config.experiment = 'arith_posttrain'
+  config.seed = 0  # each stage's seeds are derived from it and the stage's name
   config.stages = args.stages
-  config.data = ml_collections.ConfigDict(
+  config.data = CD(
     dict(
-      name='kj_arith',
+      task='kj_arith',
       data_dir='',  # '' -> $KUAIJAX_DATA_DIR or ~/tensorflow_datasets
       tokenizer='byte',
       spm_model_path='',
-      train_levels=(1, 2, 3, 4),
-      train_examples=0,  # 0: the whole train split (of those levels)
+      levels=(1, 2, 3, 4),  # training levels
+      limit=0,  # training records (0: the whole split of those levels)
       seq_len=1024,  # SFT rows, packed with whole examples (one level-4 example needs 392)
       pack=True,
       prompt_len=288,  # generation prompt width (level-4 prompts reach 273 byte tokens)
       max_new_tokens=128,  # level-4 solutions reach 119; DPO/RLMEC rows hold prompt + this
-      seed=1,
     )
   )
-  config.model = ml_collections.ConfigDict(
+  config.model = CD(
     dict(
       vocab_size=384,
       d_model=768,
@@ -70,76 +132,98 @@ def get_config(arg=None):
       remat='none',
     )
   )
-  steps = lambda n, bs, **kw: dict(
-    steps=n, batch_size=bs, log_every=max(1, n // 20), checkpoint_every=max(1, n // 4), **kw
+  stage = CD()
+  stage.sft = _train(
+    'sft',
+    'SFT',
+    data='task:train',
+    steps=20_000,
+    batch_size=32,
+    optimizer=dict(lr=3e-4, warmup_steps=500),
   )
-  config.sft = _stage(train=steps(20_000, 32), optimizer=dict(lr=3e-4, warmup_steps=500))
-  config.dpo = _stage(
-    train=steps(1000, 32),
-    optimizer=dict(lr=1e-6, warmup_steps=30, weight_decay=0.0, min_lr_ratio=0.0),
-    loss_type=args.dpo_loss,
-    beta=0.1,
-    reference='precomputed',  # or 'model' (frozen reference scored every step)
-    label_smoothing=0.0,
-    simpo_gamma=0.5,
-    d2po_gamma=0.98,
-    problems=8000,
-    problem_offset=0,
-    num_samples=8,
-    temperature=1.0,
-    max_pairs_per_problem=2,
-    gold_fallback=False,  # True: problems without a correct sample use the gold solution as chosen
+  if args.sft_from:
+    stage.sft = CD(dict(type='params', label='SFT (imported)', path=args.sft_from))
+  stage.samples = _sample(limit=8000, offset=0, num_samples=8, temperature=1.0)
+  stage.pairs = CD(dict(type='pairs', data='samples', max_pairs_per_prompt=2, gold_fallback=False))
+  stage.dpo = _dpo_stage(args.dpo_loss)
+  stage.rft = _train(
+    'rft',
+    'RFT',
+    data='samples',
+    init_from='sft',
+    steps=1000,
+    batch_size=32,
+    optimizer=dict(lr=3e-5, warmup_steps=30, weight_decay=0.0, min_lr_ratio=0.0),
+    options=dict(max_per_prompt=0, with_gold=True),  # the paper: SFT data + correct samples
   )
-  config.rlmec = _stage(
-    train=steps(1000, 32),
+  stage.rlmec_samples = _sample(limit=4000, offset=8000, num_samples=5, temperature=0.7)
+  stage.rlmec_rewrites = CD(dict(type='minimal_edit', data='rlmec_samples'))
+  stage.rlmec = _train(
+    'rlmec',
+    'RLMEC',
+    data='rlmec_rewrites',
+    init_from='sft',
+    steps=1000,
+    batch_size=32,
     optimizer=dict(lr=5e-6, warmup_steps=30, weight_decay=0.0, min_lr_ratio=0.0),
-    eps=0.3,
-    lam=1.0,
-    problems=4000,
-    problem_offset=8000,
-    num_samples=5,
-    temperature=0.7,
+    loss=dict(eps=0.3, lam=1.0),
   )
-  config.grpo = _stage(
-    train=steps(500, 32),
+  stage.grpo = _train(
+    'grpo',
+    'GRPO',
+    data='task:train',
+    init_from='sft',
+    reference='sft',  # used when loss.kl_coef > 0
+    steps=500,
+    batch_size=32,
     optimizer=dict(lr=1e-6, warmup_steps=20, weight_decay=0.0, min_lr_ratio=1.0),
-    group_size=8,
-    reward=args.reward,
-    reward_options=dict(tau=0.5, l_base=100.0, low=-0.5, high=0.5),
-    temperature=1.0,
-    kl_coef=0.0,
-    clip_eps=0.2,
-    aggregation='token_mean',
-    sample_filter='all',  # or 'negative_only' / 'positive_only'
-    offline_injection=False,
+    options=dict(
+      group_size=8,
+      reward=args.reward,
+      reward_options=dict(tau=0.5, l_base=100.0, low=-0.5, high=0.5),
+      temperature=1.0,
+      sample_filter='all',  # or 'negative_only' / 'positive_only'
+      advantage_scale='auto',  # 'auto' (the loss type's own) | 'group' | 'batch' | 'none'
+      offline_injection=False,
+    ),
+    # GRPO family (kuaijax.losses.rl.GRPO_LOSS_TYPES): grpo | bnpo | dr_grpo | dapo | cispo;
+    # clip_eps_high < 0 takes the loss type's default (dapo 0.28, cispo 4.0, else clip_eps).
+    loss=dict(kl_coef=0.0, loss_type='bnpo', clip_eps=0.2, clip_eps_high=-1.0),
   )
-  config.eval = ml_collections.ConfigDict(
+  config.stage = stage
+  config.evals = CD(
     dict(
-      split='test',
-      levels=(1, 2, 3, 4),
-      problems_per_level=250,
-      seeds=(0, 1, 2, 3, 4),
-      temperature=0.7,
-      batch_size=128,
+      arith=CD(
+        dict(
+          type='task_accuracy',
+          split='test',
+          groups=(1, 2, 3, 4),  # levels, `per_group` problems each
+          per_group=250,
+          seeds=(0, 1, 2, 3, 4),
+          temperature=0.7,
+          greedy=True,
+          batch_size=128,
+        )
+      )
     )
   )
   config.train.update(progress=True)
 
   if args.runlocal:
     # Trained on levels 1-2 only (level 3 is held out as harder, longer problems).
-    config.data.update(train_levels=(1, 2), seq_len=512, prompt_len=224, max_new_tokens=96)
+    config.data.update(levels=(1, 2), seq_len=512, prompt_len=224, max_new_tokens=96)
     config.model.update(
       d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=384, dtype='float32'
     )
-    config.sft.train.update(steps(900, 8))
-    config.sft.optimizer.update(lr=3e-3, warmup_steps=30)
-    config.dpo.train.update(steps(40, 8))
-    config.dpo.optimizer.update(lr=5e-5, warmup_steps=4)
-    config.dpo.update(problems=192, num_samples=4)
-    config.rlmec.train.update(steps(40, 8))
-    config.rlmec.optimizer.update(lr=5e-5, warmup_steps=4)
-    config.rlmec.update(problems=96, num_samples=4)
-    config.grpo.train.update(steps(20, 8))
-    config.grpo.optimizer.update(lr=2e-5, warmup_steps=2)
-    config.eval.update(levels=(1, 2, 3), problems_per_level=40, seeds=(0, 1, 2), batch_size=60)
+    if not args.sft_from:
+      stage.sft.train.update(_steps(900, 8))
+      stage.sft.optimizer.update(lr=3e-3, warmup_steps=30)
+    for name, lr, warmup in (('dpo', 5e-5, 4), ('rft', 3e-4, 4), ('rlmec', 5e-5, 4)):
+      stage[name].train.update(_steps(40, 8))
+      stage[name].optimizer.update(lr=lr, warmup_steps=warmup)
+    stage.grpo.train.update(_steps(20, 8))
+    stage.grpo.optimizer.update(lr=2e-5, warmup_steps=2)
+    stage.samples.update(limit=192, num_samples=4, batch_size=60)
+    stage.rlmec_samples.update(limit=96, num_samples=4, batch_size=60)
+    config.evals.arith.update(groups=(1, 2, 3), per_group=40, seeds=(0, 1, 2), batch_size=60)
   return config

@@ -32,6 +32,7 @@ def get_config(arg=None):
       seq_len=1024,
       pack=True,
       seed=1,
+      shards=0,  # data shards (0: one per process); fix it to compare runs across process counts
       task_names=TASKS,
       eval_batch_size=64,
       eval_batches=16,
@@ -55,6 +56,8 @@ def get_config(arg=None):
     )
   )
   config.eval = ml_collections.ConfigDict(dict(unigram_max_examples=0))  # 0: whole train split
+  # Evaluators by name (kuaijax.evals.registry), run every train.eval_every steps.
+  config.evals = ml_collections.ConfigDict(dict(lm=dict(type='lm_loss')))
   config.train.update(
     steps=50_000, batch_size=256, log_every=100, eval_every=2000, checkpoint_every=2000
   )

@@ -52,6 +52,9 @@ def get_config(arg=None):
   )
   config.data.update(tokenizer='sentencepiece', spm_vocab_size=32000, seq_len=2048)
   config.model.update(vocab_size=32000, dtype='bfloat16', remat='full')
+  # As released: RMSNorms (block, final) use eps 1e-6, the PC LayerNorms (per RK stage, predictor,
+  # corrector) 1e-5.
+  config.model.update(norm_eps=1e-6, pc_norm_eps=1e-5)
   config.train.update(steps=50_000, batch_size=512)
   config.optimizer.update(lr=3e-4, warmup_steps=2000)
   layers = 24

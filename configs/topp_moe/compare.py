@@ -113,10 +113,15 @@ def get_config(arg=None):
   variants, order = _variants(args.suite, wide=wide)
   config.variants = ml_collections.ConfigDict(variants)
   config.run_variants = order
-  # Zero-shot multiple-choice accuracy (the paper's table), from local jsonl files or prepared tfds
-  # data sets; entries {name, source, format, split, data_dir, limit} (kuaijax.evals.multiple_choice).
-  config.mc_eval = ml_collections.ConfigDict(
+  # Evaluators by name (kuaijax.evals.registry): LM loss, experts per token, and zero-shot
+  # multiple-choice accuracy (the paper's table; no tasks = not run), from local jsonl files or
+  # prepared tfds data sets; entries {name, source, format, split, data_dir, limit}.
+  config.evals = ml_collections.ConfigDict()
+  config.evals.lm = dict(type='lm_loss')
+  config.evals.moe = dict(type='moe_stats')
+  config.evals.mc = ml_collections.ConfigDict(
     dict(
+      type='multiple_choice',
       tasks=tuple(
         dict(name=name, source=f'jsonl:/data/eval/{name}/{{split}}.jsonl', format=fmt)
         for name, fmt in (
@@ -161,7 +166,7 @@ def get_config(arg=None):
       remat='none',
     )
     config.moe_layer.update(num_experts=8, expert_d_ff=192)
-    config.mc_eval.tasks = ()
+    config.evals.mc.tasks = ()
     config.train.update(
       steps=200, batch_size=16, log_every=20, eval_every=100, checkpoint_every=100
     )

@@ -339,3 +339,43 @@ def generate_splits(
       index += 1
     splits[split] = problems
   return splits
+
+
+def problem_record(problem: ArithProblem) -> dict:
+  """A problem as a task record: its fields plus the generic `prompt` / `completion` texts."""
+  return {
+    **dataclasses.asdict(problem),
+    'prompt': format_prompt(problem.question),
+    'completion': problem.solution,
+  }
+
+
+def record_problem(record: Mapping) -> ArithProblem:
+  """The problem of a task record (the inverse of `problem_record`)."""
+  return ArithProblem(
+    str(record['question']),
+    str(record['solution']),
+    int(record['answer']),
+    int(record['level']),
+    int(record['steps']),
+  )
+
+
+def minimal_rewrite(sample_text: str, problem: ArithProblem) -> str:
+  """The minimum-editing correction of a sample: its steps up to the first one that differs from
+  the gold solution, then the gold steps and answer (a programmatic, exact teacher).
+
+  Steps are compared by (expression, result); the copied steps keep their raw text. A sample whose
+  steps all match the gold ones (but with a wrong answer line) keeps them and gets the gold answer.
+  """
+  gold = parse_steps(problem.solution)
+  pred = parse_steps(sample_text)
+  k = 0
+  while (
+    k < min(len(gold), len(pred))
+    and pred[k].parsed
+    and (pred[k].expression, pred[k].result) == (gold[k].expression, gold[k].result)
+  ):
+    k += 1
+  lines = [s.raw.strip() for s in pred[:k]] + [s.raw for s in gold[k:]]
+  return '\n'.join([*lines, f'The answer is {problem.answer}'])

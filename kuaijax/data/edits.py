@@ -1,6 +1,6 @@
 """Token-level Levenshtein alignment with RLMEC's tie-breaking, and the imitation weights it gives.
 
-RLMEC (specs/rlmec.md, step 6) weights each token of a rewrite ỹ of a policy sample y by 1.0 if it is
+RLMEC (arXiv 2401.06081; notes in experiments/arith/README.md) weights each token of a rewrite ỹ of a policy sample y by 1.0 if it is
 not a match on the alignment path and 0.5 otherwise. For parity with the original code:
 - a sentinel is prepended to both token lists; the DP table is the usual edit distance (unit costs);
 - each cell picks its move in the order match (only if the tokens are equal), deletion (of a sample

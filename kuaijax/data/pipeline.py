@@ -186,6 +186,75 @@ class _PackedBatchDataset(grain.IterDataset):
     return _PackedBatchIterator(self._parent.__iter__(), _Packer(*self._args))
 
 
+class _ConcatRowsIterator(grain.DatasetIterator):
+  """Concatenates the rows of one batch from each parent; state = the parents' states."""
+
+  def __next__(self) -> Batch:
+    parts = [next(p) for p in self._parents]
+    return {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {'shards': [p.get_state() for p in self._parents]}
+
+  def set_state(self, state: dict[str, Any]):
+    for parent, shard_state in zip(self._parents, state['shards'], strict=True):
+      parent.set_state(shard_state)
+
+
+class _ConcatRowsDataset(grain.IterDataset):
+  def __iter__(self) -> _ConcatRowsIterator:
+    return _ConcatRowsIterator([p.__iter__() for p in self._parents])
+
+
+def process_shards(shard_count: int, process_index: int, process_count: int) -> range:
+  """The data shards one process reads: shard_count / process_count consecutive ones.
+
+  A global batch is the concatenation of every shard's rows in shard order, so with a fixed
+  `shard_count` the global batches do not depend on how many processes read them.
+  """
+  if shard_count <= 0 or shard_count % process_count:
+    raise ValueError(
+      f'data shards={shard_count} must be a positive multiple of the process count '
+      f'({process_count})'
+    )
+  per = shard_count // process_count
+  return range(process_index * per, (process_index + 1) * per)
+
+
+def _rows_per_shard(batch_size: int, shards: range) -> int:
+  if batch_size % len(shards):
+    raise ValueError(f'per-process batch {batch_size} is not divisible by its {len(shards)} shards')
+  return batch_size // len(shards)
+
+
+def lm_train_dataset_shards(
+  source: Sequence[dict] | grain.MapDataset,
+  *,
+  batch_size: int,
+  shard_count: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  **kwargs,
+) -> grain.IterDataset:
+  """This process's `batch_size` rows: `lm_train_dataset` of each of its shards, rows concatenated.
+
+  Shard s holds examples s, s + shard_count, ... (as process s of shard_count would read them);
+  with shard_count == process_count this is exactly `lm_train_dataset` of this process's slice.
+  """
+  shards = process_shards(shard_count, process_index, process_count)
+  parts = [
+    lm_train_dataset(
+      source,
+      batch_size=_rows_per_shard(batch_size, shards),
+      process_index=s,
+      process_count=shard_count,
+      **kwargs,
+    )
+    for s in shards
+  ]
+  return parts[0] if len(parts) == 1 else _ConcatRowsDataset(parts)
+
+
 def _tokenized(
   source, *, tokenizer, task_names, text_key, task_key, process_index, process_count
 ) -> grain.MapDataset:
@@ -292,6 +361,34 @@ def lm_eval_batches(
   while len(batches) < (num_batches or 0):
     batches.append(_Packer(batch_size, seq_len, tokenizer.pad_id, pack).take())
   return batches
+
+
+def lm_eval_batches_shards(
+  source: Sequence[dict] | grain.MapDataset,
+  *,
+  batch_size: int,
+  num_batches: int,
+  shard_count: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  **kwargs,
+) -> list[Batch]:
+  """`lm_eval_batches` over this process's shards (as `lm_train_dataset_shards`), rows concatenated."""
+  shards = process_shards(shard_count, process_index, process_count)
+  parts = [
+    lm_eval_batches(
+      source,
+      batch_size=_rows_per_shard(batch_size, shards),
+      num_batches=num_batches,
+      process_index=s,
+      process_count=shard_count,
+      **kwargs,
+    )
+    for s in shards
+  ]
+  return [
+    {k: np.concatenate([p[i][k] for p in parts]) for k in parts[0][i]} for i in range(num_batches)
+  ]
 
 
 def unigram_counts(

@@ -1,7 +1,8 @@
 """Tokenizers with one small interface: encode/decode plus pad/bos/eos ids and vocab_size.
 
 `ByteTokenizer` needs no files (the default for runlocal configs); `SentencePieceTokenizer` loads a
-local .model file, which `train_sentencepiece` can make from in-memory text without network.
+local .model file, which `train_sentencepiece` can make from in-memory text without network; 'hf'
+loads a Hugging Face model folder's tokenizer.json (`kuaijax.hf.tokenizer.HFTokenizer`).
 """
 
 import os
@@ -12,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import sentencepiece as spm
 
-TOKENIZER_KINDS = ('byte', 'sentencepiece')
+TOKENIZER_KINDS = ('byte', 'sentencepiece', 'hf')
 
 
 class Tokenizer(Protocol):
@@ -119,12 +120,24 @@ def train_sentencepiece(
   return f'{prefix}.model'
 
 
-def get_tokenizer(kind: str, *, spm_model_path: str | os.PathLike | None = None) -> Tokenizer:
-  """A tokenizer by name: 'byte' (no files) or 'sentencepiece' (needs spm_model_path)."""
+def get_tokenizer(
+  kind: str,
+  *,
+  spm_model_path: str | os.PathLike | None = None,
+  hf_path: str | os.PathLike | None = None,
+) -> Tokenizer:
+  """A tokenizer by name: 'byte' (no files), 'sentencepiece' (needs spm_model_path) or 'hf' (needs
+  hf_path, a folder with tokenizer.json)."""
   if kind == 'byte':
     return ByteTokenizer()
   if kind == 'sentencepiece':
     if spm_model_path is None:
       raise ValueError("tokenizer 'sentencepiece' needs spm_model_path")
     return SentencePieceTokenizer(spm_model_path)
+  if kind == 'hf':
+    if not hf_path:
+      raise ValueError("tokenizer 'hf' needs hf_path (a folder with tokenizer.json)")
+    from kuaijax.hf.tokenizer import HFTokenizer
+
+    return HFTokenizer(str(hf_path))
   raise ValueError(f'Unknown tokenizer {kind!r}; allowed: {", ".join(TOKENIZER_KINDS)}')

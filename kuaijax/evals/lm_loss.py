@@ -14,6 +14,8 @@ import numpy as np
 from flax import nnx
 
 from kuaijax import parallel
+from kuaijax.evals.base import Evaluator
+from kuaijax.jit_cache import ParamsJit
 from kuaijax.losses.lm import per_task_sums, token_cross_entropy
 
 
@@ -30,11 +32,11 @@ def _summarise(loss_sums: np.ndarray, counts: np.ndarray, task_names: Sequence[s
   return out
 
 
-class BatchEvaluator:
+class BatchEvaluator(Evaluator):
   """Runs a jitted per-batch function over fixed evaluation batches, sharded on the mesh.
 
-  Subclasses give `batch_fn(graphdef) -> fn(params, batch)` and reduce what `batch_outputs` yields;
-  the compiled function is cached per model graph.
+  Subclasses give `batch_fn(model, batch)` (traced; compiled once per model graph) and reduce what
+  `batch_outputs` yields.
   """
 
   def __init__(self, batches: Sequence[dict], task_names: Sequence[str], *, mesh, rules):
@@ -43,44 +45,34 @@ class BatchEvaluator:
     self.batches = list(batches)
     self.task_names = tuple(task_names)
     self._mesh, self._rules = mesh, rules
-    self._compiled = {}
+    self._fn = ParamsJit(self.batch_fn)
 
-  def batch_fn(self, graphdef):
+  def batch_fn(self, model: nnx.Module, batch: dict):
     raise NotImplementedError
 
-  def batch_outputs(self, model: nnx.Module):
+  def batch_outputs(self, graphdef, params):
     """Yields the host copy of `batch_fn`'s output for every batch, in order."""
-    graphdef, state = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(state)
-    if graphdef not in self._compiled:
-      self._compiled[graphdef] = jax.jit(self.batch_fn(graphdef))
-    fn = self._compiled[graphdef]
     with parallel.axis_rules(self._mesh, self._rules):
       for batch in self.batches:
-        yield jax.device_get(fn(params, parallel.shard_batch(batch, self._mesh, self._rules)))
+        sharded = parallel.shard_batch(batch, self._mesh, self._rules)
+        yield jax.device_get(self._fn(graphdef, params, sharded))
 
 
 class LMEvaluator(BatchEvaluator):
-  """Scores a model on pre-built batches; call as `evaluator(model, step) -> metrics`."""
+  """Loss and perplexity per task on pre-built batches."""
 
-  def batch_fn(self, graphdef):
-    num_tasks = len(self.task_names)
+  def batch_fn(self, model, batch):
+    logits, _ = model(
+      batch['inputs'], positions=batch['positions'], segment_ids=batch['segment_ids']
+    )
+    ce, _ = token_cross_entropy(logits, batch['targets'])
+    return per_task_sums(ce, batch['loss_mask'], batch['task_ids'], len(self.task_names))
 
-    def score(params, batch):
-      model = nnx.merge(graphdef, params)
-      logits, _ = model(
-        batch['inputs'], positions=batch['positions'], segment_ids=batch['segment_ids']
-      )
-      ce, _ = token_cross_entropy(logits, batch['targets'])
-      return per_task_sums(ce, batch['loss_mask'], batch['task_ids'], num_tasks)
-
-    return score
-
-  def __call__(self, model: nnx.Module, step: int | None = None) -> dict:
+  def evaluate(self, graphdef, params, step=None) -> dict:
     del step
     loss_sums = np.zeros(len(self.task_names))
     counts = np.zeros(len(self.task_names))
-    for s, c in self.batch_outputs(model):
+    for s, c in self.batch_outputs(graphdef, params):
       loss_sums += np.asarray(s, np.float64)
       counts += np.asarray(c, np.float64)
     return _summarise(loss_sums, counts, self.task_names)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from kuaijax.evals.lm_loss import BatchEvaluator
 from kuaijax.losses.lm import per_task_sums
 
 
 class MoEStatsEvaluator(BatchEvaluator):
-  """`evaluator(model, step) -> metrics` over pre-built batches (the LMEvaluator's batches).
+  """Experts-per-token statistics over pre-built batches (the LMEvaluator's batches).
 
   Metrics: `experts_per_token` and `experts_per_token/{task}` (mean over MoE layers and target
   tokens), per MoE layer i `moe/layer{i}/mean_k`, `moe/layer{i}/experts_per_token/{task}`, the
@@ -26,34 +25,28 @@ class MoEStatsEvaluator(BatchEvaluator):
   `moe/layer{i}/expert_load` (the layer's own per-batch load, averaged over batches; lists).
   """
 
-  def batch_fn(self, graphdef):
-    num_tasks = len(self.task_names)
+  def batch_fn(self, model, batch):
+    _, extras = model(
+      batch['inputs'],
+      positions=batch['positions'],
+      segment_ids=batch['segment_ids'],
+      return_hidden=True,
+    )
+    out = {}
+    for i, aux in enumerate(extras['mlp_aux']):
+      if 'experts_per_token' not in aux:
+        continue
+      k = aux['experts_per_token']
+      sums, counts = per_task_sums(k, batch['loss_mask'], batch['task_ids'], len(self.task_names))
+      mask = batch['loss_mask'].astype(jnp.float32)
+      hist = jax.nn.one_hot(k.astype(jnp.int32), aux['k_hist'].shape[0]) * mask[..., None]
+      out[i] = (sums, counts, hist.sum((0, 1)), aux['expert_load'])
+    return out
 
-    def stats(params, batch):
-      model = nnx.merge(graphdef, params)
-      _, extras = model(
-        batch['inputs'],
-        positions=batch['positions'],
-        segment_ids=batch['segment_ids'],
-        return_hidden=True,
-      )
-      out = {}
-      for i, aux in enumerate(extras['mlp_aux']):
-        if 'experts_per_token' not in aux:
-          continue
-        k = aux['experts_per_token']
-        sums, counts = per_task_sums(k, batch['loss_mask'], batch['task_ids'], num_tasks)
-        mask = batch['loss_mask'].astype(jnp.float32)
-        hist = jax.nn.one_hot(k.astype(jnp.int32), aux['k_hist'].shape[0]) * mask[..., None]
-        out[i] = (sums, counts, hist.sum((0, 1)), aux['expert_load'])
-      return out
-
-    return stats
-
-  def __call__(self, model: nnx.Module, step: int | None = None) -> dict:
+  def evaluate(self, graphdef, params, step=None) -> dict:
     del step
     totals = {}
-    for out in self.batch_outputs(model):
+    for out in self.batch_outputs(graphdef, params):
       for layer, values in out.items():
         values = [np.asarray(v, np.float64) for v in values]
         if layer in totals:

@@ -24,10 +24,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from kuaijax import parallel
 from kuaijax.data import sources
+from kuaijax.evals.base import Evaluator
+from kuaijax.jit_cache import ParamsJit
 from pallas_kernels.token_logprobs import token_logprobs
 
 
@@ -293,8 +294,8 @@ def accuracy(examples: Sequence[MCExample], scores: Sequence[np.ndarray]) -> dic
   return {'acc': correct / n, 'acc_norm': correct_norm / n}
 
 
-class MultipleChoiceEvaluator:
-  """Scores a model on fixed multiple-choice tasks; call as `evaluator(model, step) -> metrics`.
+class MultipleChoiceEvaluator(Evaluator):
+  """Scores a model on fixed multiple-choice tasks.
 
   tasks: task name -> examples (see `load_examples`). Metrics: acc/<task>, acc_norm/<task>,
   count/<task> (examples) and choices/<task>, plus acc and acc_norm averaged over tasks.
@@ -322,27 +323,19 @@ class MultipleChoiceEvaluator:
     self.batch_size, self.max_len = batch_size, max_len
     self._mesh, self._rules, self._implementation = mesh, rules, implementation
     self._rows = {name: encode_rows(ex, tokenizer, max_len) for name, ex in self.tasks.items()}
-    self._compiled = {}
+    self._score = ParamsJit(self._score_rows)
 
-  def _score_fn(self, graphdef):
-    if graphdef not in self._compiled:
-      implementation = self._implementation
-
-      def score(params, batch):
-        model = nnx.merge(graphdef, params)
-        hidden, _ = model(
-          batch['inputs'],
-          positions=batch['positions'],
-          segment_ids=batch['segment_ids'],
-          return_hidden=True,
-        )
-        logprobs, _ = token_logprobs(
-          hidden, model.output_head(), batch['targets'], implementation=implementation
-        )
-        return jnp.sum(jnp.where(batch['loss_mask'] > 0, logprobs, 0.0), axis=-1)
-
-      self._compiled[graphdef] = jax.jit(score)
-    return self._compiled[graphdef]
+  def _score_rows(self, model, batch):
+    hidden, _ = model(
+      batch['inputs'],
+      positions=batch['positions'],
+      segment_ids=batch['segment_ids'],
+      return_hidden=True,
+    )
+    logprobs, _ = token_logprobs(
+      hidden, model.output_head(), batch['targets'], implementation=self._implementation
+    )
+    return jnp.sum(jnp.where(batch['loss_mask'] > 0, logprobs, 0.0), axis=-1)
 
   def _batches(self, arrays: Mapping[str, np.ndarray]) -> Iterable[tuple[dict, int]]:
     """Fixed-shape batches; the last one is padded with empty rows (mask 0)."""
@@ -357,29 +350,28 @@ class MultipleChoiceEvaluator:
         }
       yield batch, n
 
-  def choice_scores(self, model: nnx.Module) -> dict[str, list[np.ndarray]]:
+  def choice_scores(self, graphdef, params) -> dict[str, list[np.ndarray]]:
     """Task name -> per example, the summed log-prob of each choice."""
-    graphdef, state = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(state)
-    score = self._score_fn(graphdef)
     results = {}
     for name, (arrays, example_of_row) in self._rows.items():
       row_scores = []
       for batch, n in self._batches(arrays):
         if self._mesh is not None:
           with parallel.axis_rules(self._mesh, self._rules):
-            out = score(params, parallel.shard_batch(batch, self._mesh, self._rules))
+            out = self._score(
+              graphdef, params, parallel.shard_batch(batch, self._mesh, self._rules)
+            )
         else:
-          out = score(params, batch)
+          out = self._score(graphdef, params, batch)
         row_scores.append(np.asarray(jax.device_get(out), np.float64)[:n])
       flat = np.concatenate(row_scores)
       results[name] = [flat[example_of_row == i] for i in range(len(self.tasks[name]))]
     return results
 
-  def __call__(self, model: nnx.Module, step: int | None = None) -> dict:
+  def evaluate(self, graphdef, params, step=None) -> dict:
     del step
     metrics = {}
-    scores = self.choice_scores(model)
+    scores = self.choice_scores(graphdef, params)
     for name, examples in self.tasks.items():
       result = accuracy(examples, scores[name])
       metrics[f'acc/{name}'] = result['acc']

@@ -25,6 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kuaijax.evals.base import Evaluator
+from kuaijax.jit_cache import ParamsJit, split_params
+
 TEMPLATES = ('recall', 'passkey')
 _KEYS = [a + b for a in string.ascii_lowercase for b in string.ascii_lowercase]
 _FILLER = (
@@ -121,20 +124,25 @@ def score_retrieval(logits, targets, answer_mask) -> tuple[np.ndarray, np.ndarra
   return np.asarray(retrieved), np.asarray(loss)
 
 
+_forward = ParamsJit(
+  lambda model, inputs, positions, segment_ids: model(
+    inputs, positions=positions, segment_ids=segment_ids
+  )[0]
+)
+
+
 def _forward_fn(model) -> Callable:
-  """A jitted `batch -> logits` for an NNX model (or the callable itself for plain functions)."""
+  """`batch -> logits` for an NNX model (compiled once per graph) or any callable LM."""
   if not isinstance(model, nnx.Module):
     return lambda b: model(
       jnp.asarray(b['inputs']), positions=b['positions'], segment_ids=b['segment_ids']
     )[0]
-  graphdef, state = nnx.split(model)
+  graphdef, params = split_params(model)
+  return _params_forward(graphdef, params)
 
-  @jax.jit
-  def forward(state, inputs, positions, segment_ids):
-    out, _ = nnx.merge(graphdef, state)(inputs, positions=positions, segment_ids=segment_ids)
-    return out
 
-  return lambda b: forward(state, b['inputs'], b['positions'], b['segment_ids'])
+def _params_forward(graphdef, params) -> Callable:
+  return lambda b: _forward(graphdef, params, b['inputs'], b['positions'], b['segment_ids'])
 
 
 def evaluate_retrieval(
@@ -153,15 +161,28 @@ def evaluate_retrieval(
   `model` is an NNX LM (`model(tokens, positions=, segment_ids=) -> (logits, extras)`) or any
   callable with that signature.
   """
-  forward = _forward_fn(model)
+  return _retrieval(
+    _forward_fn(model),
+    tokenizer,
+    context_lengths,
+    depths=depths,
+    per_depth=per_depth,
+    batch_size=batch_size,
+    template=template,
+    seed=seed,
+  )
+
+
+def _retrieval(
+  forward, tokenizer, context_lengths, *, depths, per_depth, batch_size, template, seed
+):
   results = {}
   for length in context_lengths:
     batch = retrieval_batch(tokenizer, int(length), depths, per_depth, template=template, seed=seed)
     retrieved, losses = [], []
     for start in range(0, len(batch['depth']), batch_size):
       part = {k: v[start : start + batch_size] for k, v in batch.items()}
-      logits = forward(part)
-      r, loss = score_retrieval(logits, part['targets'], part['answer_mask'])
+      r, loss = score_retrieval(forward(part), part['targets'], part['answer_mask'])
       retrieved.append(r)
       losses.append(loss)
     retrieved, losses = np.concatenate(retrieved), np.concatenate(losses)
@@ -173,3 +194,24 @@ def evaluate_retrieval(
       'accuracy_by_depth': by_depth,
     }
   return results
+
+
+class PasskeyEvaluator(Evaluator):
+  """Retrieval accuracy and answer loss per context length (metrics `passkey/{len}/accuracy`,
+  `passkey/{len}/answer_loss`), the evaluator registered as 'passkey'."""
+
+  def __init__(self, tokenizer, context_lengths: Sequence[int], **options):
+    if not context_lengths:
+      raise ValueError('passkey: context_lengths is empty')
+    self.tokenizer, self.lengths, self.options = tokenizer, tuple(context_lengths), options
+
+  def evaluate(self, graphdef, params, step=None) -> dict:
+    del step
+    results = _retrieval(
+      _params_forward(graphdef, params), self.tokenizer, self.lengths, **self.options
+    )
+    out = {}
+    for length, r in results.items():
+      out[f'passkey/{length}/accuracy'] = r['accuracy']
+      out[f'passkey/{length}/answer_loss'] = r['answer_loss']
+    return out

@@ -238,7 +238,7 @@ def capo_loss(
   context error (neglect / hallucination / misunderstanding of the history). The prompt is the whole
   history plus the current query and only the final assistant turn is scored (mask the rest when
   computing the log-probs); the SFT model is the reference. beta is not reported in the paper:
-  0.1 is our default (specs/capo_parrot.md).
+  0.1 is our default.
   """
   return dpo_loss(
     policy_chosen_logps,

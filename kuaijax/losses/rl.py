@@ -7,7 +7,7 @@ are jnp functions over per-sample arrays [N] laid out group after group (samples
 rows i*G .. i*G+G-1, the layout of `kuaijax.sampling.generate`); offline-sample injection works on
 host numpy batches before scoring.
 
-Specs: /work/shared/specs/rlmec.md, /work/shared/specs/more_losses.md.
+Method notes (formulas, hyper-parameters, the original code's quirks): experiments/arith/README.md.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import numpy as np
 from kuaijax.losses.preference import check_same_shape
 
 __all__ = [
-  'GRPO_AGGREGATIONS',
+  'ADVANTAGE_SCALES',
+  'GRPO_LOSS_TYPES',
+  'GRPOLossType',
   'SAMPLE_FILTERS',
   'LengthReward',
   'grpo_advantages',
@@ -30,6 +32,7 @@ __all__ = [
   'grpo_process_rewards',
   'inject_offline_samples',
   'relative_length_reward',
+  'resolve_advantage_scale',
   'rlmec_loss',
   'rlmec_token_rewards',
   'sample_filter',
@@ -69,7 +72,7 @@ def rlmec_loss(
   eps: float = 0.3,
   lam: float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """RLMEC objective L = L_RL + lam * L_IR (specs/rlmec.md).
+  """RLMEC objective L = L_RL + lam * L_IR (arXiv 2401.06081).
 
   RL term over the policy samples y ([B, T] arrays): rho_t = exp(l_t - l_old_t) (no gradient),
   w_t = stopgrad(min(rho_t r_t, clip(rho_t, 1-eps, 1+eps) r_t)), and
@@ -149,30 +152,104 @@ def _grouped(x: jax.Array, group_size: int, name: str) -> jax.Array:
   return x.reshape(-1, group_size)
 
 
-def grpo_advantages(rewards: jax.Array, group_size: int, *, eps: float = 1e-6) -> jax.Array:
-  """Group-normalised advantages A_i = (r_i - mean_g r) / (std_g r + eps), [N] float32.
+ADVANTAGE_SCALES = ('group', 'batch', 'none')
 
-  `rewards` [N] holds groups of `group_size` consecutive samples; std is the unbiased (N-1) one, so
-  group_size must be >= 2 (ValueError otherwise, as for N not a multiple of group_size). A group
-  whose rewards are all equal gets advantages exactly 0.
+
+def _centred(values: jax.Array, weights: jax.Array) -> jax.Array:
+  """values [G, K] minus each row's value at its first weighted position (0 where weight is 0).
+
+  Centring on one of the row's own values before any mean makes an all-equal row exactly 0, so its
+  advantages are exactly 0 whatever the rounding of the mean (float32 means of 1.2s are not 1.2).
   """
-  if group_size < 2:
+  first = jnp.argmax(weights > 0, axis=1)
+  ref = jnp.take_along_axis(values, first[:, None], axis=1)
+  return jnp.where(weights > 0, values - ref, 0.0)
+
+
+def _normalised(
+  values: jax.Array, weights: jax.Array, scale: str, eps: float, name: str
+) -> jax.Array:
+  """(v - mean_row v) / (std + eps) over the weighted entries of each row [G, K] (0 elsewhere).
+
+  std is the unbiased one over the row ('group'), over all weighted entries of the batch ('batch'),
+  or none at all ('none': centring only). A row with fewer than 2 weighted entries has std 0.
+  """
+  if scale not in ADVANTAGE_SCALES:
+    raise ValueError(f'{name}: unknown advantage scale {scale!r}; known: {ADVANTAGE_SCALES}')
+  w = (weights > 0).astype(jnp.float32)
+  c = _centred(values.astype(jnp.float32), w)
+  n = w.sum(axis=1, keepdims=True)
+  dev = (c - (c * w).sum(axis=1, keepdims=True) / jnp.maximum(n, 1.0)) * w
+  if scale == 'none':
+    return dev
+  if scale == 'group':
+    var = jnp.square(dev).sum(axis=1, keepdims=True) / jnp.maximum(n - 1.0, 1.0)
+  else:  # batch: spread of all weighted values around the batch mean (centred for exactness)
+    cb = _centred(values.reshape(1, -1).astype(jnp.float32), w.reshape(1, -1))
+    nb = w.sum()
+    devb = (cb - (cb * w.reshape(1, -1)).sum() / jnp.maximum(nb, 1.0)) * w.reshape(1, -1)
+    var = jnp.square(devb).sum() / jnp.maximum(nb - 1.0, 1.0)
+  return dev / (jnp.sqrt(var) + eps)
+
+
+def grpo_advantages(
+  rewards: jax.Array,
+  group_size: int,
+  *,
+  mask: jax.Array | None = None,
+  scale: str = 'group',
+  eps: float = 1e-6,
+) -> jax.Array:
+  """Group-relative advantages A = (r - mean_g r) / (std + eps), float32 of the shape of `rewards`.
+
+  `rewards` is [N] (one reward per sample) or [N, T] (per-token rewards, e.g. RLMEC's; then `mask`
+  [N, T] says which tokens carry one). Groups are `group_size` consecutive samples; with token rewards
+  the group statistics run over all masked tokens of the group's samples (a GRPO-style group baseline
+  for token rewards) and unmasked tokens get 0. `scale`: 'group' (unbiased std of the group, the
+  default; needs group_size >= 2), 'batch' (unbiased std of all rewards of the batch, as Dr./Lite
+  GRPO analyses suggest) or 'none' (mean-centring only, Dr. GRPO). A group whose rewards are all
+  equal gets advantages exactly 0, for any reward value (see `_centred`).
+  """
+  rewards = jnp.asarray(rewards)
+  if scale == 'group' and group_size < 2:
     raise ValueError(f'grpo_advantages: group_size must be >= 2 (unbiased std), got {group_size}')
-  g = _grouped(rewards, group_size, 'rewards').astype(jnp.float32)
-  mean = g.mean(axis=1, keepdims=True)
-  std = jnp.sqrt(jnp.square(g - mean).sum(axis=1, keepdims=True) / (group_size - 1))
-  return ((g - mean) / (std + eps)).reshape(-1)
+  if rewards.ndim == 1:
+    if mask is not None:
+      raise ValueError('grpo_advantages: mask is only for per-token rewards [N, T]')
+    g = _grouped(rewards, group_size, 'rewards')
+    return _normalised(g, jnp.ones_like(g), scale, eps, 'grpo_advantages').reshape(-1)
+  if rewards.ndim != 2 or mask is None:
+    raise ValueError(
+      f'grpo_advantages: rewards must be [N] or [N, T] with a mask [N, T], got {rewards.shape}'
+    )
+  check_same_shape(('rewards', rewards), ('mask', mask))
+  n, t = rewards.shape
+  _grouped(rewards[:, 0], group_size, 'rewards')  # validates N against group_size
+  g = rewards.reshape(n // group_size, group_size * t)
+  w = jnp.asarray(mask).astype(jnp.float32).reshape(g.shape)
+  return _normalised(g, w, scale, eps, 'grpo_advantages').reshape(n, t)
 
 
-def zero_advantage_fraction(rewards: jax.Array, group_size: int) -> jax.Array:
-  """Fraction of groups whose rewards are all equal (all right / all wrong): they give no gradient."""
-  g = _grouped(rewards, group_size, 'rewards')
-  return (g.max(axis=1) == g.min(axis=1)).astype(jnp.float32).mean()
+def zero_advantage_fraction(
+  rewards: jax.Array, group_size: int, mask: jax.Array | None = None
+) -> jax.Array:
+  """Fraction of groups whose (masked) rewards are all equal (all right / all wrong): no gradient."""
+  rewards = jnp.asarray(rewards)
+  if rewards.ndim == 1:
+    g = _grouped(rewards, group_size, 'rewards')
+    w = jnp.ones(g.shape, bool)
+  else:
+    _grouped(rewards[:, 0], group_size, 'rewards')
+    g = rewards.reshape(rewards.shape[0] // group_size, -1)
+    w = jnp.asarray(mask).astype(bool).reshape(g.shape)
+  hi = jnp.where(w, g, -jnp.inf).max(axis=1)
+  lo = jnp.where(w, g, jnp.inf).min(axis=1)
+  return ((hi == lo) | ~w.any(axis=1)).astype(jnp.float32).mean()
 
 
 @dataclasses.dataclass(frozen=True)
 class LengthReward:
-  """The relative length reward of arXiv 2506.04913 (defaults from specs/more_losses.md)."""
+  """The relative length reward of arXiv 2506.04913 (the paper's defaults)."""
 
   tau: float = 0.5  # groups with accuracy >= tau get it
   l_base: float = 1000.0  # length scale, tokens
@@ -228,32 +305,52 @@ def grpo_process_rewards(
   rewards: jax.Array,
   group_size: int,
   *,
+  mask: jax.Array | None = None,
   correct: jax.Array | None = None,
   lengths: jax.Array | None = None,
   length_reward: LengthReward | None = None,
   filter: str = 'all',
+  scale: str = 'group',
   eps: float = 1e-6,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-  """Rewards [N] -> (advantages [N], sample_mask [N], metrics) for `grpo_loss`.
+  """Rewards [N] or per-token rewards [N, T] (with `mask`) -> (advantages, sample_mask [N], metrics).
 
-  Order: optional relative length reward (needs `correct` and `lengths`), then group-normalised
-  advantages over the FULL group, then the sample filter (needs `correct` unless 'all'); filtered
-  samples keep their advantage but get sample_mask 0, so they drop out of `grpo_loss` entirely
-  (numerator and token count). Metrics: `zero_advantage_fraction` (groups with all-equal final
-  rewards), `reward_mean`, `kept_fraction`, and `accuracy` when `correct` is given.
+  Order: optional relative length reward (needs `correct` and `lengths`; with token rewards the
+  bonus is added at each sample's last masked token, as a terminal reward), then group-relative
+  advantages over the FULL group (`grpo_advantages` with `scale`), then the sample filter (needs
+  `correct` unless 'all'); filtered samples keep their advantage but get sample_mask 0, so they drop
+  out of `grpo_loss` entirely (numerator and token count). Offline injection
+  (`inject_offline_samples`) happens before, on the host batch. Metrics: `zero_advantage_fraction`
+  (groups with all-equal final rewards), `reward_mean`, `advantage_abs_mean` (over kept samples /
+  their masked tokens), `kept_fraction`, and `accuracy` when `correct` is given.
   """
+  rewards = jnp.asarray(rewards, jnp.float32)
   if length_reward is not None:
     if correct is None or lengths is None:
       raise ValueError('grpo_process_rewards: length_reward needs correct and lengths')
-    rewards = relative_length_reward(rewards, correct, lengths, group_size, length_reward)
+    if rewards.ndim == 1:
+      rewards = relative_length_reward(rewards, correct, lengths, group_size, length_reward)
+    else:
+      zeros = jnp.zeros(rewards.shape[:1], jnp.float32)
+      bonus = relative_length_reward(zeros, correct, lengths, group_size, length_reward)
+      m = jnp.asarray(mask).astype(bool)
+      last = m.shape[1] - 1 - jnp.argmax(m[:, ::-1], axis=1)
+      at_last = jax.nn.one_hot(last, m.shape[1], dtype=bool) & m
+      rewards = rewards + jnp.where(at_last, bonus[:, None], 0.0)
   if filter != 'all' and correct is None:
     raise ValueError(f'grpo_process_rewards: filter {filter!r} needs correct')
-  rewards = jnp.asarray(rewards, jnp.float32)
-  advantages = grpo_advantages(rewards, group_size, eps=eps)
-  keep = sample_filter(correct if correct is not None else jnp.zeros(rewards.shape, bool), filter)
+  advantages = grpo_advantages(rewards, group_size, mask=mask, scale=scale, eps=eps)
+  n = rewards.shape[0]
+  keep = sample_filter(correct if correct is not None else jnp.zeros((n,), bool), filter)
+  if rewards.ndim == 1:
+    tokens, kept_tokens = jnp.ones_like(rewards), keep
+  else:
+    tokens = jnp.asarray(mask, jnp.float32)
+    kept_tokens = tokens * keep[:, None]
   metrics = {
-    'zero_advantage_fraction': zero_advantage_fraction(rewards, group_size),
-    'reward_mean': rewards.mean(),
+    'zero_advantage_fraction': zero_advantage_fraction(rewards, group_size, mask),
+    'reward_mean': _masked_mean(rewards, tokens),
+    'advantage_abs_mean': _masked_mean(jnp.abs(advantages), kept_tokens),
     'kept_fraction': keep.mean(),
   }
   if correct is not None:
@@ -335,21 +432,62 @@ def inject_offline_samples(
 # ----------------------------------------------------------------------------- GRPO: loss
 
 
-def _token_mean(per_token, m, seq_keep):
-  w = m * seq_keep[:, None]
+def _sequence_then_batch_mean(per_token, m, keep, max_length):
+  """grpo: each kept non-empty sequence's token mean, then the mean over those sequences."""
+  del max_length
+  per_seq = (per_token * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
+  k = keep * (m.sum(-1) > 0)
+  return (per_seq * k).sum() / jnp.maximum(k.sum(), 1.0)
+
+
+def _token_mean(per_token, m, keep, max_length):
+  """bnpo / dapo / cispo: sum over all kept tokens of the batch / their number."""
+  del max_length
+  w = m * keep[:, None]
   return (per_token * w).sum() / jnp.maximum(w.sum(), 1.0)
 
 
-def _sequence_mean(per_token, m, seq_keep):
-  per_seq = (per_token * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
-  keep = seq_keep * (m.sum(-1) > 0)
-  return (per_seq * keep).sum() / jnp.maximum(keep.sum(), 1.0)
+def _constant_length_sum(per_token, m, keep, max_length):
+  """dr_grpo: sum over kept tokens / (kept sequences x max_length): no length normalisation."""
+  w = m * keep[:, None]
+  return (per_token * w).sum() / (jnp.maximum(keep.sum(), 1.0) * max_length)
 
 
-GRPO_AGGREGATIONS: dict[str, Callable] = {
-  'token_mean': _token_mean,  # sum over all kept tokens / their number (DAPO-style)
-  'sequence_mean': _sequence_mean,  # mean over kept sequences of each sequence's token mean (GRPO)
+@dataclasses.dataclass(frozen=True)
+class GRPOLossType:
+  """One member of the GRPO loss family (chosen by name through `GRPO_LOSS_TYPES`).
+
+  aggregate: (per-token loss, mask, kept samples, max_length) -> scalar.
+  objective: 'ppo_clip' (min of the clipped and unclipped surrogate) or 'cispo' (REINFORCE with a
+    detached, clipped importance weight).
+  clip_eps_high: the default upper clip epsilon (None: the same as clip_eps).
+  advantage_scale: the advantage scaling the method recommends (`grpo_advantages(scale=...)`).
+  """
+
+  aggregate: Callable
+  objective: str = 'ppo_clip'
+  clip_eps_high: float | None = None
+  advantage_scale: str = 'group'
+
+
+GRPO_LOSS_TYPES: dict[str, GRPOLossType] = {
+  'grpo': GRPOLossType(_sequence_then_batch_mean),  # DeepSeekMath
+  'bnpo': GRPOLossType(_token_mean),  # token mean over the batch
+  'dr_grpo': GRPOLossType(_constant_length_sum, advantage_scale='none'),  # Dr. GRPO
+  'dapo': GRPOLossType(_token_mean, clip_eps_high=0.28),  # token-level loss + clip-higher
+  'cispo': GRPOLossType(_token_mean, objective='cispo', clip_eps_high=4.0),  # MiniMax-M1
 }
+
+
+def resolve_advantage_scale(scale: str, loss_type: str) -> str:
+  """'auto' -> the loss type's recommended scaling; any other name is checked and returned."""
+  if loss_type not in GRPO_LOSS_TYPES:
+    raise ValueError(f'unknown GRPO loss type {loss_type!r}; known: {tuple(GRPO_LOSS_TYPES)}')
+  if scale == 'auto':
+    return GRPO_LOSS_TYPES[loss_type].advantage_scale
+  if scale not in ADVANTAGE_SCALES:
+    raise ValueError(f'unknown advantage scale {scale!r}; known: {("auto", *ADVANTAGE_SCALES)}')
+  return scale
 
 
 def grpo_loss(
@@ -358,34 +496,41 @@ def grpo_loss(
   advantages: jax.Array,
   mask: jax.Array,
   *,
+  loss_type: str = 'grpo',
   ref_logps: jax.Array | None = None,
   kl_coef: float = 0.0,
   clip_eps: float = 0.2,
   clip_eps_high: float | None = None,
-  aggregation: str = 'token_mean',
+  max_length: int | None = None,
   sample_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """GRPO policy loss: PPO-clip with optional low-variance (k3) KL to a reference.
+  """The GRPO family of policy losses, with an optional low-variance (k3) KL to a reference.
 
-  Per token, rho = exp(l - l_old) (gradient through l), A the sample's advantage:
-      loss_t = max(-A rho, -A clip(rho, 1 - clip_eps, 1 + clip_eps_high)) + kl_coef * k3_t,
-      k3_t = exp(l_ref - l) - (l_ref - l) - 1,
-  aggregated over the completion mask by `aggregation` ('token_mean': over all tokens of the kept
-  samples; 'sequence_mean': per-sequence token mean, then mean over kept non-empty sequences).
+  Per token, rho = exp(l - l_old), A the advantage (per sample [B] or per token [B, T]):
+    ppo_clip (grpo, bnpo, dr_grpo, dapo), gradient through rho:
+      loss_t = max(-A rho, -A clip(rho, 1 - clip_eps, 1 + clip_eps_high))
+    cispo, gradient through l only (REINFORCE with a clipped importance-sampling weight):
+      loss_t = -sg(min(rho, 1 + clip_eps_high)) A l          (no lower clip, as in MiniMax-M1)
+  plus kl_coef * k3_t, k3_t = exp(l_ref - l) - (l_ref - l) - 1. Aggregation over the completion
+  mask m and the kept samples (`sample_mask`):
+    grpo    (1/|S|) sum_{b in S} (1/|m_b|) sum_t loss_bt      S: kept, non-empty sequences
+    bnpo    sum_{b,t} loss_bt / #kept tokens                 (the batch's token mean)
+    dapo    as bnpo (token-level over the whole group batch), clip_eps_high 0.28 by default
+    dr_grpo sum_{b,t} loss_bt / (#kept sequences * max_length), max_length defaults to T;
+            pair it with advantages scaled by 'none' (`resolve_advantage_scale('auto', 'dr_grpo')`)
+    cispo   as bnpo, clip_eps_high 4.0 by default (weights capped at 5)
+  The KL term uses the same aggregation. clip_eps_high=None takes the loss type's default.
 
-  Args:
-    logps, old_logps, mask: [B, T]; ref_logps [B, T] is needed when kl_coef > 0.
-    advantages: [B] (broadcast over tokens) or [B, T].
-    clip_eps, clip_eps_high: clip range (clip_eps_high defaults to clip_eps); both >= 0.
-    sample_mask: optional [B] (from `grpo_process_rewards`); dropped samples count nowhere.
-  A batch without any kept token gives loss 0. Metrics: `policy_loss`, `kl`, `clip_fraction`,
-  `ratio_mean`, `advantage_mean`, `tokens`.
+  A batch without any kept token gives loss 0. Metrics: `policy_loss`, `kl`, `clip_fraction_low`
+  (kept tokens with A < 0 and rho < 1 - clip_eps, whose gradient the clip stops; always 0 for cispo),
+  `clip_fraction_high` (A > 0 and rho > 1 + clip_eps_high; for cispo every rho above the cap),
+  `clip_fraction` (their sum), `ratio_mean`, `advantage_mean`, `advantage_abs_mean`, `tokens`.
   """
-  if aggregation not in GRPO_AGGREGATIONS:
-    raise ValueError(
-      f'grpo_loss: unknown aggregation {aggregation!r}; known: {tuple(GRPO_AGGREGATIONS)}'
-    )
-  clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+  if loss_type not in GRPO_LOSS_TYPES:
+    raise ValueError(f'grpo_loss: unknown loss type {loss_type!r}; known: {tuple(GRPO_LOSS_TYPES)}')
+  spec = GRPO_LOSS_TYPES[loss_type]
+  if clip_eps_high is None:
+    clip_eps_high = clip_eps if spec.clip_eps_high is None else spec.clip_eps_high
   if not (clip_eps >= 0 and clip_eps_high >= 0):
     raise ValueError(
       f'grpo_loss: clip_eps / clip_eps_high must be >= 0, got {clip_eps}, {clip_eps_high}'
@@ -405,6 +550,9 @@ def grpo_loss(
     )
   if sample_mask is not None and jnp.shape(sample_mask) != batch:
     raise ValueError(f'grpo_loss: sample_mask shape {jnp.shape(sample_mask)} != {batch}')
+  max_length = jnp.shape(logps)[1] if max_length is None else max_length
+  if not max_length >= 1:
+    raise ValueError(f'grpo_loss: max_length must be >= 1, got {max_length}')
 
   m = jnp.asarray(mask).astype(bool)
   mf = m.astype(jnp.float32)
@@ -412,27 +560,39 @@ def grpo_loss(
     jnp.ones(batch, jnp.float32) if sample_mask is None else jnp.asarray(sample_mask, jnp.float32)
   )
   a = jnp.asarray(advantages, jnp.float32)
-  a = a[:, None] if a.ndim == 1 else a
+  a = jnp.broadcast_to(a[:, None] if a.ndim == 1 else a, m.shape)
   lp = jnp.where(m, jnp.asarray(logps, jnp.float32), 0.0)
   old = jnp.where(m, jnp.asarray(old_logps, jnp.float32), 0.0)
   rho = jnp.exp(lp - old)
-  clipped = jnp.clip(rho, 1.0 - clip_eps, 1.0 + clip_eps_high)
-  pg = jnp.maximum(-a * rho, -a * clipped)
-  agg = GRPO_AGGREGATIONS[aggregation]
-  policy_loss = agg(pg, mf, keep)
+  high = 1.0 + clip_eps_high
+  if spec.objective == 'cispo':
+    weight = jax.lax.stop_gradient(jnp.minimum(rho, high))
+    per_token = -weight * a * lp
+    clipped_low = jnp.zeros(m.shape, bool)
+    clipped_high = jax.lax.stop_gradient(rho) > high
+  else:
+    per_token = jnp.maximum(-a * rho, -a * jnp.clip(rho, 1.0 - clip_eps, high))
+    clipped_low = (a < 0) & (rho < 1.0 - clip_eps)
+    clipped_high = (a > 0) & (rho > high)
+  policy_loss = spec.aggregate(per_token, mf, keep, max_length)
   if ref_logps is not None:
     d = jnp.where(m, jnp.asarray(ref_logps, jnp.float32), 0.0) - lp
-    kl = agg(jnp.exp(d) - d - 1.0, mf, keep)
+    kl = spec.aggregate(jnp.exp(d) - d - 1.0, mf, keep, max_length)
   else:
     kl = jnp.float32(0.0)
   loss = policy_loss + kl_coef * kl if kl_coef > 0 else policy_loss
   tok = mf * keep[:, None]
+  low_frac = _masked_mean(clipped_low.astype(jnp.float32), tok)
+  high_frac = _masked_mean(clipped_high.astype(jnp.float32), tok)
   metrics = {
     'policy_loss': policy_loss,
     'kl': kl,
-    'clip_fraction': _masked_mean((-a * clipped > -a * rho).astype(jnp.float32), tok),
+    'clip_fraction_low': low_frac,
+    'clip_fraction_high': high_frac,
+    'clip_fraction': low_frac + high_frac,
     'ratio_mean': _masked_mean(rho, tok),
-    'advantage_mean': _masked_mean(jnp.broadcast_to(a, lp.shape), tok),
+    'advantage_mean': _masked_mean(a, tok),
+    'advantage_abs_mean': _masked_mean(jnp.abs(a), tok),
     'tokens': tok.sum(),
   }
   return loss, metrics

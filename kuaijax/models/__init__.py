@@ -1,7 +1,9 @@
 """Flax NNX model components.
 
 Importing the package registers every feed-forward kind with `layers.register_mlp`
-('swiglu' in layers.py, 'moe' in moe.py), so `model.mlp` names resolve wherever a model is built.
+('swiglu' in layers.py, 'moe' in moe.py,
+'moe_gated_shared' in gated_shared_moe.py), so `model.mlp` names resolve wherever a model is built.
 """
 
-from kuaijax.models import moe  # noqa: F401  (registers model.mlp='moe')
+# registers model.mlp='moe' and 'moe_gated_shared'
+from kuaijax.models import gated_shared_moe, moe  # noqa: F401

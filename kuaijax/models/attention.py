@@ -3,9 +3,12 @@
 RoPE bases: one base for every head, or one per head (HARPE, arXiv 2412.07171): `Attention` takes
 the per-KV-head bases from its config (`TransformerConfig.kv_rope_bases`); query heads that share a KV
 head use that KV head's base, so keys and queries of a group always rotate alike (GQA-safe).
+Config-driven options for pretrained families: q/k/v biases (`qkv_bias`), RMSNorm of queries and keys
+over head_dim before RoPE (`qk_norm`), Llama-3 frequency scaling (`rope_llama3_scaling`).
 
 Masking rule: query i may attend key j iff j <= i (by slot index, which is the absolute position in
-the row, or in the cache when decoding) and both carry the same segment id. Packed documents
+the row, or in the cache when decoding) and both carry the same segment id (and, with
+`sliding_window` > 0, j > i - sliding_window). Packed documents
 therefore never see each other, and padding (segment 0) only sees padding. A fully masked row
 (padding queries while decoding) gives finite, ignored outputs.
 """
@@ -18,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kuaijax.models.layers import dense, param
+from kuaijax.models.layers import RMSNorm, dense, param
 from kuaijax.parallel import constrain
 
 
@@ -42,16 +45,36 @@ class KVCache:
     return cls(zeros, zeros, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
-def rope(x: jax.Array, positions: jax.Array, base) -> jax.Array:
+def llama3_inv_freq(inv_freq: jax.Array, scaling) -> jax.Array:
+  """Llama-3 RoPE scaling of the frequencies; scaling = (factor, low_freq_factor,
+  high_freq_factor, original_max_position_embeddings).
+
+  Wavelengths 2 pi / f above L / low are divided by factor, those below L / high are kept, and the
+  band between interpolates with s = (L / wavelength - low) / (high - low):
+  f' = (1 - s) f / factor + s f.
+  """
+  factor, low, high, old_len = scaling
+  wavelen = 2 * jnp.pi / inv_freq
+  scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope(x: jax.Array, positions: jax.Array, base, llama3_scaling=()) -> jax.Array:
   """Rotary position embedding (rotate-half convention) of x [b, l, h, d] at positions [b, l].
 
   `base` is one float for every head, or a sequence of h floats (head j rotates with
-  theta_{j,i} = base_j^(-2i/d), HARPE).
+  theta_{j,i} = base_j^(-2i/d), HARPE). `llama3_scaling` (4 numbers, see `llama3_inv_freq`)
+  rescales the frequencies of a single base.
   """
   half = x.shape[-1] // 2
   exponent = -jnp.arange(half, dtype=jnp.float32) / half
   if isinstance(base, int | float):
     inv_freq = (base**exponent)[None, :]  # [1, half]: shared by the heads
+    if llama3_scaling:
+      inv_freq = llama3_inv_freq(inv_freq, llama3_scaling)
   else:
     bases = jnp.asarray(base, jnp.float32)
     if bases.shape != (x.shape[2],):
@@ -64,9 +87,12 @@ def rope(x: jax.Array, positions: jax.Array, base) -> jax.Array:
   return out.astype(x.dtype)
 
 
-def attention_mask(q_segments, k_segments, q_index, k_index) -> jax.Array:
-  """Boolean mask [b, 1, q, k]: causal by slot index and same segment."""
+def attention_mask(q_segments, k_segments, q_index, k_index, window: int = 0) -> jax.Array:
+  """Boolean mask [b, 1, q, k]: causal by slot index and same segment; with `window` > 0 only the
+  last `window` slots (the query's own included) are visible."""
   causal = k_index[:, None, :] <= q_index[:, :, None]
+  if window:
+    causal &= k_index[:, None, :] > q_index[:, :, None] - window
   same = q_segments[:, :, None] == k_segments[:, None, :]
   return (causal & same)[:, None]
 
@@ -115,6 +141,8 @@ class Attention(nnx.Module):
       self.k_bases = tuple(kv_bases)
       self.q_bases = tuple(b for b in kv_bases for _ in range(group))
     self.causal_blocks = c.attention_causal_blocks
+    self.llama3_scaling = c.rope_llama3_scaling
+    self.window = c.sliding_window
     pd = c.weight_dtype
     self.wq = param(
       rngs, (c.d_model, c.num_heads, c.head_dim), ('embed', 'heads', 'kv'), std=c.init_std, dtype=pd
@@ -130,6 +158,13 @@ class Attention(nnx.Module):
       std=c.out_init_std,
       dtype=pd,
     )
+    if c.qkv_bias:
+      self.bq = param(rngs, (c.num_heads, c.head_dim), ('heads', 'kv'), init='zeros', dtype=pd)
+      self.bk = param(rngs, kv_shape[1:], kv_axes[1:], init='zeros', dtype=pd)
+      self.bv = param(rngs, kv_shape[1:], kv_axes[1:], init='zeros', dtype=pd)
+    if c.qk_norm:
+      self.q_norm = RMSNorm(c.head_dim, eps=c.norm_eps, param_dtype=pd, rngs=rngs)
+      self.k_norm = RMSNorm(c.head_dim, eps=c.norm_eps, param_dtype=pd, rngs=rngs)
 
   def __call__(
     self, x, positions, segment_ids, cache: KVCache | None = None, *, commit: bool = True
@@ -144,12 +179,22 @@ class Attention(nnx.Module):
     q = dense(x, self.wq[...].astype(dt))
     k = dense(x, self.wk[...].astype(dt))
     v = dense(x, self.wv[...].astype(dt))
-    q = constrain(rope(q, positions, self.q_bases), ('batch', 'length', 'heads', 'kv'))
-    k = constrain(rope(k, positions, self.k_bases), ('batch', 'length', 'kv_heads', 'kv'))
+    if hasattr(self, 'bq'):
+      q, k, v = (
+        q + self.bq[...].astype(dt),
+        k + self.bk[...].astype(dt),
+        v + self.bv[...].astype(dt),
+      )
+    if hasattr(self, 'q_norm'):
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = rope(q, positions, self.q_bases, self.llama3_scaling)
+    k = rope(k, positions, self.k_bases, self.llama3_scaling)
+    q = constrain(q, ('batch', 'length', 'heads', 'kv'))
+    k = constrain(k, ('batch', 'length', 'kv_heads', 'kv'))
     b, length = x.shape[:2]
     q_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     if cache is None:
-      mask = attention_mask(segment_ids, segment_ids, q_index, q_index)
+      mask = attention_mask(segment_ids, segment_ids, q_index, q_index, self.window)
       out = causal_block_attention(q, k, v, mask, self.causal_blocks)
     else:
       q_index = q_index + cache.end
@@ -164,7 +209,7 @@ class Attention(nnx.Module):
       k, v = cache.k.astype(dt), cache.v.astype(dt)
       k_index = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (b, k.shape[1]))
       filled = cache.segment_ids != 0
-      mask = attention_mask(segment_ids, cache.segment_ids, q_index, k_index)
+      mask = attention_mask(segment_ids, cache.segment_ids, q_index, k_index, self.window)
       mask &= filled[:, None, None, :]
       out = dot_product_attention(q, k, v, mask)
       if not commit:

@@ -1,6 +1,6 @@
 """Layer stacks chosen by config: vanilla, ODE Transformer (RK2, gated RK2, RK4) and PCformer.
 
-Spec: ../shared/specs/pcformer.md. `G_i` is the WHOLE pre-norm block i including its residuals
+Method notes: experiments/pcformer/README.md. `G_i` is the WHOLE pre-norm block i including its residuals
 (G(x) = x + attn + mlp), and every RK stage of a layer reuses layer i's weights.
 
 - `vanilla`:        x_i = G_i(x).

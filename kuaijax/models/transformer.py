@@ -101,6 +101,12 @@ class TransformerConfig:
   rope_b_min: float = 0.0  # HARPE uniform bases between rope_b_min and rope_b_max
   rope_b_max: float = 0.0
   rope_bases: tuple[float, ...] = ()  # HARPE 'list': one per head (or per KV head)
+  # Llama-3 RoPE frequency scaling (factor, low_freq_factor, high_freq_factor,
+  # original_max_position_embeddings); () = none. Single-base RoPE only.
+  rope_llama3_scaling: tuple[float, ...] = ()
+  qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+  qk_norm: bool = False  # RMSNorm over head_dim of queries and keys before RoPE (Qwen3)
+  sliding_window: int = 0  # > 0: query i sees keys j with i - window < j <= i (Mistral); 0 = all
   stack: str = (
     'vanilla'  # see kuaijax/models/pc.py: vanilla|ode_rk2|ode_rk2_gated|ode_rk4|pc_rk2|pc_rk4
   )
@@ -108,7 +114,8 @@ class TransformerConfig:
   pc_alpha_init: float = 0.5
   pc_cache: str = 'corrector'  # 'corrector' (only the corrector writes) | 'per_stage' (exact)
   attention_causal_blocks: int = 4  # query blocks whose above-diagonal key blocks are skipped
-  norm_eps: float = 1e-6
+  norm_eps: float = 1e-6  # RMSNorm epsilon (block and final norms)
+  pc_norm_eps: float = 1e-5  # LayerNorm epsilon of the PC stage / predictor / corrector norms
   dtype: str = 'float32'  # compute dtype
   param_dtype: str = 'float32'
   remat: str = 'none'
@@ -142,11 +149,23 @@ class TransformerConfig:
       raise ValueError(
         f'model.attention_causal_blocks must be >= 1, got {self.attention_causal_blocks}'
       )
+    for name in ('norm_eps', 'pc_norm_eps'):
+      if not getattr(self, name) > 0:
+        raise ValueError(f'model.{name} must be > 0, got {getattr(self, name)!r}')
     if not self.init_std > 0:
       raise ValueError(f'model.init_std must be > 0, got {self.init_std}')
     object.__setattr__(self, 'num_kv_heads', kv)
     object.__setattr__(self, 'head_dim', head_dim)
     object.__setattr__(self, 'rope_bases', tuple(float(b) for b in self.rope_bases))
+    scaling = tuple(float(v) for v in self.rope_llama3_scaling)
+    if scaling and (len(scaling) != 4 or self.rope_heads != 'single'):
+      raise ValueError(
+        'model.rope_llama3_scaling must be (factor, low_freq_factor, high_freq_factor, '
+        f'original_max_position_embeddings) with rope_heads="single", got {scaling}'
+      )
+    object.__setattr__(self, 'rope_llama3_scaling', scaling)
+    if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
+      raise ValueError(f'model.sliding_window must be an int >= 0, got {self.sliding_window!r}')
     pc.parse_stack(self.stack)
     for name, allowed in (('pc_alpha', pc.ALPHA_TYPES), ('pc_cache', pc.CACHE_MODES)):
       if getattr(self, name) not in allowed:
@@ -240,7 +259,7 @@ class Transformer(nnx.Module):
       alpha_type=cfg.pc_alpha,
       alpha_init=cfg.pc_alpha_init,
       cache_mode=cfg.pc_cache,
-      eps=cfg.norm_eps,
+      eps=cfg.pc_norm_eps,
       init_std=cfg.init_std,
       param_dtype=pd,
       rngs=rngs,

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -104,6 +103,24 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(self._unreadable(step, e)) from e
 
+  def restore_params(self, step: int, abstract_params):
+    """Only the params, onto the shardings `abstract_params` carries (ShapeDtypeStructs).
+
+    The target may be any mesh or process count: orbax reads each array's slices from the saved
+    shards. Use a Checkpointer that has not saved in this process (the restore registers a
+    different handler for the `state` item).
+    """
+    target = {'params': abstract_params}
+    args = ocp.args.PyTreeRestore(
+      target,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True,
+    )
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(state=args))['state']['params']
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(self._unreadable(step, e)) from e
+
   def _unreadable(self, step: int, error: Exception) -> str:
     return (
       f'checkpoint {self.directory}/{step} could not be read ({type(error).__name__}: '
@@ -123,6 +140,7 @@ def load_params(path: str, abstract_params, shardings):
   """Params from the latest checkpoint under `path` (a workdir or its checkpoints folder).
 
   Used for `config.init_from`: shapes must match the current model's; optimizer state is ignored.
+  The params land on `shardings`, whatever mesh or process count wrote the checkpoint.
   """
   directory = (
     path
@@ -136,15 +154,9 @@ def load_params(path: str, abstract_params, shardings):
   if step is None:
     raise FileNotFoundError(f'init_from={path!r}: {directory} holds no finished checkpoint')
   ckpt.check_compatible(step, param_signature(abstract_params))
-  raw = ckpt.restore(step)
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, shardings
+  )
+  params = ckpt.restore_params(step, target)
   ckpt.close()
-
-  def take(path, _):
-    node = raw['params']
-    for key in path:  # a target-free restore turns integer keys (layer indices) into strings
-      name = getattr(key, 'key', getattr(key, 'idx', key))
-      node = node[name] if name in node else node[str(name)]
-    return np.asarray(node)
-
-  params = jax.tree.map_with_path(take, abstract_params)
-  return jax.tree.map(jax.device_put, params, shardings), step
+  return params, step

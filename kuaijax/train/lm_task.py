@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kuaijax import parallel
 from kuaijax.data import pipeline, sources, tokenizers
+from kuaijax.evals import registry
 from kuaijax.losses.lm import lm_loss
 from kuaijax.models.transformer import Transformer, TransformerConfig
 
@@ -30,11 +32,15 @@ class LMData:
   task_names: tuple[str, ...]
 
 
-def resolve_tokenizer(data_config, workdir: str, train_source):
-  """The configured tokenizer; a SentencePiece model with no path is trained into the workdir."""
+def resolve_tokenizer(data_config, workdir: str, train_source, hf_path: str = ''):
+  """The configured tokenizer; a SentencePiece model with no path is trained into the workdir.
+
+  `data.tokenizer='hf'` reads tokenizer.json from `hf_path` (the run's `init_from_hf` folder)."""
   if data_config.tokenizer != 'sentencepiece' or data_config.spm_model_path:
     return tokenizers.get_tokenizer(
-      data_config.tokenizer, spm_model_path=data_config.spm_model_path or None
+      data_config.tokenizer,
+      spm_model_path=data_config.spm_model_path or None,
+      hf_path=hf_path or None,
     )
   prefix = os.path.join(workdir, 'spm')
   limit = data_config.spm_train_examples
@@ -59,7 +65,7 @@ def build_lm_data(config, workdir: str) -> LMData:
   data_dir = dc.data_dir or sources.default_data_dir()
   train_source = sources.get_data_source(dc.name, split=dc.train_split, data_dir=data_dir)
   eval_source = sources.get_data_source(dc.name, split=dc.eval_split, data_dir=data_dir)
-  tokenizer = resolve_tokenizer(dc, workdir, train_source)
+  tokenizer = resolve_tokenizer(dc, workdir, train_source, config.get('init_from_hf', ''))
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(
       f'model.vocab_size={config.model.vocab_size} is smaller than the '
@@ -72,18 +78,35 @@ def build_lm_data(config, workdir: str) -> LMData:
     seq_len=dc.seq_len,
     pack=dc.pack,
     task_names=task_names,
+    shard_count=int(dc.get('shards', 0)) or jax.process_count(),
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  train_dataset = pipeline.lm_train_dataset(train_source, batch_size=micro, seed=dc.seed, **common)
+  train_dataset = pipeline.lm_train_dataset_shards(
+    train_source, batch_size=micro, seed=dc.seed, **common
+  )
   eval_batch = dc.eval_batch_size // jax.process_count()
   # A fixed shuffle (seed 0, independent of the data seed) so that a truncated evaluation set is a
   # sample of every task rather than the split's first examples, identical across runs.
   eval_examples = grain.MapDataset.source(eval_source).shuffle(seed=0)
-  eval_batches = pipeline.lm_eval_batches(
+  eval_batches = pipeline.lm_eval_batches_shards(
     eval_examples, batch_size=eval_batch, num_batches=dc.eval_batches, **common
   )
   return LMData(tokenizer, train_dataset, eval_batches, train_source, task_names)
+
+
+def build_evaluators(config, data: LMData):
+  """`config.evals` (evaluators by name, `kuaijax.evals.registry`) on the LM evaluation batches."""
+  mesh = parallel.mesh_from_config(config.parallel)
+  ctx = registry.EvalContext(
+    tokenizer=data.tokenizer,
+    mesh=mesh,
+    rules=parallel.rules_dict(config.parallel.rules),
+    data=config.data,
+    lm_batches=data.eval_batches,
+    task_names=data.task_names,
+  )
+  return registry.build_evaluators(config.evals, ctx)
 
 
 def model_factory(model_config):
@@ -127,15 +150,15 @@ def aux_loss_total(
 
 
 def lm_loss_fn(z_loss: float = 0.0, aux_weights=None, aux_reduce: str = 'mean'):
-  """`loss_fn(model, batch, rng)` for the trainer: next-token CE on packed batches (+ aux losses).
+  """`loss_fn(model, batch, rng, frozen=None)` for the trainer: next-token CE on packed batches (+ aux losses).
 
   aux_weights: coefficient per auxiliary loss name reported by the layers (e.g. the MoE layer's
   'balance_loss', 'entropy_loss', 'router_z_loss'); aux_reduce: how layers combine ('mean'|'sum').
   """
   aux_weights = dict(aux_weights or {})
 
-  def loss_fn(model: nnx.Module, batch: dict, rng):
-    del rng
+  def loss_fn(model: nnx.Module, batch: dict, rng, frozen=None):
+    del rng, frozen
     logits, extras = model(
       batch['inputs'], positions=batch['positions'], segment_ids=batch['segment_ids']
     )

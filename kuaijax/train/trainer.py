@@ -1,18 +1,21 @@
 """The generic training loop shared by every experiment.
 
-`train(...)` takes a model factory, a loss function `loss_fn(model, batch, rng) -> (loss, metrics)`
-(scalar metrics), a grain dataset of per-process micro-batches and an optional evaluator. It owns the
+`train(...)` takes a model factory, a loss function `loss_fn(model, batch, rng, frozen) -> (loss,
+metrics)` (scalar metrics; `frozen` is None unless given), a grain dataset of per-process
+micro-batches and an optional `evaluate(graphdef, params, step) -> dict` (the split model, as the
+trainer holds it; `kuaijax.evals.base.Evaluator.evaluate`). It owns the
 mesh, the sharded init, the jitted step (donated state, explicit in/out shardings, gradient
 accumulation by `lax.scan`), orbax checkpoints with the data-iterator state, metrics, the progress bar
 and the non-finite guard.
 
-Resume order: the latest checkpoint in `workdir` -> `config.init_from` (params only) -> scratch.
+Resume order: the latest checkpoint in `workdir` -> `config.init_from` (params only) ->
+`config.init_from_hf` (a Hugging Face folder, params only) -> scratch.
 Randomness: parameters from `train.seed`; the step rng is `fold_in(key(train.seed + 1), step)`, so a
 resumed run replays exactly the steps an uninterrupted run would take.
 
 Post-training hooks (both optional, off by default): `frozen` is a pytree of arrays (e.g. a reference
-model's params placed with `param_layout(...).shardings`) passed to `loss_fn(model, batch, rng, frozen)`
-as a 4th argument and never updated or saved; `prepare_batch(model, batch, rng)` rewrites each
+model's params placed with `param_layout(...).shardings`) passed to `loss_fn` as its 4th argument
+and never updated or saved; `prepare_batch(model, batch, rng)` rewrites each
 host-local micro-batch with the CURRENT model before the step (online data such as GRPO rollouts).
 Its rng is `fold_in(fold_in(key(train.seed + 2), step), micro_index)`, so a resumed run regenerates the
 same online batches. It runs on one process's rows only (single-host online sampling).
@@ -120,6 +123,24 @@ def _write_config(workdir: str, config) -> None:
     f.write(text)
 
 
+def initial_params(config, abstract_params, shardings, init_params: Callable[[], dict]):
+  """Params of a run without a checkpoint in its workdir: `config.init_from` (a kuaijax workdir),
+  else `config.init_from_hf` (a Hugging Face folder matching `config.model`), else `init_params()`."""
+  if config.init_from:
+    params, from_step = ckpt_lib.load_params(config.init_from, abstract_params, shardings)
+    logging.info('initialised params from %s (step %d)', config.init_from, from_step)
+    return params
+  if config.get('init_from_hf'):
+    from kuaijax.hf import model_io
+    from kuaijax.models.transformer import TransformerConfig
+
+    cfg = TransformerConfig.from_config(config.model)
+    params = model_io.load_for_config(config.init_from_hf, cfg, abstract_params, shardings)
+    logging.info('initialised params from Hugging Face folder %s', config.init_from_hf)
+    return params
+  return jax.jit(init_params, out_shardings=shardings)()
+
+
 def train(
   config,
   workdir: str,
@@ -127,13 +148,15 @@ def train(
   model_factory: Callable[[nnx.Rngs], nnx.Module],
   loss_fn: Callable,
   train_dataset,
-  evaluate: Callable[[nnx.Module, int], dict] | None = None,
+  evaluate: Callable[[nnx.GraphDef, dict, int], dict] | None = None,
   frozen=None,
   prepare_batch: Callable[[nnx.Module, dict, jax.Array], dict] | None = None,
+  count_tokens: Callable[[dict], int] | None = None,
 ) -> TrainResult:
   """Trains (or resumes) per `config.train`, `config.optimizer`, `config.parallel`.
 
-  `frozen` and `prepare_batch` are the post-training hooks described in the module docstring.
+  `frozen` and `prepare_batch` are the post-training hooks described in the module docstring;
+  `count_tokens(batch)` gives the tokens a batch processes for tokens/s (default: `inputs`' size).
   """
   tc = config.train
   steps, accum = int(tc.steps), int(tc.grad_accum)
@@ -142,6 +165,8 @@ def train(
   for name in ('log_every', 'eval_every', 'checkpoint_every'):
     if int(tc[name]) <= 0:
       raise ValueError(f'train.{name} must be > 0, got {tc[name]}')
+  if count_tokens is None:
+    count_tokens = lambda batch: int(batch['inputs'].size) if 'inputs' in batch else 0
   os.makedirs(workdir, exist_ok=True)
   # Abstract model -> parameter shardings and signature, without allocating anything.
   layout = param_layout(config, model_factory)
@@ -183,10 +208,7 @@ def train(
   prepare_rng = jax.random.key(seed + 2)
 
   def loss_of_params(params, batch, rng, frozen):
-    model = nnx.merge(graphdef, params)
-    if frozen is None:
-      return loss_fn(model, batch, rng)
-    return loss_fn(model, batch, rng, frozen)
+    return loss_fn(nnx.merge(graphdef, params), batch, rng, frozen)
 
   grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
 
@@ -245,13 +267,7 @@ def train(
         state = checkpointer.restore(latest, target, data_iter)
         logging.info('resumed from %s/%d', checkpointer.directory, latest)
       else:
-        if config.init_from:
-          params, from_step = ckpt_lib.load_params(
-            config.init_from, abstract_params, param_shardings
-          )
-          logging.info('initialised params from %s (step %d)', config.init_from, from_step)
-        else:
-          params = jax.jit(init_params, out_shardings=param_shardings)()
+        params = initial_params(config, abstract_params, param_shardings, init_params)
         state = jax.jit(init_state, out_shardings=state_shardings)(params)
       _write_config(workdir, config)
       start = int(state['step'])
@@ -288,7 +304,7 @@ def train(
       pending, pending_tokens = [], 0
       for step in range(start, steps):
         batch = next_batch(step)
-        pending_tokens += int(batch['inputs'].size) if 'inputs' in batch else 0
+        pending_tokens += count_tokens(batch)
         state, metrics = p_step(state, batch, frozen)
         pending.append(metrics)
         done = step + 1
@@ -301,7 +317,7 @@ def train(
           pending, pending_tokens = [], 0
         if evaluate is not None and (done % int(tc.eval_every) == 0 or last):
           check_finite()
-          last_eval = evaluate(nnx.merge(graphdef, state['params']), done)
+          last_eval = evaluate(graphdef, state['params'], done)
           writer.write(done, {f'eval/{k}': v for k, v in last_eval.items()})
         if done % int(tc.checkpoint_every) == 0 or last:
           check_finite()
@@ -313,7 +329,7 @@ def train(
   final_step = int(state['step'])
   if evaluate is not None and not last_eval and final_step == steps:
     with parallel.axis_rules(mesh, rules):
-      last_eval = evaluate(nnx.merge(graphdef, state['params']), final_step)
+      last_eval = evaluate(graphdef, state['params'], final_step)
   return TrainResult(graphdef, state['params'], final_step, history, last_eval)
 
 

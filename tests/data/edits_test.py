@@ -7,7 +7,7 @@ from kuaijax.data.edits import EditOp, edit_ops, imitation_weights, imitation_we
 
 
 def _reference(sample, rewrite):
-  """Straight O(n m) transcription of specs/rlmec.md step 6 (independent of the bit-parallel code).
+  """Straight O(n m) transcription of the original RLMEC alignment rule (independent of the bit-parallel code).
 
   Sentinel first; per cell: match if equal, then deletion, insertion, substitution, each only if
   strictly cheaper; backtrace from the last cell while both indices are > 0, marking the rewrite

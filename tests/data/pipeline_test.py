@@ -247,6 +247,47 @@ def test_processes_get_disjoint_shards():
   assert sorted(seen[0] + seen[1]) == list(range(101)) and not set(seen[0]) & set(seen[1])
 
 
+def test_fixed_shard_count_gives_the_same_global_batches_for_any_process_count():
+  docs = _docs(101)
+  kw = dict(tokenizer=TOK, seq_len=64, seed=3, shard_count=4)
+  one = _take(pipeline.lm_train_dataset_shards(docs, batch_size=8, **kw), 5)
+  per_process = [
+    _take(
+      pipeline.lm_train_dataset_shards(docs, batch_size=4, process_index=p, process_count=2, **kw),
+      5,
+    )
+    for p in range(2)
+  ]
+  for step, batch in enumerate(one):
+    for k in FIELDS:
+      np.testing.assert_array_equal(
+        batch[k], np.concatenate([per_process[p][step][k] for p in range(2)])
+      )
+    # Rows 4j..4j+3 come from process j, which reads only shards 2j, 2j+1 (docs i with i % 4 = s).
+    assert {i % 4 for i in _doc_ids({k: v[:4] for k, v in batch.items()})} <= {0, 1}
+  # The concatenated iterator checkpoints its shards' states and resumes exactly.
+  it = iter(pipeline.lm_train_dataset_shards(docs, batch_size=8, **kw))
+  next(it)
+  state = it.get_state()
+  rest = _take(it, 3)
+  again = iter(pipeline.lm_train_dataset_shards(docs, batch_size=8, **kw))
+  again.set_state(state)
+  assert _equal(rest, _take(again, 3))
+  eval_kw = dict(tokenizer=TOK, seq_len=64, num_batches=3, shard_count=2)
+  eval_one = pipeline.lm_eval_batches_shards(docs, batch_size=4, **eval_kw)
+  eval_two = [
+    pipeline.lm_eval_batches_shards(docs, batch_size=2, process_index=p, process_count=2, **eval_kw)
+    for p in range(2)
+  ]
+  for i, batch in enumerate(eval_one):
+    for k in FIELDS:
+      np.testing.assert_array_equal(batch[k], np.concatenate([e[i][k] for e in eval_two]))
+  with pytest.raises(ValueError, match='shards=3 must be a positive multiple of the process count'):
+    pipeline.lm_train_dataset_shards(
+      docs, batch_size=4, process_count=2, **{**kw, 'shard_count': 3}
+    )
+
+
 def test_eval_batches_are_fixed_and_padded():
   docs = _docs(50)
   kwargs = dict(tokenizer=TOK, seq_len=128, batch_size=4)

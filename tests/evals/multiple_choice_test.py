@@ -11,6 +11,7 @@ from flax import nnx
 
 from kuaijax.data.tokenizers import ByteTokenizer
 from kuaijax.evals import multiple_choice as mc
+from kuaijax.jit_cache import split_params
 from kuaijax.train import lm_task
 from tests.conftest import tiny_lm_config
 
@@ -94,7 +95,7 @@ def _brute_force_scores(model, examples, tokenizer):
 def test_scores_and_accuracy_match_brute_force(tasks, model):
   tokenizer = ByteTokenizer()
   evaluator = mc.MultipleChoiceEvaluator(tasks, tokenizer, max_len=160, batch_size=8)
-  scores = evaluator.choice_scores(model)
+  scores = evaluator.choice_scores(*split_params(model))
   every = [ex for name in TASKS for ex in tasks[name]]
   flat = _brute_force_scores(model, every, tokenizer)
   expected, k = {}, 0

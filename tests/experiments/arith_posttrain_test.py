@@ -8,57 +8,73 @@ import pytest
 from experiments import arith_posttrain
 from kuaijax.config_lib import load_config
 from kuaijax.train.metrics import read_metrics
-from tests.colab_test import PNG_MAGIC
 from tests.conftest import REPO_ROOT
 
 CONFIG = os.path.join(REPO_ROOT, 'configs/arith/posttrain.py')
+TRAINED = ('sft', 'dpo', 'rft', 'rlmec', 'grpo')
 
 
-def tiny_config(stages):
-  config = load_config(f'{CONFIG}:runlocal,stages={stages}')
+def tiny_config(arg):
+  config = load_config(f'{CONFIG}:runlocal,{arg}')
   config.parallel.num_devices = 1
   config.train.update(progress=False, async_checkpoint=False)
   config.model.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=64)
-  config.data.update(train_examples=64, max_new_tokens=48)
-  for stage, steps in (('sft', 4), ('dpo', 2), ('rlmec', 2), ('grpo', 2)):
-    config[stage].train.update(steps=steps, batch_size=2, log_every=1, checkpoint_every=steps)
-  config.sft.optimizer.update(lr=1e-2, warmup_steps=1)
-  config.dpo.update(problems=4, gold_fallback=True)
-  config.rlmec.update(problems=2, num_samples=2)
-  config.grpo.update(group_size=2, offline_injection=True)
-  config.eval.update(levels=(1, 2), problems_per_level=3, seeds=(0, 1), batch_size=6)
+  config.data.update(limit=64, max_new_tokens=48)
+  for name in TRAINED:
+    if config.stage[name].type == 'train':
+      steps = 4 if name == 'sft' else 2
+      config.stage[name].train.update(
+        steps=steps, batch_size=2, log_every=1, checkpoint_every=steps, eval_every=steps
+      )
+  config.stage.pairs.gold_fallback = True
+  config.stage.samples.update(limit=4, batch_size=4)
+  config.stage.rlmec_samples.update(limit=2, num_samples=2, batch_size=2)
+  config.stage.grpo.options.update(group_size=2, offline_injection=True)
+  config.evals.arith.update(groups=(1, 2), per_group=3, seeds=(0, 1), batch_size=6)
   return config
 
 
-def test_tiny_demo_writes_the_table_and_resumes(tmp_path):
-  config = tiny_config('sft+dpo+rlmec+grpo')
+def test_tiny_demo_writes_the_table_and_plots(tmp_path):
+  config = tiny_config('stages=sft+dpo+rft+rlmec+grpo')
+  config.stage.sft.optimizer.update(lr=1e-2, warmup_steps=1)
   results = arith_posttrain.run(config, str(tmp_path))
-  assert list(results['methods']) == ['sft', 'dpo', 'rlmec', 'grpo']
-  for method in results['methods'].values():
-    sampled = method['eval']['sampled']
-    assert sampled['num_seeds'] == 2 and len(sampled['per_seed']) == 2
-    assert {'accuracy/level_1', 'accuracy/level_2', 'accuracy/level_1/std'} <= set(sampled)
+  stages = results['stages']
+  assert [n for n in stages if 'eval' in stages[n]] == list(TRAINED)
+  for name in TRAINED:
+    ev = stages[name]['eval']
+    assert ev['num_seeds'] == 2 and {'accuracy/level_1', 'accuracy/level_2/std'} <= set(ev)
+    assert 'greedy/accuracy' in ev
   sft_losses = [r['loss'] for r in read_metrics(str(tmp_path / 'sft')) if 'loss' in r]
   assert len(sft_losses) == 4 and sft_losses[-1] < sft_losses[0] - 0.2
-  assert results['stats']['dpo']['pairs'] > 0 and results['stats']['rlmec']['examples'] > 0
+  assert stages['pairs']['summary']['pairs'] > 0 and stages['rlmec']['summary']['examples'] > 0
+  assert stages['rft']['summary']['gold'] == 4  # with_gold: each sampled prompt's solution
   table = (tmp_path / 'results.md').read_text()
-  for row in ('| SFT |', '| DPO |', '| RLMEC |', '| GRPO |', 'level 2', '±'):
+  for row in (
+    '| SFT |',
+    '| DPO |',
+    '| RFT |',
+    '| RLMEC |',
+    '| GRPO (bnpo, group) |',
+    'level 2',
+    '±',
+  ):
     assert row in table
-  assert json.loads((tmp_path / 'results.json').read_text())['stages'] == list(results['methods'])
-  assert (tmp_path / 'loss_curves.png').read_bytes().startswith(PNG_MAGIC)
-  # A stage alone from the finished SFT workdir: the initial policy gets its own row.
-  config = tiny_config('grpo')
-  config.init_from = str(tmp_path / 'sft')
-  again = arith_posttrain.run(config, str(tmp_path / 'grpo_only'))
-  assert list(again['methods']) == ['init', 'grpo']
-  assert again['methods']['init']['eval'] == results['methods']['sft']['eval']
+  assert json.loads((tmp_path / 'results.json').read_text())['order'] == list(stages)
+  assert (tmp_path / 'loss_curves.png').stat().st_size > 0
+  # `sft_from=`: a stage from the finished SFT run; the imported policy gets its own row and its
+  # evaluation equals the original's.
+  config = tiny_config(f'stages=sft,sft_from={tmp_path / "sft"}')
+  again = arith_posttrain.run(config, str(tmp_path / 'imported'))
+  assert again['stages']['sft']['type'] == 'params'
+  assert again['stages']['sft']['eval'] == stages['sft']['eval']
+  assert '| SFT (imported) |' in (tmp_path / 'imported' / 'results.md').read_text()
 
 
-def test_bad_stages_are_refused(tmp_path):
-  with pytest.raises(ValueError, match='distinct names'):
-    arith_posttrain.parse_stages('sft+ppo')
-  with pytest.raises(ValueError, match='init_from'):
-    arith_posttrain.run(tiny_config('dpo'), str(tmp_path))
+def test_bad_config_args_are_refused():
+  with pytest.raises(ValueError, match='dpo_loss'):
+    load_config(f'{CONFIG}:runlocal,dpo_loss=nope')
+  with pytest.raises(ValueError, match='unknown config arg'):
+    load_config(f'{CONFIG}:runlocal,stage=sft')
 
 
 @pytest.mark.slow
@@ -67,6 +83,7 @@ def test_full_runlocal(tmp_path):
   config = load_config(f'{CONFIG}:runlocal')
   config.train.progress = False
   results = arith_posttrain.run(config, str(tmp_path))
-  assert list(results['methods']) == ['sft', 'dpo', 'grpo']
-  assert results['methods']['sft']['eval']['greedy']['accuracy/level_1'] > 0.2
+  rows = [n for n, s in results['stages'].items() if 'eval' in s]
+  assert rows == ['sft', 'dpo', 'grpo']
+  assert results['stages']['sft']['eval']['greedy/accuracy/level_1'] > 0.2
   assert (tmp_path / 'results.md').exists()

@@ -184,7 +184,7 @@ def test_tiny_experiment_writes_table_plots_and_stats(tmp_path):
     {'goal': 'Boil water', 'sol1': 'heat it', 'sol2': 'freeze it', 'label': 0},
   ]
   piqa.write_text('\n'.join(json.dumps(r) for r in records))
-  config.mc_eval.update(
+  config.evals.mc.update(
     tasks=(dict(name='piqa', source=str(piqa), format='piqa'),), max_len=32, batch_size=4
   )
   results = run_experiment(config, str(tmp_path))

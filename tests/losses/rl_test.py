@@ -144,6 +144,89 @@ def test_grpo_advantages_closed_form():
     grpo_advantages(rewards, 3)
 
 
+@pytest.mark.parametrize('scale', rl.ADVANTAGE_SCALES)
+def test_constant_groups_get_exactly_zero_advantages(scale):
+  """Non-dyadic constant groups (1.2 is not a float32 number) and large magnitudes: exactly 0."""
+  values = [1.2, 0.3, 0.1, 0.7, 1e6 + 0.3, -123.456]
+  rewards = jnp.asarray(np.repeat(values, 8), jnp.float32)
+  adv = grpo_advantages(rewards, 8, scale=scale)
+  assert np.all(np.asarray(adv) == 0.0), np.abs(np.asarray(adv)).max()
+  assert float(zero_advantage_fraction(rewards, 8)) == 1.0
+  # The same groups as per-token rewards [N, T] with ragged masks.
+  mask = np.ones((48, 3), np.float32)
+  mask[::3, 2] = 0
+  tok = jnp.asarray(np.repeat(rewards[:, None], 3, axis=1) * mask)
+  adv = grpo_advantages(tok, 8, mask=jnp.asarray(mask), scale=scale)
+  assert np.all(np.asarray(adv) == 0.0)
+  assert float(zero_advantage_fraction(tok, 8, jnp.asarray(mask))) == 1.0
+
+
+def _np_advantages(rewards, group_size, scale, eps=1e-6):
+  g = np.asarray(rewards, np.float64).reshape(-1, group_size)
+  dev = g - g.mean(axis=1, keepdims=True)
+  if scale == 'none':
+    return dev.reshape(-1)
+  std = g.std(axis=1, ddof=1, keepdims=True) if scale == 'group' else g.std(ddof=1)
+  return (dev / (std + eps)).reshape(-1)
+
+
+@pytest.mark.parametrize('scale', rl.ADVANTAGE_SCALES)
+def test_advantages_match_float64_on_near_constant_and_large_groups(scale):
+  rng = np.random.default_rng(0)
+  base = np.float32(0.7)
+  near = (base + np.float32(1e-7) * rng.integers(0, 3, 8)).astype(np.float32)  # ulps apart
+  large = (np.float32(1e6) + rng.integers(0, 4, 8)).astype(np.float32)
+  mixed = rng.normal(size=8).astype(np.float32)
+  rewards = np.concatenate([near, large, mixed])
+  want = _np_advantages(rewards, 8, scale)
+  got = np.asarray(grpo_advantages(jnp.asarray(rewards), 8, scale=scale))
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_token_reward_advantages_closed_form():
+  # Two groups of 2 samples x 3 tokens; stats over each group's masked tokens.
+  rewards = np.array([[0.1, 0.0, -0.1], [0.2, 0.3, 9.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.5]])
+  mask = np.array([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]], np.float32)
+  got = grpo_advantages(jnp.asarray(rewards), 2, mask=jnp.asarray(mask), scale='group')
+  for g in range(2):
+    r = rewards[2 * g : 2 * g + 2][mask[2 * g : 2 * g + 2] > 0]
+    want = (rewards[2 * g : 2 * g + 2] - r.mean()) / (r.std(ddof=1) + 1e-6)
+    want = np.where(mask[2 * g : 2 * g + 2] > 0, want, 0.0)
+    np.testing.assert_allclose(got[2 * g : 2 * g + 2], want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='mask'):
+    grpo_advantages(jnp.asarray(rewards), 2)
+  with pytest.raises(ValueError, match='only for per-token'):
+    grpo_advantages(jnp.zeros(4), 2, mask=jnp.ones(4))
+  with pytest.raises(ValueError, match='unknown advantage scale'):
+    grpo_advantages(jnp.zeros(4), 2, scale='std')
+
+
+def test_token_rewards_compose_with_length_reward_and_filters():
+  rewards = jnp.zeros((4, 3))
+  mask = jnp.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], jnp.float32)
+  correct = jnp.array([True, True, False, True])
+  lengths = jnp.array([3, 2, 1, 3])
+  cfg = LengthReward(tau=0.5, l_base=10.0, low=-1.0, high=1.0)
+  adv, keep, metrics = grpo_process_rewards(
+    rewards,
+    2,
+    mask=mask,
+    correct=correct,
+    lengths=lengths,
+    length_reward=cfg,
+    filter='positive_only',
+    scale='none',
+  )
+  # Group 0 (both correct, mean length 2.5): bonus -0.05 / +0.05 at the last masked token.
+  # Its masked token rewards [0, 0, -.05, 0, .05] have mean 0, so the advantages are the rewards.
+  np.testing.assert_allclose(adv[0], [0.0, 0.0, -0.05], atol=1e-7)
+  np.testing.assert_allclose(adv[1], [0.0, 0.05, 0.0], atol=1e-7)
+  # Group 1 (accuracy .5 >= tau; only row 3 correct, its own mean length): no bonus, all zero.
+  assert np.all(np.asarray(adv[2:]) == 0.0)
+  np.testing.assert_allclose(keep, [1.0, 1.0, 0.0, 1.0])
+  assert float(metrics['zero_advantage_fraction']) == 0.5
+
+
 def test_relative_length_reward():
   rewards = jnp.array([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
   correct = rewards > 0
@@ -210,12 +293,86 @@ def test_inject_offline_samples():
 # ----------------------------------------------------------------------------- GRPO: loss
 
 
+# An independent numpy reference of the GRPO family: per-token terms and aggregations by loops.
+LOSS_LOGPS = np.array([[-1.0, -2.0, -0.5], [-0.2, -0.3, 0.0], [-0.7, -1.1, -0.4]])
+# rho: [1, e^.5, e^-.4], [1, e^-.3, .], [e^.8, e^-.6, 1]
+LOSS_OLD = np.array([[-1.0, -2.5, -0.1], [-0.2, 0.0, 0.0], [-1.5, -0.5, -0.4]])
+LOSS_MASK = np.array([[1, 1, 1], [1, 1, 0], [1, 1, 1]], np.float32)
+LOSS_ADV = np.array([2.0, -1.0, 0.5])
+
+
+def _np_grpo_family(loss_type, adv, keep, eps=0.2, eps_high=None, max_length=3):
+  """(loss, d loss / d logps) of one GRPO loss type, computed token by token in float64."""
+  eps_high = {'dapo': 0.28, 'cispo': 4.0}.get(loss_type, eps) if eps_high is None else eps_high
+  rho = np.exp(LOSS_LOGPS - LOSS_OLD)
+  adv = np.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, rho.shape)
+  loss_t, grad_t = np.zeros_like(rho), np.zeros_like(rho)
+  for b, t in np.ndindex(*rho.shape):
+    a, r = adv[b, t], rho[b, t]
+    if loss_type == 'cispo':  # -sg(min(rho, 1 + eps_high)) A l
+      w = min(r, 1 + eps_high)
+      loss_t[b, t], grad_t[b, t] = -w * a * LOSS_LOGPS[b, t], -w * a
+    else:  # max(-A rho, -A clip(rho)); d/dl of -A rho is -A rho, of the clipped branch 0
+      clipped = min(max(r, 1 - eps), 1 + eps_high)
+      loss_t[b, t] = max(-a * r, -a * clipped)
+      grad_t[b, t] = -a * r if -a * r >= -a * clipped else 0.0
+  rows = [b for b in range(3) if keep[b] and LOSS_MASK[b].sum() > 0]
+  weight = np.zeros_like(rho)  # d loss / d loss_t
+  for b in rows:
+    for t in range(3):
+      if LOSS_MASK[b, t]:
+        if loss_type == 'grpo':
+          weight[b, t] = 1 / (len(rows) * LOSS_MASK[b].sum())
+        elif loss_type == 'dr_grpo':
+          weight[b, t] = 1 / (len(rows) * max_length)
+        else:
+          weight[b, t] = 1 / sum(LOSS_MASK[c].sum() for c in rows)
+  return (loss_t * weight).sum(), grad_t * weight
+
+
+@pytest.mark.parametrize('loss_type', sorted(rl.GRPO_LOSS_TYPES))
+@pytest.mark.parametrize('keep', [(1, 1, 1), (1, 0, 1)])
+@pytest.mark.parametrize('per_token_adv', [False, True])
+def test_grpo_loss_types_closed_form_and_gradient(loss_type, keep, per_token_adv):
+  keep = np.array(keep, np.float32)
+  adv = LOSS_ADV
+  if per_token_adv:
+    adv = LOSS_ADV[:, None] * np.array([1.0, -0.5, 2.0])
+  kwargs = dict(loss_type=loss_type, sample_mask=jnp.asarray(keep))
+  if loss_type == 'dr_grpo':
+    kwargs['max_length'] = 4
+  want, want_grad = _np_grpo_family(loss_type, adv, keep, max_length=kwargs.get('max_length', 3))
+  args = (jnp.asarray(LOSS_OLD), jnp.asarray(adv), jnp.asarray(LOSS_MASK))
+  loss, metrics = grpo_loss(jnp.asarray(LOSS_LOGPS), *args, **kwargs)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  grad = jax.grad(lambda lp: grpo_loss(lp, *args, **kwargs)[0])(jnp.asarray(LOSS_LOGPS))
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
+  assert float(metrics['policy_loss']) == pytest.approx(float(loss))
+
+
+def test_grpo_clip_fractions_low_and_high():
+  args = (jnp.asarray(LOSS_LOGPS), jnp.asarray(LOSS_OLD), jnp.asarray(LOSS_ADV))
+  _, m = grpo_loss(*args, jnp.asarray(LOSS_MASK), loss_type='bnpo', clip_eps=0.2)
+  # 8 tokens. high (A > 0, rho > 1.2): [0,1] e^.5 and [2,0] e^.8; low (A < 0, rho < .8): [1,1] e^-.3.
+  assert float(m['clip_fraction_high']) == pytest.approx(2 / 8)
+  assert float(m['clip_fraction_low']) == pytest.approx(1 / 8)
+  assert float(m['clip_fraction']) == pytest.approx(3 / 8)
+  # Clip-higher (dapo, 1.28): e^.5 = 1.65 and e^.8 = 2.23 still clip; cispo (cap 5): nothing does.
+  _, m = grpo_loss(*args, jnp.asarray(LOSS_MASK), loss_type='dapo')
+  assert float(m['clip_fraction_high']) == pytest.approx(2 / 8)
+  _, m = grpo_loss(*args, jnp.asarray(LOSS_MASK), loss_type='cispo')
+  assert float(m['clip_fraction']) == 0.0
+  _, m = grpo_loss(*args, jnp.asarray(LOSS_MASK), loss_type='cispo', clip_eps_high=1.0)
+  assert float(m['clip_fraction_high']) == pytest.approx(1 / 8)  # only e^.8 = 2.23 > 2
+  assert float(m['advantage_abs_mean']) == pytest.approx((3 * 2 + 2 * 1 + 3 * 0.5) / 8)
+
+
 def test_grpo_loss_closed_form_and_gradient():
   logps = jnp.array([[-1.0, -2.0, -0.5], [-0.2, -0.3, 0.0]])
   old = jnp.array([[-1.0, -2.5, -0.1], [-0.2, 0.0, 0.0]])  # rho: [1, e^.5, e^-.4], [1, e^-.3, .]
   mask = jnp.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
   adv = jnp.array([2.0, -1.0])
-  loss, metrics = grpo_loss(logps, old, adv, mask, clip_eps=0.2)
+  loss, metrics = grpo_loss(logps, old, adv, mask, clip_eps=0.2, loss_type='bnpo')
   rho = np.exp(np.asarray(logps - old))
   a = np.asarray(adv)[:, None]
   per_token = np.maximum(-a * rho, -a * np.clip(rho, 0.8, 1.2))
@@ -224,12 +381,12 @@ def test_grpo_loss_closed_form_and_gradient():
   # Gradient: -A rho / T where the unclipped term is active, 0 where the clip is (A>0, rho>1.2).
   active = (-a * rho >= -a * np.clip(rho, 0.8, 1.2)).astype(np.float32)
   expected = -a * rho * active * m / 5
-  grad = jax.grad(lambda lp: grpo_loss(lp, old, adv, mask)[0])(logps)
+  grad = jax.grad(lambda lp: grpo_loss(lp, old, adv, mask, loss_type='bnpo')[0])(logps)
   np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
   # Clipped: [0, 1] (A > 0, rho = e^.5 > 1.2) and [1, 1] (A < 0, rho = e^-.3 < .8).
   assert float(metrics['clip_fraction']) == pytest.approx(2 / 5)
-  # sequence_mean: mean over sequences of per-sequence token means.
-  seq, _ = grpo_loss(logps, old, adv, mask, aggregation='sequence_mean')
+  # grpo: mean over sequences of per-sequence token means.
+  seq, _ = grpo_loss(logps, old, adv, mask, loss_type='grpo')
   expected_seq = ((per_token * m).sum(1) / m.sum(1)).mean()
   np.testing.assert_allclose(float(seq), expected_seq, rtol=1e-6)
 
@@ -251,9 +408,12 @@ def test_grpo_k3_kl_and_sample_mask():
   logps2 = jnp.array([[-1.0, -2.0], [-3.0, -4.0]])
   old2 = logps2 + 0.1
   adv2 = jnp.array([1.0, 5.0])
-  kept, _ = grpo_loss(logps2, old2, adv2, jnp.ones((2, 2)), sample_mask=jnp.array([1.0, 0.0]))
-  alone, _ = grpo_loss(logps2[:1], old2[:1], adv2[:1], jnp.ones((1, 2)))
-  assert float(kept) == pytest.approx(float(alone))
+  for loss_type in rl.GRPO_LOSS_TYPES:
+    kw = dict(loss_type=loss_type, max_length=2)
+    keep = jnp.array([1.0, 0.0])
+    kept, _ = grpo_loss(logps2, old2, adv2, jnp.ones((2, 2)), sample_mask=keep, **kw)
+    alone, _ = grpo_loss(logps2[:1], old2[:1], adv2[:1], jnp.ones((1, 2)), **kw)
+    assert float(kept) == pytest.approx(float(alone)), loss_type
   empty, _ = grpo_loss(logps2, old2, adv2, jnp.zeros((2, 2)))
   assert float(empty) == 0.0
 
@@ -266,7 +426,14 @@ def test_grpo_bad_input():
     grpo_loss(lp, lp[:, :2], jnp.zeros(2), lp)
   with pytest.raises(ValueError, match='advantages shape'):
     grpo_loss(lp, lp, jnp.zeros(3), lp)
-  with pytest.raises(ValueError, match='unknown aggregation'):
-    grpo_loss(lp, lp, jnp.zeros(2), lp, aggregation='sum')
+  with pytest.raises(ValueError, match='unknown loss type'):
+    grpo_loss(lp, lp, jnp.zeros(2), lp, loss_type='sum')
+  with pytest.raises(ValueError, match='max_length'):
+    grpo_loss(lp, lp, jnp.zeros(2), lp, loss_type='dr_grpo', max_length=0)
+  with pytest.raises(ValueError, match='unknown advantage scale'):
+    rl.resolve_advantage_scale('std', 'grpo')
+  assert rl.resolve_advantage_scale('auto', 'dr_grpo') == 'none'
+  assert rl.resolve_advantage_scale('auto', 'dapo') == 'group'
+  assert rl.resolve_advantage_scale('batch', 'dr_grpo') == 'batch'
   with pytest.raises(ValueError, match='clip_eps'):
     grpo_loss(lp, lp, jnp.zeros(2), lp, clip_eps=-0.1)

@@ -321,3 +321,30 @@ def test_bad_stack_configs_are_named(overrides, message):
 def test_rk_stages_rejects_other_orders():
   with pytest.raises(ValueError, match='RK order 3 is not supported'):
     pc.rk_stages(Recorder(), x1, 3)
+
+
+def test_pc_layernorms_use_their_own_epsilon_as_released():
+  """The PC LayerNorms take `pc_norm_eps` (1e-5 as released), the RMSNorms `norm_eps` (1e-6)."""
+  model = Transformer(small_config(stack='pc_rk2'), rngs=nnx.Rngs(0))
+  stack = model.stack
+  norms = [*stack.stage_norms, *stack.pred_norms, *stack.corr_norms]
+  assert {n.eps for n in norms} == {1e-5}
+  assert model.final_norm.eps == 1e-6 and model.layers[0].attn_norm.eps == 1e-6
+  # The LayerNorm output against numpy with eps 1e-5, on a low-variance input where eps matters.
+  x = np.array([[0.0, 0.001, -0.001, 0.0005]], np.float32)
+  ln = pc.LayerNorm(4, eps=1e-5, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x64 = x.astype(np.float64)
+  want = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(np.asarray(ln(jnp.asarray(x))), want, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match='pc_norm_eps'):
+    small_config(stack='pc_rk2', pc_norm_eps=0.0)
+
+
+def test_pcformer_config_matches_the_release_epsilons():
+  from kuaijax.config_lib import load_config
+  from tests.conftest import REPO_ROOT
+
+  for arg in ('', ':runlocal'):
+    config = load_config(f'{REPO_ROOT}/configs/pcformer/lm.py{arg}')
+    cfg = TransformerConfig.from_config(config.model)
+    assert (cfg.norm_eps, cfg.pc_norm_eps) == (1e-6, 1e-5)

@@ -48,8 +48,8 @@ def dataset(batch, **kwargs):
   return Batches(batch, **kwargs).to_iter_dataset(grain.ReadOptions(num_threads=0))
 
 
-def loss_fn(model, batch, rng):
-  del rng
+def loss_fn(model, batch, rng, frozen=None):
+  del rng, frozen
   logits, _ = model(batch['inputs'], positions=batch['positions'], segment_ids=batch['segment_ids'])
   loss, metrics = lm_loss(logits, batch['targets'], batch['loss_mask'])
   poison = jnp.where(batch['poison'].max() > 0, jnp.nan, 0.0)

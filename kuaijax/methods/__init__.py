@@ -1,0 +1,10 @@
+"""Post-training methods, one module each, registered by name (see README.md in this folder).
+
+Importing this package registers every built-in method (and the stage types they bring, e.g.
+'pairs' and 'minimal_edit').
+"""
+
+from kuaijax.methods import dpo, grpo, rft, rlmec, sft  # noqa: F401  (registration)
+from kuaijax.methods.base import METHODS, Method, MethodContext, get_method, register_method
+
+__all__ = ['METHODS', 'Method', 'MethodContext', 'get_method', 'register_method']

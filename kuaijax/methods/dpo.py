@@ -1,0 +1,233 @@
+"""The pairwise preference family: DPO (six loss types), CaPO, D2PO and SPPD, plus the `pairs` stage.
+
+Records (one per pair): `prompt` text; `chosen` / `rejected` as stored tokens (`chosen_tokens`, a
+model's own sample) or text; SPPD also `chosen_value` / `rejected_value` (the values of the states
+after each step). Each side becomes a row in the shared layout (`kuaijax.data.sequences`); the
+objective is the method's name and `<stage>.loss` is forwarded to its loss function in
+`kuaijax.losses.preference` (dpo: loss_type, beta, label_smoothing, simpo_gamma; capo: beta,
+label_smoothing; d2po: gamma, beta; sppd: beta, gamma).
+
+Reference log-probs (`reference` option): 'precomputed' scores every pair once with the reference
+before training; 'model' passes the reference params as the trainer's `frozen` state and scores
+every step (same loss, tested). DPO with loss_type 'simpo' needs no reference.
+
+The `pairs` stage type turns a `sample` data set into (correct, wrong) pairs of the same prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kuaijax.config_lib import check_choice
+from kuaijax.data import sequences
+from kuaijax.jit_cache import ParamsJit
+from kuaijax.losses import preference as pref
+from kuaijax.methods.base import Method, register_method, tokens_or_text
+from kuaijax.sampling import score
+from kuaijax.train.stages import register_stage_type
+
+REFERENCE_SOURCES = ('precomputed', 'model')
+PAIR_FIELDS = ('chosen_tokens', 'chosen_mask', 'rejected_tokens', 'rejected_mask')
+
+
+def pair_example(prompt, chosen, rejected, seq_len: int, pad_id: int) -> dict | None:
+  """One pair in the shared layout, or None when either side does not fit in seq_len."""
+  c = sequences.encode_sequence(prompt, chosen, seq_len, pad_id)
+  r = sequences.encode_sequence(prompt, rejected, seq_len, pad_id)
+  if c is None or r is None:
+    return None
+  return {
+    'chosen_tokens': c[0],
+    'chosen_mask': c[1],
+    'rejected_tokens': r[0],
+    'rejected_mask': r[1],
+  }
+
+
+def pair_token_logps(model, batch):
+  """Per-token log-probs of both sides in one forward: (chosen [B, L], rejected [B, L])."""
+  tokens = jnp.concatenate([batch['chosen_tokens'], batch['rejected_tokens']])
+  mask = jnp.concatenate([batch['chosen_mask'], batch['rejected_mask']])
+  token_logps, _ = score(model, tokens, loss_mask=mask)
+  return jnp.split(token_logps, 2)
+
+
+_reference_logps = ParamsJit(pair_token_logps)
+
+
+class _Pairwise(Method):
+  """Shared by the family: pair examples, reference handling, one forward for both sides."""
+
+  extra_fields: tuple[str, ...] = ()
+  token_fields = ('chosen_tokens', 'rejected_tokens')
+
+  def __init__(self, ctx, *, loss=None, reference: str = 'precomputed'):
+    super().__init__(ctx, loss=loss)
+    check_choice(f'{self.name} reference', reference, REFERENCE_SOURCES)
+    self.reference = reference
+
+  @property
+  def needs_reference(self):
+    return True
+
+  @property
+  def frozen_reference(self):
+    return self.needs_reference and self.reference == 'model'
+
+  def examples(self, records):
+    tok, out, too_long = self.ctx.tokenizer, [], 0
+    for r in records:
+      prompt = sequences.prompt_ids(tok, r['prompt'])
+      chosen, rejected = (tokens_or_text(r, side, tok) for side in ('chosen', 'rejected'))
+      example = pair_example(prompt, chosen, rejected, self.ctx.seq_len, tok.pad_id)
+      if example is None:
+        too_long += 1
+        continue
+      for field in self.extra_fields:
+        example[field] = np.float32(r[field])
+      out.append(example)
+    return out, {'pairs': len(out), 'too_long': too_long}
+
+  def prepare(self, examples, graphdef, params):
+    if self.frozen_reference or not self.needs_reference or not examples:
+      return examples
+    batch_size = 64
+    out = []
+    for start in range(0, len(examples), batch_size):
+      chunk = examples[start : start + batch_size]
+      padded = chunk + [chunk[0]] * (batch_size - len(chunk))
+      batch = sequences.stack([{k: e[k] for k in PAIR_FIELDS} for e in padded])
+      chosen, rejected = jax.device_get(_reference_logps(graphdef, params, batch))
+      for i, e in enumerate(chunk):
+        out.append({**e, 'ref_chosen_logps': chosen[i], 'ref_rejected_logps': rejected[i]})
+    return out
+
+  def objective(self, batch, chosen, rejected, ref_chosen, ref_rejected):
+    raise NotImplementedError
+
+  def loss_fn(self, model, batch, rng, frozen=None):
+    del rng
+    chosen, rejected = pair_token_logps(model, batch)
+    if not self.needs_reference:
+      ref_chosen = ref_rejected = None
+    elif self.frozen_reference:
+      ref_model = nnx.merge(nnx.graphdef(model), frozen)
+      ref_chosen, ref_rejected = jax.lax.stop_gradient(pair_token_logps(ref_model, batch))
+    else:
+      ref_chosen, ref_rejected = batch['ref_chosen_logps'], batch['ref_rejected_logps']
+    return self.objective(batch, chosen, rejected, ref_chosen, ref_rejected)
+
+
+def _sums(batch, chosen, rejected, ref_chosen, ref_rejected):
+  cm, rm = batch['chosen_mask'], batch['rejected_mask']
+  pc, lc = pref.sequence_logps(chosen, cm)
+  pr, lr = pref.sequence_logps(rejected, rm)
+  rc = None if ref_chosen is None else pref.sequence_logps(ref_chosen, cm)[0]
+  rr = None if ref_rejected is None else pref.sequence_logps(ref_rejected, rm)[0]
+  return pc, pr, rc, rr, lc, lr
+
+
+@register_method('dpo')
+class DPO(_Pairwise):
+  """`dpo_loss` by `loss.loss_type` (sigmoid, hinge, ipo, robust, sigmoid_norm, simpo)."""
+
+  @property
+  def needs_reference(self):
+    return self.loss.get('loss_type', 'sigmoid') != 'simpo'
+
+  def objective(self, batch, *logps):
+    pc, pr, rc, rr, lc, lr = _sums(batch, *logps)
+    return pref.dpo_loss(pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr, **self.loss)
+
+
+@register_method('capo')
+class CaPO(_Pairwise):
+  """`capo_loss`: sigmoid DPO on context-aware pairs (the data makes it CaPO)."""
+
+  def objective(self, batch, *logps):
+    pc, pr, rc, rr, _, _ = _sums(batch, *logps)
+    return pref.capo_loss(pc, pr, rc, rr, **self.loss)
+
+
+@register_method('d2po')
+class D2PO(_Pairwise):
+  """`d2po_loss`: sigmoid DPO on temporally decayed per-token log-probs."""
+
+  def objective(self, batch, chosen, rejected, ref_chosen, ref_rejected):
+    cm, rm = batch['chosen_mask'], batch['rejected_mask']
+    return pref.d2po_loss(chosen, rejected, ref_chosen, ref_rejected, cm, rm, **self.loss)
+
+
+@register_method('sppd')
+class SPPD(_Pairwise):
+  """`sppd_loss`: step-level DPO with a value margin (records carry chosen/rejected_value)."""
+
+  extra_fields = ('chosen_value', 'rejected_value')
+
+  def objective(self, batch, chosen, rejected, ref_chosen, ref_rejected):
+    cm, rm = batch['chosen_mask'], batch['rejected_mask']
+    cv, rv = batch['chosen_value'], batch['rejected_value']
+    return pref.sppd_loss(chosen, rejected, ref_chosen, ref_rejected, cm, rm, cv, rv, **self.loss)
+
+
+# ----------------------------------------------------------------------------- pairs stage
+
+
+def pair_records(
+  samples: Sequence[dict], *, max_pairs_per_prompt: int = 1, gold_fallback: bool = False
+) -> tuple[list[dict], dict]:
+  """(correct, wrong) pairs of a policy's own samples of the same prompt (the RLMEC paper's DPO).
+
+  For each prompt with at least one correct and one wrong distinct sample, the first
+  `max_pairs_per_prompt` correct and wrong samples are zipped into pairs. With `gold_fallback`, a
+  prompt with wrong samples only pairs them with its gold completion (`gold` text) as the chosen
+  side (for policies too weak to produce correct samples). Returns (pair records, stats).
+  """
+  by_prompt: dict[int, list] = {}
+  for s in samples:
+    by_prompt.setdefault(s['index'], []).append(s)
+  pairs, mixed, gold = [], 0, 0
+  for index, group in sorted(by_prompt.items()):
+    seen, right, wrong = set(), [], []
+    for s in group:
+      key = tuple(s['completion_tokens'])
+      if key not in seen:
+        seen.add(key)
+        (right if s['correct'] else wrong).append(s)
+    chosen = [{'chosen_tokens': c['completion_tokens']} for c in right]
+    if not chosen and wrong and gold_fallback:
+      chosen, gold = [{'chosen': group[0]['gold']}] * len(wrong), gold + 1
+    if not chosen or not wrong:
+      continue
+    mixed += bool(right)
+    for c, w in list(zip(chosen, wrong))[:max_pairs_per_prompt]:
+      pairs.append(
+        {'index': index, 'prompt': w['prompt'], **c, 'rejected_tokens': w['completion_tokens']}
+      )
+  stats = {
+    'prompts': len(by_prompt),
+    'mixed_prompts': mixed,
+    'gold_chosen_prompts': gold,
+    'pairs': len(pairs),
+  }
+  return pairs, stats
+
+
+@register_stage_type('pairs')
+def pairs_stage(stage) -> dict:
+  """Options: data (a sample stage), max_pairs_per_prompt, gold_fallback. Writes pairs.jsonl."""
+  block = stage.block
+  pairs, stats = pair_records(
+    stage.records(block.data),
+    max_pairs_per_prompt=block.max_pairs_per_prompt,
+    gold_fallback=block.gold_fallback,
+  )
+  if not pairs:
+    raise RuntimeError(f'stage {stage.name}: no (correct, wrong) pair: {stats}')
+  stage.write_data(pairs)
+  return stats

@@ -1,0 +1,278 @@
+"""Real multi-process runs on CPU through `kuaijax.launch` (JAX CPU collectives, gloo).
+
+The runlocal LM shrunk to a few steps on a (data 2, fsdp 2, tensor 2) mesh with a fixed data shard
+count: 2 processes x 4 devices must give the losses and final parameters of 1 process x 8 devices,
+also when both processes die mid-run and the run is restarted; each process reads only its shard.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from kuaijax import launch, parallel
+from kuaijax.config_lib import load_config
+from kuaijax.data import sources
+from kuaijax.main import run_experiment
+from kuaijax.train import lm_task
+from kuaijax.train.checkpoint import load_params
+from kuaijax.train.metrics import read_metrics
+from kuaijax.train.trainer import param_layout
+from tests.conftest import REPO_ROOT
+
+OVERRIDES = {
+  'data.seq_len': 128,
+  'data.eval_batch_size': 16,
+  'data.eval_batches': 2,
+  'data.shards': 2,
+  'model.d_model': 32,
+  'model.num_layers': 2,
+  'model.num_heads': 2,
+  'model.num_kv_heads': 1,
+  'model.d_ff': 64,
+  'train.batch_size': 8,
+  'train.steps': 4,
+  'train.log_every': 1,
+  'train.eval_every': 100,
+  'train.checkpoint_every': 2,
+  'train.async_checkpoint': False,
+  'train.progress': False,
+  'eval.unigram_max_examples': 50,
+  'parallel.mesh.data': 2,
+  'parallel.mesh.fsdp': 2,
+  'parallel.mesh.tensor': 2,
+}
+CONFIG = 'configs/lm/mixture.py:runlocal'
+TIMEOUT_S = 240
+
+
+def _config(**extra):
+  config = load_config(os.path.join(REPO_ROOT, CONFIG))
+  config.update_from_flattened_dict({**OVERRIDES, **extra})
+  return config
+
+
+def _launch(
+  workdir,
+  *,
+  module='kuaijax.main',
+  mode=(),
+  env=None,
+  devices=4,
+  config=CONFIG,
+  overrides=OVERRIDES,
+):
+  """Runs the launcher (2 processes) as its own process, as a user would; returns its status."""
+  flags = [f'--config.{k}={v}' for k, v in overrides.items()]
+  cmd = [
+    *(sys.executable, '-m', 'kuaijax.launch', '--processes=2'),
+    *(f'--devices_per_process={devices}', f'--module={module}', '--timeout=60', '--'),
+    *mode,
+    f'--config={config}',
+    f'--workdir={workdir}',
+    *flags,
+  ]
+  proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, **(env or {})})
+  try:
+    return proc.wait(timeout=TIMEOUT_S)
+  finally:
+    if proc.poll() is None:
+      proc.terminate()  # the launcher stops its processes on SIGTERM
+      proc.wait(timeout=30)
+
+
+def _final_params(workdir):
+  """The latest checkpoint's params on this process's first device, whoever wrote them."""
+  config = _config()
+  config.parallel.num_devices = 1
+  config.parallel.mesh.update(data=1, fsdp=1, tensor=1)
+  layout = param_layout(config, lm_task.model_factory(config.model))
+  return jax.device_get(load_params(str(workdir), layout.abstract_params, layout.shardings))
+
+
+def _losses(workdir):
+  return {r['step']: r['loss'] for r in read_metrics(workdir) if 'loss' in r}
+
+
+@pytest.fixture(scope='module')
+def built_data():
+  """Builds the data set once here so that the processes do not race to build it."""
+  for split in ('train', 'validation'):
+    sources.get_data_source('kj_lm_mixture', split=split)
+
+
+def test_two_processes_run_cpu_collectives(tmp_path):
+  cmd = [sys.executable, '-m', 'kuaijax.launch', '--processes=2', '--devices=4']
+  out = subprocess.run(
+    [*cmd, '--module=tests.launch_helper', '--', 'sum'],
+    cwd=REPO_ROOT,
+    env={**os.environ, 'KJ_OUT': str(tmp_path)},
+    timeout=TIMEOUT_S,
+  )
+  assert out.returncode == 0
+  for p in range(2):  # rows 0..3, two from each process, summed across the processes
+    assert json.loads((tmp_path / f'{p}.json').read_text()) == [2, 4, 2, 6.0]
+
+
+@pytest.mark.slow
+def test_two_processes_killed_and_restarted_match_one_process(built_data, tmp_path):
+  reference = tmp_path / 'one_process'
+  run_experiment(_config(), str(reference))
+  workdir, reads = tmp_path / 'two_processes', tmp_path / 'reads'
+  reads.mkdir()
+  status = _launch(
+    workdir,
+    module='tests.launch_helper',
+    mode=['main'],
+    env={'KJ_CRASH_STEP': '2', 'KJ_READ_LOG': str(reads)},
+  )
+  assert status == 3  # both processes died right after the step-2 checkpoint
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']
+  assert not (workdir / 'results.json').exists()
+  # Shard s holds examples s, s + 2, ...; process p reads shard p only, and both read something.
+  for p in range(2):
+    read = json.loads((reads / f'{p}.json').read_text())
+    assert read and {i % 2 for i in read} == {p}
+  assert _launch(workdir) == 0
+  expected, got = _losses(reference), _losses(workdir)
+  assert sorted(got) == [1, 2, 3, 4]
+  np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=0, atol=1e-5)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
+    _final_params(reference),
+    _final_params(workdir),
+  )
+  one = json.loads((reference / 'results.json').read_text())['model']
+  two = json.loads((workdir / 'results.json').read_text())['model']
+  assert abs(one['loss'] - two['loss']) < 1e-5
+  # Workdir files are written once, by process 0: one line per logged step.
+  assert [r['step'] for r in read_metrics(workdir) if 'loss' in r] == [1, 2, 3, 4]
+
+
+MOE_CONFIG = 'configs/topp_moe/compare.py:runlocal'
+MOE_OVERRIDES = {
+  **{k: v for k, v in OVERRIDES.items() if k.split('.')[0] in ('model', 'train')},
+  'data.seq_len': 64,
+  'data.eval_batch_size': 8,
+  'data.eval_batches': 1,
+  'model.num_kv_heads': 2,
+  'moe_layer.num_experts': 4,
+  'moe_layer.expert_d_ff': 32,
+  'run_variants': 'top2',
+  'parallel.mesh.data': 1,
+  'parallel.mesh.expert': 4,
+}
+
+
+@pytest.mark.slow
+def test_moe_with_experts_across_two_processes_matches_one_process(built_data, tmp_path):
+  """Top-2 MoE with its 4 experts on 4 devices of 2 processes (all-to-all over gloo)."""
+  config = load_config(os.path.join(REPO_ROOT, MOE_CONFIG))
+  config.update_from_flattened_dict({**MOE_OVERRIDES, 'parallel.num_devices': 4})
+  with config.data.unlocked():
+    config.data.shards = 2  # the 2-process run's default: one shard per process
+  reference = tmp_path / 'one_process'
+  run_experiment(config, str(reference))
+  workdir = tmp_path / 'two_processes'
+  assert _launch(workdir, devices=2, config=MOE_CONFIG, overrides=MOE_OVERRIDES) == 0
+  expected, got = _losses(reference / 'top2'), _losses(workdir / 'top2')
+  assert sorted(got) == [1, 2, 3, 4]
+  np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=0, atol=1e-5)
+  one = json.loads((reference / 'results.json').read_text())['variants']['top2']['eval']
+  two = json.loads((workdir / 'results.json').read_text())['variants']['top2']['eval']
+  assert abs(one['loss'] - two['loss']) < 1e-5
+
+
+def test_a_failing_process_stops_the_others(tmp_path):
+  env = {**os.environ, 'KJ_PID_DIR': str(tmp_path)}
+  cmd = [sys.executable, '-m', 'kuaijax.launch', '--processes=3', '--module=tests.launch_helper']
+  out = subprocess.run([*cmd, '--', 'fail'], cwd=REPO_ROOT, env=env, timeout=TIMEOUT_S)
+  assert out.returncode == 7
+  for name in os.listdir(tmp_path):
+    assert not _running(int(name.removesuffix('.pid')))
+
+
+def _running(pid: int) -> bool:
+  """Whether `pid` exists and is not a zombie (an orphan's zombie may wait for a reaper)."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+  except FileNotFoundError:
+    return False
+
+
+def test_killing_the_launcher_stops_its_processes(tmp_path):
+  env = {**os.environ, 'KJ_PID_DIR': str(tmp_path)}
+  cmd = [sys.executable, '-m', 'kuaijax.launch', '--processes=1', '--module=tests.launch_helper']
+  launcher = subprocess.Popen([*cmd, '--', 'fail'], cwd=REPO_ROOT, env=env)
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not os.listdir(tmp_path) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    (name,) = os.listdir(tmp_path)
+    child = int(name.removesuffix('.pid'))
+    launcher.kill()  # SIGKILL: the launcher cannot clean up; the child's parent-death signal does
+    launcher.wait(timeout=30)
+    while time.monotonic() < deadline and _running(child):
+      time.sleep(0.1)
+    assert not _running(child)
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+
+
+def test_unreachable_coordinator_is_a_clear_error_in_bounded_time(monkeypatch):
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', f'127.0.0.1:{launch.free_port()}')
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '2')
+  monkeypatch.setenv('JAX_PROCESS_ID', '1')
+  monkeypatch.setenv(parallel.INIT_TIMEOUT_ENV, '1')
+  with pytest.raises(
+    TimeoutError, match='JAX coordinator 127.0.0.1:[0-9]+ was unreachable for 1 s'
+  ):
+    parallel.maybe_initialize_distributed()
+  monkeypatch.delenv('JAX_PROCESS_ID')
+  with pytest.raises(ValueError, match='set both JAX_NUM_PROCESSES and JAX_PROCESS_ID'):
+    parallel.maybe_initialize_distributed()
+
+
+@pytest.mark.parametrize(
+  'argv, message',
+  [
+    (['--processes=2', '--devices=7', '--', 'x'], '--devices=7 is not divisible by --processes=2'),
+    (['--processes=0', '--', 'x'], '--processes=0 must be >= 1'),
+    (['--processes=2', 'x'], 'usage'),
+  ],
+)
+def test_bad_launcher_arguments_are_named(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    launch.parse_args(argv)
+  assert message in str(e.value) + capsys.readouterr().err
+
+
+def test_process_env_sets_the_coordinator_contract():
+  env = launch.process_env(
+    {'XLA_FLAGS': '--xla_force_host_platform_device_count=8 --foo'},
+    index=1,
+    processes=2,
+    devices=4,
+    address='127.0.0.1:1234',
+    timeout_s=9,
+  )
+  assert env['XLA_FLAGS'] == '--foo --xla_force_host_platform_device_count=4'
+  assert (env['JAX_NUM_PROCESSES'], env['JAX_PROCESS_ID']) == ('2', '1')
+  assert env['JAX_COORDINATOR_ADDRESS'] == '127.0.0.1:1234'
+  assert env['JAX_CPU_COLLECTIVES_IMPLEMENTATION'] == 'gloo'
+
+
+@pytest.mark.parametrize('name', ['tpu_pod.sh', 'slurm_gpu.sbatch', 'multi_gpu.sh'])
+def test_launch_recipes_are_valid_executable_scripts(name):
+  path = os.path.join(REPO_ROOT, 'launch', name)
+  assert os.access(path, os.X_OK)
+  subprocess.run(['bash', '-n', path], check=True)
+  with open(path) as f:
+    assert 'python -m kuaijax.main --config=' in f.read()
