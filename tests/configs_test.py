@@ -21,6 +21,8 @@ CONFIG_FILES = sorted(
   for path in glob.glob(os.path.join(REPO_ROOT, 'configs', '**', '*.py'), recursive=True)
   if os.path.basename(path) != '__init__.py'
 )
+# Configs that cannot be built without an argument: the argument the test gives them.
+REQUIRED_ARGS = {'configs/hf/eval.py': 'path=/models/example'}
 
 
 def _leaves(config: ml_collections.ConfigDict, prefix: str = ''):
@@ -69,10 +71,11 @@ def test_config_files_are_found():
   assert {'configs/lm/mixture.py', 'configs/topp_moe/compare.py'} <= set(CONFIG_FILES)
 
 
-@pytest.mark.parametrize('arg', ['', ':runlocal'], ids=['full', 'runlocal'])
+@pytest.mark.parametrize('arg', ['', 'runlocal'], ids=['full', 'runlocal'])
 @pytest.mark.parametrize('path', CONFIG_FILES)
 def test_every_leaf_can_be_overridden(path, arg):
-  spec = os.path.join(REPO_ROOT, path) + arg
+  args = ','.join(a for a in (arg, REQUIRED_ARGS.get(path, '')) if a)
+  spec = os.path.join(REPO_ROOT, path) + (f':{args}' if args else '')
   config = parse_command_line(spec, {})
   leaves = list(_leaves(config))
   assert leaves, f'{path}{arg} has no fields'

@@ -7,7 +7,9 @@ Table: held-out accuracy by difficulty level per trained policy, sampled over se
 runlocal (0.84M-parameter byte-level policy trained on levels 1-2, evaluated on levels 1-3). Recorded
 before the stage pipeline (same hyper-parameters, stages sft+dpo+grpo): 15 min 50 s wall on 2 CPU
 cores shared with other jobs; SFT ~43% on level 1, ~6% on level 2, DPO and GRPO within the seed
-spread of it (experiments/arith/README.md). The RFT and RLMEC rows on the pipeline: not recorded.
+spread of it. On the pipeline with `stages=sft+dpo+rft+rlmec+grpo` (2026-11-30, load 14-24, SFT 52 min
+wall): SFT 47.5% level 1 / 8.3% level 2, DPO, RFT and RLMEC within the seed spread of it; tables in
+experiments/arith/README.md.
   python -m kuaijax.main --config=configs/arith/posttrain.py:runlocal --workdir=workdirs/arith_posttrain
 full scale (one GPU or TPU host; ~76M parameters, levels 1-4; not run yet):
   python -m kuaijax.main --config=configs/arith/posttrain.py --workdir=gs://.../arith_posttrain
