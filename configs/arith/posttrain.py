@@ -8,7 +8,7 @@ runlocal (0.84M-parameter byte-level policy trained on levels 1-2, evaluated on 
 before the stage pipeline (same hyper-parameters, stages sft+dpo+grpo): 15 min 50 s wall on 2 CPU
 cores shared with other jobs; SFT ~43% on level 1, ~6% on level 2, DPO and GRPO within the seed
 spread of it. On the pipeline with `stages=sft+dpo+rft+rlmec+grpo` (2026-11-30, load 14-24, SFT 52 min
-wall): SFT 47.5% level 1 / 8.3% level 2, DPO, RFT and RLMEC within the seed spread of it; tables in
+wall): SFT 47.5% level 1 / 8.3% level 2, DPO, RFT, RLMEC and GRPO within the seed spread of it; tables in
 experiments/arith/README.md.
   python -m kuaijax.main --config=configs/arith/posttrain.py:runlocal --workdir=workdirs/arith_posttrain
 full scale (one GPU or TPU host; ~76M parameters, levels 1-4; not run yet):
