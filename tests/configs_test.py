@@ -87,14 +87,16 @@ def test_every_leaf_can_be_overridden(path, arg):
 
 def test_topp_moe_k_max_is_settable_and_zero_means_no_cap():
   from experiments import topp_moe
-  from kuaijax.models.moe import moe_layer_options
+  from kuaijax.models.moe import MoEConfig
 
   spec = os.path.join(REPO_ROOT, 'configs/topp_moe/compare.py:runlocal')
-  options = lambda config: moe_layer_options(
+  layer = lambda config: MoEConfig.from_options(
     topp_moe.variant_config(config, 'topp').model.mlp_options
   )
   config = parse_command_line(spec, {})
-  assert config.moe_layer.k_max is None and options(config)['k_max'] is None  # the layer's default
-  assert options(parse_command_line(spec, {'moe_layer.k_max': 3}))['k_max'] == 3
-  no_cap = options(parse_command_line(spec, {'moe_layer.k_max': 0}))
-  assert no_cap['k_max'] == no_cap['num_experts'] == 8
+  assert config.moe_layer.k_max == 0  # uncapped Top-P, the paper's routing
+  uncapped = layer(config)
+  assert uncapped.k_max == 0 and uncapped.slots == uncapped.num_experts == 8
+  capped = layer(parse_command_line(spec, {'moe_layer.k_max': 3}))
+  assert capped.k_max == 3 and capped.slots == 3
+  assert layer(parse_command_line(spec, {'moe_layer.k_max': 8})).k_max == 8

@@ -87,7 +87,7 @@ def test_notebook_runs_at_the_smallest_size(tmp_path):
   results = json.loads((workdir / 'results.json').read_text())
   assert [r['variant'] for r in results['variants']] == ['vanilla', 'pc_rk2', 'harpe']
   outputs = [o for cell in nb.cells for o in cell.get('outputs', [])]
-  assert sum('image/png' in o.get('data', {}) for o in outputs) == 2  # alpha + corrector plots
+  assert sum('image/png' in o.get('data', {}) for o in outputs) == 3  # alpha, corrector, loss
   text = ''.join(o.get('text', '') for o in outputs)
   assert 'per_stage: 6 caches, max |decode - full| = ' in text
 
