@@ -20,7 +20,7 @@ import pathlib
 
 from absl import logging
 
-from kuaijax.data import chat
+from kuaijax.data import chat, records
 
 _SHAREGPT_ROLES = {
   'human': 'user',
@@ -108,32 +108,25 @@ def load_sharegpt(path: str | os.PathLike) -> tuple[list[dict], collections.Coun
 
 def load_mt_bench(path: str | os.PathLike) -> list[dict]:
   """MT-Bench question records of a question.jsonl file, in file order."""
-  path = _existing(path, 'MT-Bench question')
-  records = []
-  with path.open(encoding='utf-8') as f:
-    for line_number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f'{path}:{line_number}'
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{where}: not valid JSON ({e})') from e
-      missing = [k for k in ('question_id', 'category', 'turns') if k not in record]
-      if missing:
-        raise ValueError(f'{where}: missing field(s) {missing}')
-      turns, reference = record['turns'], record.get('reference', [])
-      for name, value in (('turns', turns), ('reference', reference)):
-        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-          raise ValueError(f'{where}: "{name}" must be a list of strings')
-      if not turns or not all(t.strip() for t in turns):
-        raise ValueError(f'{where}: "turns" is empty or has an empty turn')
-      records.append(
-        {
-          'question_id': int(record['question_id']),
-          'category': str(record['category']),
-          'turns': list(turns),
-          'reference': list(reference),
-        }
-      )
-  return records
+  out = []
+  for where, record in records.iter_jsonl(path, 'MT-Bench question'):
+    if not isinstance(record, dict):
+      raise ValueError(f'{where}: expected a JSON object, got {type(record).__name__}')
+    missing = [k for k in ('question_id', 'category', 'turns') if k not in record]
+    if missing:
+      raise ValueError(f'{where}: missing field(s) {missing}')
+    turns, reference = record['turns'], record.get('reference', [])
+    for name, value in (('turns', turns), ('reference', reference)):
+      if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise ValueError(f'{where}: "{name}" must be a list of strings')
+    if not turns or not all(t.strip() for t in turns):
+      raise ValueError(f'{where}: "turns" is empty or has an empty turn')
+    out.append(
+      {
+        'question_id': int(record['question_id']),
+        'category': str(record['category']),
+        'turns': list(turns),
+        'reference': list(reference),
+      }
+    )
+  return out

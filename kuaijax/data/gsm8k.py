@@ -12,10 +12,10 @@ strings. Registered in `kuaijax.data.sources` as `gsm8k:/path/{split}.jsonl`. Lo
 from __future__ import annotations
 
 import decimal
-import json
 import os
-import pathlib
 import re
+
+from kuaijax.data import records
 
 PREFIX = 'gsm8k:'
 
@@ -78,18 +78,4 @@ def parse_record(record, where: str) -> dict:
 
 def load_gsm8k(path: str | os.PathLike) -> list[dict]:
   """Records of a GSM8K jsonl file (blank lines skipped); errors name the file and line."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'GSM8K file not found: {path}')
-  records = []
-  with path.open(encoding='utf-8') as f:
-    for line_number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f'{path}:{line_number}'
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{where}: not valid json ({e.msg})') from e
-      records.append(parse_record(record, where))
-  return records
+  return [parse_record(record, where) for where, record in records.iter_jsonl(path, 'GSM8K')]

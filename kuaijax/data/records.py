@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -34,17 +34,25 @@ def write_records(path: str, records: Iterable[dict]) -> int:
   return count
 
 
-def read_records(path: str) -> list[dict]:
-  """The records of a jsonl file written by `write_records`; errors name the file and line."""
+def iter_jsonl(path: str | os.PathLike, what: str = 'jsonl') -> Iterator[tuple[str, object]]:
+  """(`file:line`, parsed value) for every non-blank line of a jsonl file.
+
+  A missing file is FileNotFoundError naming `what` and the path; a line that is not JSON is
+  ValueError naming the file and line. Callers check the records' fields with `where`.
+  """
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'stage data set not found: {path}')
-  records = []
+    raise FileNotFoundError(f'{what} file not found: {path}')
   with open(path, encoding='utf-8') as f:
     for line_number, line in enumerate(f, 1):
       if not line.strip():
         continue
+      where = f'{path}:{line_number}'
       try:
-        records.append(json.loads(line))
+        yield where, json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{line_number}: not a JSON record ({e})') from None
-  return records
+        raise ValueError(f'{where}: not valid JSON ({e})') from None
+
+
+def read_records(path: str) -> list[dict]:
+  """The records of a jsonl file written by `write_records`; errors name the file and line."""
+  return [record for _, record in iter_jsonl(path, 'stage data set')]

@@ -6,14 +6,13 @@ pipelines in `kuaijax.data.pipeline` take. Nothing here touches the network.
 
 import contextlib
 import fcntl
-import json
 import os
 import pathlib
 from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
 
-from kuaijax.data import chat_files, gsm8k, kj_arith, kj_dialog, kj_lm_mixture
+from kuaijax.data import chat_files, gsm8k, kj_arith, kj_dialog, kj_lm_mixture, records
 
 # Builders generated on first use (importing their modules also registers them with tfds).
 _BUILDERS = {
@@ -67,19 +66,12 @@ def prepare_embedded(name: str, data_dir: str | os.PathLike) -> None:
 
 def load_jsonl(path: str | os.PathLike) -> list[dict]:
   """Records of a jsonl file; each needs a 'text' field, 'task' is kept when present."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'jsonl file not found: {path}')
-  records = []
-  with path.open(encoding='utf-8') as f:
-    for line_number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      record = json.loads(line)
-      if not isinstance(record, dict) or 'text' not in record:
-        raise ValueError(f'{path}:{line_number}: record has no "text" field')
-      records.append({k: record[k] for k in ('text', 'task') if k in record})
-  return records
+  out = []
+  for where, record in records.iter_jsonl(path):
+    if not isinstance(record, dict) or 'text' not in record:
+      raise ValueError(f'{where}: record has no "text" field')
+    out.append({k: record[k] for k in ('text', 'task') if k in record})
+  return out
 
 
 def get_data_source(

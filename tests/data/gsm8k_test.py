@@ -50,7 +50,7 @@ def test_errors_name_file_and_line(tmp_path):
     sources.get_data_source(f'gsm8k:{tmp_path}/nope.jsonl', split='test')
   good = json.dumps({'question': 'q', 'answer': 'a\n#### 3'})
   cases = {
-    'not valid json': '{"question": ',
+    'not valid JSON': '{"question": ',
     'no string field "answer"': json.dumps({'question': 'q'}),
     'no "#### <number>" line': json.dumps({'question': 'q', 'answer': 'a\nThe answer is 3'}),
     'is not a number': json.dumps({'question': 'q', 'answer': 'a\n#### three'}),
