@@ -19,10 +19,9 @@ import collections
 import dataclasses
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 
-from kuaijax import sampling
+from kuaijax.evals import task_accuracy
 from kuaijax.inference import answers
 
 SA_INSTRUCTION = (
@@ -147,21 +146,6 @@ def parse_usc(completion: str, k: int) -> tuple[int | None, str]:
   return index - 1, 'ok'
 
 
-def encode_prompts(
-  tokenizer, texts: Sequence[str], prompt_len: int
-) -> tuple[np.ndarray, np.ndarray]:
-  """Right-padded `[bos] + tokens(text)` rows [B, prompt_len] and their lengths (too long: error)."""
-  prompts = np.full((len(texts), prompt_len), tokenizer.pad_id, np.int32)
-  lengths = np.zeros(len(texts), np.int32)
-  for i, text in enumerate(texts):
-    ids = tokenizer.encode_array(text)
-    if len(ids) + 1 > prompt_len:
-      raise ValueError(f'prompt of {len(ids) + 1} tokens exceeds prompt_len={prompt_len}')
-    prompts[i, 0], prompts[i, 1 : len(ids) + 1] = tokenizer.bos_id, ids
-    lengths[i] = len(ids) + 1
-  return prompts, lengths
-
-
 def sample_paths(
   model,
   tokenizer,
@@ -186,31 +170,22 @@ def sample_paths(
   k = check_k(k)
   if not prompt_texts:
     return []
-  size = batch_size or len(prompt_texts)
-  paths = []
-  for start in range(0, len(prompt_texts), size):
-    chunk = list(prompt_texts[start : start + size])
-    prompts, lengths = encode_prompts(
-      tokenizer, chunk + [chunk[0]] * (size - len(chunk)), prompt_len
-    )
-    gen = sampling.generate(
-      model,
-      prompts,
-      lengths,
-      rng=jax.random.fold_in(jax.random.key(seed), start // size),
-      max_new_tokens=max_new_tokens,
-      temperature=temperature,
-      top_k=top_k,
-      top_p=top_p,
-      greedy=greedy,
-      stop_tokens=(tokenizer.eos_id,),
-      num_samples=k,
-      pad_id=tokenizer.pad_id,
-    )
-    tokens, gen_lengths = jax.device_get((gen.tokens, gen.lengths))
-    texts = [tokenizer.decode(row[: int(n)]) for row, n in zip(tokens, gen_lengths)]
-    paths += [texts[i * k : (i + 1) * k] for i in range(len(chunk))]
-  return paths
+  samples = task_accuracy.sample_completions(
+    model,
+    tokenizer,
+    prompt_texts,
+    num_samples=k,
+    seed=seed,
+    greedy=greedy,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    max_new_tokens=max_new_tokens,
+    prompt_len=prompt_len,
+    batch_size=batch_size or len(prompt_texts),
+  )
+  texts = [s.text for s in samples]
+  return [texts[i * k : (i + 1) * k] for i in range(len(prompt_texts))]
 
 
 def greedy_completions(model, tokenizer, prompt_texts: Sequence[str], **options) -> list[str]:

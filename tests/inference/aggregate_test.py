@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from kuaijax import sampling
+from kuaijax.data import sequences
 from kuaijax.data.tokenizers import ByteTokenizer
 from kuaijax.inference import aggregate
 from kuaijax.models.transformer import Transformer, TransformerConfig
@@ -79,7 +80,7 @@ def test_sample_paths_is_one_batched_generate_call(model):
   tok = ByteTokenizer()
   texts = ['Question: a', 'Question: bb']
   paths = aggregate.sample_paths(model, tok, texts, k=3, seed=4, max_new_tokens=5, prompt_len=16)
-  prompts, lengths = aggregate.encode_prompts(tok, texts, 16)
+  prompts, lengths = sequences.prompt_batch(tok, texts, 16)
   gen = sampling.generate(
     model,
     prompts,
@@ -100,4 +101,4 @@ def test_sample_paths_is_one_batched_generate_call(model):
   single = aggregate.greedy_completions(model, tok, texts, max_new_tokens=5, prompt_len=16)
   assert [g[0] for g in greedy] == [g[1] for g in greedy] == single
   with pytest.raises(ValueError, match='prompt_len'):
-    aggregate.encode_prompts(tok, ['x' * 20], 16)
+    sequences.prompt_batch(tok, ['x' * 20], 16)
