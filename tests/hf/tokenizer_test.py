@@ -97,3 +97,23 @@ def test_bad_files_are_named(folders, tmp_path):
     HFTokenizer(str(tmp_path / 'missing'))
   with pytest.raises(Exception, match='bad role'):
     HFTokenizer(folders['custom']).apply_chat_template([{'role': 'tool', 'content': 'x'}])
+
+
+def test_pipelines_read_the_tokenizer_of_the_init_from_hf_folder(folders, tmp_path):
+  """data.tokenizer='hf' takes tokenizer.json from the run's init_from_hf folder (no other path)."""
+  from kuaijax.config_lib import load_config
+  from kuaijax.train import pipeline
+  from tests.conftest import REPO_ROOT
+
+  config = load_config(f'{REPO_ROOT}/configs/arith/posttrain.py:runlocal')
+  config.data.tokenizer = 'hf'
+  config.init_from_hf = folders['chatml']
+  tokenizer = pipeline.Pipeline(config, str(tmp_path)).tokenizer
+  text = 'Question: 12 + 30 = ?'
+  assert isinstance(tokenizer, HFTokenizer)
+  np.testing.assert_array_equal(
+    tokenizer.encode_array(text), HFTokenizer(folders['chatml']).encode_array(text)
+  )
+  config.init_from_hf = ''
+  with pytest.raises(ValueError, match='hf_path'):
+    pipeline.Pipeline(config, str(tmp_path))
