@@ -24,7 +24,7 @@ from kuaijax import plotting, sampling
 from kuaijax.data import arith, sequences, tasks, tokenizers
 from kuaijax.inference import early_exit
 from kuaijax.train import lm_task
-from kuaijax.train.trainer import train, write_results
+from kuaijax.train.trainer import write_results
 
 
 def _settings(config) -> list[tuple[str, str, float]]:
@@ -66,17 +66,7 @@ def run(config, workdir: str) -> dict:
     'train', levels=tuple(dc.train_levels), limit=dc.train_examples or 0, data_dir=dc.data_dir
   )
   pairs = [(arith.format_prompt(p.question), p.solution) for p in train_problems]
-  train_rows, _ = sequences.supervised_rows(pairs, tokenizer, dc.seq_len)
-  dataset = sequences.in_memory_dataset(
-    train_rows, batch_size=config.train.batch_size // jax.process_count(), seed=dc.seed
-  )
-  result = train(
-    config,
-    os.path.join(workdir, 'sft'),
-    model_factory=lm_task.model_factory(config.model),
-    loss_fn=lm_task.lm_loss_fn(),
-    train_dataset=dataset,
-  )
+  result, _, _ = lm_task.train_on_pairs(config, os.path.join(workdir, 'sft'), pairs, tokenizer)
   train_s = time.time() - start
   model = result.model()
   num_layers = config.model.num_layers

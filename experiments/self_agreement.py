@@ -22,15 +22,14 @@ import os
 import random
 import time
 
-import jax
 import numpy as np
 from matplotlib.figure import Figure
 
 from kuaijax import plotting
-from kuaijax.data import arith, sequences, tasks, tokenizers
+from kuaijax.data import arith, tasks, tokenizers
 from kuaijax.inference import aggregate, answers, multi_run
 from kuaijax.train import lm_task
-from kuaijax.train.trainer import train, write_results
+from kuaijax.train.trainer import write_results
 
 SCENARIOS = ('trigger', 'mixed')
 METHODS = ('greedy', 'sc', 'usc', 'sa')
@@ -152,24 +151,6 @@ def training_texts(problems, words, config, rng: random.Random) -> list[tuple[st
     )
     pairs.append((usc, f' {picks.index(majority) + 1}'))
   return pairs
-
-
-def train_model(config, workdir: str, pairs, tokenizer):
-  """SFT on (prompt, completion) pairs: packed rows, loss on completions only."""
-  seq_len = config.data.seq_len
-  rows, dropped = sequences.supervised_rows(pairs, tokenizer, seq_len)
-  if dropped:
-    raise ValueError(f'{dropped} training examples are longer than data.seq_len={seq_len}')
-  micro = config.train.batch_size // config.train.grad_accum // jax.process_count()
-  dataset = sequences.in_memory_dataset(rows, batch_size=micro, seed=config.data.seed)
-  result = train(
-    config,
-    os.path.join(workdir, 'sft'),
-    model_factory=lm_task.model_factory(config.model),
-    loss_fn=lm_task.lm_loss_fn(),
-    train_dataset=dataset,
-  )
-  return result, len(rows)
 
 
 def eval_items(config) -> dict[str, list[Item]]:
@@ -369,7 +350,9 @@ def run(config, workdir: str) -> dict:
   )
   words = word_problems(0, dc.word_examples)
   pairs = training_texts(problems, words, config, random.Random(dc.seed))
-  result, rows = train_model(config, workdir, pairs, tokenizer)
+  result, rows, _ = lm_task.train_on_pairs(
+    config, os.path.join(workdir, 'sft'), pairs, tokenizer, drop_too_long=False
+  )
   train_s = time.time() - start
   model = result.model()
   scenarios = {
