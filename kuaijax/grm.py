@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kuaijax import sampling
+from kuaijax import parallel, sampling
 from kuaijax.data import edits, minimum_edit, sequences
 from kuaijax.losses import rl
 
@@ -68,7 +68,7 @@ def greedy_continue(
       stop_tokens=(tokenizer.eos_id,),
       pad_id=tokenizer.pad_id,
     )
-    new, lengths = jax.device_get((gen.tokens, gen.lengths))
+    new, lengths = parallel.host_value((gen.tokens, gen.lengths))
     out += [np.asarray(new[r, : lengths[r]], np.int32) for r in range(len(chunk))]
   stats = {
     'samples': len(out),

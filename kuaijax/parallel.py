@@ -285,3 +285,77 @@ def shard_batch(
     )
     for k, v in batch.items()
   }
+
+
+def process_rows(tree, mesh: Mesh, rules) -> dict:
+  """This process's rows of global arrays split over their leading (batch) axis, as numpy.
+
+  The inverse of `shard_batch`: `process_rows(shard_batch(local, mesh, rules), ...) == local` on
+  every process. Arrays are first laid out as batches (`batch_sharding`), so outputs sharded any
+  other way (e.g. logits over the vocabulary) come back whole per row.
+  """
+
+  def rows(x):
+    x = jax.jit(lambda a: a, out_shardings=batch_sharding(mesh, rules, x.ndim))(x)
+    if x.is_fully_addressable:
+      return np.asarray(x)
+    shards = {s.index[0].indices(x.shape[0])[0]: s.data for s in x.addressable_shards}
+    return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
+
+  return jax.tree.map(rows, tree)
+
+
+def host_value(tree):
+  """`jax.device_get`, also for arrays that span processes (gathered from all of them first).
+
+  Every process must call it with the same arrays (a collective when the job has several).
+  """
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+
+  def whole(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(whole, tree)
+
+
+def gather_process_rows(tree) -> dict:
+  """The concatenation, in process order, of every process's host arrays (row-wise); on one
+  process the arrays themselves. A collective: every process calls it with equally shaped arrays."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  from jax.experimental import multihost_utils
+
+  return jax.tree.map(
+    lambda x: np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True)), tree
+  )
+
+
+def on_process_rows(fn, local: Mapping[str, np.ndarray]):
+  """`fn(batch)` on the global batch that every process's `local` rows make up; each process gets
+  its own rows of the outputs back, as numpy (outside `axis_rules`, `fn` runs on `local` itself).
+
+  This is how host-side code (rollouts, scoring) runs a model on per-process data in a multi-
+  process job: the work is spread over the mesh, and no process sees another's rows.
+  """
+  current = current_axis_rules()
+  if current is None:
+    return jax.tree.map(np.asarray, jax.device_get(fn(dict(local))))
+  mesh, rules = current
+  return process_rows(fn(shard_batch(local, mesh, rules)), mesh, rules)
+
+
+def this_process() -> dict[str, int]:
+  """{'process_index', 'process_count'} of this process: the keyword arguments data sets take."""
+  return {'process_index': jax.process_index(), 'process_count': jax.process_count()}
+
+
+def sync(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (nothing to wait for on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)

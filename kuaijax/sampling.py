@@ -87,7 +87,12 @@ def _as_key(rng):
 
 
 def _concrete(x) -> np.ndarray | None:
-  """x as a host array, or None when it is traced (validation then happens at run time only)."""
+  """x as a host array, or None when it is traced (validation then happens at run time only).
+
+  Of an array that spans processes, this process's part (each process validates its own rows).
+  """
+  if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and not x.is_fully_addressable:
+    return np.concatenate([np.asarray(s.data).reshape(-1) for s in x.addressable_shards])
   try:
     return np.asarray(x)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
@@ -168,7 +173,8 @@ def generate(
 
   Returns:
     A `Generation`. Inside `kuaijax.parallel.axis_rules(mesh, rules)` the batch is sharded over the
-    batch mesh axes like the model's activations.
+    batch mesh axes like the model's activations. Prompts may be global arrays spanning processes
+    (`parallel.on_process_rows` builds them); the outputs are then global arrays too.
 
   Raises:
     ValueError: on shapes or settings out of range (named in the message).

@@ -2,10 +2,11 @@
 
 import os
 
-# Multi-device code is tested on 8 simulated CPU devices; must be set before jax is imported.
-_FLAG = '--xla_force_host_platform_device_count=8'
+# Multi-device code is tested on 8 simulated CPU devices; must be set before jax is imported. A
+# device count already set (a process of `kuaijax.launch` importing test helpers) is kept.
+_FLAG = '--xla_force_host_platform_device_count'
 if _FLAG not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _FLAG).strip()
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' {_FLAG}=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import pytest  # noqa: E402

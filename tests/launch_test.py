@@ -7,6 +7,7 @@ also when both processes die mid-run and the run is restarted; each process read
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from kuaijax.config_lib import load_config
 from kuaijax.data import sources
 from kuaijax.main import run_experiment
 from kuaijax.train import lm_task
-from kuaijax.train.checkpoint import load_params
+from kuaijax.train.checkpoint import CheckpointError, load_params
 from kuaijax.train.metrics import read_metrics
 from kuaijax.train.trainer import param_layout
 from tests.conftest import REPO_ROOT
@@ -51,9 +52,9 @@ CONFIG = 'configs/lm/mixture.py:runlocal'
 TIMEOUT_S = 240
 
 
-def _config(**extra):
-  config = load_config(os.path.join(REPO_ROOT, CONFIG))
-  config.update_from_flattened_dict({**OVERRIDES, **extra})
+def _config(config=CONFIG, overrides=OVERRIDES):
+  config = load_config(os.path.join(REPO_ROOT, config))
+  config.update_from_flattened_dict(overrides)
   return config
 
 
@@ -63,14 +64,15 @@ def _launch(
   module='kuaijax.main',
   mode=(),
   env=None,
+  processes=2,
   devices=4,
   config=CONFIG,
   overrides=OVERRIDES,
 ):
-  """Runs the launcher (2 processes) as its own process, as a user would; returns its status."""
+  """Runs the launcher as its own process, as a user would; returns its status."""
   flags = [f'--config.{k}={v}' for k, v in overrides.items()]
   cmd = [
-    *(sys.executable, '-m', 'kuaijax.launch', '--processes=2'),
+    *(sys.executable, '-m', 'kuaijax.launch', f'--processes={processes}'),
     *(f'--devices_per_process={devices}', f'--module={module}', '--timeout=60', '--'),
     *mode,
     f'--config={config}',
@@ -86,13 +88,14 @@ def _launch(
       proc.wait(timeout=30)
 
 
-def _final_params(workdir):
+def _final_params(workdir, config=CONFIG, overrides=OVERRIDES):
   """The latest checkpoint's params on this process's first device, whoever wrote them."""
-  config = _config()
+  config = _config(config, overrides)
   config.parallel.num_devices = 1
   config.parallel.mesh.update(data=1, fsdp=1, tensor=1)
   layout = param_layout(config, lm_task.model_factory(config.model))
-  return jax.device_get(load_params(str(workdir), layout.abstract_params, layout.shardings))
+  params, _ = load_params(str(workdir), layout.abstract_params, layout.shardings)
+  return jax.device_get(params)
 
 
 def _losses(workdir):
@@ -152,6 +155,96 @@ def test_two_processes_killed_and_restarted_match_one_process(built_data, tmp_pa
   assert abs(one['loss'] - two['loss']) < 1e-5
   # Workdir files are written once, by process 0: one line per logged step.
   assert [r['step'] for r in read_metrics(workdir) if 'loss' in r] == [1, 2, 3, 4]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(built_data, tmp_path_factory):
+  """The LM trained without interruption on 1 process x 8 devices, mesh (data 2, fsdp 2, tensor 2)."""
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  run_experiment(_config(), str(workdir))
+  return workdir
+
+
+MESHES = {
+  'd2f2t2': {'parallel.mesh.data': 2, 'parallel.mesh.fsdp': 2, 'parallel.mesh.tensor': 2},
+  'f4e2': {
+    'parallel.mesh.data': 1,
+    'parallel.mesh.fsdp': 4,
+    'parallel.mesh.tensor': 1,
+    'parallel.mesh.expert': 2,
+  },
+}
+
+
+@pytest.mark.parametrize(
+  'first, then',
+  [((2, 'd2f2t2'), (1, 'f4e2')), ((1, 'd2f2t2'), (2, 'f4e2'))],
+  ids=['2proc_to_1proc', '1proc_to_2proc'],
+)
+def test_full_state_resumes_on_another_process_count_and_mesh(uninterrupted, tmp_path, first, then):
+  """Killed after the step-2 checkpoint, resumed with a different process count and mesh: the
+  optimizer state, step and data position (one state file per data shard) carry over."""
+  workdir, reads = tmp_path / 'run', tmp_path / 'reads'
+  reads.mkdir()
+  (p1, mesh1), (p2, mesh2) = first, then
+  crash = dict(module='tests.launch_helper', mode=['main'])
+  env = {'KJ_CRASH_STEP': '2', 'KJ_READ_LOG': str(reads)}
+  status = _launch(
+    workdir,
+    processes=p1,
+    devices=8 // p1,
+    env=env,
+    **crash,
+    overrides={**OVERRIDES, **MESHES[mesh1]},
+  )
+  assert status == 3 and sorted(os.listdir(workdir / 'checkpoints')) == ['2']
+  data_files = sorted(os.listdir(workdir / 'checkpoints' / '2' / 'data'))
+  assert [f for f in data_files if f.endswith('.json')] == [
+    'shard_0-of-2.json',
+    'shard_1-of-2.json',
+  ]
+  resumed = _launch(
+    workdir, processes=p2, devices=8 // p2, overrides={**OVERRIDES, **MESHES[mesh2]}
+  )
+  assert resumed == 0
+  expected, got = _losses(uninterrupted), _losses(workdir)
+  assert sorted(got) == [1, 2, 3, 4]
+  np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=0, atol=1e-5)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
+    _final_params(uninterrupted),
+    _final_params(workdir),
+  )
+
+
+def test_resume_with_other_data_shards_is_a_clear_error(uninterrupted, tmp_path):
+  """The data position is per shard: a different data.shards cannot continue it (named)."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(uninterrupted, workdir)
+  shutil.rmtree(workdir / 'checkpoints' / '4')
+  config = _config(overrides={**OVERRIDES, 'data.shards': 4})
+  with pytest.raises(CheckpointError, match='shard_0-of-4.json') as error:
+    run_experiment(config, str(workdir))
+  assert 'data.shards' in str(error.value)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']  # nothing lost
+
+
+def test_params_restore_onto_two_processes_and_another_mesh(uninterrupted, tmp_path):
+  """The (data 2, fsdp 2, tensor 2) checkpoint loaded by 2 processes onto (fsdp 4, expert 2)."""
+  env = {'KJ_WORKDIR': str(uninterrupted), 'KJ_MESH': 'fsdp=4,expert=2', 'KJ_OUT': str(tmp_path)}
+  cmd = [sys.executable, '-m', 'kuaijax.launch', '--processes=2', '--devices=8']
+  out = subprocess.run(
+    [*cmd, '--module=tests.launch_helper', '--', 'params'],
+    cwd=REPO_ROOT,
+    env={**os.environ, **env},
+    timeout=TIMEOUT_S,
+  )
+  assert out.returncode == 0
+  params = jax.tree_util.tree_flatten_with_path(_final_params(uninterrupted))[0]
+  expected = {jax.tree_util.keystr(k): float(np.sum(np.square(v))) for k, v in params}
+  for p in range(2):
+    got = json.loads((tmp_path / f'{p}.json').read_text())
+    assert got == pytest.approx(expected, rel=1e-6)
 
 
 MOE_CONFIG = 'configs/topp_moe/compare.py:runlocal'
@@ -276,3 +369,66 @@ def test_launch_recipes_are_valid_executable_scripts(name):
   subprocess.run(['bash', '-n', path], check=True)
   with open(path) as f:
     assert 'python -m kuaijax.main --config=' in f.read()
+
+
+GRPO_CONFIG = 'configs/arith/posttrain.py:runlocal,stages=sft+grpo'
+GRPO_OVERRIDES = {
+  'model.d_model': 32,
+  'model.num_layers': 1,
+  'model.num_heads': 2,
+  'model.num_kv_heads': 1,
+  'model.d_ff': 64,
+  'data.limit': 64,
+  'train.async_checkpoint': False,
+  'train.progress': False,
+  'parallel.mesh.data': 8,
+  'stage.sft.optimizer.lr': 1e-2,
+  'stage.sft.optimizer.warmup_steps': 1,
+  'stage.grpo.optimizer.lr': 1e-3,
+  'stage.grpo.optimizer.warmup_steps': 1,
+  'stage.grpo.options.group_size': 2,
+  'stage.grpo.options.offline_injection': True,
+  'stage.grpo.options.advantage_scale': 'batch',
+  'evals.arith.groups': (1,),
+  'evals.arith.per_group': 8,
+  'evals.arith.seeds': (0,),
+  'evals.arith.batch_size': 8,
+  **{
+    f'stage.{name}.train.{key}': value
+    for name in ('sft', 'grpo')
+    for key, value in dict(
+      steps=3, batch_size=8, log_every=1, checkpoint_every=3, eval_every=3
+    ).items()
+  },
+}
+
+
+def _stage_results(workdir):
+  """Per stage: logged training metrics by step, the evaluation, and the final params."""
+  out = {}
+  for name in ('sft', 'grpo'):
+    info = json.loads((workdir / name / 'stage.json').read_text())
+    metrics = {r['step']: r for r in read_metrics(str(workdir / name)) if 'loss' in r}
+    out[name] = metrics, info['eval'], _final_params(workdir / name, GRPO_CONFIG, GRPO_OVERRIDES)
+  return out
+
+
+def test_grpo_online_sampling_on_two_processes_matches_one_process(tmp_path):
+  """SFT then online GRPO (offline injection, batch-scaled advantages: both need every
+  process's groups) as 2 processes x 4 devices and as 1 process x 8 devices."""
+  one, two = tmp_path / 'one_process', tmp_path / 'two_processes'
+  common = dict(config=GRPO_CONFIG, overrides=GRPO_OVERRIDES)
+  assert _launch(one, processes=1, devices=8, **common) == 0
+  assert _launch(two, processes=2, devices=4, **common) == 0
+  expected, got = _stage_results(one), _stage_results(two)
+  for name in ('sft', 'grpo'):
+    (m1, e1, p1), (m2, e2, p2) = expected[name], got[name]
+    assert sorted(m2) == [1, 2, 3]
+    for step in m1:
+      for key in ('loss', 'accuracy', 'reward', 'injected', 'zero_advantage_fraction'):
+        if key in m1[step]:
+          assert abs(m1[step][key] - m2[step][key]) < 1e-5, (name, step, key)
+    assert e1 == pytest.approx(e2, abs=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), p1, p2)
+  grpo = expected['grpo'][0].values()  # gold answers injected, so the update is not a no-op
+  assert any(r['injected'] > 0 for r in grpo) and all(r['grad_norm'] > 0 for r in grpo)

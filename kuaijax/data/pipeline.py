@@ -16,13 +16,10 @@ to itself. Attention must be restricted to equal segment_ids, and losses weighte
 
 Checkpointing: `iter(lm_train_dataset(...))` is a grain DatasetIterator whose `get_state()` is a
 small JSON-able dict; restoring it with `set_state()` (on an iterator of an identically built
-dataset) resumes exactly. With an orbax CheckpointManager, save it next to the train state:
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          data=grain.checkpoint.CheckpointSave(it)))
-  mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                             data=grain.checkpoint.CheckpointRestore(it)))
-(one JSON file per process, named by jax.process_index()), or use `save_iterator_state` /
-`restore_iterator_state` below for a plain JSON file.
+dataset) resumes exactly. `lm_train_dataset_shards` adds per-shard state files
+(`checkpoint_states`), which `kuaijax.train.checkpoint.DataSave` / `DataRestore` write next to the
+train state so that a run resumes on a different process count; `save_iterator_state` /
+`restore_iterator_state` below keep one iterator's state in a plain JSON file.
 """
 
 import functools
@@ -187,7 +184,15 @@ class _PackedBatchDataset(grain.IterDataset):
 
 
 class _ConcatRowsIterator(grain.DatasetIterator):
-  """Concatenates the rows of one batch from each parent; state = the parents' states."""
+  """Concatenates the rows of one batch from each parent (data shard); state = the parents' states.
+
+  Its checkpoint state is one file per shard (`shard_<s>-of-<count>`), so a checkpoint written by
+  one process count restores onto any other that divides the shard count.
+  """
+
+  def __init__(self, parents, shard_ids: Sequence[int], shard_count: int):
+    super().__init__(parents)
+    self._names = [f'shard_{s}-of-{shard_count}' for s in shard_ids]
 
   def __next__(self) -> Batch:
     parts = [next(p) for p in self._parents]
@@ -200,10 +205,21 @@ class _ConcatRowsIterator(grain.DatasetIterator):
     for parent, shard_state in zip(self._parents, state['shards'], strict=True):
       parent.set_state(shard_state)
 
+  def checkpoint_states(self) -> dict[str, Any]:
+    return {name: p.get_state() for name, p in zip(self._names, self._parents, strict=True)}
+
+  def restore_states(self, read) -> None:
+    for name, parent in zip(self._names, self._parents, strict=True):
+      parent.set_state(read(name))
+
 
 class _ConcatRowsDataset(grain.IterDataset):
+  def __init__(self, parents, shard_ids: Sequence[int], shard_count: int):
+    super().__init__(parents)
+    self._shards = (tuple(shard_ids), shard_count)
+
   def __iter__(self) -> _ConcatRowsIterator:
-    return _ConcatRowsIterator([p.__iter__() for p in self._parents])
+    return _ConcatRowsIterator([p.__iter__() for p in self._parents], *self._shards)
 
 
 def process_shards(shard_count: int, process_index: int, process_count: int) -> range:
@@ -252,7 +268,7 @@ def lm_train_dataset_shards(
     )
     for s in shards
   ]
-  return parts[0] if len(parts) == 1 else _ConcatRowsDataset(parts)
+  return _ConcatRowsDataset(parts, shards, shard_count)
 
 
 def _tokenized(

@@ -193,21 +193,66 @@ def encode_chat(
 
 
 def in_memory_dataset(
-  examples: Sequence, *, batch_size: int, seed: int, transform: Callable | None = None
+  examples: Sequence,
+  *,
+  batch_size: int,
+  seed: int,
+  transform: Callable | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> grain.IterDataset:
   """Infinite shuffled (reshuffled every epoch) batches of in-memory examples; exact resume.
 
-  `transform` maps an element to a dict of arrays lazily. The iterator's state is grain's, so the
-  trainer checkpoints it with the train state.
+  `batch_size` is per process. The shuffled stream is cut into batches and process p takes
+  batches p, p + P, ... (P = process_count), so step k's global batch is the stream's rows
+  [k * P * batch_size, (k + 1) * P * batch_size) whatever P is: 2 processes of 4 rows train on
+  exactly the batches of 1 process of 8. Every process is then at the same position, which is
+  why the iterator's checkpoint state (`checkpoint_states`) is one file, restorable by any
+  process count. `transform` maps an element to a dict of arrays lazily.
   """
   if not len(examples):
     raise ValueError('the training set is empty (no example fits the sequence length?)')
   if batch_size <= 0:
     raise ValueError(f'batch_size must be > 0, got {batch_size}')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, process_count={process_count})')
   ds = grain.MapDataset.source(list(examples)).shuffle(seed=seed).repeat()
   if transform is not None:
     ds = ds.map(transform)
-  return ds.batch(batch_size, drop_remainder=True).to_iter_dataset(_SERIAL_READ)
+  ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
+  return _LockstepDataset(ds.to_iter_dataset(_SERIAL_READ), writer=process_index == 0)
+
+
+class _LockstepIterator(grain.DatasetIterator):
+  """Its parent's batches; its state is the same on every process, so one process saves it."""
+
+  def __init__(self, parent: grain.DatasetIterator, writer: bool):
+    super().__init__(parent)
+    self._writer = writer
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+  def checkpoint_states(self) -> dict:
+    return {'position': self.get_state()} if self._writer else {}
+
+  def restore_states(self, read: Callable[[str], dict]) -> None:
+    self.set_state(read('position'))
+
+
+class _LockstepDataset(grain.IterDataset):
+  def __init__(self, parent: grain.IterDataset, *, writer: bool):
+    super().__init__(parent)
+    self._writer = writer
+
+  def __iter__(self) -> _LockstepIterator:
+    return _LockstepIterator(self._parent.__iter__(), self._writer)
 
 
 def stack(examples: Sequence[dict]) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -51,11 +50,12 @@ class BatchEvaluator(Evaluator):
     raise NotImplementedError
 
   def batch_outputs(self, graphdef, params):
-    """Yields the host copy of `batch_fn`'s output for every batch, in order."""
+    """Yields the host copy of `batch_fn`'s output for every batch, in order (whole arrays: rows
+    from every process)."""
     with parallel.axis_rules(self._mesh, self._rules):
       for batch in self.batches:
         sharded = parallel.shard_batch(batch, self._mesh, self._rules)
-        yield jax.device_get(self._fn(graphdef, params, sharded))
+        yield parallel.host_value(self._fn(graphdef, params, sharded))
 
 
 class LMEvaluator(BatchEvaluator):

@@ -21,7 +21,6 @@ import pathlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -363,7 +362,7 @@ class MultipleChoiceEvaluator(Evaluator):
             )
         else:
           out = self._score(graphdef, params, batch)
-        row_scores.append(np.asarray(jax.device_get(out), np.float64)[:n])
+        row_scores.append(np.asarray(parallel.host_value(out), np.float64)[:n])
       flat = np.concatenate(row_scores)
       results[name] = [flat[example_of_row == i] for i in range(len(self.tasks[name]))]
     return results

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from kuaijax import sampling
+from kuaijax import parallel, sampling
 from kuaijax.data import sequences, tasks
 from kuaijax.evals.base import Evaluator
 
@@ -73,7 +73,7 @@ def sample_completions(
       num_samples=num_samples,
       pad_id=tokenizer.pad_id,
     )
-    tokens, logprobs, gen_lengths = jax.device_get((gen.tokens, gen.logprobs, gen.lengths))
+    tokens, logprobs, gen_lengths = parallel.host_value((gen.tokens, gen.logprobs, gen.lengths))
     texts = sequences.decode_completions(tokenizer, tokens, gen_lengths)
     for row in range(len(chunk) * num_samples):
       n = int(gen_lengths[row])

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kuaijax import parallel
 from kuaijax.config_lib import check_choice
 from kuaijax.data import sequences
 from kuaijax.jit_cache import ParamsJit
@@ -102,7 +103,7 @@ class _Pairwise(Method):
       chunk = examples[start : start + batch_size]
       padded = chunk + [chunk[0]] * (batch_size - len(chunk))
       batch = sequences.stack([{k: e[k] for k in PAIR_FIELDS} for e in padded])
-      chosen, rejected = jax.device_get(_reference_logps(graphdef, params, batch))
+      chosen, rejected = parallel.host_value(_reference_logps(graphdef, params, batch))
       for i, e in enumerate(chunk):
         out.append({**e, 'ref_chosen_logps': chosen[i], 'ref_rejected_logps': rejected[i]})
     return out

@@ -14,6 +14,9 @@ variants need no change here); kl_coef > 0 needs a `reference` stage. The option
 
 `train.batch_size` counts PROMPTS per step; each step trains on batch_size x group_size sequences.
 The hook's rng comes from the trainer (fixed per step), so a resumed run re-samples the same groups.
+Across processes each process holds its prompts' groups: sampling runs on the whole mesh
+(`parallel.on_process_rows`), checking on the owning process, and rewards are gathered so that
+advantages, batch scaling and filters see the global batch, as on one process.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kuaijax import parallel
 from kuaijax.config_lib import check_choice
 from kuaijax.data import sequences
 from kuaijax.jit_cache import ParamsJit
@@ -128,11 +132,13 @@ class GRPO(Method):
     return out, {'prompts': len(out)}
 
   def rollout(self, model, batch: dict, rng) -> dict:
+    """This process's groups: sampled on the whole mesh, checked here; advantages (and the
+    batch-level scaling / filters) computed on every process's groups together."""
     g, tok = self.group_size, self.ctx.tokenizer
-    gen = generate(
+    sample = lambda rows: generate(
       model,
-      batch['prompts'],
-      batch['prompt_lengths'],
+      rows['prompts'],
+      rows['prompt_lengths'],
       rng=rng,
       max_new_tokens=self.ctx.max_new_tokens,
       temperature=self.temperature,
@@ -141,9 +147,9 @@ class GRPO(Method):
       num_samples=g,
       pad_id=tok.pad_id,
     )
-    tokens, old_logps, lengths = (
-      np.asarray(x) for x in jax.device_get((gen.tokens, gen.logprobs, gen.lengths))
-    )
+    prompt_rows = {k: batch[k] for k in ('prompts', 'prompt_lengths')}
+    gen = parallel.on_process_rows(sample, prompt_rows)
+    tokens, old_logps, lengths = gen.tokens, gen.logprobs, gen.lengths
     prompts = np.repeat(np.asarray(batch['prompts']), g, axis=0)
     prompt_lengths = np.repeat(np.asarray(batch['prompt_lengths']), g)
     records = [self.records[int(i)] for i in np.repeat(np.asarray(batch['record_index']), g)]
@@ -162,16 +168,27 @@ class GRPO(Method):
       merged, _, injected = rl.inject_offline_samples(
         samples, correct, g, offline, valid, max_accuracy=self.injection_max_accuracy
       )
-      if injected.any():
+      # A collective in multi-process jobs, so every process decides the same way.
+      if parallel.gather_process_rows(injected).any():
         tokens, lengths = merged['tokens'], merged['lengths']
         graphdef, params = nnx.split(model)
-        rescored = self._rescore(graphdef, params, prompts, prompt_lengths, tokens, lengths)
+        rows = {'p': prompts, 'pl': prompt_lengths, 't': tokens, 'l': lengths}
+        rescored = parallel.on_process_rows(
+          lambda r: self._rescore(graphdef, params, r['p'], r['pl'], r['t'], r['l']), rows
+        )
         old_logps = np.where(injected[:, None], np.asarray(rescored, np.float32), old_logps)
         correct = check(sequences.decode_completions(tok, tokens, lengths))
     rewards = self.reward(correct, lengths, g, **self.reward_options)
+    everyone = parallel.gather_process_rows({'rewards': rewards, 'correct': correct})
     advantages, keep, metrics = rl.grpo_process_rewards(
-      rewards, g, correct=correct, filter=self.sample_filter, scale=self.advantage_scale
+      everyone['rewards'],
+      g,
+      correct=everyone['correct'],
+      filter=self.sample_filter,
+      scale=self.advantage_scale,
     )
+    mine = slice(jax.process_index() * len(rewards), (jax.process_index() + 1) * len(rewards))
+    advantages, keep = np.asarray(advantages)[mine], np.asarray(keep)[mine]
     row = lambda x: np.full(len(correct), float(x), np.float32)
     return {
       'prompts': prompts,

@@ -1,19 +1,21 @@
 """Orbax checkpoints of the train state, the grain iterator and a model signature.
 
 A checkpoint step folder holds three items: `state` (params, optimizer state, step, ...), `data` (the
-grain iterator state, one file per process) and `meta` (model config and parameter shapes). The
+data iterator's state, see `DataStateHandler`) and `meta` (model config and parameter shapes). The
 signature lets a resumed run refuse a workdir that belongs to a different model before anything is
 restored or written; a checkpoint that cannot be read is reported by path and left in place.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Mapping
 
-import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class CheckpointError(RuntimeError):
@@ -32,6 +34,75 @@ def _first_differences(saved: Mapping, current: Mapping, limit: int = 3) -> list
     if saved.get(key) != current.get(key):
       diffs.append(f'{key}: checkpoint {saved.get(key)} vs config {current.get(key)}')
   return diffs[:limit] + ([f'... {len(diffs) - limit} more'] if len(diffs) > limit else [])
+
+
+class DataStateHandler:
+  """Orbax handler for the training data iterator's position, as JSON files in the `data` item.
+
+  An iterator that defines `checkpoint_states() -> {name: state}` (the files this process writes)
+  and `restore_states(read)` (`read(name)` loads one) has state that does not depend on the
+  process count: the LM data writes one file per data shard, in-memory data one shared position,
+  so a checkpoint resumes on any process count the data allows. Other iterators write
+  `process_<i>-of-<n>.json` (grain's own layout) and resume on the same process count only.
+  """
+
+  def save(self, directory, args):
+    iterator = args.item
+    if hasattr(iterator, 'checkpoint_states'):
+      states = iterator.checkpoint_states()
+    else:
+      states = {_process_file(): iterator.get_state()}
+    for name, state in states.items():
+      (epath.Path(directory) / f'{name}.json').write_text(json.dumps(state))
+
+  def restore(self, directory, args):
+    iterator, directory = args.item, epath.Path(directory)
+
+    def read(name):
+      path = directory / f'{name}.json'
+      if not path.exists():
+        saved = sorted(p.name for p in directory.glob('*.json'))
+        raise CheckpointError(
+          f'no data-iterator state {path.name} in {directory} (it holds {saved}): the run that '
+          'wrote it split its data differently (data.shards, or the process count for this '
+          'data); resume with the data settings of that run. Nothing was changed.'
+        )
+      return json.loads(path.read_text())
+
+    if hasattr(iterator, 'restore_states'):
+      iterator.restore_states(read)
+    else:
+      iterator.set_state(read(_process_file()))
+    return iterator
+
+  def metadata(self, directory):
+    del directory
+
+  def finalize(self, directory):
+    del directory
+
+  def close(self):
+    pass
+
+  @classmethod
+  def typestr(cls):
+    return f'{cls.__module__}.{cls.__qualname__}'
+
+
+def _process_file() -> str:
+  return f'process_{jax.process_index()}-of-{jax.process_count()}'
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  item: object
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: object
 
 
 class Checkpointer:
@@ -65,7 +136,7 @@ class Checkpointer:
       return False
     args = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(dict(meta))}
     if data_iterator is not None:
-      args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+      args['data'] = DataSave(data_iterator)
     return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
 
   def read_meta(self, step: int) -> dict:
@@ -97,9 +168,11 @@ class Checkpointer:
     """
     args = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
-      args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+      args['data'] = DataRestore(data_iterator)
     try:
       return self._manager.restore(step, args=ocp.args.Composite(**args))['state']
+    except CheckpointError:
+      raise
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(self._unreadable(step, e)) from e
 

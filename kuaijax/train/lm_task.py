@@ -53,10 +53,7 @@ def resolve_tokenizer(data_config, workdir: str, train_source, hf_path: str = ''
         vocab_size=data_config.spm_vocab_size,
         model_prefix=prefix,
       )
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
-      multihost_utils.sync_global_devices('kuaijax_spm_trained')
+    parallel.sync('kuaijax_spm_trained')
   return tokenizers.get_tokenizer('sentencepiece', spm_model_path=prefix + '.model')
 
 
@@ -80,8 +77,7 @@ def build_lm_data(config, workdir: str) -> LMData:
     pack=dc.pack,
     task_names=task_names,
     shard_count=int(dc.get('shards', 0)) or jax.process_count(),
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
+    **parallel.this_process(),
   )
   train_dataset = pipeline.lm_train_dataset_shards(
     train_source, batch_size=micro, seed=dc.seed, **common
@@ -182,7 +178,9 @@ def train_on_pairs(config, workdir: str, pairs, tokenizer, *, drop_too_long: boo
   if dropped and not drop_too_long:
     raise ValueError(f'{dropped} training examples are longer than data.seq_len={seq_len}')
   micro = config.train.batch_size // config.train.grad_accum // jax.process_count()
-  dataset = sequences.in_memory_dataset(rows, batch_size=micro, seed=config.data.seed)
+  dataset = sequences.in_memory_dataset(
+    rows, batch_size=micro, seed=config.data.seed, **parallel.this_process()
+  )
   result = train(
     config,
     workdir,

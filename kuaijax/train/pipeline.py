@@ -32,6 +32,7 @@ import time
 import jax
 from absl import logging
 
+from kuaijax import parallel
 from kuaijax.data import sequences, tasks, tokenizers
 from kuaijax.evals import registry as eval_registry
 from kuaijax.methods import get_method
@@ -163,7 +164,9 @@ def train_stage(stage: Stage) -> dict:
   cfg = stage_train_config(stage.config, b, seed=stage.seed('train'), init_from=init_from)
   layout = param_layout(cfg, lm_task.model_factory(cfg.model))
   micro = check_batch_config(cfg.train, layout.mesh, layout.rules)
-  dataset = sequences.in_memory_dataset(examples, batch_size=micro, seed=stage.seed('data'))
+  dataset = sequences.in_memory_dataset(
+    examples, batch_size=micro, seed=stage.seed('data'), **parallel.this_process()
+  )
   evaluators = pipe.evaluators()
   result = train(
     cfg,
@@ -216,5 +219,6 @@ def run_pipeline(config, workdir: str) -> dict[str, dict]:
     info.update(block=block.to_dict(), wall_s=time.time() - start)
     if jax.process_index() == 0:
       _write_json(path, info)
+    parallel.sync(f'kuaijax_stage_done_{name}')  # every process sees the same finished stages
     done[name] = info
   return done

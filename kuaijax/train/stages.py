@@ -18,6 +18,7 @@ import dataclasses
 import os
 import zlib
 
+import jax
 from flax import nnx
 
 from kuaijax import parallel
@@ -102,9 +103,16 @@ class Stage:
     return records_lib.read_records(os.path.join(self.workdir, ref, info['data']))
 
   def write_data(self, records, filename: str = DATA_FILE) -> int:
-    """Writes this stage's data set (what `records(<this stage>)` returns later)."""
+    """Writes this stage's data set (what `records(<this stage>)` returns later).
+
+    Every process computes the same records; process 0 writes them, the others wait for it.
+    """
     self.outputs['data'] = filename
-    return records_lib.write_records(os.path.join(self.dir, filename), records)
+    records = list(records)
+    if jax.process_index() == 0:
+      records_lib.write_records(os.path.join(self.dir, filename), records)
+    parallel.sync(f'kuaijax_stage_data_{self.name}')
+    return len(records)
 
   def params_path(self, ref: str) -> str:
     """A stage name -> the checkpoints of its parameters; anything else is a checkpoint path."""

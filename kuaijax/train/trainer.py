@@ -18,7 +18,8 @@ model's params placed with `param_layout(...).shardings`) passed to `loss_fn` as
 and never updated or saved; `prepare_batch(model, batch, rng)` rewrites each
 host-local micro-batch with the CURRENT model before the step (online data such as GRPO rollouts).
 Its rng is `fold_in(fold_in(key(train.seed + 2), step), micro_index)`, so a resumed run regenerates the
-same online batches. It runs on one process's rows only (single-host online sampling).
+same online batches. It gets this process's rows; to run the model on them it uses
+`parallel.on_process_rows` (the whole mesh works on every process's rows, each gets its own back).
 
 Non-finite guard: a step whose loss or gradient norm is not finite leaves params and optimizer state
 unchanged and records its step; the host checks that record before every log, evaluation and save,

@@ -524,3 +524,26 @@ def test_in_memory_dataset_checks():
   it = iter(dataset([{'x': np.int32(i)} for i in range(5)], 2))
   assert isinstance(it, grain.DatasetIterator) and next(it)['x'].shape == (2,)
   assert jnp.asarray(next(it)['x']).dtype == jnp.int32
+  with pytest.raises(ValueError, match='process_index=2 not in'):
+    sequences.in_memory_dataset([{'x': 1}], batch_size=1, seed=0, process_index=2, process_count=2)
+
+
+def test_in_memory_dataset_processes_split_the_single_process_batches():
+  """3 processes of 2 rows see exactly the batches of 1 process of 6, at one shared position."""
+  examples = [{'x': np.int32(i)} for i in range(7)]
+  one = iter(sequences.in_memory_dataset(examples, batch_size=6, seed=4))
+  parts = [
+    iter(
+      sequences.in_memory_dataset(examples, batch_size=2, seed=4, process_index=p, process_count=3)
+    )
+    for p in range(3)
+  ]
+  for _ in range(5):  # crosses epochs (7 examples, 6 rows a step)
+    np.testing.assert_array_equal(next(one)['x'], np.concatenate([next(p)['x'] for p in parts]))
+  saved = [p.checkpoint_states() for p in parts]
+  assert saved[1] == saved[2] == {} and saved[0] == {'position': one.get_state()}
+  resumed = iter(
+    sequences.in_memory_dataset(examples, batch_size=3, seed=4, process_index=1, process_count=2)
+  )
+  resumed.restore_states(saved[0].__getitem__)  # the same run resumed on 2 processes of 3 rows
+  np.testing.assert_array_equal(next(resumed)['x'], next(one)['x'][3:])
