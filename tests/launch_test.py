@@ -19,6 +19,7 @@ import pytest
 from kuaijax import launch, parallel
 from kuaijax.config_lib import load_config
 from kuaijax.data import sources
+from kuaijax.data.records import read_records
 from kuaijax.main import run_experiment
 from kuaijax.train import lm_task
 from kuaijax.train.checkpoint import CheckpointError, load_params
@@ -371,8 +372,9 @@ def test_launch_recipes_are_valid_executable_scripts(name):
     assert 'python -m kuaijax.main --config=' in f.read()
 
 
-GRPO_CONFIG = 'configs/arith/posttrain.py:runlocal,stages=sft+grpo'
-GRPO_OVERRIDES = {
+POSTTRAIN_CONFIG = 'configs/arith/posttrain.py:runlocal,stages=sft+dpo+rft+grpo'
+POSTTRAINED = ('sft', 'dpo', 'rft', 'grpo')
+POSTTRAIN_OVERRIDES = {
   'model.d_model': 32,
   'model.num_layers': 1,
   'model.num_heads': 2,
@@ -384,6 +386,9 @@ GRPO_OVERRIDES = {
   'parallel.mesh.data': 8,
   'stage.sft.optimizer.lr': 1e-2,
   'stage.sft.optimizer.warmup_steps': 1,
+  'stage.samples.limit': 8,
+  'stage.samples.batch_size': 8,
+  'stage.pairs.gold_fallback': True,
   'stage.grpo.optimizer.lr': 1e-3,
   'stage.grpo.optimizer.warmup_steps': 1,
   'stage.grpo.options.group_size': 2,
@@ -395,7 +400,7 @@ GRPO_OVERRIDES = {
   'evals.arith.batch_size': 8,
   **{
     f'stage.{name}.train.{key}': value
-    for name in ('sft', 'grpo')
+    for name in POSTTRAINED
     for key, value in dict(
       steps=3, batch_size=8, log_every=1, checkpoint_every=3, eval_every=3
     ).items()
@@ -406,22 +411,34 @@ GRPO_OVERRIDES = {
 def _stage_results(workdir):
   """Per stage: logged training metrics by step, the evaluation, and the final params."""
   out = {}
-  for name in ('sft', 'grpo'):
+  for name in POSTTRAINED:
     info = json.loads((workdir / name / 'stage.json').read_text())
     metrics = {r['step']: r for r in read_metrics(str(workdir / name)) if 'loss' in r}
-    out[name] = metrics, info['eval'], _final_params(workdir / name, GRPO_CONFIG, GRPO_OVERRIDES)
+    params = _final_params(workdir / name, POSTTRAIN_CONFIG, POSTTRAIN_OVERRIDES)
+    out[name] = metrics, info['eval'], params
   return out
 
 
-def test_grpo_online_sampling_on_two_processes_matches_one_process(tmp_path):
-  """SFT then online GRPO (offline injection, batch-scaled advantages: both need every
-  process's groups) as 2 processes x 4 devices and as 1 process x 8 devices."""
+def test_posttraining_on_two_processes_matches_one_process(tmp_path):
+  """SFT -> samples -> pairs -> DPO (reference log-probs precomputed) and RFT, and online GRPO
+  (offline injection and batch-scaled advantages, which need every process's groups), as
+  2 processes x 4 devices and as 1 process x 8 devices."""
   one, two = tmp_path / 'one_process', tmp_path / 'two_processes'
-  common = dict(config=GRPO_CONFIG, overrides=GRPO_OVERRIDES)
+  common = dict(config=POSTTRAIN_CONFIG, overrides=POSTTRAIN_OVERRIDES)
   assert _launch(one, processes=1, devices=8, **common) == 0
   assert _launch(two, processes=2, devices=4, **common) == 0
+  for stage in ('samples', 'pairs'):  # written once, by process 0: the same samples and pairs
+    rows = [read_records(str(w / stage / 'data.jsonl')) for w in (one, two)]
+    assert len(rows[0]) == len(rows[1]) > 0
+    for a, b in zip(*rows):
+      assert a.keys() == b.keys()
+      for key in a:
+        if 'logp' in key:  # sampling log-probs: another reduction order on another layout
+          np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-5)
+        else:
+          assert a[key] == b[key], (stage, key)
   expected, got = _stage_results(one), _stage_results(two)
-  for name in ('sft', 'grpo'):
+  for name in POSTTRAINED:
     (m1, e1, p1), (m2, e2, p2) = expected[name], got[name]
     assert sorted(m2) == [1, 2, 3]
     for step in m1:
