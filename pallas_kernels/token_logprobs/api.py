@@ -94,7 +94,9 @@ def token_logprobs(
   that range give meaningless values). Logits are soft_cap * tanh(hidden @ lm_head / soft_cap) /
   temperature, accumulated in float32. Differentiable w.r.t. hidden and lm_head for both outputs.
   chunk_size: the vocabulary chunk (None: each implementation's default). implementation:
-  'auto' | 'xla' | 'pallas' | 'interpret' (see pallas_kernels.common.resolve_implementation).
+  'auto' | 'xla' | 'pallas' | 'interpret' (see pallas_kernels.common.resolve_implementation). On
+  GPU the Pallas kernel keeps [block, d] tiles in shared memory, so it serves d up to about 2048
+  (bf16) / 1024 (f32); wider models take the XLA path under 'auto' (an error under 'pallas').
   """
   impl = resolve_implementation(implementation, op=OP)
   hidden, lm_head, targets = jnp.asarray(hidden), jnp.asarray(lm_head), jnp.asarray(targets)
@@ -133,5 +135,12 @@ def token_logprobs(
   if h2.shape[0] == 0:
     empty = jnp.zeros(lead, jnp.float32)
     return empty, empty
+  if impl == 'gpu' and not pallas_gpu.fits(h2.shape[1], jnp.dtype(dtype).itemsize, chunk_size):
+    if implementation != 'auto':
+      raise ValueError(
+        f'{OP}: the Pallas GPU kernel cannot hold d={h2.shape[1]} {jnp.dtype(dtype).name} tiles '
+        f'(chunk_size={chunk_size}) in shared memory; use implementation="xla" or "auto"'
+      )
+    impl, chunk_size = 'xla', None  # the chunked XLA path has no such limit
   lp, ent = _fused(h2, lm_head, y, temperature, soft_cap, impl, chunk_size)
   return lp.reshape(lead), ent.reshape(lead)

@@ -26,15 +26,42 @@ def _pow2_at_least(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 
 
-def _blocks(t: int, d: int, block_v: int | None) -> tuple[int, int]:
-  """(token block, vocabulary block): smaller blocks for wide models to bound registers."""
-  block_t = 32 if d > 1024 else 64
-  block_t = max(16, min(block_t, _pow2_at_least(t)))  # tl.dot needs dims >= 16
-  if block_v is None:
-    block_v = 64 if d > 1024 else 128
-  if block_v < 16 or block_v & (block_v - 1):
+# Shared memory for one program's operand tiles. H100/H200 allow 227 KiB per block; Triton stages
+# the token tile [block_t, d] and the vocabulary tile [d, block_v] there (an H200 run at d=512 f32
+# with blocks (32, 128) asked for exactly (32 + 128) * 512 * 4 = 327680 bytes and failed), and needs
+# some more for its own conversions, hence the margin.
+SMEM_BUDGET = 180 * 1024
+
+
+def tile_bytes(block_t: int, block_v: int, d: int, itemsize: int) -> int:
+  """Shared memory the operand tiles of one program take (d padded to a power of two)."""
+  return (block_t + block_v) * _pow2_at_least(d) * itemsize
+
+
+def choose_blocks(t: int, d: int, itemsize: int, block_v: int | None) -> tuple[int, int] | None:
+  """(token block, vocabulary block) whose tiles fit `SMEM_BUDGET`, or None when none does.
+
+  Starts from (64, 128) and halves the larger block (a `block_v` given as chunk_size is kept)
+  down to 16, the smallest `tl.dot` dimension.
+  """
+  if block_v is not None and (block_v < 16 or block_v & (block_v - 1)):
     raise ValueError(f'token_logprobs (gpu): chunk_size={block_v} must be a power of two >= 16')
+  fixed_v = block_v is not None
+  block_t = max(16, min(64, _pow2_at_least(t)))
+  block_v = block_v or 128
+  while tile_bytes(block_t, block_v, d, itemsize) > SMEM_BUDGET:
+    if not fixed_v and block_v > 16 and block_v >= block_t:
+      block_v //= 2
+    elif block_t > 16:
+      block_t //= 2
+    else:
+      return None
   return block_t, block_v
+
+
+def fits(d: int, itemsize: int, block_v: int | None = None) -> bool:
+  """Whether the kernels can run at this width and operand size (else use the XLA path)."""
+  return choose_blocks(16, d, itemsize, block_v) is not None
 
 
 def _pad_to(x, axis: int, size: int):
@@ -49,7 +76,14 @@ def _prepare(hidden, lm_head, vectors, block_v):
   """Pads hidden [T, d], lm_head [d, V] and per-token vectors to whole blocks."""
   t, d = hidden.shape
   v = lm_head.shape[1]
-  block_t, block_v = _blocks(t, d, block_v)
+  blocks = choose_blocks(t, d, jnp.dtype(hidden.dtype).itemsize, block_v)
+  if blocks is None:
+    raise ValueError(
+      f'token_logprobs (gpu): d={d} in {jnp.dtype(hidden.dtype).name} needs more than '
+      f'{SMEM_BUDGET} bytes of shared memory even with 16 x 16 blocks; use implementation="xla" '
+      '(implementation="auto" does)'
+    )
+  block_t, block_v = blocks
   tp, dp, vp = pl.cdiv(t, block_t) * block_t, _pow2_at_least(d), pl.cdiv(v, block_v) * block_v
   hidden = _pad_to(_pad_to(hidden, 0, tp), 1, dp)
   lm_head = _pad_to(_pad_to(lm_head, 0, dp), 1, vp)

@@ -213,3 +213,29 @@ def test_mixed_dtypes_are_promoted():
   lp_r, ent_r = token_logprobs_reference(hidden.astype(jnp.float32), lm_head, targets)
   _close(lp, lp_r, jnp.float32, 'logprobs')
   _close(ent, ent_r, jnp.float32, 'entropy')
+
+
+@pytest.mark.parametrize('t', [1, 8, 4096])
+@pytest.mark.parametrize('d, itemsize', [(128, 4), (512, 4), (512, 2), (1024, 4), (2048, 2)])
+def test_gpu_blocks_fit_shared_memory(t, d, itemsize):
+  """The H200 failure (d=512 f32, blocks (32, 128): 327680 bytes) cannot be chosen again."""
+  assert pallas_gpu.tile_bytes(32, 128, 512, 4) == 327680 > pallas_gpu.SMEM_BUDGET
+  block_t, block_v = pallas_gpu.choose_blocks(t, d, itemsize, None)
+  assert pallas_gpu.tile_bytes(block_t, block_v, d, itemsize) <= pallas_gpu.SMEM_BUDGET
+  assert min(block_t, block_v) >= 16 and not block_t & (block_t - 1) and not block_v & (block_v - 1)
+  assert pallas_gpu.choose_blocks(t, d, itemsize, 16)[1] == 16  # a chunk_size given is kept
+
+
+def test_too_wide_for_the_gpu_kernel_takes_the_xla_path_under_auto(monkeypatch):
+  """d=4096 f32 tiles fit no block size: 'auto' scores with the XLA path, 'pallas' says why."""
+  from pallas_kernels.token_logprobs import api
+
+  assert not pallas_gpu.fits(4096, 4) and pallas_gpu.choose_blocks(64, 4096, 4, None) is None
+  hidden, lm_head, targets, _ = _inputs((3,), 4096, 40, jnp.float32)
+  monkeypatch.setattr(api, 'resolve_implementation', lambda implementation, op: 'gpu')
+  lp, ent = token_logprobs(hidden, lm_head, targets)  # would fail to lower on this CPU as 'gpu'
+  lp_r, ent_r = token_logprobs_reference(hidden, lm_head, targets)
+  _close(lp, lp_r, jnp.float32, 'logprobs')
+  _close(ent, ent_r, jnp.float32, 'entropy')
+  with pytest.raises(ValueError, match='d=4096 float32 tiles'):
+    token_logprobs(hidden, lm_head, targets, implementation='pallas')
