@@ -359,23 +359,3 @@ def record_problem(record: Mapping) -> ArithProblem:
     int(record['level']),
     int(record['steps']),
   )
-
-
-def minimal_rewrite(sample_text: str, problem: ArithProblem) -> str:
-  """The minimum-editing correction of a sample: its steps up to the first one that differs from
-  the gold solution, then the gold steps and answer (a programmatic, exact teacher).
-
-  Steps are compared by (expression, result); the copied steps keep their raw text. A sample whose
-  steps all match the gold ones (but with a wrong answer line) keeps them and gets the gold answer.
-  """
-  gold = parse_steps(problem.solution)
-  pred = parse_steps(sample_text)
-  k = 0
-  while (
-    k < min(len(gold), len(pred))
-    and pred[k].parsed
-    and (pred[k].expression, pred[k].result) == (gold[k].expression, gold[k].result)
-  ):
-    k += 1
-  lines = [s.raw.strip() for s in pred[:k]] + [s.raw for s in gold[k:]]
-  return '\n'.join([*lines, f'The answer is {problem.answer}'])

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from kuaijax import grm
-from kuaijax.data import arith, edits, minimum_edit, sequences
+from kuaijax.data import edits, minimum_edit, sequences
 from kuaijax.losses import rl
 from kuaijax.methods.base import Method, register_method
 from kuaijax.sampling import score
@@ -129,8 +129,10 @@ def minimal_edit_records(samples, tokenizer) -> tuple[list[dict], dict]:
   """RLMEC records of kj_arith samples with the program teacher (see the module docstring).
 
   A correct sample is its own rewrite (keep-probability 1 everywhere) and is kept once per prompt;
-  a wrong one gets `arith.minimal_rewrite`. Returns (records, stats).
+  a wrong one gets the `minimum_edit.ProgramTeacher` rewrite (the teacher of the GRM stages too).
+  Returns (records, stats).
   """
+  teacher = minimum_edit.ProgramTeacher()
   out, seen = [], set()
   stats = {'samples': len(samples), 'correct': 0, 'wrong': 0, 'duplicates': 0}
   for s in samples:
@@ -143,8 +145,7 @@ def minimal_edit_records(samples, tokenizer) -> tuple[list[dict], dict]:
       seen.add(key)
       rewrite, keep = sample, np.ones(len(sample), np.float32)
     else:
-      text = arith.minimal_rewrite(s['completion'], arith.record_problem(s))
-      rewrite = sequences.completion_ids(tokenizer, text)
+      rewrite = sequences.completion_ids(tokenizer, teacher.edit(_case(s)).rewrite)
       keep = keep_probs_from_alignment(sample, rewrite)
     stats['correct' if s['correct'] else 'wrong'] += 1
     fields = ('index', 'prompt', 'completion', 'completion_tokens', 'logprobs', 'correct')

@@ -270,15 +270,33 @@ def test_pair_records_from_samples():
 # ----------------------------------------------------------------------------- RLMEC
 
 
-def test_minimal_rewrite_copies_the_right_prefix():
-  p = arith.ArithProblem('q', '[1] 4*10=40\n[2] 40*4=160\nThe answer is 160', 160, 1, 2)
-  assert arith.minimal_rewrite('[1] 4*10=40\n[2] 40*4=150\nThe answer is 150', p) == p.solution
-  assert arith.minimal_rewrite('[1] 4*11=44\nThe answer is 44', p) == p.solution
-  assert arith.minimal_rewrite('garbage', p) == p.solution
-  # All steps right but a wrong answer line: the steps are kept, the answer fixed.
-  assert arith.minimal_rewrite('[1] 4*10=40\n[2] 40*4=160\nThe answer is 16', p) == p.solution
-  # A copied step keeps its raw text (spacing) even where gold's differs.
-  assert arith.minimal_rewrite('[1] 4*10 = 40\n[2] 1+1=2', p).startswith('[1] 4*10 = 40\n[2] 40*4')
+def test_minimal_edit_records_use_the_program_teacher():
+  """Wrong samples are rewritten by `ProgramTeacher` (the GRM stages' teacher): the right prefix
+  is copied verbatim, an equal reordered step is right, the rest is the gold solution."""
+  gold = '[1] 4*10=40\n[2] 40*4=160\nThe answer is 160'
+  problem = dict(question='q', solution=gold, answer=160, level=1, steps=2, gold=gold, prompt='q')
+  cases = {
+    '[1] 4*10=40\n[2] 40*4=150\nThe answer is 150': gold,
+    'garbage': gold,
+    '[1] 4*10=40\n[2] 40*4=160\nThe answer is 16': gold,  # steps kept, answer fixed
+    '[1] 4*10 = 40\n[2] 1+1=2': '[1] 4*10 = 40\n[2] 40*4=160\nThe answer is 160',
+    '[1] 10*4=40\n[2] 4*4=16': '[1] 10*4=40\n[2] 40*4=160\nThe answer is 160',
+  }
+  samples = [
+    dict(
+      problem,
+      index=i,
+      completion=text,
+      completion_tokens=sequences.completion_ids(TOK, text),
+      logprobs=np.zeros(0),
+      correct=False,
+    )
+    for i, text in enumerate(cases)
+  ]
+  records, stats = rlmec_lib.minimal_edit_records(samples, TOK)
+  assert stats['wrong'] == len(cases)
+  for record, rewrite in zip(records, cases.values()):
+    np.testing.assert_array_equal(record['rewrite_tokens'], sequences.completion_ids(TOK, rewrite))
 
 
 def test_rlmec_features_of_wrong_and_correct_samples():
