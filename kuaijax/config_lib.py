@@ -107,6 +107,87 @@ def trainer_config(**train_overrides) -> ml_collections.ConfigDict:
   return config
 
 
+def lm_model(
+  *,
+  vocab_size: int,
+  d_model: int,
+  num_layers: int,
+  num_heads: int,
+  num_kv_heads: int,
+  d_ff: int,
+  **overrides,
+) -> ml_collections.ConfigDict:
+  """The `model` section of a kuaijax Transformer of this size: by default SwiGLU, RoPE (base 1e4),
+  tied embeddings, bfloat16 compute on float32 parameters, no rematerialisation; `overrides` set
+  any other field (remat='dots', tie_embeddings=False, ...)."""
+  defaults = dict(
+    mlp='swiglu',
+    tie_embeddings=True,
+    init_std=0.02,
+    rope_base=10000.0,
+    dtype='bfloat16',
+    param_dtype='float32',
+    remat='none',
+  )
+  size = dict(
+    vocab_size=vocab_size,
+    d_model=d_model,
+    num_layers=num_layers,
+    num_heads=num_heads,
+    num_kv_heads=num_kv_heads,
+    d_ff=d_ff,
+  )
+  return ml_collections.ConfigDict({**size, **defaults, **overrides})
+
+
+def stage_steps(steps: int, batch_size: int, *, logs: int = 20, checkpoints: int = 4) -> dict:
+  """A training stage's `train` overrides: `steps`, `batch_size`, about `logs` log lines and
+  `checkpoints` checkpoints over the run, one evaluation at the end."""
+  return dict(
+    steps=steps,
+    batch_size=batch_size,
+    log_every=max(1, steps // logs),
+    checkpoint_every=max(1, steps // checkpoints),
+    eval_every=steps,
+  )
+
+
+def train_stage(
+  method: str,
+  label: str,
+  *,
+  data: str,
+  steps: int,
+  batch_size: int,
+  optimizer: dict,
+  options: dict | None = None,
+  loss: dict | None = None,
+  init_from: str = '',
+  reference: str = '',
+  logs: int = 20,
+  checkpoints: int = 4,
+  **extra,
+) -> ml_collections.ConfigDict:
+  """A 'train' stage block of the pipeline (`kuaijax.train.pipeline`); `label` names its row in
+  the experiment's table, `extra` adds fields (e.g. evaluate=False)."""
+  CD = ml_collections.ConfigDict
+  return CD(
+    dict(
+      type='train',
+      label=label,
+      method=method,
+      data=data,
+      init_from=init_from,
+      reference=reference,
+      options=CD(options or {}),
+      loss=CD(loss or {}),
+      train=CD(stage_steps(steps, batch_size, logs=logs, checkpoints=checkpoints)),
+      optimizer=CD(optimizer),
+      **extra,
+    )
+  )
+
+
 def load_config_module(path: str):
   """Imports a config file as a module (its get_config, and get_hyper when it declares a sweep)."""
   import importlib.util

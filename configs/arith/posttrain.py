@@ -22,33 +22,11 @@ run instead of training one:
 
 import ml_collections
 
-from kuaijax.config_lib import parse_arg, trainer_config
+from kuaijax.config_lib import lm_model, parse_arg, stage_steps, trainer_config
+from kuaijax.config_lib import train_stage as _train
 from kuaijax.losses.preference import DPO_LOSS_TYPES
 
 CD = ml_collections.ConfigDict
-
-
-def _train(method, label, *, data, steps, batch_size, optimizer, options=None, loss=None, **refs):
-  """A training stage block (`kuaijax.train.pipeline`)."""
-  return CD(
-    dict(
-      type='train',
-      label=label,
-      method=method,
-      data=data,
-      init_from=refs.get('init_from', ''),
-      reference=refs.get('reference', ''),
-      options=CD(options or {}),
-      loss=CD(loss or {}),
-      train=CD(_steps(steps, batch_size)),
-      optimizer=CD(optimizer),
-    )
-  )
-
-
-def _steps(n, batch_size):
-  every = dict(log_every=max(1, n // 20), checkpoint_every=max(1, n // 4), eval_every=n)
-  return dict(steps=n, batch_size=batch_size, **every)
 
 
 def _sample(*, limit, offset, num_samples, temperature):
@@ -118,22 +96,8 @@ def get_config(arg=None):
       max_new_tokens=128,  # level-4 solutions reach 119; DPO/RLMEC rows hold prompt + this
     )
   )
-  config.model = CD(
-    dict(
-      vocab_size=384,
-      d_model=768,
-      num_layers=12,
-      num_heads=12,
-      num_kv_heads=4,
-      d_ff=2048,
-      mlp='swiglu',
-      tie_embeddings=True,
-      init_std=0.02,
-      rope_base=10000.0,
-      dtype='bfloat16',
-      param_dtype='float32',
-      remat='none',
-    )
+  config.model = lm_model(
+    vocab_size=384, d_model=768, num_layers=12, num_heads=12, num_kv_heads=4, d_ff=2048
   )
   stage = CD()
   stage.sft = _train(
@@ -219,12 +183,12 @@ def get_config(arg=None):
       d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=384, dtype='float32'
     )
     if not args.sft_from:
-      stage.sft.train.update(_steps(900, 8))
+      stage.sft.train.update(stage_steps(900, 8))
       stage.sft.optimizer.update(lr=3e-3, warmup_steps=30)
     for name, lr, warmup in (('dpo', 5e-5, 4), ('rft', 3e-4, 4), ('rlmec', 5e-5, 4)):
-      stage[name].train.update(_steps(40, 8))
+      stage[name].train.update(stage_steps(40, 8))
       stage[name].optimizer.update(lr=lr, warmup_steps=warmup)
-    stage.grpo.train.update(_steps(20, 8))
+    stage.grpo.train.update(stage_steps(20, 8))
     stage.grpo.optimizer.update(lr=2e-5, warmup_steps=2)
     stage.samples.update(limit=192, num_samples=4, batch_size=60)
     stage.rlmec_samples.update(limit=96, num_samples=4, batch_size=60)

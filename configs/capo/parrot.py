@@ -23,35 +23,20 @@ Args: `seeds=3` (pipelines, one per seed), `kinds=neglect+hallucination+misunder
 need, instead of the rows `kinds` implies).
 """
 
+import functools
+
 import ml_collections
 
-from kuaijax.config_lib import parse_arg, trainer_config
+from kuaijax.config_lib import lm_model, parse_arg, stage_steps, train_stage, trainer_config
 from kuaijax.data.dialog import NEGATIVE_KINDS
 
 CD = ml_collections.ConfigDict
 KIND_ROWS = (*NEGATIVE_KINDS, 'all')
 
 
-def _steps(n, batch_size):
-  every = dict(log_every=max(1, n // 10), checkpoint_every=n, eval_every=n)
-  return dict(steps=n, batch_size=batch_size, **every)
-
-
-def _train(method, label, *, data, steps, batch_size, optimizer, options=None, loss=None, **refs):
-  return CD(
-    dict(
-      type='train',
-      label=label,
-      method=method,
-      data=data,
-      init_from=refs.get('init_from', ''),
-      reference=refs.get('reference', ''),
-      options=CD(options or {}),
-      loss=CD(loss or {}),
-      train=CD(_steps(steps, batch_size)),
-      optimizer=CD(optimizer),
-    )
-  )
+# One log line in 10 and a single checkpoint per stage (the stages are short).
+_steps = functools.partial(stage_steps, logs=10, checkpoints=1)
+_train = functools.partial(train_stage, logs=10, checkpoints=1)
 
 
 def get_config(arg=None):
@@ -80,22 +65,8 @@ def get_config(arg=None):
       max_new_tokens=48,
     )
   )
-  config.model = CD(
-    dict(
-      vocab_size=384,
-      d_model=512,
-      num_layers=8,
-      num_heads=8,
-      num_kv_heads=4,
-      d_ff=1536,
-      mlp='swiglu',
-      tie_embeddings=True,
-      init_std=0.02,
-      rope_base=10000.0,
-      dtype='bfloat16',
-      param_dtype='float32',
-      remat='none',
-    )
+  config.model = lm_model(
+    vocab_size=384, d_model=512, num_layers=8, num_heads=8, num_kv_heads=4, d_ff=1536
   )
   sft_opt = dict(lr=3e-4, warmup_steps=200)
   capo_opt = dict(lr=1e-5, warmup_steps=20, weight_decay=0.0, min_lr_ratio=0.0)  # the paper's lr

@@ -10,7 +10,7 @@ full scale (one 8-chip TPU v4/v5 host or 8 GPUs, ~150M params, ~10 h; not record
 
 import ml_collections
 
-from kuaijax.config_lib import parse_arg, trainer_config
+from kuaijax.config_lib import lm_model, parse_arg, trainer_config
 
 TASKS = ('code', 'arith', 'copy', 'recall')
 
@@ -38,22 +38,15 @@ def get_config(arg=None):
       eval_batches=16,
     )
   )
-  config.model = ml_collections.ConfigDict(
-    dict(
-      vocab_size=384,  # byte tokenizer (259) padded to a multiple of 128
-      d_model=768,
-      num_layers=12,
-      num_heads=12,
-      num_kv_heads=4,
-      d_ff=2048,
-      mlp='swiglu',
-      tie_embeddings=True,
-      init_std=0.02,
-      rope_base=10000.0,
-      dtype='bfloat16',
-      param_dtype='float32',
-      remat='dots',
-    )
+  # vocab: the byte tokenizer (259) padded to a multiple of 128
+  config.model = lm_model(
+    vocab_size=384,
+    d_model=768,
+    num_layers=12,
+    num_heads=12,
+    num_kv_heads=4,
+    d_ff=2048,
+    remat='dots',
   )
   config.eval = ml_collections.ConfigDict(dict(unigram_max_examples=0))  # 0: whole train split
   # Evaluators by name (kuaijax.evals.registry), run every train.eval_every steps.

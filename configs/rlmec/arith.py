@@ -22,7 +22,7 @@ Args: `stages=` the rows to run (their inputs are added), `seeds=0+1+2`.
 
 import ml_collections
 
-from kuaijax.config_lib import parse_arg, trainer_config
+from kuaijax.config_lib import lm_model, parse_arg, stage_steps, train_stage, trainer_config
 
 CD = ml_collections.ConfigDict
 
@@ -30,28 +30,22 @@ ROWS = 'sft,sft_more,rft,dpo,grpo,rlmec_prog,rlmec'
 
 
 def _steps(n, batch_size):
-  every = dict(log_every=max(1, n // 20), checkpoint_every=max(1, n // 2), eval_every=n)
-  return dict(steps=n, batch_size=batch_size, **every)
+  return stage_steps(n, batch_size, checkpoints=2)
 
 
-def _train(method, label, data, *, steps, batch_size, lr, options=None, loss=None, **refs):
+def _train(method, label, data, *, steps, batch_size, lr, init_from='sft', **fields):
   """A training stage block; post-training stages start from the SFT policy."""
-  return CD(
-    dict(
-      type='train',
-      label=label,
-      method=method,
-      data=data,
-      init_from=refs.get('init_from', 'sft'),
-      reference=refs.get('reference', ''),
-      evaluate=refs.get('evaluate', True),
-      options=CD(options or {}),
-      loss=CD(loss or {}),
-      train=CD(_steps(steps, batch_size)),
-      optimizer=CD(
-        dict(lr=lr, warmup_steps=max(1, steps // 30), weight_decay=0.0, min_lr_ratio=0.0)
-      ),
-    )
+  optimizer = dict(lr=lr, warmup_steps=max(1, steps // 30), weight_decay=0.0, min_lr_ratio=0.0)
+  return train_stage(
+    method,
+    label,
+    data=data,
+    steps=steps,
+    batch_size=batch_size,
+    optimizer=optimizer,
+    init_from=init_from,
+    checkpoints=2,
+    **{'evaluate': True, **fields},
   )
 
 
@@ -76,22 +70,8 @@ def get_config(arg=None):
       max_new_tokens=128,
     )
   )
-  config.model = CD(
-    dict(
-      vocab_size=384,
-      d_model=768,
-      num_layers=12,
-      num_heads=12,
-      num_kv_heads=4,
-      d_ff=2048,
-      mlp='swiglu',
-      tie_embeddings=True,
-      init_std=0.02,
-      rope_base=10000.0,
-      dtype='bfloat16',
-      param_dtype='float32',
-      remat='none',
-    )
+  config.model = lm_model(
+    vocab_size=384, d_model=768, num_layers=12, num_heads=12, num_kv_heads=4, d_ff=2048
   )
   post, bs, lr = 1000, 128, 5e-6  # paper: 3 epochs at lr 5e-6, 128 sequences per step
   s = CD()

@@ -11,7 +11,7 @@ A trained GRM instead of a random model: add --config.init_from=<workdir>/seed_0
 
 import ml_collections
 
-from kuaijax.config_lib import parse_arg, trainer_config
+from kuaijax.config_lib import lm_model, parse_arg, trainer_config
 
 
 def get_config(arg=None):
@@ -28,22 +28,8 @@ def get_config(arg=None):
       max_new_tokens=128,
     )
   )
-  config.model = ml_collections.ConfigDict(
-    dict(
-      vocab_size=384,
-      d_model=512,
-      num_layers=8,
-      num_heads=8,
-      num_kv_heads=4,
-      d_ff=1536,
-      mlp='swiglu',
-      tie_embeddings=True,
-      init_std=0.02,
-      rope_base=10000.0,
-      dtype='bfloat16',
-      param_dtype='float32',
-      remat='none',
-    )
+  config.model = lm_model(
+    vocab_size=384, d_model=512, num_layers=8, num_heads=8, num_kv_heads=4, d_ff=1536
   )
   config.bench = ml_collections.ConfigDict(
     dict(

@@ -28,7 +28,7 @@ SentencePiece tokenizer (32000) is trained into the workdir unless data.spm_mode
 
 import ml_collections
 
-from kuaijax.config_lib import check_choice, parse_arg, trainer_config
+from kuaijax.config_lib import check_choice, lm_model, parse_arg, trainer_config
 
 MIXTURE_TASKS = ('code', 'arith', 'copy', 'recall')
 SWEEP_P = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -77,23 +77,17 @@ def get_config(arg=None):
       eval_batches=16,
     )
   )
-  config.model = ml_collections.ConfigDict(
-    dict(
-      vocab_size=32000,
-      d_model=1024,
-      num_layers=24,
-      num_heads=16,
-      num_kv_heads=16,
-      d_ff=2816,
-      mlp='swiglu',
-      mlp_options={},
-      tie_embeddings=False,
-      init_std=0.006,
-      rope_base=10000.0,
-      dtype='bfloat16',
-      param_dtype='float32',
-      remat='dots',
-    )
+  config.model = lm_model(
+    vocab_size=32000,
+    d_model=1024,
+    num_layers=24,
+    num_heads=16,
+    num_kv_heads=16,
+    d_ff=2816,
+    mlp_options={},
+    tie_embeddings=False,
+    init_std=0.006,
+    remat='dots',
   )
   # Options shared by every MoE variant (`model.mlp_options`, kuaijax.models.moe.MoEConfig):
   # k_max 0 = uncapped Top-P (the paper; k_max > 0 caps experts per token, counted as truncation);
