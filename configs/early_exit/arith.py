@@ -16,7 +16,7 @@ full (one accelerator host; 12 layers, more steps; not run yet):
 
 import ml_collections
 
-from kuaijax.config_lib import parse_arg, trainer_config
+from kuaijax.config_lib import lm_model, parse_arg, trainer_config
 
 
 def get_config(arg=None):
@@ -34,19 +34,14 @@ def get_config(arg=None):
       seed=1,
     )
   )
-  config.model = ml_collections.ConfigDict(
-    dict(
-      vocab_size=259,
-      d_model=512,
-      num_layers=12,
-      num_heads=8,
-      num_kv_heads=4,
-      d_ff=1536,
-      mlp='swiglu',
-      tie_embeddings=True,
-      dtype='float32',
-      param_dtype='float32',
-    )
+  config.model = lm_model(
+    vocab_size=259,
+    d_model=512,
+    num_layers=12,
+    num_heads=8,
+    num_kv_heads=4,
+    d_ff=1536,
+    dtype='float32',
   )
   config.train.update(steps=5000, batch_size=32, log_every=100, checkpoint_every=1000)
   config.train.eval_every = 10**9

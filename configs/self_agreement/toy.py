@@ -17,7 +17,7 @@ The SFT is a plain trainer run (kuaijax.train.trainer.train), not a `config.stag
 
 import ml_collections
 
-from kuaijax.config_lib import parse_arg, trainer_config
+from kuaijax.config_lib import lm_model, parse_arg, trainer_config
 
 
 def get_config(arg=None):
@@ -39,19 +39,14 @@ def get_config(arg=None):
   config.aggregation = ml_collections.ConfigDict(
     dict(sets=6000, k_choices=(1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20))
   )
-  config.model = ml_collections.ConfigDict(
-    dict(
-      vocab_size=259,
-      d_model=384,
-      num_layers=8,
-      num_heads=6,
-      num_kv_heads=2,
-      d_ff=1024,
-      mlp='swiglu',
-      tie_embeddings=True,
-      dtype='float32',
-      param_dtype='float32',
-    )
+  config.model = lm_model(
+    vocab_size=259,
+    d_model=384,
+    num_layers=8,
+    num_heads=6,
+    num_kv_heads=2,
+    d_ff=1024,
+    dtype='float32',
   )
   config.train.update(
     steps=6000, batch_size=16, log_every=100, checkpoint_every=1000, eval_every=10**9

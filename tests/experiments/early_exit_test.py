@@ -52,6 +52,7 @@ def test_bad_threshold(tmp_path):
 @pytest.mark.slow
 def test_runlocal(tmp_path):
   config = load_config(CONFIG + ':runlocal')
+  config.parallel.num_devices = 1  # as on a CPU host: the suite simulates 8 devices
   config.train.progress = False
   results = run_experiment(config, str(tmp_path))
   assert results['settings'][0]['avg_layers_decode'] == config.model.num_layers

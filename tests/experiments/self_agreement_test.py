@@ -76,6 +76,7 @@ def test_notebook_tiny_run(tmp_path):
 @pytest.mark.slow
 def test_runlocal(tmp_path):
   config = load_config(CONFIG + ':runlocal')
+  config.parallel.num_devices = 1  # as on a CPU host: the suite simulates 8 devices
   config.train.progress = False
   results = run_experiment(config, str(tmp_path))
   for scenario in results['scenarios'].values():
