@@ -199,6 +199,10 @@ def test_full_state_resumes_on_another_process_count_and_mesh(uninterrupted, tmp
     overrides={**OVERRIDES, **MESHES[mesh1]},
   )
   assert status == 3 and sorted(os.listdir(workdir / 'checkpoints')) == ['2']
+  # Shard s holds examples s, s + 2, ...: each process read exactly its shards, and something.
+  for p in range(p1):
+    read = json.loads((reads / f'{p}.json').read_text())
+    assert read and {i % 2 for i in read} == ({p} if p1 == 2 else {0, 1})
   data_files = sorted(os.listdir(workdir / 'checkpoints' / '2' / 'data'))
   assert [f for f in data_files if f.endswith('.json')] == [
     'shard_0-of-2.json',
