@@ -5,6 +5,7 @@ builds the abstract model, and fills every parameter with `jax.make_array_from_c
 reads only its own region of the HF tensor from the memory-mapped safetensors files (rows range of
 the stored [out, in] matrix, then transposed and reshaped to the kuaijax layout), so a model larger
 than one device loads straight onto a mesh with the config's logical shardings and no full host copy.
+Parameters load on up to 4 threads.
 Every tensor name, shape and file is checked before anything is read; errors name the file and
 tensor. `save_model(model, folder)` writes config.json and (sharded) safetensors that transformers
 loads.
@@ -16,6 +17,7 @@ RoPE uses the same rotate-half convention on both sides, so no permutation of q/
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -236,7 +238,9 @@ def load_params(folder: str, cfg: TransformerConfig, family: str, abstract_param
 
       return jax.make_array_from_callback(leaf.shape, flat_shardings[path], region)
 
-    values = {path: build(path) for path in flat_abstract}
+    # numpy copies and device transfers release the GIL: parameters load in parallel.
+    with concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+      values = dict(zip(flat_abstract, pool.map(build, flat_abstract)))
   finally:
     ckpt.close()
   return jax.tree_util.tree_map_with_path(
