@@ -201,7 +201,7 @@ def score_completions(
   graphdef, state = nnx.split(model)
   out: list[np.ndarray | None] = [None] * len(prompts)
   for idx, tokens, mask, segments in _batches(prompts, completions, batch_size, pad_id):
-    logps = np.asarray(_score_rows(graphdef, state, tokens, mask, segments))
+    logps = parallel.host_value(_score_rows(graphdef, state, tokens, mask, segments))
     for r, k in enumerate(idx):
       p, c = len(prompts[k]), len(completions[k])
       out[k] = logps[r, p - 1 : p - 1 + c].astype(np.float32)

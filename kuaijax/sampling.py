@@ -50,7 +50,7 @@ class Generation(NamedTuple):
 
   def to_lists(self) -> list[list[int]]:
     """The completions as Python lists of token ids, each cut at its length."""
-    tokens, lengths = np.asarray(self.tokens), np.asarray(self.lengths)
+    tokens, lengths = parallel.host_value((self.tokens, self.lengths))
     return [row[:n].tolist() for row, n in zip(tokens, lengths, strict=True)]
 
 

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from kuaijax import sampling
+from kuaijax import parallel, sampling
 from kuaijax.data import chat, dialog, kj_dialog, sequences, sources
 from kuaijax.evals.base import Evaluator
 
@@ -200,7 +200,7 @@ def last_answer_logps(
     mask = np.stack([r[1] for r in chunk])
     lengths = np.asarray([r[2] for r in chunk])
     segments = (np.arange(seq_len)[None] < lengths[:, None]).astype(np.int32)
-    out.append(np.asarray(_sequence_logps(model, tokens, mask, segments))[:real])
+    out.append(parallel.host_value(_sequence_logps(model, tokens, mask, segments))[:real])
   return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 

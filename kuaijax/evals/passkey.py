@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kuaijax import parallel
 from kuaijax.evals.base import Evaluator
 from kuaijax.jit_cache import ParamsJit, split_params
 
@@ -121,7 +122,7 @@ def score_retrieval(logits, targets, answer_mask) -> tuple[np.ndarray, np.ndarra
   mask = jnp.asarray(answer_mask) > 0
   retrieved = jnp.all(right | ~mask, axis=-1)
   loss = -(target_logp * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1)
-  return np.asarray(retrieved), np.asarray(loss)
+  return parallel.host_value((retrieved, loss))
 
 
 _forward = ParamsJit(
