@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
@@ -296,9 +296,9 @@ def process_rows(tree, mesh: Mesh, rules) -> dict:
   """
 
   def rows(x):
-    x = jax.jit(lambda a: a, out_shardings=batch_sharding(mesh, rules, x.ndim))(x)
     if x.is_fully_addressable:
       return np.asarray(x)
+    x = jax.device_put(x, batch_sharding(mesh, rules, x.ndim))
     shards = {s.index[0].indices(x.shape[0])[0]: s.data for s in x.addressable_shards}
     return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
 
@@ -312,7 +312,6 @@ def host_value(tree):
   """
   if jax.process_count() == 1:
     return jax.device_get(tree)
-  from jax.experimental import multihost_utils
 
   def whole(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -327,8 +326,6 @@ def gather_process_rows(tree) -> dict:
   process the arrays themselves. A collective: every process calls it with equally shaped arrays."""
   if jax.process_count() == 1:
     return jax.tree.map(np.asarray, tree)
-  from jax.experimental import multihost_utils
-
   return jax.tree.map(
     lambda x: np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True)), tree
   )
@@ -356,6 +353,4 @@ def this_process() -> dict[str, int]:
 def sync(name: str) -> None:
   """Waits until every process reaches the barrier `name` (nothing to wait for on one process)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
     multihost_utils.sync_global_devices(name)

@@ -1,6 +1,8 @@
 """Mesh resolution, logical-to-mesh rules and parameter sharding specs on 8 simulated devices."""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -70,3 +72,27 @@ def test_every_parameter_gets_a_sharding_on_eight_devices():
   assert specs['layers'][0]['attn']['wo'] == P('tensor', None, 'fsdp')
   assert specs['layers'][1]['mlp']['w2'] == P('tensor', 'fsdp')
   assert specs['final_norm']['scale'] == P(None)
+
+
+def test_on_process_rows_runs_on_the_mesh_and_returns_this_process_rows():
+  """Inside axis_rules the function sees a batch sharded over the mesh; the rows come back as numpy
+  (here one process holds them all), for outputs sharded another way too."""
+  mesh = parallel.make_mesh({'data': 4, 'tensor': 2})
+  local = {'x': np.arange(16, dtype=np.float32).reshape(8, 2)}
+  seen = []
+
+  def fn(batch):
+    seen.append(getattr(batch['x'], 'sharding', None))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'tensor'))
+    doubled = jax.device_put(jnp.concatenate([batch['x'], batch['x']], 1) * 2, spec)
+    return {'y': doubled, 'n': batch['x'].sum(1)}
+
+  with parallel.axis_rules(mesh, parallel.DEFAULT_RULES):
+    out = parallel.on_process_rows(fn, local)
+  assert seen[0].spec[0] is not None  # the rows were sharded over the batch mesh axes
+  assert isinstance(out['y'], np.ndarray)
+  np.testing.assert_array_equal(out['y'], 2 * np.concatenate([local['x'], local['x']], 1))
+  np.testing.assert_array_equal(out['n'], local['x'].sum(1))
+  np.testing.assert_array_equal(parallel.on_process_rows(fn, local)['n'], local['x'].sum(1))
+  assert parallel.host_value(jnp.ones(3)).tolist() == [1, 1, 1]
+  assert parallel.gather_process_rows({'a': np.array([1, 2])})['a'].tolist() == [1, 2]
