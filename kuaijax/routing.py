@@ -47,6 +47,29 @@ def router_probs(logits: jax.Array) -> jax.Array:
   return jax.nn.softmax(jnp.asarray(logits).astype(jnp.float32), axis=-1)
 
 
+# Uncapped Top-P over many experts first sorts only the top FAST_HEAD of every token: when each
+# token's first FAST_HEAD probabilities already sum past p, no later expert can be kept and the sort
+# over all E experts is skipped (a `lax.cond`; the result is the same either way).
+FAST_HEAD = 8
+
+
+def _sorted_head(probs, k: int, p: float) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k(probs, k)` where only the experts a Top-P-by-`p` selection can keep matter: the
+  slots past a token's kept set may hold (0, E) instead of the next experts."""
+  num_experts = probs.shape[-1]
+  if k < num_experts or num_experts <= 2 * FAST_HEAD:
+    return jax.lax.top_k(probs, k)
+
+  top, ids = jax.lax.top_k(probs, FAST_HEAD)
+  pad = [(0, 0)] * (top.ndim - 1) + [(0, k - FAST_HEAD)]
+  padded = lambda operands: (
+    jnp.pad(operands[1], pad),
+    jnp.pad(operands[2], pad, constant_values=num_experts),
+  )
+  full = lambda operands: tuple(jax.lax.top_k(operands[0], k))
+  return jax.lax.cond(jnp.all(top.sum(-1) > p), padded, full, (probs, top, ids))
+
+
 def top_p_with_truncation(probs, *, p, k_max: int | None = None):
   """Top-P selection, plus which tokens had their Top-P set cut by `k_max`.
 
@@ -58,7 +81,7 @@ def top_p_with_truncation(probs, *, p, k_max: int | None = None):
   num_experts = probs.shape[-1]
   p = check_p(p)
   k_max = num_experts if k_max is None else check_k('k_max', k_max, num_experts)
-  top, ids = jax.lax.top_k(probs, k_max)
+  top, ids = _sorted_head(probs, k_max, p)
   inclusive = jnp.cumsum(top, axis=-1)
   exclusive = jnp.concatenate([jnp.zeros_like(inclusive[..., :1]), inclusive[..., :-1]], axis=-1)
   keep = exclusive <= p

@@ -47,7 +47,7 @@ def random_probs(seed, tokens, num_experts, temperature=1.0):
   return np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
 
 
-@pytest.mark.parametrize('num_experts', [4, 8, 16])
+@pytest.mark.parametrize('num_experts', [4, 8, 16, 64])
 @pytest.mark.parametrize('p', [0.05, 0.3, 0.4, 0.7, 0.95])
 def test_top_p_matches_brute_force(num_experts, p):
   probs = random_probs(num_experts, 400, num_experts, temperature=1.5)
@@ -110,6 +110,27 @@ def test_k_max_truncation_is_counted():
   assert not bool(truncated[0])
   stats = routing.routing_stats(ids, e, truncated=np.array([True, False, False]))
   assert float(stats['trunc_rate']) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize('p, head_suffices', [(0.3, True), (0.9, False)])
+def test_uncapped_top_p_over_many_experts_takes_either_path_exactly(p, head_suffices):
+  """E=64 uncapped: when every token's top FAST_HEAD experts pass p only they are sorted; else
+  the full sort runs. Both give the brute-force selection and the kept-weights gradient."""
+  probs = random_probs(7, 200, 64, temperature=3.0)
+  head = np.sort(probs, axis=-1)[:, ::-1][:, : routing.FAST_HEAD].sum(-1)
+  assert bool(np.all(head > p)) == head_suffices
+  kept, margins = reference_top_p(probs, p)
+  coeff = jnp.asarray(np.random.default_rng(8).normal(size=(200, 64)), jnp.float32)
+  weights, ids = jax.jit(lambda q: routing.top_p(q, p=p))(probs)
+  grad = jax.grad(lambda q: jnp.sum(routing.top_p(q, p=p)[0] * coeff))(jnp.asarray(probs))
+  got = as_lists(weights, ids, 64)
+  expected = np.zeros((200, 64), np.float32)
+  for t in range(200):
+    if margins[t] > 1e-5:
+      assert got[t] == kept[t]
+    for s, i in enumerate(got[t]):
+      expected[t, i] = coeff[t, s]
+  np.testing.assert_array_equal(np.asarray(grad), expected)
 
 
 def test_gradients_flow_only_through_kept_weights():
