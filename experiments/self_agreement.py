@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 
 from kuaijax import plotting
 from kuaijax.data import arith, tasks, tokenizers
+from kuaijax.hf import model_io
 from kuaijax.inference import aggregate, answers, multi_run
 from kuaijax.train import lm_task
 from kuaijax.train.trainer import write_results
@@ -178,6 +179,17 @@ def _prompt_len(tokenizer, texts) -> int:
   return -(-longest // 64) * 64
 
 
+def aggregation_prompting(eval_config) -> dict:
+  """Instructions and solution lines of the SA / USC prompts for `eval.prompts` ('toy' | 'paper')."""
+  if eval_config.prompts == 'toy':  # what the toy SFT taught: short instructions, last lines only
+    return dict(sa_instruction=TOY_SA_INSTRUCTION, usc_instruction=TOY_USC_INSTRUCTION, lines=1)
+  if eval_config.prompts == 'paper':  # whole solutions under the paper's instructions
+    return dict(
+      sa_instruction=aggregate.SA_INSTRUCTION, usc_instruction=aggregate.USC_INSTRUCTION, lines=0
+    )
+  raise ValueError(f"eval.prompts={eval_config.prompts!r} is not one of ['paper', 'toy']")
+
+
 def evaluate_seed(model, tokenizer, items: list[Item], seed: int, config) -> dict:
   """Per k and method: correct [items] bool and fallback counts, for one sampling seed."""
   ec = config.eval
@@ -210,14 +222,22 @@ def evaluate_seed(model, tokenizer, items: list[Item], seed: int, config) -> dic
       usc = sa = [e[0] for e in first_k]
       usc_status = sa_status = {'ok': len(items)}
     else:
+      prompting = aggregation_prompting(ec)
       usc_texts = [
         aggregate.usc_prompt(
-          it.question, g[:k], instruction=TOY_USC_INSTRUCTION, max_response_lines=1
+          it.question,
+          g[:k],
+          instruction=prompting['usc_instruction'],
+          max_response_lines=prompting['lines'],
         )
         for g, it in zip(paths, items)
       ]
       replies = aggregate.greedy_completions(
-        model, tokenizer, usc_texts, prompt_len=_prompt_len(tokenizer, usc_texts), max_new_tokens=4
+        model,
+        tokenizer,
+        usc_texts,
+        prompt_len=_prompt_len(tokenizer, usc_texts),
+        max_new_tokens=max(1, ec.aggregate_tokens // 2),
       )
       usc, usc_status = [], {}
       for reply, e in zip(replies, first_k):
@@ -226,12 +246,19 @@ def evaluate_seed(model, tokenizer, items: list[Item], seed: int, config) -> dic
         usc.append(e[index if index is not None else 0])
       sa_texts = [
         aggregate.self_agreement_prompt(
-          it.question, g[:k], instruction=TOY_SA_INSTRUCTION, max_solution_lines=1
+          it.question,
+          g[:k],
+          instruction=prompting['sa_instruction'],
+          max_solution_lines=prompting['lines'],
         )
         for g, it in zip(paths, items)
       ]
       replies = aggregate.greedy_completions(
-        model, tokenizer, sa_texts, prompt_len=_prompt_len(tokenizer, sa_texts), max_new_tokens=8
+        model,
+        tokenizer,
+        sa_texts,
+        prompt_len=_prompt_len(tokenizer, sa_texts),
+        max_new_tokens=ec.aggregate_tokens,
       )
       sa, sa_status = [], {}
       for reply, e, it in zip(replies, first_k, items):
@@ -311,10 +338,14 @@ def results_table(results: dict, config) -> str:
         f'{100 * c["accuracy_on_certain"]:.1f}%, statuses {c["fallbacks"]}'
       )
     lines.append('')
-  lines.append(
-    f'Training: {results["train"]["steps"]} steps, {results["train"]["rows"]} packed rows, '
-    f'{results["train"]["wall_s"]:.0f} s; evaluation {results["eval_wall_s"]:.0f} s.'
-  )
+  train = results['train']
+  if 'imported' in train:
+    lines.append(f'Model: {train["imported"]}, evaluated as imported (no training).')
+  else:
+    lines.append(
+      f'Training: {train["steps"]} steps, {train["rows"]} packed rows, {train["wall_s"]:.0f} s.'
+    )
+  lines.append(f'Evaluation: {results["eval_wall_s"]:.0f} s.')
   return '\n'.join(lines) + '\n'
 
 
@@ -333,8 +364,8 @@ def plot(results: dict, config, workdir: str) -> list[str]:
     ax.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, 'accuracy_vs_k.png'), dpi=80)
-  plotting.write_loss_curves(workdir, ['sft'])
-  return ['accuracy_vs_k.png', 'loss_curves.png']
+  curves = plotting.write_loss_curves(workdir, ['sft'])  # none for a model evaluated as imported
+  return ['accuracy_vs_k.png'] + (['loss_curves.png'] if curves else [])
 
 
 def run(config, workdir: str) -> dict:
@@ -343,18 +374,28 @@ def run(config, workdir: str) -> dict:
   bad_k = [k for k in config.eval.ks if not isinstance(k, int) or k < 1]
   if bad_k or not config.eval.ks:
     raise ValueError(f'eval.ks must be ints >= 1, got {tuple(config.eval.ks)}')
-  dc = config.data
-  tokenizer = tokenizers.get_tokenizer(dc.tokenizer, spm_model_path=dc.spm_model_path or None)
-  problems = tasks.load_arith_problems(
-    'train', levels=tuple(dc.train_levels), limit=dc.train_examples or 0, data_dir=dc.data_dir
+  aggregation_prompting(config.eval)
+  dc, imported = config.data, config.get('init_from_hf', '')
+  if config.train.steps == 0 and not imported:
+    raise ValueError('train.steps=0 evaluates an imported model: set init_from_hf (or hf=...)')
+  tokenizer = tokenizers.get_tokenizer(
+    dc.tokenizer, spm_model_path=dc.spm_model_path or None, hf_path=imported or None
   )
-  words = word_problems(0, dc.word_examples)
-  pairs = training_texts(problems, words, config, random.Random(dc.seed))
-  result, rows, _ = lm_task.train_on_pairs(
-    config, os.path.join(workdir, 'sft'), pairs, tokenizer, drop_too_long=False
-  )
-  train_s = time.time() - start
-  model = result.model()
+  if config.train.steps == 0:  # a pretrained model, evaluated as it is
+    model = model_io.load_model(imported, dtype=config.model.dtype)
+    train = {'steps': 0, 'imported': imported}
+  else:
+    problems = tasks.load_arith_problems(
+      'train', levels=tuple(dc.train_levels), limit=dc.train_examples or 0, data_dir=dc.data_dir
+    )
+    words = word_problems(0, dc.word_examples)
+    pairs = training_texts(problems, words, config, random.Random(dc.seed))
+    result, rows, _ = lm_task.train_on_pairs(
+      config, os.path.join(workdir, 'sft'), pairs, tokenizer, drop_too_long=False
+    )
+    model = result.model()
+    train = {'steps': result.step, 'rows': rows, 'pairs': len(pairs)}
+  train['wall_s'] = time.time() - start
   scenarios = {
     name: evaluate_scenario(model, tokenizer, items, config)
     for name, items in eval_items(config).items()
@@ -362,13 +403,8 @@ def run(config, workdir: str) -> dict:
   }
   results = {
     'scenarios': scenarios,
-    'train': {
-      'steps': result.step,
-      'rows': rows,
-      'pairs': len(pairs),
-      'wall_s': train_s,
-    },
-    'eval_wall_s': time.time() - start - train_s,
+    'train': train,
+    'eval_wall_s': time.time() - start - train['wall_s'],
   }
   results['plots'] = plot(results, config, workdir)
   results['wall_s'] = time.time() - start

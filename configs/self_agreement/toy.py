@@ -13,6 +13,12 @@ paper's claims are neither confirmed nor refuted; details in experiments/self_ag
 full (one accelerator host; larger model, more steps and problems; not run yet):
   python -m kuaijax.main --config=configs/self_agreement/toy.py --workdir=workdirs/self_agreement_full
 The SFT is a plain trainer run (kuaijax.train.trainer.train), not a `config.stages` pipeline.
+A pretrained causal LM (a Hugging Face folder: config.json, safetensors, tokenizer.json) instead of
+the toy: `hf=<folder>` evaluates it as it is (no SFT; the paper's SA / USC instructions, whole
+solutions in the aggregation prompts); add `--config.train.steps=N` to fine-tune it on the toy
+tasks first:
+  python -m kuaijax.main --config=configs/self_agreement/toy.py:hf=/models/Qwen2.5-0.5B \
+    --workdir=workdirs/self_agreement_qwen
 """
 
 import ml_collections
@@ -21,7 +27,7 @@ from kuaijax.config_lib import lm_model, parse_arg, trainer_config
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, runlocal=False)
+  args = parse_arg(arg, runlocal=False, hf='')
   config = trainer_config()
   config.experiment = 'self_agreement'
   config.data = ml_collections.ConfigDict(
@@ -63,6 +69,10 @@ def get_config(arg=None):
       temperature=0.7,
       top_k=40,  # 0: off
       max_new_tokens=80,
+      # 'toy': short instructions and one line per solution (what the toy SFT taught); 'paper':
+      # the paper's SA / USC instructions and whole solutions (pretrained models).
+      prompts='toy',
+      aggregate_tokens=8,  # reply budget of the SA call (USC: half of it)
     )
   )
   if args.runlocal:
@@ -72,4 +82,12 @@ def get_config(arg=None):
     config.train.update(steps=300, batch_size=4, log_every=20, checkpoint_every=300)
     config.optimizer.update(lr=3e-3, warmup_steps=30)
     config.eval.update(problems_per_level=12, word_questions=12, max_new_tokens=64)
+  if args.hf:
+    from kuaijax.hf import model_io
+
+    config.init_from_hf = args.hf
+    config.model = ml_collections.ConfigDict(model_io.model_section(args.hf, dtype='float32'))
+    config.data.tokenizer = 'hf'
+    config.train.steps = 0  # 0: evaluate the imported model as it is
+    config.eval.update(prompts='paper', aggregate_tokens=32)
   return config

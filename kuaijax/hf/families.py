@@ -13,6 +13,7 @@ SwiGLU; Qwen2-MoE adds a shared SwiGLU expert scaled by sigmoid(x . g).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 DENSE = ('llama', 'mistral', 'qwen2', 'qwen3')
@@ -137,13 +138,45 @@ def _rope(hf: dict, where: str) -> dict:
     if missing:
       raise UnsupportedConfig(f'{where}: {name} of type llama3 lacks {missing}')
     out['rope_llama3_scaling'] = tuple(float(params.pop(k)) for k in keys)
+  elif kind == 'yarn':
+    out['rope_yarn_scaling'] = _yarn(params, hf, where, name)
   elif kind != 'default':
     raise UnsupportedConfig(
-      f'{where}: {name}.rope_type={kind!r} is not supported (only default and llama3)'
+      f'{where}: {name}.rope_type={kind!r} is not supported (only default, llama3 and yarn)'
     )
   if params:
     raise UnsupportedConfig(f'{where}: {name} fields {sorted(params)} are not supported')
   return out
+
+
+def _yarn(params: dict, hf: dict, where: str, name: str) -> tuple[float, ...]:
+  """`model.rope_yarn_scaling` from a yarn rope dict (consumed), with transformers' defaults:
+  beta_fast 32, beta_slow 1, truncate true, factor = max_position_embeddings / original, and the
+  attention factor from mscale / mscale_all_dim or 0.1 ln(factor) + 1."""
+  if 'original_max_position_embeddings' not in params:
+    raise UnsupportedConfig(f'{where}: {name} of type yarn lacks original_max_position_embeddings')
+  old_len = float(params.pop('original_max_position_embeddings'))
+  factor = params.pop('factor', None)
+  if factor is None:
+    if 'max_position_embeddings' not in hf:
+      raise UnsupportedConfig(f'{where}: {name} of type yarn has no factor')
+    factor = hf['max_position_embeddings'] / old_len
+  factor = float(factor)
+  mscale, mscale_all_dim = params.pop('mscale', None), params.pop('mscale_all_dim', None)
+
+  def get_mscale(scale, m=1.0):
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+  attention = params.pop('attention_factor', None)
+  if attention is None:
+    if mscale and mscale_all_dim:
+      attention = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+    else:
+      attention = get_mscale(factor)
+  beta_fast = float(params.pop('beta_fast', None) or 32)
+  beta_slow = float(params.pop('beta_slow', None) or 1)
+  truncate = float(bool(params.pop('truncate', True)))
+  return (factor, old_len, beta_fast, beta_slow, float(attention), truncate)
 
 
 def _sparse_layout(hf: dict, num_layers: int, where: str) -> dict:
@@ -254,6 +287,17 @@ def hf_config(model: dict, family: str | None = None, *, dtype: str = 'float32')
     raise UnsupportedConfig(f'sliding_window does not fit {family}')
   heads = model['num_heads']
   rope = {'rope_theta': float(model.get('rope_base', 10000.0)), 'rope_type': 'default'}
+  yarn = tuple(model.get('rope_yarn_scaling') or ())
+  if yarn:
+    rope.update(
+      rope_type='yarn',
+      factor=yarn[0],
+      original_max_position_embeddings=int(yarn[1]),
+      beta_fast=yarn[2],
+      beta_slow=yarn[3],
+      attention_factor=yarn[4],
+      truncate=bool(yarn[5]),
+    )
   scaling = tuple(model.get('rope_llama3_scaling') or ())
   if scaling:
     rope.update(
@@ -278,7 +322,7 @@ def hf_config(model: dict, family: str | None = None, *, dtype: str = 'float32')
     tie_word_embeddings=bool(model.get('tie_embeddings', True)),
     rope_theta=rope['rope_theta'],
     rope_parameters=rope,
-    rope_scaling=rope if scaling else None,  # the transformers < 5 spelling
+    rope_scaling=rope if scaling or yarn else None,  # the transformers < 5 spelling
     torch_dtype=dtype,
   )
   if family in ('mistral', 'mixtral'):

@@ -17,7 +17,7 @@ TINY = dict(
   num_key_value_heads=2,
 )
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=16)
-# Per family: what the tiny model exercises (Llama-3 RoPE scaling, tied embeddings, biases, q/k
+# Per family: what the tiny model exercises (Llama-3 and YaRN RoPE scaling, tied embeddings, biases, q/k
 # norm, a sliding window shorter than the test sequences, fine-grained and shared experts).
 FAMILY_CONFIGS = {
   'llama': dict(
@@ -31,7 +31,10 @@ FAMILY_CONFIGS = {
     ),
   ),
   'mistral': dict(sliding_window=5),
-  'qwen2': dict(tie_word_embeddings=True),
+  'qwen2': dict(
+    tie_word_embeddings=True,
+    rope_scaling=dict(rope_type='yarn', factor=4.0, original_max_position_embeddings=8),
+  ),
   'qwen3': dict(head_dim=16),
   'mixtral': dict(num_local_experts=4, num_experts_per_tok=2),
   'qwen2_moe': dict(num_experts=4, shared_expert_intermediate_size=48, **MOE),

@@ -16,6 +16,7 @@ therefore never see each other, and padding (segment 0) only sees padding. A ful
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -62,19 +63,49 @@ def llama3_inv_freq(inv_freq: jax.Array, scaling) -> jax.Array:
   return jnp.where(medium, smoothed, scaled)
 
 
-def rope(x: jax.Array, positions: jax.Array, base, llama3_scaling=()) -> jax.Array:
+def yarn_inv_freq(inv_freq: jax.Array, base: float, scaling) -> jax.Array:
+  """YaRN frequencies (arXiv 2309.00071, as transformers computes them); scaling = (factor,
+  original_max_position_embeddings, beta_fast, beta_slow, attention_factor, truncate).
+
+  Dimension pairs that turn more than beta_fast times over the original context keep their
+  frequency, those turning fewer than beta_slow times are divided by factor, and a linear ramp over
+  the pair index blends the two in between (the bounds floored / ceiled when truncate).
+  """
+  factor, old_len, beta_fast, beta_slow, _, truncate = scaling
+  half = inv_freq.shape[-1]
+  dim = 2 * half
+
+  def pair_of(rotations):  # the (fractional) dimension that turns `rotations` times over old_len
+    return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+  low, high = pair_of(beta_fast), pair_of(beta_slow)
+  if truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001
+  ramp = jnp.clip((jnp.arange(half, dtype=jnp.float32) - low) / (high - low), 0.0, 1.0)
+  keep = 1.0 - ramp  # 1: extrapolate (original frequency), 0: interpolate (divided by factor)
+  return inv_freq / factor * (1.0 - keep) + inv_freq * keep
+
+
+def rope(x: jax.Array, positions: jax.Array, base, llama3_scaling=(), yarn_scaling=()) -> jax.Array:
   """Rotary position embedding (rotate-half convention) of x [b, l, h, d] at positions [b, l].
 
   `base` is one float for every head, or a sequence of h floats (head j rotates with
-  theta_{j,i} = base_j^(-2i/d), HARPE). `llama3_scaling` (4 numbers, see `llama3_inv_freq`)
-  rescales the frequencies of a single base.
+  theta_{j,i} = base_j^(-2i/d), HARPE). `llama3_scaling` (4 numbers, see `llama3_inv_freq`) or
+  `yarn_scaling` (6 numbers, see `yarn_inv_freq`; its attention factor multiplies the rotated
+  vector, as transformers scales cos and sin) rescale the frequencies of a single base.
   """
   half = x.shape[-1] // 2
   exponent = -jnp.arange(half, dtype=jnp.float32) / half
+  magnitude = 1.0
   if isinstance(base, int | float):
     inv_freq = (base**exponent)[None, :]  # [1, half]: shared by the heads
     if llama3_scaling:
       inv_freq = llama3_inv_freq(inv_freq, llama3_scaling)
+    if yarn_scaling:
+      inv_freq, magnitude = yarn_inv_freq(inv_freq, base, yarn_scaling), yarn_scaling[4]
   else:
     bases = jnp.asarray(base, jnp.float32)
     if bases.shape != (x.shape[2],):
@@ -83,6 +114,8 @@ def rope(x: jax.Array, positions: jax.Array, base, llama3_scaling=()) -> jax.Arr
   angles = positions[:, :, None, None].astype(jnp.float32) * inv_freq  # [b, l, h or 1, half]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  if magnitude != 1.0:
+    sin, cos = sin * magnitude, cos * magnitude
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
 
@@ -142,6 +175,7 @@ class Attention(nnx.Module):
       self.q_bases = tuple(b for b in kv_bases for _ in range(group))
     self.causal_blocks = c.attention_causal_blocks
     self.llama3_scaling = c.rope_llama3_scaling
+    self.yarn_scaling = c.rope_yarn_scaling
     self.window = c.sliding_window
     pd = c.weight_dtype
     self.wq = param(
@@ -175,7 +209,7 @@ class Attention(nnx.Module):
       k, v = k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if hasattr(self, 'k_norm'):
       k = self.k_norm(k)
-    k = rope(k, positions, self.k_bases, self.llama3_scaling)
+    k = rope(k, positions, self.k_bases, self.llama3_scaling, self.yarn_scaling)
     return constrain(k, ('batch', 'length', 'kv_heads', 'kv')), v
 
   def __call__(
@@ -193,7 +227,7 @@ class Attention(nnx.Module):
       q = q + self.bq[...].astype(dt)
     if hasattr(self, 'q_norm'):
       q = self.q_norm(q)
-    q = rope(q, positions, self.q_bases, self.llama3_scaling)
+    q = rope(q, positions, self.q_bases, self.llama3_scaling, self.yarn_scaling)
     q = constrain(q, ('batch', 'length', 'heads', 'kv'))
     k, v = self.project_kv(x, positions)
     b, length = x.shape[:2]

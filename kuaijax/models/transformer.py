@@ -104,6 +104,9 @@ class TransformerConfig:
   # Llama-3 RoPE frequency scaling (factor, low_freq_factor, high_freq_factor,
   # original_max_position_embeddings); () = none. Single-base RoPE only.
   rope_llama3_scaling: tuple[float, ...] = ()
+  # YaRN: (factor, original_max_position_embeddings, beta_fast, beta_slow, attention_factor,
+  # truncate 0/1); see attention.yarn_inv_freq.
+  rope_yarn_scaling: tuple[float, ...] = ()
   qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
   qk_norm: bool = False  # RMSNorm over head_dim of queries and keys before RoPE (Qwen3)
   sliding_window: int = 0  # > 0: query i sees keys j with i - window < j <= i (Mistral); 0 = all
@@ -164,6 +167,14 @@ class TransformerConfig:
         f'original_max_position_embeddings) with rope_heads="single", got {scaling}'
       )
     object.__setattr__(self, 'rope_llama3_scaling', scaling)
+    yarn = tuple(float(v) for v in self.rope_yarn_scaling)
+    if yarn and (len(yarn) != 6 or self.rope_heads != 'single' or scaling):
+      raise ValueError(
+        'model.rope_yarn_scaling must be (factor, original_max_position_embeddings, beta_fast, '
+        'beta_slow, attention_factor, truncate) with rope_heads="single" and no '
+        f'rope_llama3_scaling, got {yarn}'
+      )
+    object.__setattr__(self, 'rope_yarn_scaling', yarn)
     if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
       raise ValueError(f'model.sliding_window must be an int >= 0, got {self.sliding_window!r}')
     pc.parse_stack(self.stack)

@@ -88,3 +88,39 @@ def test_paths_benchmark_smoke(tmp_path):
   results = run_experiment(config, str(tmp_path))
   assert results['paths'] == 6 and results['ratio'] > 0
   assert 'single calls' in (tmp_path / 'results.md').read_text()
+
+
+def test_a_pretrained_model_is_evaluated_as_imported(tmp_path, monkeypatch):
+  """`hf=<folder>`: no SFT, the folder's model and tokenizer, the paper's SA / USC instructions."""
+  pytest.importorskip('tokenizers')
+  from experiments.bench_hf import write_random_llama
+  from kuaijax.hf.tokenizer import train_bpe
+
+  folder = str(tmp_path / 'hf_model')
+  texts = [arith.format_prompt(arith.generate_problem(0, i, 1).question) for i in range(50)]
+  train_bpe(texts + ['The answer is 42. Which word comes first?'], folder, vocab_size=300)
+  model = dict(vocab_size=320, d_model=32, num_layers=1, d_ff=64, num_heads=2, num_kv_heads=1)
+  write_random_llama(folder, {**model, 'tie_embeddings': False})
+  config = load_config(CONFIG + f':runlocal,hf={folder}')
+  assert config.train.steps == 0 and config.data.tokenizer == 'hf'
+  assert (config.model.d_model, config.model.vocab_size) == (32, 320)
+  config.eval.update(
+    levels=(1,), problems_per_level=2, word_questions=2, ks=(1, 2), seeds=(0,), max_new_tokens=6
+  )
+  instructions = []
+  prompt = aggregate.self_agreement_prompt
+  monkeypatch.setattr(
+    aggregate,
+    'self_agreement_prompt',
+    lambda *a, **kw: instructions.append(kw['instruction']) or prompt(*a, **kw),
+  )
+  results = run_experiment(config, str(tmp_path / 'run'))
+  assert results['train']['steps'] == 0 and results['train']['imported'] == folder
+  assert not (tmp_path / 'run' / 'sft').exists()
+  assert instructions and set(instructions) == {aggregate.SA_INSTRUCTION}
+  for scenario in results['scenarios'].values():
+    assert sum(scenario['by_k']['2']['sa']['fallbacks'].values()) == scenario['num_items']
+  assert (tmp_path / 'run' / 'accuracy_vs_k.png').read_bytes().startswith(PNG_MAGIC)
+  config.init_from_hf = ''
+  with pytest.raises(ValueError, match='train.steps=0 evaluates an imported model'):
+    run_experiment(config, str(tmp_path / 'run2'))

@@ -151,7 +151,8 @@ def test_truncated_file_and_missing_shard(single, exported, tmp_path):
   'edit, message',
   [
     (dict(model_type='gpt2'), "model_type='gpt2' is not one of"),
-    (dict(rope_parameters=dict(rope_type='yarn', factor=4.0)), "rope_type='yarn'"),
+    (dict(rope_parameters=dict(rope_type='longrope', factor=4.0)), "rope_type='longrope'"),
+    (dict(rope_parameters=dict(rope_type='yarn', factor=4.0)), 'yarn lacks original_max'),
     (dict(attention_bias=True), 'attention_bias=True'),
     (dict(hidden_act='gelu'), "hidden_act='gelu'"),
     (dict(quantization_config={}), "fields ['quantization_config']"),
