@@ -220,6 +220,10 @@ def test_full_state_resumes_on_another_process_count_and_mesh(uninterrupted, tmp
     _final_params(uninterrupted),
     _final_params(workdir),
   )
+  # The evaluation and the unigram baseline cover every process's batches, whatever the count.
+  one, two = (json.loads((w / 'results.json').read_text()) for w in (uninterrupted, workdir))
+  assert two['unigram'] == pytest.approx(one['unigram'], rel=1e-6)  # gathered in float32
+  assert two['model']['loss'] == pytest.approx(one['model']['loss'], abs=1e-5)
 
 
 def test_resume_with_other_data_shards_is_a_clear_error(uninterrupted, tmp_path):

@@ -81,7 +81,8 @@ class LMEvaluator(BatchEvaluator):
 def unigram_baseline(
   counts: np.ndarray, batches: Sequence[dict], task_names: Sequence[str]
 ) -> dict:
-  """Loss of the add-one-smoothed unigram distribution `counts` on the same evaluation batches."""
+  """Loss of the add-one-smoothed unigram distribution `counts` on the same evaluation batches
+  (every process's batches: a collective in multi-process jobs, like the model's evaluation)."""
   counts = np.asarray(counts, np.float64) + 1.0
   neg_logp = -np.log(counts / counts.sum())
   loss_sums = np.zeros(len(task_names))
@@ -92,4 +93,5 @@ def unigram_baseline(
     losses = neg_logp[np.asarray(batch['targets'])[mask]]
     loss_sums += np.bincount(tasks, weights=losses, minlength=len(task_names))
     token_counts += np.bincount(tasks, minlength=len(task_names))
-  return _summarise(loss_sums, token_counts, task_names)
+  totals = parallel.gather_process_rows(np.stack([loss_sums, token_counts])[None]).sum(0)
+  return _summarise(totals[0], totals[1], task_names)
