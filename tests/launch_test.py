@@ -416,6 +416,20 @@ POSTTRAIN_OVERRIDES = {
 }
 
 
+def _assert_same_records(one, two):
+  """The data sets two stage folders wrote are equal (log-probs and probabilities within 1e-5:
+  another reduction order on another layout)."""
+  rows = [read_records(str(w / 'data.jsonl')) for w in (one, two)]
+  assert len(rows[0]) == len(rows[1]) > 0
+  for a, b in zip(*rows):
+    assert a.keys() == b.keys()
+    for key in a:
+      if 'logp' in key or 'prob' in key or 'reward' in key:
+        np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-5)
+      else:
+        assert a[key] == b[key], (one, key)
+
+
 def _stage_results(workdir):
   """Per stage: logged training metrics by step, the evaluation, and the final params."""
   out = {}
@@ -436,15 +450,7 @@ def test_posttraining_on_two_processes_matches_one_process(tmp_path):
   assert _launch(one, processes=1, devices=8, **common) == 0
   assert _launch(two, processes=2, devices=4, **common) == 0
   for stage in ('samples', 'pairs'):  # written once, by process 0: the same samples and pairs
-    rows = [read_records(str(w / stage / 'data.jsonl')) for w in (one, two)]
-    assert len(rows[0]) == len(rows[1]) > 0
-    for a, b in zip(*rows):
-      assert a.keys() == b.keys()
-      for key in a:
-        if 'logp' in key:  # sampling log-probs: another reduction order on another layout
-          np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-5)
-        else:
-          assert a[key] == b[key], (stage, key)
+    _assert_same_records(one / stage, two / stage)
   expected, got = _stage_results(one), _stage_results(two)
   for name in POSTTRAINED:
     (m1, e1, p1), (m2, e2, p2) = expected[name], got[name]
@@ -457,3 +463,52 @@ def test_posttraining_on_two_processes_matches_one_process(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), p1, p2)
   grpo = expected['grpo'][0].values()  # gold answers injected, so the update is not a no-op
   assert any(r['injected'] > 0 for r in grpo) and all(r['grad_norm'] > 0 for r in grpo)
+
+
+RLMEC_CONFIG = 'configs/rlmec/arith.py:runlocal'
+RLMEC_OVERRIDES = {
+  'seeds': (0,),
+  'stages': 'sft,grm_rewrite,rlmec_prog,rlmec',
+  'stage.rewards.data': 'teacher',  # an untrained GRM's rewrites reach no gold answer
+  'train.progress': False,
+  'train.async_checkpoint': False,
+  'model.d_model': 32,
+  'model.num_layers': 1,
+  'model.num_heads': 2,
+  'model.num_kv_heads': 1,
+  'model.d_ff': 64,
+  'data.limit': 16,
+  'data.max_new_tokens': 24,
+  'stage.samples.limit': 4,
+  'stage.samples.num_samples': 2,
+  'stage.samples.batch_size': 4,
+  'stage.grm_rewrite.batch_size': 8,
+  'stage.rewards.batch_size': 8,
+  'evals.arith.groups': (1, 3),
+  'evals.arith.per_group': 2,
+  'evals.arith.seeds': (0,),
+  'evals.arith.batch_size': 4,
+  **{
+    f'stage.{name}.train.{key}': value
+    for name in ('sft', 'grm', 'rlmec', 'rlmec_prog')
+    for key, value in dict(
+      steps=2, batch_size=2, log_every=1, checkpoint_every=2, eval_every=2
+    ).items()
+  },
+}
+
+
+def test_rlmec_grm_pipeline_on_two_processes_matches_one_process(tmp_path):
+  """RLMEC with its generative reward model (program teacher, GRM data and training, GRM
+  rewriting, GRM token rewards, RLMEC training) as 2 processes x 1 device vs 1 process x 2."""
+  one, two = tmp_path / 'one_process', tmp_path / 'two_processes'
+  common = dict(config=RLMEC_CONFIG, overrides=RLMEC_OVERRIDES)
+  assert _launch(one, processes=1, devices=2, **common) == 0
+  assert _launch(two, processes=2, devices=1, **common) == 0
+  one, two = one / 'seed_0', two / 'seed_0'
+  for stage in ('samples', 'teacher', 'grm_data', 'grm_rewrite', 'rewards'):
+    _assert_same_records(one / stage, two / stage)
+  for stage in ('sft', 'grm', 'rlmec_prog', 'rlmec'):
+    expected, got = _losses(one / stage), _losses(two / stage)
+    assert sorted(got) == [1, 2]
+    np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], atol=1e-5)

@@ -177,7 +177,7 @@ def _align(samples, rewrites, with_path: bool = False):
       found = symbols[pos] == rewrite_core if len(symbols) else np.zeros(len(rewrite_core), bool)
       core_fix[row, : core_m[k]] = np.where(found, pos, shape['CN'])
     lens = functools.partial(_gather_padded, idx=idx, size=bsz)
-    with jax.default_device(jax.devices('cpu')[0]):
+    with jax.default_device(jax.local_devices(backend='cpu')[0]):
       w, stop, moves = _dp_backtrace(
         pred,
         fix,

@@ -298,14 +298,14 @@ def load_model(
   """A kuaijax `Transformer` with the weights of a HF folder (see the module docstring).
 
   With `mesh` (and logical `rules`, default `parallel.DEFAULT_RULES`), parameters are sharded by
-  their logical axes; without, they land on the first device.
+  their logical axes; without, they land on this process's first device.
   """
   cfg, family = model_config(folder, dtype=dtype, overrides=overrides)
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract, nnx.Param)
   abstract_params = nnx.to_pure_dict(state)
   if mesh is None:
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: one, abstract_params)
   else:
     shardings = parallel.state_shardings(
