@@ -179,6 +179,17 @@ def _prompt_len(tokenizer, texts) -> int:
   return -(-longest // 64) * 64
 
 
+def _greedy(model, tokenizer, texts, max_new_tokens: int) -> list[str]:
+  """Greedy completions of `texts` in one padded width (`_prompt_len`)."""
+  return aggregate.greedy_completions(
+    model,
+    tokenizer,
+    texts,
+    prompt_len=_prompt_len(tokenizer, texts),
+    max_new_tokens=max_new_tokens,
+  )
+
+
 def aggregation_prompting(eval_config) -> dict:
   """Instructions and solution lines of the SA / USC prompts for `eval.prompts` ('toy' | 'paper')."""
   if eval_config.prompts == 'toy':  # what the toy SFT taught: short instructions, last lines only
@@ -210,6 +221,7 @@ def evaluate_seed(model, tokenizer, items: list[Item], seed: int, config) -> dic
     [answers.extract_answer(p, it.answer_type, mode='clean') for p in group]
     for group, it in zip(paths, items)
   ]
+  prompting = aggregation_prompting(ec)
   out = {}
   for k in ec.ks:
     first_k = [e[:k] for e in extracted]
@@ -222,7 +234,6 @@ def evaluate_seed(model, tokenizer, items: list[Item], seed: int, config) -> dic
       usc = sa = [e[0] for e in first_k]
       usc_status = sa_status = {'ok': len(items)}
     else:
-      prompting = aggregation_prompting(ec)
       usc_texts = [
         aggregate.usc_prompt(
           it.question,
@@ -232,13 +243,7 @@ def evaluate_seed(model, tokenizer, items: list[Item], seed: int, config) -> dic
         )
         for g, it in zip(paths, items)
       ]
-      replies = aggregate.greedy_completions(
-        model,
-        tokenizer,
-        usc_texts,
-        prompt_len=_prompt_len(tokenizer, usc_texts),
-        max_new_tokens=max(1, ec.aggregate_tokens // 2),
-      )
+      replies = _greedy(model, tokenizer, usc_texts, max(1, ec.aggregate_tokens // 2))
       usc, usc_status = [], {}
       for reply, e in zip(replies, first_k):
         index, status = aggregate.parse_usc(reply, k)
@@ -253,13 +258,7 @@ def evaluate_seed(model, tokenizer, items: list[Item], seed: int, config) -> dic
         )
         for g, it in zip(paths, items)
       ]
-      replies = aggregate.greedy_completions(
-        model,
-        tokenizer,
-        sa_texts,
-        prompt_len=_prompt_len(tokenizer, sa_texts),
-        max_new_tokens=ec.aggregate_tokens,
-      )
+      replies = _greedy(model, tokenizer, sa_texts, ec.aggregate_tokens)
       sa, sa_status = [], {}
       for reply, e, it in zip(replies, first_k, items):
         parsed = aggregate.parse_self_agreement(reply, e, it.answer_type)
@@ -275,13 +274,7 @@ def evaluate_scenario(model, tokenizer, items: list[Item], config) -> dict:
   """Accuracy (%) per method and k: mean ± std over seeds, uncertain fraction, fallbacks."""
   ec = config.eval
   prompts = [it.prompt for it in items]
-  greedy_texts = aggregate.greedy_completions(
-    model,
-    tokenizer,
-    prompts,
-    prompt_len=_prompt_len(tokenizer, prompts),
-    max_new_tokens=ec.max_new_tokens,
-  )
+  greedy_texts = _greedy(model, tokenizer, prompts, ec.max_new_tokens)
   greedy = np.array(
     [
       answers.extract_answer(t, it.answer_type, mode='clean') == it.gold
@@ -374,7 +367,7 @@ def run(config, workdir: str) -> dict:
   bad_k = [k for k in config.eval.ks if not isinstance(k, int) or k < 1]
   if bad_k or not config.eval.ks:
     raise ValueError(f'eval.ks must be ints >= 1, got {tuple(config.eval.ks)}')
-  aggregation_prompting(config.eval)
+  aggregation_prompting(config.eval)  # a bad eval.prompts fails before any training
   dc, imported = config.data, config.get('init_from_hf', '')
   if config.train.steps == 0 and not imported:
     raise ValueError('train.steps=0 evaluates an imported model: set init_from_hf (or hf=...)')

@@ -103,6 +103,13 @@ def _losses(workdir):
   return {r['step']: r['loss'] for r in read_metrics(workdir) if 'loss' in r}
 
 
+def _assert_same_losses(reference, run, *, steps: int):
+  """`run` logged steps 1..steps with the losses of `reference` (within 1e-5)."""
+  expected, got = _losses(reference), _losses(run)
+  assert sorted(got) == list(range(1, steps + 1))
+  np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=0, atol=1e-5)
+
+
 @pytest.fixture(scope='module')
 def built_data():
   """Builds the data set once here so that the processes do not race to build it."""
@@ -143,9 +150,7 @@ def test_two_processes_killed_and_restarted_match_one_process(built_data, tmp_pa
     read = json.loads((reads / f'{p}.json').read_text())
     assert read and {i % 2 for i in read} == {p}
   assert _launch(workdir) == 0
-  expected, got = _losses(reference), _losses(workdir)
-  assert sorted(got) == [1, 2, 3, 4]
-  np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=0, atol=1e-5)
+  _assert_same_losses(reference, workdir, steps=4)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
     _final_params(reference),
@@ -212,9 +217,7 @@ def test_full_state_resumes_on_another_process_count_and_mesh(uninterrupted, tmp
     workdir, processes=p2, devices=8 // p2, overrides={**OVERRIDES, **MESHES[mesh2]}
   )
   assert resumed == 0
-  expected, got = _losses(uninterrupted), _losses(workdir)
-  assert sorted(got) == [1, 2, 3, 4]
-  np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=0, atol=1e-5)
+  _assert_same_losses(uninterrupted, workdir, steps=4)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
     _final_params(uninterrupted),
@@ -282,9 +285,7 @@ def test_moe_with_experts_across_two_processes_matches_one_process(built_data, t
   run_experiment(config, str(reference))
   workdir = tmp_path / 'two_processes'
   assert _launch(workdir, devices=2, config=MOE_CONFIG, overrides=MOE_OVERRIDES) == 0
-  expected, got = _losses(reference / 'top2'), _losses(workdir / 'top2')
-  assert sorted(got) == [1, 2, 3, 4]
-  np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=0, atol=1e-5)
+  _assert_same_losses(reference / 'top2', workdir / 'top2', steps=4)
   one = json.loads((reference / 'results.json').read_text())['variants']['top2']['eval']
   two = json.loads((workdir / 'results.json').read_text())['variants']['top2']['eval']
   assert abs(one['loss'] - two['loss']) < 1e-5
@@ -509,9 +510,7 @@ def test_rlmec_grm_pipeline_on_two_processes_matches_one_process(tmp_path):
   for stage in ('samples', 'teacher', 'grm_data', 'grm_rewrite', 'rewards'):
     _assert_same_records(one / stage, two / stage)
   for stage in ('sft', 'grm', 'rlmec_prog', 'rlmec'):
-    expected, got = _losses(one / stage), _losses(two / stage)
-    assert sorted(got) == [1, 2]
-    np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], atol=1e-5)
+    _assert_same_losses(one / stage, two / stage, steps=2)
 
 
 CAPO_CONFIG = 'configs/capo/parrot.py:runlocal,seeds=1,kinds=all'
@@ -549,8 +548,6 @@ def test_capo_pipeline_on_two_processes_matches_one_process(tmp_path):
   for stage in ('sessions', 'pairs_all'):
     _assert_same_records(one / stage, two / stage)
   for stage in ('ask', 'sft_short', 'sft_long', 'capo_all'):
-    expected, got = _losses(one / stage), _losses(two / stage)
-    assert sorted(got) == [1, 2]
-    np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], atol=1e-5)
+    _assert_same_losses(one / stage, two / stage, steps=2)
     evals = [json.loads((w / stage / 'stage.json').read_text()).get('eval') for w in (one, two)]
     assert evals[0] == pytest.approx(evals[1], abs=1e-6)
