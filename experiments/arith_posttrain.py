@@ -1,9 +1,9 @@
 """Post-training on kj_arith: the stage pipeline of `configs/arith/posttrain.py`, then its table.
 
 Every stage (SFT, sampling, pairs, DPO, RFT, RLMEC rewrites, RLMEC, GRPO) runs through
-`kuaijax.train.pipeline.run_pipeline`, each in `<workdir>/<stage>/` and resumable; every stage that
-produces a policy is evaluated by `config.evals` (held-out accuracy by level, sampled over several
-seeds plus greedy). This file only builds the table (results.md / results.json) and the loss curves
+`kuaijax.stages.run_pipeline`, once per training seed of `config.seeds`, each in
+`<workdir>/seed_<s>/<stage>/` and resumable; every stage that produces a policy is evaluated by
+`config.evals` (held-out accuracy by level, sampled over several sampling seeds, plus greedy). This file only builds the table (results.md / results.json) and the loss curves
 (loss_curves.png).
 """
 
@@ -17,14 +17,20 @@ import jax
 
 from kuaijax import plotting
 from kuaijax.losses import rl
-from kuaijax.train.pipeline import run_pipeline
+from kuaijax.stages import report, run_pipeline
 from kuaijax.train.trainer import write_results
 
 
-def _cell(summary: dict, key: str) -> str:
-  if key not in summary:
+def _cell(evals: list[dict], key: str) -> str:
+  """Accuracy (%) of one policy: mean ± std over training seeds when there are several, else the
+  one seed's mean ± std over its sampling seeds."""
+  if not evals or any(key not in e for e in evals):
     return '-'
-  return f'{100 * summary[key]:.1f} ± {100 * summary[key + "/std"]:.1f}'
+  if len(evals) > 1:
+    mean, std = report.mean_std([e[key] for e in evals])
+  else:
+    mean, std = evals[0][key], evals[0][key + '/std']
+  return f'{100 * mean:.1f} ± {100 * std:.1f}'
 
 
 def _label(block: dict) -> str:
@@ -38,27 +44,33 @@ def _label(block: dict) -> str:
   return f'{block["label"]} ({loss_type}, {scale})'
 
 
-def results_table(stages: dict, config) -> str:
-  """Markdown: sampled accuracy (%) by level, mean ± sample std over the seeds, and greedy; then
-  each stage's steps, wall time and data summary."""
+def results_table(runs: dict, config) -> str:
+  """Markdown: sampled accuracy (%) by level per policy, and greedy; then each stage's steps, wall
+  time and data summary (first seed)."""
   ev = next(iter(config.evals.values()))
   groups = list(ev.groups)
+  spread = (
+    report.spread_note(runs)
+    if len(runs) > 1
+    else f'1 training seed, mean ± std over {len(ev.seeds)} sampling seeds'
+  )
   lines = [
     f'## kj_arith held-out accuracy (%), {ev.split} split, {ev.per_group} problems per level; '
-    f'sampled at T={ev.temperature}: mean ± std over {len(ev.seeds)} seeds',
+    f'sampled at T={ev.temperature}: {spread}',
     '',
     '| policy | ' + ' | '.join(f'level {k}' for k in groups) + ' | all | greedy all |',
     '|---|' + '---:|' * (len(groups) + 2),
   ]
-  for info in stages.values():
+  first = runs[next(iter(runs))]
+  for name, info in first.items():
     if 'eval' not in info:
       continue
-    e = info['eval']
-    cells = [_cell(e, f'accuracy/level_{k}') for k in groups] + [_cell(e, 'accuracy')]
-    greedy = f'{100 * e["greedy/accuracy"]:.1f}' if 'greedy/accuracy' in e else '-'
+    evals = [stages[name]['eval'] for stages in runs.values()]
+    cells = [_cell(evals, f'accuracy/level_{k}') for k in groups] + [_cell(evals, 'accuracy')]
+    greedy = _cell([{**e, 'greedy/accuracy/std': 0.0} for e in evals], 'greedy/accuracy')
     lines.append(f'| {_label(info["block"])} | ' + ' | '.join(cells) + f' | {greedy} |')
   lines += ['', '| stage | type | steps | wall time (s) | data |', '|---|---|---:|---:|---|']
-  for name, info in stages.items():
+  for name, info in first.items():
     summary = {k: v for k, v in info['summary'].items() if k not in ('steps', 'last_train_metrics')}
     steps = info['summary'].get('steps', '')
     data = json.dumps(summary, sort_keys=True)
@@ -69,12 +81,17 @@ def results_table(stages: dict, config) -> str:
 def run(config, workdir: str) -> dict:
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
-  stages = run_pipeline(config, workdir)
-  results = {'stages': stages, 'order': list(stages), 'wall_s': time.time() - start}
-  table = results_table(stages, config)
+  runs = run_pipeline(config, workdir)
+  results = {
+    'runs': report.without_blocks(runs),
+    'order': list(runs[config.seeds[0]]),
+    'seeds': report.seeds_record(config),
+    'wall_s': time.time() - start,
+  }
+  table = results_table(runs, config)
   if jax.process_index() == 0:
-    trained = [name for name, info in stages.items() if info['type'] == 'train']
-    results['plots'] = [os.path.basename(p) for p in plotting.write_loss_curves(workdir, trained)]
+    plots = plotting.write_loss_curves(workdir, report.trained_stage_dirs(runs, workdir))
+    results['plots'] = [os.path.basename(p) for p in plots]
   write_results(workdir, results, table)
   print(table)
   return results

@@ -3,9 +3,9 @@
 On kj_arith training problems with one model (randomly initialised, or the params of
 `config.init_from`): sampling (n completions per problem at T / top-p), GRM rewriting (the model as
 `kuaijax.grm.ModelTeacher`: greedy locate + greedy rewrite of every sample) and reward scoring (the
-teacher-forced log-probs of each sample after its rewrite prompt, `kuaijax.grm.score_completions`),
-each as samples/s and tokens/s (generated tokens for the first two, all scored positions for the
-last), timed on a second call so compilation is excluded. Reward scoring is also compared with a
+teacher-forced log-probs of each sample after its rewrite prompt,
+`kuaijax.sampling.score_completion_lists`), each as samples/s and tokens/s (generated tokens for the
+first two, all scored positions for the last), timed on a second call so compilation is excluded. Reward scoring is also compared with a
 plain forward pass (logits) of the same padded batches (`kuaijax.grm.benchmark_scoring`). Writes
 results.json and results.md into the workdir.
 """
@@ -20,7 +20,7 @@ from flax import nnx
 
 from kuaijax import grm
 from kuaijax.data import minimum_edit, sequences, tasks, tokenizers
-from kuaijax.evals.task_accuracy import sample_completions
+from kuaijax.sampling import sample_completions, score_completion_lists
 from kuaijax.train import checkpoint as ckpt_lib
 from kuaijax.train import lm_task
 from kuaijax.train.trainer import param_layout, write_results
@@ -86,9 +86,10 @@ def run(config, workdir: str) -> dict:
   rows['GRM rewriting'] = (len(cases), tokens, seconds)
   prompts = [sequences.prompt_ids(tokenizer, teacher.prompts.rewrite_prompt(c)) for c in cases]
   samples = [r.tokens for r in rollouts]
-  score = lambda: grm.score_completions(model, prompts, samples, batch_size=bc.batch_size)
-  (_, stats), seconds = _timed(score)
-  rows['reward scoring'] = (len(samples), stats['tokens'], seconds)
+  score = lambda: score_completion_lists(model, prompts, samples, batch_size=bc.batch_size)
+  _, seconds = _timed(score)
+  tokens = sum(len(p) + len(s) for p, s in zip(prompts, samples))
+  rows['reward scoring'] = (len(samples), tokens, seconds)
   versus = grm.benchmark_scoring(model, prompts, samples, batch_size=bc.batch_size)
   results = {
     'device': jax.devices()[0].device_kind,

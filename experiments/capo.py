@@ -5,7 +5,6 @@ over seeds), the accuracy-by-turn plot and the loss curves.
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 
@@ -14,7 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from kuaijax import plotting
-from kuaijax.train.pipeline import run_pipeline
+from kuaijax.stages import report, run_pipeline
 from kuaijax.train.trainer import write_results
 
 _ASK_STATS = (
@@ -25,10 +24,11 @@ _ASK_STATS = (
 )
 
 
-def policy_rows(runs: list[dict]) -> dict[str, dict]:
-  """label -> {metric: [value per seed]} for every evaluated chat policy (not the ask model)."""
+def policy_rows(runs: dict) -> dict[str, dict]:
+  """label -> {metric: [value per training seed]} for every evaluated chat policy (not the ask
+  model)."""
   rows: dict[str, dict] = {}
-  for stages in runs:
+  for stages in runs.values():
     for info in stages.values():
       block = info.get('block', {})
       if not info.get('eval') or block.get('options', {}).get('loss_on') == 'user':
@@ -47,14 +47,14 @@ def _cell(values, scale=100.0, digits=1) -> str:
   return f'{v.mean():.{digits}f} ± {std:.{digits}f}'
 
 
-def results_table(runs: list[dict], config) -> str:
+def results_table(runs: dict, config) -> str:
   """Markdown: per policy, accuracy (%) per turn, on context-dependent / self-contained turns, and
   the context-sensitivity measure (nats), mean ± std over seeds; then the Parrot-Ask statistics."""
   ev = config.evals.kj_dialog8
   turns = range(1, ev.num_turns + 1)
   lines = [
     f'## kj_dialog-8 ({ev.split} split, {ev.sessions} sessions, {ev.history} history): exact-match '
-    f'accuracy (%), mean ± std over {len(runs)} seeds',
+    f'accuracy (%), {report.spread_note(runs)}',
     '',
     '| policy | ' + ' | '.join(f'turn {k}' for k in turns) + ' | all | context-dep. | '
     'self-contained | context sensitivity (nats) |',
@@ -66,7 +66,7 @@ def results_table(runs: list[dict], config) -> str:
     cells += [_cell(row.get('accuracy/self_contained'))]
     cells += [_cell(row.get('context_sensitivity'), scale=1.0, digits=2)]
     lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
-  ask = [s['sessions']['summary'] for s in runs if 'sessions' in s]
+  ask = [s['sessions']['summary'] for s in runs.values() if 'sessions' in s]
   if ask:
     lines += [
       '',
@@ -83,14 +83,14 @@ def results_table(runs: list[dict], config) -> str:
       + ' |',
     ]
   lines += ['', '| seed | stage | type | steps | wall time (s) |', '|---|---|---|---:|---:|']
-  for seed, stages in enumerate(runs):
+  for seed, stages in runs.items():
     for name, info in stages.items():
       steps = info['summary'].get('steps', '')
       lines.append(f'| {seed} | {name} | {info["type"]} | {steps} | {info["wall_s"]:.0f} |')
   return '\n'.join(lines) + '\n'
 
 
-def plot_accuracy_by_turn(runs: list[dict], config, workdir: str) -> str:
+def plot_accuracy_by_turn(runs: dict, config, workdir: str) -> str:
   """accuracy_by_turn.png: mean accuracy per turn (error bars: std over seeds) per policy."""
   turns = np.arange(1, config.evals.kj_dialog8.num_turns + 1)
   fig = Figure(figsize=(6.4, 4))
@@ -110,21 +110,17 @@ def plot_accuracy_by_turn(runs: list[dict], config, workdir: str) -> str:
 def run(config, workdir: str) -> dict:
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
-  if config.seeds < 1:
-    raise ValueError(f'config.seeds must be >= 1, got {config.seeds}')
-  runs = []
-  for i in range(config.seeds):
-    seeded = copy.deepcopy(config)
-    seeded.unlock()
-    seeded.seed = config.seed + i
-    seeded.lock()
-    runs.append(run_pipeline(seeded, os.path.join(workdir, f'seed_{i}')))
-  results = {'seeds': runs, 'rows': policy_rows(runs), 'wall_s': time.time() - start}
+  runs = run_pipeline(config, workdir)
+  results = {
+    'runs': report.without_blocks(runs),
+    'rows': policy_rows(runs),
+    'seeds': report.seeds_record(config),
+    'wall_s': time.time() - start,
+  }
   table = results_table(runs, config)
   if jax.process_index() == 0:
-    trained = [f'seed_0/{n}' for n, info in runs[0].items() if info['type'] == 'train']
     plots = [plot_accuracy_by_turn(runs, config, workdir)]
-    plots += plotting.write_loss_curves(workdir, trained)
+    plots += plotting.write_loss_curves(workdir, report.trained_stage_dirs(runs, workdir))
     results['plots'] = [os.path.basename(p) for p in plots if p]
   write_results(workdir, results, table)
   print(table)

@@ -1,9 +1,8 @@
 """RLMEC on kj_arith end to end, beside its baselines, over several seeds: the table and the plots.
 
-Seed s runs the stages of the config (`configs/rlmec/arith.py`) through
-`kuaijax.train.pipeline.run_pipeline` in `<workdir>/seed_<s>/` with `config.seed = s`; seeds after
-the first take the first seed's SFT policy as a 'params' stage, so every method and seed post-trains
-the same SFT policy and the spread over seeds is that of sampling, GRM training and RL. Re-running
+The stages of the config (`configs/rlmec/arith.py`) run through `kuaijax.stages.run_pipeline` once
+per training seed of `config.seeds`, in `<workdir>/seed_<s>/`: every seed trains its own SFT policy,
+GRM and post-trained policies, so the spread over seeds is that of whole training runs. Re-running
 the command resumes (finished stages are kept). This file only builds results.md / results.json
 (accuracy per level, mean ± std over seeds; GRM quality; stage speeds), loss_curves.png,
 token_rewards.png and worked_example.md (one sample through every stage).
@@ -11,20 +10,19 @@ token_rewards.png and worked_example.md (one sample through every stage).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
 
 import jax
-import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
 from kuaijax import plotting
 from kuaijax.data import records as records_lib
 from kuaijax.data import tokenizers
-from kuaijax.train.pipeline import parse_stage_list, run_pipeline
+from kuaijax.stages import report, run_pipeline
+from kuaijax.stages.runner import parse_stage_list
 from kuaijax.train.trainer import write_results
 
 QUALITY_KEYS = ('locate_accuracy', 'rewrite_success', 'edit_distance_ratio')
@@ -38,22 +36,6 @@ SPEED_KEYS = (
 )
 
 
-def seed_config(config, seed: int, sft_path: str):
-  """One seed's pipeline config: config.seed = seed, and the SFT policy from sft_path when given."""
-  out = copy.deepcopy(config)
-  out.unlock()
-  out.seed = seed
-  if sft_path:
-    out.stage.sft = ml_collections.ConfigDict(dict(type='params', label='SFT', path=sft_path))
-  out.lock()
-  return out
-
-
-def _mean_std(values) -> list[float]:
-  v = np.asarray(values, np.float64)
-  return [float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0]
-
-
 def summarise(per_seed: dict, config) -> dict:
   """Rows (policies in `config.stages` order): eval keys as [mean, std] over seeds; GRM quality."""
   groups = next(iter(config.evals.values())).groups
@@ -62,7 +44,9 @@ def summarise(per_seed: dict, config) -> dict:
   for name in parse_stage_list(config.stages):
     evals = [stages[name].get('eval') or {} for stages in per_seed.values() if name in stages]
     row = {
-      k: _mean_std([e[k] for e in evals]) for k in keys if evals and all(k in e for e in evals)
+      k: report.mean_std([e[k] for e in evals])
+      for k in keys
+      if evals and all(k in e for e in evals)
     }
     if row:
       rows[name] = {'label': config.stage[name].label, **row}
@@ -79,9 +63,9 @@ def summarise(per_seed: dict, config) -> dict:
   return {
     'rows': rows,
     'grm_quality': quality,
-    'grm_quality_mean': {k: _mean_std([q[k] for q in quality.values()]) for k in keys},
+    'grm_quality_mean': {k: report.mean_std([q[k] for q in quality.values()]) for k in keys},
     'speed': {
-      f'{stage}/{key}': _mean_std([s[stage]['summary'][key] for s in per_seed.values()])
+      f'{stage}/{key}': report.mean_std([s[stage]['summary'][key] for s in per_seed.values()])
       for stage, key in SPEED_KEYS
       if all(stage in s for s in per_seed.values())
     },
@@ -101,7 +85,8 @@ def results_table(results: dict, config) -> str:
     f'## kj_arith held-out accuracy (%), {ev.split} split, {ev.per_group} problems per level',
     '',
     f'Mean ± std over {n} seeds of the accuracy sampled at T={ev.temperature} (each itself the '
-    f'mean over {len(ev.seeds)} sampling seeds); last column greedy. Seeds share the SFT policy.',
+    f'mean over {len(ev.seeds)} sampling seeds); last column greedy. Each training seed trains '
+    'its own SFT policy, GRM and post-trained policies.',
     '',
     '| policy | ' + ' | '.join(head) + ' | all | greedy all |',
     '|---|' + '---:|' * (len(head) + 2),
@@ -154,9 +139,12 @@ def render_rewards(pieces, rewards, threshold: float = -0.05) -> str:
   return ''.join(out) + ('⟧' if inside else '')
 
 
-def _wrong_examples(seed_dir: str, count: int) -> list[tuple[dict, dict, dict]]:
-  """(teacher record, GRM record, reward record) of the first wrong samples with GRM rewards."""
-  read = lambda stage: records_lib.read_records(os.path.join(seed_dir, stage, 'data.jsonl'))
+def _wrong_examples(stages: dict, count: int) -> list[tuple[dict, dict, dict]]:
+  """(teacher record, GRM record, reward record) of the first wrong samples with GRM rewards, in
+  one seed's stages."""
+  read = lambda name: records_lib.read_records(
+    os.path.join(stages[name]['dir'], stages[name]['data'])
+  )
   teacher, grm_rewrite = read('teacher'), read('grm_rewrite')
   rewards = {(r['index'], r['completion']): r for r in read('rewards')}
   out = []
@@ -197,9 +185,9 @@ def plot_token_rewards(examples, tokenizer, path: str) -> str | None:
   return path
 
 
-def worked_example(seed_dir: str, tokenizer) -> str:
-  """Markdown: one wrong sample through teacher, GRM rewrite and token rewards."""
-  examples = _wrong_examples(seed_dir, 20)
+def worked_example(stages: dict, tokenizer) -> str:
+  """Markdown: one wrong sample through teacher, GRM rewrite and token rewards (one seed)."""
+  examples = _wrong_examples(stages, 20)
   if not examples:
     return ''
   # prefer a sample whose GRM rewrite reached the gold answer
@@ -226,29 +214,18 @@ def worked_example(seed_dir: str, tokenizer) -> str:
 def run(config, workdir: str) -> dict:
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
-  per_seed, sft_path = {}, ''
-  for seed in config.seeds:
-    seed_dir = os.path.join(workdir, f'seed_{seed}')
-    per_seed[seed] = run_pipeline(seed_config(config, seed, sft_path), seed_dir)
-    if not sft_path and 'sft' in per_seed[seed]:  # a stage's own params path is relative to it
-      sft_path = os.path.join(seed_dir, per_seed[seed]['sft']['params'])
+  per_seed = run_pipeline(config, workdir)
   results = {**summarise(per_seed, config), 'wall_s': time.time() - start}
-  results['per_seed'] = {
-    seed: {name: {k: v for k, v in info.items() if k != 'block'} for name, info in stages.items()}
-    for seed, stages in per_seed.items()
-  }
+  results['per_seed'] = report.without_blocks(per_seed)
+  results['seeds'] = report.seeds_record(config)
   table = results_table(results, config)
   if jax.process_index() == 0:
-    first = os.path.join(workdir, f'seed_{config.seeds[0]}')
+    first = per_seed[config.seeds[0]]
     tokenizer = tokenizers.get_tokenizer(
       config.data.tokenizer, spm_model_path=config.data.spm_model_path or None
     )
-    seed0 = per_seed[config.seeds[0]]
-    trained = [
-      f'seed_{config.seeds[0]}/{n}' for n, info in seed0.items() if info['type'] == 'train'
-    ]
-    plots = plotting.write_loss_curves(workdir, trained)
-    if 'rewards' in per_seed[config.seeds[0]]:
+    plots = plotting.write_loss_curves(workdir, report.trained_stage_dirs(per_seed, workdir))
+    if 'rewards' in first:
       examples = _wrong_examples(first, 4)
       plots.append(
         plot_token_rewards(examples, tokenizer, os.path.join(workdir, 'token_rewards.png'))

@@ -51,6 +51,17 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(values, type_safe=True).lock()
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+  """'0+1+2' (or '0,1,2') -> (0, 1, 2): the `config.seeds` of a pipeline config."""
+  try:
+    seeds = tuple(int(s) for s in text.replace(',', '+').split('+') if s.strip())
+  except ValueError:
+    raise ValueError(f'config arg seeds={text!r}: expected ints joined by +, e.g. 0+1+2') from None
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f'config arg seeds={text!r}: expected distinct ints, at least one')
+  return seeds
+
+
 def check_choice(name: str, value, allowed) -> None:
   """Raises a ValueError naming the config field when `value` is not one of `allowed`."""
   if value not in allowed:
@@ -164,18 +175,20 @@ def train_stage(
   loss: dict | None = None,
   init_from: str = '',
   reference: str = '',
+  model: str = 'policy',
   logs: int = 20,
   checkpoints: int = 4,
   **extra,
 ) -> ml_collections.ConfigDict:
-  """A 'train' stage block of the pipeline (`kuaijax.train.pipeline`); `label` names its row in
-  the experiment's table, `extra` adds fields (e.g. evaluate=False)."""
+  """A 'train' stage block of the pipeline (`kuaijax.stages`) training the model role `model`;
+  `label` names its row in the experiment's table, `extra` adds fields (e.g. evaluate=False)."""
   CD = ml_collections.ConfigDict
   return CD(
     dict(
       type='train',
       label=label,
       method=method,
+      model=model,
       data=data,
       init_from=init_from,
       reference=reference,

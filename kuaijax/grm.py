@@ -5,11 +5,9 @@
   "The first error step is [k]", then greedy continuation after "Correct prediction:" + the copied
   steps 1..k-1. It returns the `minimum_edit.Edit`s the program teacher returns, so both plug into
   the same teacher stage; bad outputs are noted on the Edit (never an exception).
-- `score_completions`: teacher-forced log-probs of given completion tokens after given prompts, in
-  length-bucketed padded batches through `sampling.score` (the `token_logprobs` kernel: no
-  [B, L, V] logits). With the rewrite prompt as prompt and the ORIGINAL sample as completion, p_t =
-  exp(log-prob) is how likely the GRM is to keep token y_t.
-- `token_rewards`: from p_t, r_t = clip(p_t - 0.5, -0.1, 0) for wrong samples and
+- `token_rewards`: from p_t = exp(log-prob) of each sample token y_t after the rewrite prompt and
+  "Correct prediction:" (teacher-forced, `kuaijax.sampling.score_completion_lists`: how likely the
+  GRM is to keep y_t), r_t = clip(p_t - 0.5, -0.1, 0) for wrong samples and
   clip(p_t - 0.5, 0, 0.5) for correct ones; imitation weights of the rewrite tokens come from
   `kuaijax.data.edits`.
 - GRM quality: `changed_tokens` (sample tokens a rewrite does not keep), `edit_distance`,
@@ -148,70 +146,14 @@ class ModelTeacher:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score_rows(graphdef, state, tokens, mask, segment_ids):
-  logps, _ = sampling.score(
-    nnx.merge(graphdef, state), tokens, loss_mask=mask, segment_ids=segment_ids
-  )
-  return logps
+def _score_batch(graphdef, state, *batch):
+  return sampling.score_completions(nnx.merge(graphdef, state), *batch)[0]
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward_rows(graphdef, state, tokens, segment_ids):
   logits, _ = nnx.merge(graphdef, state)(tokens, segment_ids=segment_ids)
   return logits
-
-
-def _batches(prompts, completions, batch_size: int, pad_id: int):
-  """Length-sorted padded batches: (indices, tokens, mask, segment_ids) per batch."""
-  lengths = np.array([len(p) + len(c) for p, c in zip(prompts, completions)])
-  order = np.argsort(lengths, kind='stable')
-  for lo in range(0, len(order), batch_size):
-    idx = order[lo : lo + batch_size]
-    width = _round_up(lengths[idx].max())
-    tokens = np.full((batch_size, width), pad_id, np.int32)
-    mask = np.zeros((batch_size, width), np.float32)
-    segments = np.zeros((batch_size, width), np.int32)
-    for r, k in enumerate(idx):
-      p, c = len(prompts[k]), len(completions[k])
-      tokens[r, :p], tokens[r, p : p + c] = prompts[k], completions[k]
-      mask[r, p - 1 : p - 1 + c] = 1.0
-      segments[r, : p + c] = 1
-    yield idx, tokens, mask, segments
-
-
-def score_completions(
-  model,
-  prompts: Sequence[np.ndarray],
-  completions: Sequence[np.ndarray],
-  *,
-  batch_size: int,
-  pad_id: int = 0,
-) -> tuple[list[np.ndarray], dict]:
-  """Per-token log p(completion_t | prompt, completion_<t) of each pair (float32 [len]), and counts.
-
-  Prompts hold bos and are non-empty. Pairs are sorted by length and scored in padded batches of
-  `batch_size` rows (widths rounded up to 64). Counts: samples, completion tokens, tokens (all
-  positions of the real sequences) and seconds (wall, compilation included).
-  """
-  if len(prompts) != len(completions):
-    raise ValueError(f'{len(prompts)} prompts but {len(completions)} completions')
-  if any(len(p) < 1 for p in prompts):
-    raise ValueError('every prompt needs at least one token (bos)')
-  start = time.perf_counter()
-  graphdef, state = nnx.split(model)
-  out: list[np.ndarray | None] = [None] * len(prompts)
-  for idx, tokens, mask, segments in _batches(prompts, completions, batch_size, pad_id):
-    logps = parallel.host_value(_score_rows(graphdef, state, tokens, mask, segments))
-    for r, k in enumerate(idx):
-      p, c = len(prompts[k]), len(completions[k])
-      out[k] = logps[r, p - 1 : p - 1 + c].astype(np.float32)
-  stats = {
-    'samples': len(out),
-    'completion_tokens': int(sum(len(c) for c in completions)),
-    'tokens': int(sum(len(p) + len(c) for p, c in zip(prompts, completions))),
-    'seconds': time.perf_counter() - start,
-  }
-  return out, stats
 
 
 def token_rewards(keep_probs: Sequence[np.ndarray], correct: Sequence[bool]) -> list[np.ndarray]:
@@ -269,24 +211,30 @@ def reward_auc(rewards: Sequence[np.ndarray], bad: Sequence[np.ndarray]) -> floa
 def benchmark_scoring(
   model, prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray], *, batch_size: int
 ) -> dict:
-  """Tokens/s of `score_completions`' batches vs a plain forward pass (logits) of the same batches.
+  """Tokens/s of `sampling.score_completion_lists`' batches vs a plain forward pass (logits) of
+  the same batches (prompt and completion columns side by side).
 
   Both jitted in this process and timed on a second pass (compilation excluded); tokens = all
   padded positions processed. `ratio` = scoring tokens/s / forward tokens/s.
   """
   graphdef, state = nnx.split(model)
-  batches = list(_batches(prompts, completions, batch_size, 0))
-  padded = sum(t.size for _, t, _, _ in batches)
+  batches = [batch for _, *batch in sampling.completion_batches(prompts, completions, batch_size)]
+  rows = []
+  for p, p_len, c, c_len in batches:
+    slots = np.arange(p.shape[1] + c.shape[1])[None, :]
+    segments = (slots < (p_len + c_len)[:, None]).astype(np.int32)
+    rows.append((np.concatenate([p, c], axis=1), segments))
+  padded = sum(t.size for t, _ in rows)
   runs = {
-    'score': lambda t, m, s: _score_rows(graphdef, state, t, m, s),
-    'forward': lambda t, m, s: _forward_rows(graphdef, state, t, s),
+    'score': lambda i: _score_batch(graphdef, state, *batches[i]),
+    'forward': lambda i: _forward_rows(graphdef, state, *rows[i]),
   }
   out = {'padded_tokens': padded, 'samples': len(prompts)}
   for name, fn in runs.items():
     for _ in range(2):  # the second pass is timed
       start = time.perf_counter()
-      for _, t, m, s in batches:
-        jax.block_until_ready(fn(t, m, s))
+      for i in range(len(batches)):
+        jax.block_until_ready(fn(i))
     seconds = time.perf_counter() - start
     out[f'{name}_tokens_per_s'] = padded / seconds
     out[f'{name}_samples_per_s'] = len(prompts) / seconds

@@ -1,9 +1,13 @@
 """Batched generation with a KV cache, and log-prob scoring of given sequences.
 
 `generate` samples completions of padded prompts (greedy, temperature, top-k, top-p, stop tokens,
-several samples per prompt) with one prefill call and a jitted decode loop; `score` and
+several samples per prompt) with one prefill call and a jitted decode loop; `sample_completions`
+decodes prompt texts with it (n samples per prompt in one call per batch, fixed shapes so one
+program serves every call) for the sample stage, task accuracy and Self-Agreement. `score` and
 `score_completions` give per-token and summed log-probs of given tokens under a model (through
-`pallas_kernels.token_logprobs`), differentiable, for the preference and RL losses.
+`pallas_kernels.token_logprobs`), differentiable, for the preference and RL losses;
+`score_completion_lists` is `score_completions` of ragged token lists on the host (e.g. a reward
+model's keep-probabilities).
 
 Any module following the `Transformer` API works: `model(tokens, positions=, segment_ids=,
 caches=, return_hidden=True) -> (hidden, extras)`, `model.output_head() -> [d, V]`,
@@ -23,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from kuaijax import parallel
+from kuaijax.data import sequences
 from kuaijax.models.layers import dense
 from kuaijax.parallel import constrain
 from pallas_kernels.token_logprobs import token_logprobs
@@ -330,6 +335,74 @@ def _generate_impl(
 _generate_jit = jax.jit(_generate_impl, static_argnames=('graphdef', 'settings'))
 
 
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  """One sampled completion of prompt `index`: tokens (stop token included when it stopped), raw
+  per-token log-probs under the sampling model (temperature 1) and the decoded text."""
+
+  index: int
+  tokens: np.ndarray
+  logprobs: np.ndarray
+  text: str
+
+
+def sample_completions(
+  model,
+  tokenizer,
+  prompts: Sequence[str],
+  *,
+  num_samples: int = 1,
+  seed: int = 0,
+  greedy: bool = False,
+  temperature: float = 1.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  max_new_tokens: int = 128,
+  prompt_len: int = 320,
+  batch_size: int = 64,
+) -> list[Sample]:
+  """`num_samples` completions per prompt (rows of prompt i are consecutive).
+
+  Batches of `batch_size` prompts have a fixed shape (the last is padded with copies) so one
+  compiled program serves every call; batch b samples with `fold_in(key(seed), b)`.
+  """
+  if num_samples < 1:
+    raise ValueError(f'num_samples must be >= 1, got {num_samples}')
+  out = []
+  for start in range(0, len(prompts), batch_size):
+    chunk = list(prompts[start : start + batch_size])
+    rows, lengths = sequences.prompt_batch(
+      tokenizer, chunk + [chunk[0]] * (batch_size - len(chunk)), prompt_len
+    )
+    gen = generate(
+      model,
+      rows,
+      lengths,
+      rng=jax.random.fold_in(jax.random.key(seed), start // batch_size),
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+      greedy=greedy,
+      stop_tokens=(tokenizer.eos_id,),
+      num_samples=num_samples,
+      pad_id=tokenizer.pad_id,
+    )
+    tokens, logprobs, gen_lengths = parallel.host_value((gen.tokens, gen.logprobs, gen.lengths))
+    texts = sequences.decode_completions(tokenizer, tokens, gen_lengths)
+    for row in range(len(chunk) * num_samples):
+      n = int(gen_lengths[row])
+      out.append(
+        Sample(
+          start + row // num_samples,
+          np.asarray(tokens[row, :n], np.int32),
+          np.asarray(logprobs[row, :n], np.float32),
+          texts[row],
+        )
+      )
+  return out
+
+
 def filter_logits(logits, *, temperature: float = 1.0, top_k=None, top_p=None) -> jax.Array:
   """Tempered logits with the tokens outside top-k / top-p set to -inf (last axis = vocab).
 
@@ -475,3 +548,70 @@ def score_completions(
   per_token = jnp.take_along_axis(token_logps, p_len - 1 + columns, axis=1)
   per_token = jnp.where(columns < c_len, per_token, 0.0)
   return per_token, per_token.sum(axis=-1)
+
+
+def completion_batches(
+  prompts: Sequence[np.ndarray],
+  completions: Sequence[np.ndarray],
+  batch_size: int,
+  pad_id: int = 0,
+  width_multiple: int = 64,
+):
+  """Ragged (prompt, completion) token pairs as the padded batches `score_completions` takes.
+
+  Pairs are sorted by total length (stable) and cut into batches of `batch_size` rows; yields
+  (indices [n], prompts [batch_size, P], prompt_lengths [batch_size], completions
+  [batch_size, C], completion_lengths [batch_size]), right-padded with `pad_id`, P and C the
+  batch's longest prompt / completion rounded up to `width_multiple` (few shapes, few
+  compilations). The rows after the n real ones are a lone pad token with an empty completion.
+  """
+  round_up = lambda x: max(width_multiple, -(-int(x) // width_multiple) * width_multiple)
+  lengths = np.array([len(p) + len(c) for p, c in zip(prompts, completions, strict=True)])
+  order = np.argsort(lengths, kind='stable')
+  for lo in range(0, len(order), batch_size):
+    idx = order[lo : lo + batch_size]
+    p_len = np.ones(batch_size, np.int32)
+    c_len = np.zeros(batch_size, np.int32)
+    p_len[: len(idx)] = [len(prompts[k]) for k in idx]
+    c_len[: len(idx)] = [len(completions[k]) for k in idx]
+    p_rows = np.full((batch_size, round_up(p_len.max())), pad_id, np.int32)
+    c_rows = np.full((batch_size, round_up(c_len.max())), pad_id, np.int32)
+    for r, k in enumerate(idx):
+      p_rows[r, : p_len[r]], c_rows[r, : c_len[r]] = prompts[k], completions[k]
+    yield idx, p_rows, p_len, c_rows, c_len
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'pad_id', 'axis_rules'))
+def _score_completions_jit(graphdef, state, *batch, pad_id, axis_rules):
+  del axis_rules  # a cache key only: `constrain` reads the active rules while tracing
+  return score_completions(nnx.merge(graphdef, state), *batch, pad_id=pad_id)[0]
+
+
+def score_completion_lists(
+  model: nnx.Module,
+  prompts: Sequence[np.ndarray],
+  completions: Sequence[np.ndarray],
+  *,
+  batch_size: int,
+  pad_id: int = 0,
+) -> list[np.ndarray]:
+  """`score_completions` of ragged token lists: per pair, float32 [len(completion)] log-probs
+  log p(completion_t | prompt, completion_<t) (on the host).
+
+  Prompts hold bos and are non-empty. The pairs are scored in `completion_batches` (sorted by
+  length, padded to multiples of 64) by one compiled program per batch shape.
+  """
+  if len(prompts) != len(completions):
+    raise ValueError(f'{len(prompts)} prompts but {len(completions)} completions')
+  if any(len(p) < 1 for p in prompts):
+    raise ValueError('every prompt needs at least one token (bos)')
+  graphdef, state = nnx.split(model)
+  out: list[np.ndarray | None] = [None] * len(prompts)
+  for idx, *batch in completion_batches(prompts, completions, batch_size, pad_id):
+    logps = _score_completions_jit(
+      graphdef, state, *batch, pad_id=pad_id, axis_rules=_current_axis_rules()
+    )
+    logps = parallel.host_value(logps)
+    for r, k in enumerate(idx):
+      out[k] = logps[r, : len(completions[k])].astype(np.float32)
+  return out

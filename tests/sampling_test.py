@@ -337,6 +337,29 @@ def test_score_completions_equals_brute_force_and_generation(model, padding):
   np.testing.assert_allclose(np.asarray(per_token)[same], np.asarray(gen.logprobs)[same], atol=1e-5)
 
 
+def test_score_completion_lists_matches_full_forward(model):
+  """Ragged pairs in length-sorted padded batches (two widths, a padded last batch) score as one
+  unpadded-prefix forward pass each (causal, so trailing filler never matters)."""
+  rng = np.random.default_rng(0)
+  prompts = [np.r_[1, rng.integers(3, VOCAB, n)].astype(np.int32) for n in (5, 70, 12)]
+  completions = [rng.integers(3, VOCAB, n).astype(np.int32) for n in (4, 9, 0)]
+  got = sampling.score_completion_lists(model, prompts, completions, batch_size=2)
+  seqs = np.zeros((3, 96), np.int32)
+  for r, (p, c) in enumerate(zip(prompts, completions)):
+    seqs[r, : len(p) + len(c)] = np.r_[p, c]
+  full = brute_force_logps(model, seqs)
+  for r, (p, c) in enumerate(zip(prompts, completions)):
+    assert got[r].dtype == np.float32 and got[r].shape == (len(c),)
+    np.testing.assert_allclose(got[r], full[r, len(p) - 1 : len(p) + len(c) - 1], atol=2e-5)
+  batches = list(sampling.completion_batches(prompts, completions, 2))
+  assert [b[0].tolist() for b in batches] == [[0, 2], [1]]
+  assert [(b[1].shape, b[3].shape) for b in batches] == [((2, 64), (2, 64)), ((2, 128), (2, 64))]
+  np.testing.assert_array_equal(batches[1][2], [71, 1])  # a lone pad token ...
+  np.testing.assert_array_equal(batches[1][4], [9, 0])  # ... with an empty completion
+  with pytest.raises(ValueError, match='2 prompts but 3 completions'):
+    sampling.score_completion_lists(model, prompts[:2], completions, batch_size=2)
+
+
 def test_score_gradients_match_brute_force(model):
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, VOCAB, (2, 6)), jnp.int32)
   mask = jnp.ones((2, 6), bool)

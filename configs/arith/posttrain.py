@@ -16,13 +16,13 @@ full scale (one GPU or TPU host; ~76M parameters, levels 1-4; not run yet):
 Args: `stages=sft+dpo+rft+rlmec+grpo` picks the rows (the sampling stages they need are added);
 `dpo_loss=ipo` (a `kuaijax.losses.preference.DPO_LOSS_TYPES` name, or capo / d2po) and
 `reward=relative_length` pick the objectives; `sft_from=<workdir>/sft` starts from an existing SFT
-run instead of training one:
+run instead of training one; `seeds=0+1+2` the training seeds:
   ... --config=configs/arith/posttrain.py:runlocal,stages=grpo,sft_from=workdirs/arith_posttrain/sft
 """
 
 import ml_collections
 
-from kuaijax.config_lib import lm_model, parse_arg, stage_steps, trainer_config
+from kuaijax.config_lib import lm_model, parse_arg, parse_seeds, stage_steps, trainer_config
 from kuaijax.config_lib import train_stage as _train
 from kuaijax.losses.preference import DPO_LOSS_TYPES
 
@@ -77,10 +77,13 @@ def get_config(arg=None):
     dpo_loss='sigmoid',
     reward='exact_answer',
     sft_from='',
+    seeds='0',
   )
   config = trainer_config()
   config.experiment = 'arith_posttrain'
-  config.seed = 0  # each stage's seeds are derived from it and the stage's name
+  # Training seeds: the pipeline runs once per seed in <workdir>/seed_<s>/ (each stage's seeds are
+  # derived from it and the stage's name); `seeds=0+1+2` runs three.
+  config.seeds = parse_seeds(args.seeds)
   config.stages = args.stages
   config.data = CD(
     dict(
@@ -96,8 +99,12 @@ def get_config(arg=None):
       max_new_tokens=128,  # level-4 solutions reach 119; DPO/RLMEC rows hold prompt + this
     )
   )
-  config.model = lm_model(
-    vocab_size=384, d_model=768, num_layers=12, num_heads=12, num_kv_heads=4, d_ff=2048
+  config.models = CD(
+    dict(
+      policy=lm_model(
+        vocab_size=384, d_model=768, num_layers=12, num_heads=12, num_kv_heads=4, d_ff=2048
+      )
+    )
   )
   stage = CD()
   stage.sft = _train(
@@ -179,7 +186,7 @@ def get_config(arg=None):
   if args.runlocal:
     # Trained on levels 1-2 only (level 3 is held out as harder, longer problems).
     config.data.update(levels=(1, 2), seq_len=512, prompt_len=224, max_new_tokens=96)
-    config.model.update(
+    config.models.policy.update(
       d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=384, dtype='float32'
     )
     if not args.sft_from:

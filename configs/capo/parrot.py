@@ -1,6 +1,6 @@
 """Parrot / CaPO on kj_dialog: Parrot-Ask sessions, SFT on short vs long sessions, CaPO by negative kind.
 
-Stages (`kuaijax.train.pipeline`; `kuaijax.methods.parrot` has the methods and stage types):
+Stages (`kuaijax.stages`; methods in `kuaijax.methods.parrot`, stage types in `kuaijax.stages.parrot`):
   ask           Parrot-Ask: chat_sft with the loss on user queries only, on kj_dialog train sessions
   sessions      the ask model writes queries, the kj_dialog program answers (stands in for ChatGPT)
   sft_short     chat_sft on the first 1-2 turns of kj_dialog train sessions (the turn-count ablation)
@@ -18,7 +18,7 @@ on kj_dialog-8 at this size (table in experiments/capo/README.md):
   python -m kuaijax.main --config=configs/capo/parrot.py:runlocal --workdir=workdirs/capo
 full scale (one GPU host; ~25M parameters; not run yet):
   python -m kuaijax.main --config=configs/capo/parrot.py --workdir=workdirs/capo_full
-Args: `seeds=3` (pipelines, one per seed), `kinds=neglect+hallucination+misunderstanding+all`
+Args: `seeds=0+1+2` (training seeds, one pipeline each), `kinds=neglect+hallucination+misunderstanding+all`
 (the CaPO rows; `none` runs no CaPO stage), `stages=sft_short` (run only these stages and those they
 need, instead of the rows `kinds` implies).
 """
@@ -27,7 +27,14 @@ import functools
 
 import ml_collections
 
-from kuaijax.config_lib import lm_model, parse_arg, stage_steps, train_stage, trainer_config
+from kuaijax.config_lib import (
+  lm_model,
+  parse_arg,
+  parse_seeds,
+  stage_steps,
+  train_stage,
+  trainer_config,
+)
 from kuaijax.data.dialog import NEGATIVE_KINDS
 
 CD = ml_collections.ConfigDict
@@ -41,7 +48,11 @@ _train = functools.partial(train_stage, logs=10, checkpoints=1)
 
 def get_config(arg=None):
   args = parse_arg(
-    arg, runlocal=False, seeds=3, kinds='neglect+hallucination+misunderstanding+all', stages=''
+    arg,
+    runlocal=False,
+    seeds='0+1+2',
+    kinds='neglect+hallucination+misunderstanding+all',
+    stages='',
   )
   kinds = [k for k in args.kinds.replace(',', '+').split('+') if k and k != 'none']
   bad = sorted(set(kinds) - set(KIND_ROWS))
@@ -49,8 +60,7 @@ def get_config(arg=None):
     raise ValueError(f'kinds: {bad} not in {KIND_ROWS} (or none)')
   config = trainer_config()
   config.experiment = 'capo'
-  config.seed = 0
-  config.seeds = args.seeds  # the pipeline runs with seed = config.seed + 0 .. seeds - 1
+  config.seeds = parse_seeds(args.seeds)  # training seeds: one pipeline each, seed_<s>/
   config.data = CD(
     dict(
       task='kj_dialog',
@@ -65,8 +75,12 @@ def get_config(arg=None):
       max_new_tokens=48,
     )
   )
-  config.model = lm_model(
-    vocab_size=384, d_model=512, num_layers=8, num_heads=8, num_kv_heads=4, d_ff=1536
+  config.models = CD(
+    dict(
+      policy=lm_model(
+        vocab_size=384, d_model=512, num_layers=8, num_heads=8, num_kv_heads=4, d_ff=1536
+      )
+    )
   )
   sft_opt = dict(lr=3e-4, warmup_steps=200)
   capo_opt = dict(lr=1e-5, warmup_steps=20, weight_decay=0.0, min_lr_ratio=0.0)  # the paper's lr
@@ -155,7 +169,7 @@ def get_config(arg=None):
     # Sized for 2 shared CPU cores: a byte-level model of ~0.1M parameters, a few dozen steps per
     # stage; expect little beyond the answer format to be learnt (see the README's table).
     config.data.update(seq_len=512, prompt_len=488, max_new_tokens=24, limit=600)
-    config.model.update(
+    config.models.policy.update(
       d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=192, dtype='float32'
     )
     fast = dict(lr=3e-3, warmup_steps=5)

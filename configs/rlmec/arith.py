@@ -22,7 +22,14 @@ Args: `stages=` the rows to run (their inputs are added), `seeds=0+1+2`.
 
 import ml_collections
 
-from kuaijax.config_lib import lm_model, parse_arg, stage_steps, train_stage, trainer_config
+from kuaijax.config_lib import (
+  lm_model,
+  parse_arg,
+  parse_seeds,
+  stage_steps,
+  train_stage,
+  trainer_config,
+)
 
 CD = ml_collections.ConfigDict
 
@@ -53,8 +60,7 @@ def get_config(arg=None):
   args = parse_arg(arg, runlocal=False, gpu=False, stages=ROWS, seeds='0+1+2')
   config = trainer_config()
   config.experiment = 'rlmec'
-  config.seed = 0  # set per seed by the experiment
-  config.seeds = tuple(int(s) for s in args.seeds.replace(',', '+').split('+'))
+  config.seeds = parse_seeds(args.seeds)  # training seeds: one pipeline each, seed_<s>/
   config.stages = args.stages.replace('+', ',')
   config.data = CD(
     dict(
@@ -70,9 +76,11 @@ def get_config(arg=None):
       max_new_tokens=128,
     )
   )
-  config.model = lm_model(
+  policy = lm_model(
     vocab_size=384, d_model=768, num_layers=12, num_heads=12, num_kv_heads=4, d_ff=2048
   )
+  # The GRM is a model role of its own (the paper: the same architecture as the policy).
+  config.models = CD(dict(policy=policy, grm=CD(policy.to_dict())))
   post, bs, lr = 1000, 128, 5e-6  # paper: 3 epochs at lr 5e-6, 128 sequences per step
   s = CD()
   s.sft = _train('sft', 'SFT', 'task:train', steps=20_000, batch_size=32, lr=3e-4, init_from='')
@@ -101,7 +109,9 @@ def get_config(arg=None):
     )
   )
   s.grm_data = CD(dict(type='grm_data', data='teacher'))
-  s.grm = _train('sft', 'GRM', 'grm_data', steps=3000, batch_size=32, lr=2e-5, evaluate=False)
+  s.grm = _train(
+    'sft', 'GRM', 'grm_data', steps=3000, batch_size=32, lr=2e-5, evaluate=False, model='grm'
+  )
   s.grm_rewrite = CD(
     dict(
       type='teacher',
@@ -116,14 +126,14 @@ def get_config(arg=None):
     dict(
       type='rewards',
       data='grm_rewrite',
-      model='grm',
+      grm='grm',
       auc_data='teacher',
       batch_size=128,
       max_len=2048,
     )
   )
   s.prog_rewards = CD(
-    dict(type='rewards', data='teacher', model='', auc_data='teacher', batch_size=128, max_len=2048)
+    dict(type='rewards', data='teacher', grm='', auc_data='teacher', batch_size=128, max_len=2048)
   )
   s.rlmec = _train(
     'rlmec', 'RLMEC (GRM)', 'rewards', steps=post, batch_size=bs, lr=lr, loss=dict(eps=0.3, lam=1.0)
@@ -206,7 +216,7 @@ def get_config(arg=None):
     for name in ('rewards', 'prog_rewards'):
       s[name].max_len = 768
   if args.gpu:
-    config.model.update(
+    config.models.policy.update(
       d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=768, dtype='float32'
     )
     sizes = dict(sft=(2000, 32, 2e-3), grm=(1000, 32, 1e-3))
@@ -216,7 +226,7 @@ def get_config(arg=None):
     for name in ('teacher', 'grm_rewrite', 'rewards', 'prog_rewards'):
       s[name].batch_size = 250
   elif args.runlocal:
-    config.model.update(
+    config.models.policy.update(
       d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, d_ff=192, dtype='float32'
     )
     sizes = dict(sft=(300, 8, 3e-3), grm=(120, 8, 2e-3))
@@ -234,4 +244,5 @@ def get_config(arg=None):
       s[name].train.update(_steps(post_steps, batch))
       s[name].optimizer.update(lr=post_lr, warmup_steps=max(1, post_steps // 10))
     config.train.update(progress=False)
+  config.models.grm = CD(config.models.policy.to_dict())
   return config

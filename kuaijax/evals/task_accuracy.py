@@ -1,91 +1,20 @@
 """Task accuracy from the model's own generations: sampled over several seeds (mean ± std) and greedy.
 
-`sample_completions` decodes prompts with `kuaijax.sampling.generate` (n samples per prompt in one
-call per batch, fixed shapes so one program serves every call); `accuracy_by_group` scores texts with
+Completions come from `kuaijax.sampling.sample_completions`; `accuracy_by_group` scores texts with
 the task's checker, broken down by the task's group field (kj_arith: level);
 `TaskAccuracyEvaluator` is the evaluator registered as 'task_accuracy'.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 from flax import nnx
 
-from kuaijax import parallel, sampling
-from kuaijax.data import sequences, tasks
+from kuaijax.data import tasks
 from kuaijax.evals.base import Evaluator
-
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-  """One sampled completion of prompt `index`: tokens (stop token included when it stopped), raw
-  per-token log-probs under the sampling model (temperature 1) and the decoded text."""
-
-  index: int
-  tokens: np.ndarray
-  logprobs: np.ndarray
-  text: str
-
-
-def sample_completions(
-  model,
-  tokenizer,
-  prompts: Sequence[str],
-  *,
-  num_samples: int = 1,
-  seed: int = 0,
-  greedy: bool = False,
-  temperature: float = 1.0,
-  top_k: int | None = None,
-  top_p: float | None = None,
-  max_new_tokens: int = 128,
-  prompt_len: int = 320,
-  batch_size: int = 64,
-) -> list[Sample]:
-  """`num_samples` completions per prompt (rows of prompt i are consecutive).
-
-  Batches of `batch_size` prompts have a fixed shape (the last is padded with copies) so one
-  compiled program serves every call; batch b samples with `fold_in(key(seed), b)`.
-  """
-  if num_samples < 1:
-    raise ValueError(f'num_samples must be >= 1, got {num_samples}')
-  out = []
-  for start in range(0, len(prompts), batch_size):
-    chunk = list(prompts[start : start + batch_size])
-    rows, lengths = sequences.prompt_batch(
-      tokenizer, chunk + [chunk[0]] * (batch_size - len(chunk)), prompt_len
-    )
-    gen = sampling.generate(
-      model,
-      rows,
-      lengths,
-      rng=jax.random.fold_in(jax.random.key(seed), start // batch_size),
-      max_new_tokens=max_new_tokens,
-      temperature=temperature,
-      top_k=top_k,
-      top_p=top_p,
-      greedy=greedy,
-      stop_tokens=(tokenizer.eos_id,),
-      num_samples=num_samples,
-      pad_id=tokenizer.pad_id,
-    )
-    tokens, logprobs, gen_lengths = parallel.host_value((gen.tokens, gen.logprobs, gen.lengths))
-    texts = sequences.decode_completions(tokenizer, tokens, gen_lengths)
-    for row in range(len(chunk) * num_samples):
-      n = int(gen_lengths[row])
-      out.append(
-        Sample(
-          start + row // num_samples,
-          np.asarray(tokens[row, :n], np.int32),
-          np.asarray(logprobs[row, :n], np.float32),
-          texts[row],
-        )
-      )
-  return out
+from kuaijax.sampling import Sample, sample_completions
 
 
 def accuracy_by_group(correct: Sequence[bool], groups: Sequence, name: str = '') -> dict:

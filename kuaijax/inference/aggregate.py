@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kuaijax.evals import task_accuracy
 from kuaijax.inference import answers
+from kuaijax.sampling import sample_completions
 
 SA_INSTRUCTION = (
   'Below are several solutions to the same question. Understand the question first. Then extract '
@@ -170,7 +170,7 @@ def sample_paths(
   k = check_k(k)
   if not prompt_texts:
     return []
-  samples = task_accuracy.sample_completions(
+  samples = sample_completions(
     model,
     tokenizer,
     prompt_texts,

@@ -1,7 +1,6 @@
 """Post-training methods, one module each, registered by name (see README.md in this folder).
 
-Importing this package registers every built-in method (and the stage types they bring, e.g.
-'pairs' and 'minimal_edit').
+Importing this package registers every built-in method.
 """
 
 from kuaijax.methods import dpo, grpo, parrot, rft, rlmec, sft  # noqa: F401  (registration)

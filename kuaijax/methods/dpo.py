@@ -1,4 +1,4 @@
-"""The pairwise preference family: DPO (six loss types), CaPO, D2PO and SPPD, plus the `pairs` stage.
+"""The pairwise preference family: DPO (six loss types), CaPO, D2PO and SPPD.
 
 Records (one per pair): `prompt` text; `chosen` / `rejected` as stored tokens (`chosen_tokens`, a
 model's own sample) or text; SPPD also `chosen_value` / `rejected_value` (the values of the states
@@ -11,7 +11,8 @@ Reference log-probs (`reference` option): 'precomputed' scores every pair once w
 before training; 'model' passes the reference params as the trainer's `frozen` state and scores
 every step (same loss, tested). DPO with loss_type 'simpo' needs no reference.
 
-The `pairs` stage type turns a `sample` data set into (correct, wrong) pairs of the same prompt.
+`pair_records` turns a `sample` data set into (correct, wrong) pairs of the same prompt (the
+`pairs` stage of `kuaijax.stages.preference`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from kuaijax.jit_cache import ParamsJit
 from kuaijax.losses import preference as pref
 from kuaijax.methods.base import Method, register_method, tokens_or_text
 from kuaijax.sampling import score
-from kuaijax.train.stages import register_stage_type
 
 REFERENCE_SOURCES = ('precomputed', 'model')
 PAIR_FIELDS = ('chosen_tokens', 'chosen_mask', 'rejected_tokens', 'rejected_mask')
@@ -176,7 +176,7 @@ class SPPD(_Pairwise):
     return pref.sppd_loss(chosen, rejected, ref_chosen, ref_rejected, cm, rm, cv, rv, **self.loss)
 
 
-# ----------------------------------------------------------------------------- pairs stage
+# ----------------------------------------------------------------------------- pairs of samples
 
 
 def pair_records(
@@ -217,18 +217,3 @@ def pair_records(
     'pairs': len(pairs),
   }
   return pairs, stats
-
-
-@register_stage_type('pairs')
-def pairs_stage(stage) -> dict:
-  """Options: data (a sample stage), max_pairs_per_prompt, gold_fallback. Writes pairs.jsonl."""
-  block = stage.block
-  pairs, stats = pair_records(
-    stage.records(block.data),
-    max_pairs_per_prompt=block.max_pairs_per_prompt,
-    gold_fallback=block.gold_fallback,
-  )
-  if not pairs:
-    raise RuntimeError(f'stage {stage.name}: no (correct, wrong) pair: {stats}')
-  stage.write_data(pairs)
-  return stats

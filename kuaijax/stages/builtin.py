@@ -1,0 +1,157 @@
+"""The built-in stage types: 'train' (a post-training method on records), 'sample' (a policy's
+samples of the task's prompts) and 'params' (parameters from a checkpoint or a Hugging Face folder).
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from kuaijax import parallel
+from kuaijax.data import sequences
+from kuaijax.methods import MethodContext, get_method
+from kuaijax.sampling import sample_completions
+from kuaijax.stages import roles
+from kuaijax.stages.base import Stage, cycle, register_stage_type
+from kuaijax.train import lm_task
+from kuaijax.train.trainer import check_batch_config, param_layout, train
+
+
+def method_context(stage: Stage) -> MethodContext:
+  dc = stage.config.data
+  return MethodContext(
+    tokenizer=stage.tokenizer,
+    task=stage.task,
+    seq_len=dc.seq_len,
+    prompt_len=dc.prompt_len,
+    max_new_tokens=dc.max_new_tokens,
+    pack=dc.pack,
+  )
+
+
+def stage_train_config(stage: Stage, *, seed: int):
+  """The trainer's config for a training stage: the shared sections with the block's `train` /
+  `optimizer` overrides, `model` = the stage's role and its initial params: `init_from` (a stage
+  or checkpoint path) if set, else the role's Hugging Face folder if it is imported, else scratch."""
+  b = stage.block
+  out = roles.role_config(stage.config, stage.role)
+  out.train.update(b.train.to_dict())
+  out.optimizer.update(b.optimizer.to_dict())
+  out.train.seed = seed
+  out.init_from = ''
+  if b.init_from:
+    source = stage.params_source(b.init_from)
+    if source.params_format == 'hf':
+      out.init_from_hf = source.path
+    else:
+      out.init_from, out.init_from_hf = source.path, ''
+  out.lock()
+  return out
+
+
+@register_stage_type('train', refs=('init_from', 'reference', 'data'))
+def train_stage(stage: Stage) -> dict:
+  """Trains the role `model` (default 'policy') with `method` (a name in
+  `kuaijax.methods.METHODS`) on `data` ('task:<split>' or a stage name).
+
+  Options: init_from (a stage name or checkpoint path; '' = the role's HF folder or scratch),
+  reference (a stage name or path, for methods that need one), options (the method's keyword
+  options), loss (forwarded to its loss function), train / optimizer (overrides of the shared
+  sections), evaluate (False: a model that is not a policy, e.g. a reward model, skips
+  `config.evals`).
+  """
+  b = stage.block
+  method = get_method(b.method)(method_context(stage), loss=b.loss.to_dict(), **b.options.to_dict())
+  examples, stats = method.examples(stage.records(b.data))
+  frozen = None
+  if method.needs_reference:
+    if not b.reference:
+      raise ValueError(f'stage {stage.name}: method {b.method!r} needs reference=<stage or path>')
+    graphdef, ref_params = stage.load_model(b.reference)
+    with stage.axis_rules():
+      examples = method.prepare(examples, graphdef, ref_params)
+    frozen = ref_params if method.frozen_reference else None
+  cfg = stage_train_config(stage, seed=stage.seed('train'))
+  layout = param_layout(cfg, lm_task.model_factory(cfg.model))
+  micro = check_batch_config(cfg.train, layout.mesh, layout.rules)
+  dataset = sequences.in_memory_dataset(
+    examples, batch_size=micro, seed=stage.seed('data'), **parallel.this_process()
+  )
+  evaluators = stage.pipeline.evaluators()
+  result = train(
+    cfg,
+    stage.dir,
+    model_factory=lm_task.model_factory(cfg.model),
+    loss_fn=method.loss_fn,
+    train_dataset=dataset,
+    evaluate=evaluators.evaluate if evaluators.evaluators and b.get('evaluate', True) else None,
+    frozen=frozen,
+    prepare_batch=method.rollout,
+    count_tokens=method.count_tokens,
+  )
+  stage.set_params(stage.dir)
+  stage.outputs['eval'] = result.last_eval
+  last = result.history[-1] if result.history else {}
+  return {**stats, 'steps': result.step, 'last_train_metrics': last}
+
+
+@register_stage_type('sample', refs=('policy', 'data'))
+def sample_stage(stage: Stage) -> dict:
+  """`num_samples` completions per prompt from `policy` at `temperature` (top_p 1.0 = off).
+
+  Options: policy, data, limit, offset, num_samples, temperature, top_p, batch_size. Writes one
+  record per sample: the prompt record's fields, `gold` (its completion), `index` (prompt number),
+  `completion` (text), `completion_tokens`, `logprobs` (the sampling model's, temperature 1) and
+  `correct` (the task's check).
+  """
+  b, dc = stage.block, stage.config.data
+  prompts = cycle(stage.records(b.data), b.offset, b.limit)
+  graphdef, params = stage.load_model(b.policy)
+  with stage.axis_rules():
+    samples = sample_completions(
+      nnx.merge(graphdef, params),
+      stage.tokenizer,
+      [r['prompt'] for r in prompts],
+      num_samples=b.num_samples,
+      seed=stage.seed(),
+      temperature=b.temperature,
+      top_p=b.top_p if b.top_p < 1.0 else None,
+      max_new_tokens=dc.max_new_tokens,
+      prompt_len=dc.prompt_len,
+      batch_size=b.batch_size,
+    )
+  out = []
+  for s in samples:
+    source = prompts[s.index]
+    out.append(
+      {
+        **source,
+        'gold': source.get('completion', ''),
+        'index': s.index,
+        'completion': s.text,
+        'completion_tokens': s.tokens,
+        'logprobs': s.logprobs,
+        'correct': bool(stage.task.is_correct(s.text, source)),
+      }
+    )
+  stage.write_data(out)
+  correct = sum(r['correct'] for r in out)
+  return {'prompts': len(prompts), 'samples': len(out), 'sample_accuracy': correct / len(out)}
+
+
+@register_stage_type('params', seeded=False)
+def params_stage(stage: Stage) -> dict:
+  """The parameters of the role `model` (default 'policy') from `path` (a kuaijax workdir or
+  checkpoints folder), or, with no path, from the role's Hugging Face folder: later stages start
+  from them or read them; with `config.evals` they are evaluated as they are."""
+  path, folder = stage.block.get('path', ''), roles.hf_folder(stage.config, stage.role)
+  if not path and not folder:
+    raise ValueError(
+      f'stage {stage.name}: type params needs path=<workdir or checkpoints folder>, or a model '
+      f'role with an hf folder (models.{stage.role} has none)'
+    )
+  if path:
+    stage.set_params(path)
+  else:
+    stage.set_params(folder, params_format='hf')
+  roles.load(stage.config, stage.own_params())  # fails early (and clearly) on a wrong checkpoint
+  return {'path': path or folder}

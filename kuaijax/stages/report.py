@@ -1,0 +1,58 @@
+"""What every experiment's report needs from a pipeline's runs: values over training seeds, the
+seeds record of results.json, and the stage folders to plot.
+
+`runs` is what `kuaijax.stages.runner.run_pipeline` returns: {seed: {stage name: stage info}}.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def seeds_record(config) -> dict[str, list[int]]:
+  """results.json's `"seeds"`: the training seeds of the pipeline and the sampling seeds of its
+  evaluators (empty when no evaluator samples)."""
+  sampling = sorted({int(s) for ev in config.get('evals', {}).values() for s in ev.get('seeds', ())})
+  return {'training': [int(s) for s in config.seeds], 'sampling': sampling}
+
+
+def mean_std(values) -> list[float]:
+  """[mean, sample std (ddof 1; 0 for one value)] of `values`."""
+  v = np.asarray(values, np.float64)
+  return [float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0]
+
+
+def over_seeds(runs: dict, name: str, key: str, section: str = 'eval') -> list[float]:
+  """`stage_info[section][key]` of stage `name` in every seed that has it."""
+  return [
+    float(stages[name][section][key])
+    for stages in runs.values()
+    if name in stages and key in (stages[name].get(section) or {})
+  ]
+
+
+def spread_note(runs: dict) -> str:
+  """What a table's ± is over, in words."""
+  n = len(runs)
+  return f'mean ± std over {n} training seeds' if n > 1 else '1 training seed'
+
+
+def trained_stage_dirs(runs: dict, workdir: str, types=('train',)) -> list[str]:
+  """The folders (relative to `workdir`) of the first seed's stages of `types`, for loss curves."""
+  first = runs[next(iter(runs))]
+  return [
+    os.path.relpath(info['dir'], workdir) for info in first.values() if info['type'] in types
+  ]
+
+
+def without_blocks(runs: dict) -> dict:
+  """`runs` for results.json: every stage's info without its config block and folder."""
+  return {
+    str(seed): {
+      name: {k: v for k, v in info.items() if k not in ('block', 'dir')}
+      for name, info in stages.items()
+    }
+    for seed, stages in runs.items()
+  }
