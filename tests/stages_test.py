@@ -6,15 +6,18 @@ import shutil
 import zlib
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
-from kuaijax.config_lib import load_config
+from kuaijax.config_lib import lm_model, load_config
 from kuaijax.data import records as records_lib
+from kuaijax.evals.registry import register_evaluator
 from kuaijax.methods import register_method
 from kuaijax.methods.sft import SFT
-from kuaijax.stages import runner
+from kuaijax.stages import report, roles, runner
 from kuaijax.stages.base import register_stage_type, stage_seed
 from kuaijax.train import checkpoint as ckpt_lib
 from kuaijax.train.metrics import read_metrics
@@ -121,7 +124,12 @@ def test_pipeline_killed_in_stage_3_resumes_there(tmp_path):
   resumed = runner.run_pipeline(tiny_config('ft'), str(work))[0]
   assert CALLS['rollouts'] == 2  # steps 3 and 4 only
   assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # earlier stages untouched
-  assert [r['step'] for r in read_metrics(str(work / 'seed_0' / 'ft')) if 'loss' in r] == [1, 2, 3, 4]
+  assert [r['step'] for r in read_metrics(str(work / 'seed_0' / 'ft')) if 'loss' in r] == [
+    1,
+    2,
+    3,
+    4,
+  ]
   assert resumed['ft']['summary']['steps'] == 4
   (step_a, params_a), (step_b, params_b) = latest_params(tmp_path / 'a'), latest_params(work)
   assert step_a == step_b == 4
@@ -130,10 +138,192 @@ def test_pipeline_killed_in_stage_3_resumes_there(tmp_path):
 
 def latest_params(workdir):
   """(latest step, params) of the ft stage's checkpoints, as saved."""
-  ckpt = ckpt_lib.Checkpointer(
-    str(workdir / 'seed_0' / 'ft' / 'checkpoints'), keep=9, save_every=1
-  )
+  ckpt = ckpt_lib.Checkpointer(str(workdir / 'seed_0' / 'ft' / 'checkpoints'), keep=9, save_every=1)
   step = ckpt.latest_step()
   params = ckpt.restore(step)['params']
   ckpt.close()
   return step, params
+
+
+# ----------------------------------------------------------------------------- refs and roles
+
+
+@register_stage_type('test_score', refs=('data', 'scorer'))
+def _score(stage):
+  """A stage type with a ref field the pipeline has never seen (`scorer`): the mean next-token
+  log-prob of each sample's completion under the scorer model."""
+  graphdef, params = stage.load_model(stage.block.scorer)
+  model = nnx.merge(graphdef, params)
+  out = []
+  for r in stage.records(stage.block.data):
+    tokens = np.asarray(r['completion_tokens'], np.int32)[None]
+    logits, _ = model(jnp.asarray(tokens))
+    logps = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32))
+    out.append({**r, 'score': float(jnp.take_along_axis(logps, tokens[0, 1:, None], 1).mean())})
+  stage.write_data(out)
+  return {'scored': len(out), 'layers': len(model.layers)}
+
+
+def roles_config():
+  """A 4-layer policy and a 2-layer, narrower scorer trained as its own role."""
+  config = tiny_config('score')
+  with config.unlocked():
+    config.models.policy.update(num_layers=4)
+    config.models.scorer = lm_model(
+      vocab_size=384,
+      d_model=16,
+      num_layers=2,
+      num_heads=2,
+      num_kv_heads=1,
+      d_ff=32,
+      dtype='float32',
+    )
+    config.stage.scorer_sft = CD(config.stage.sft.to_dict())
+    config.stage.scorer_sft.update(model='scorer')
+    config.stage.score = CD(dict(type='test_score', data='samples', scorer='scorer_sft'))
+  return config
+
+
+def test_new_stage_type_with_new_ref_and_a_smaller_model_role(tmp_path):
+  config = roles_config()
+  assert runner.stage_order(config) == ['sft', 'samples', 'scorer_sft', 'score']
+  done = runner.run_pipeline(config, str(tmp_path))[0]
+  assert done['sft']['model'] == 'policy' and done['scorer_sft']['model'] == 'scorer'
+  assert done['score']['summary'] == {'scored': 4, 'layers': 2}
+  # The scorer's checkpoint holds the 2-layer, width-16 model; the policy's the 4-layer one.
+  scorer = ckpt_lib.load_params(
+    str(tmp_path / 'seed_0' / 'scorer_sft'),
+    *_abstract(config, 'scorer'),
+  )[0]
+  assert len(scorer['layers']) == 2 and scorer['embed']['embedding'].shape == (384, 16)
+  policy_ckpt = tmp_path / 'seed_0' / 'sft'
+  assert len(ckpt_lib.load_params(str(policy_ckpt), *_abstract(config, 'policy'))[0]['layers']) == 4
+  # Scores recomputed here from the scorer's checkpoint.
+  graphdef = roles.layout(config, 'scorer').graphdef
+  model = nnx.merge(graphdef, scorer)
+  scored = records_lib.read_records(str(tmp_path / 'seed_0' / 'score' / 'data.jsonl'))
+  for r in scored:
+    tokens = np.asarray(r['completion_tokens'], np.int32)
+    logits = np.asarray(model(jnp.asarray(tokens[None]))[0][0], np.float64)
+    logps = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))[:, None]
+    logps -= logits.max(-1)[:, None]
+    expected = np.mean([logps[t, tokens[t + 1]] for t in range(len(tokens) - 1)])
+    np.testing.assert_allclose(r['score'], expected, rtol=1e-5, atol=1e-5)
+
+
+def _abstract(config, role):
+  lay = roles.layout(config, role)
+  return lay.abstract_params, lay.shardings
+
+
+def test_unknown_role_and_ref_cycles_are_named(tmp_path):
+  config = roles_config()
+  with config.unlocked():
+    config.stage.scorer_sft.model = 'critic'
+  with pytest.raises(ValueError, match="model role 'critic' is not in config.models"):
+    runner.run_pipeline(config, str(tmp_path))
+  config = roles_config()
+  with config.unlocked():
+    config.stage.sft.init_from = 'score'
+  with pytest.raises(ValueError, match='cycle: score -> samples -> sft -> score'):
+    runner.stage_order(config)
+
+
+# ----------------------------------------------------------------------------- seeds
+
+SEED_CALLS = {'const': 0}
+
+
+@register_stage_type('test_const', seeded=False)
+def _const(stage):
+  """A seed-free data stage: the same records whatever the seed."""
+  SEED_CALLS['const'] += 1
+  stage.write_data([{'prompt': str(i), 'completion': str(i)} for i in range(3)])
+  return {'seed_free': stage.pipeline_seed is None}
+
+
+@register_stage_type('test_seed_echo', refs=('data',))
+def _seed_echo(stage):
+  stage.write_data([{'seed': stage.seed(), 'n': len(stage.records(stage.block.data))}])
+  return {'pipeline_seed': stage.pipeline_seed}
+
+
+def test_seed_free_stages_run_once_and_seeded_stages_per_seed(tmp_path):
+  config = tiny_config('echo')
+  with config.unlocked():
+    config.seeds = (3, 7)
+    config.stage.const = CD(dict(type='test_const'))
+    config.stage.echo = CD(dict(type='test_seed_echo', data='const'))
+  SEED_CALLS['const'] = 0
+  runs = runner.run_pipeline(config, str(tmp_path))
+  assert list(runs) == [3, 7] and SEED_CALLS['const'] == 1
+  assert runs[3]['const']['dir'] == runs[7]['const']['dir'] == str(tmp_path / 'shared' / 'const')
+  assert runs[3]['const']['summary'] == {'seed_free': True}
+  echoes = {
+    s: records_lib.read_records(str(tmp_path / f'seed_{s}' / 'echo' / 'data.jsonl'))[0]
+    for s in (3, 7)
+  }
+  assert echoes[3] == {'seed': stage_seed(3, 'echo'), 'n': 3}
+  assert echoes[7] == {'seed': stage_seed(7, 'echo'), 'n': 3}
+  assert [runs[s]['echo']['summary']['pipeline_seed'] for s in (3, 7)] == [3, 7]
+  assert report.seeds_record(config) == {'training': [3, 7], 'sampling': []}
+  again = runner.run_pipeline(config, str(tmp_path))
+  assert SEED_CALLS['const'] == 1 and again[7]['echo']['summary'] == runs[7]['echo']['summary']
+  with config.unlocked():
+    config.seeds = (1, 1)
+  with pytest.raises(ValueError, match='distinct ints'):
+    runner.run_pipeline(config, str(tmp_path / 'bad'))
+
+
+# ----------------------------------------------------------------------------- imported models
+
+
+@pytest.fixture(scope='module')
+def hf_folder(tmp_path_factory):
+  from kuaijax.hf import model_io
+  from kuaijax.models.transformer import TransformerConfig
+  from tests.hf.model_io_errors_test import _params, random_model
+
+  cfg = TransformerConfig(
+    vocab_size=384, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64, mlp='swiglu'
+  )
+  model = random_model(cfg, seed=3)
+  folder = str(tmp_path_factory.mktemp('llama'))
+  model_io.save_model(model, folder, family='llama')
+  return folder, _params(model)
+
+
+def test_evaluation_only_pipeline_on_an_imported_model(hf_folder, tmp_path):
+  """A params stage of an imported role is evaluated as it is; a train stage starts from it."""
+  folder, params = hf_folder
+  config = tiny_config('ft0')
+  with config.unlocked():
+    config.models.policy = CD(dict(hf=folder))
+    config.stage.base = CD(dict(type='params', model='policy'))
+    config.stage.ft0 = CD(config.stage.sft.to_dict())
+    config.stage.ft0.update(init_from='base')
+    config.stage.ft0.train.update(steps=2, checkpoint_every=2, eval_every=2)
+    # lr 1e-12: the params stay the import's to ~1e-12 (from scratch: init std 0.02, not 0.05)
+    config.stage.ft0.optimizer.update(lr=1e-12, warmup_steps=0, weight_decay=0.0)
+    config.evals = CD(dict(lm=dict(type='test_param_norm')))
+  done = runner.run_pipeline(config, str(tmp_path))[0]
+  assert done['base']['params_format'] == 'hf' and done['base']['params'] == folder
+  expected = float(sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree.leaves(params)))
+  np.testing.assert_allclose(done['base']['eval']['param_sq'], expected, rtol=1e-5)
+  np.testing.assert_allclose(done['ft0']['eval']['param_sq'], expected, rtol=1e-5)
+  graphdef, loaded = roles.load(config, roles.ParamsSource(folder, 'policy', 'hf'))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), params)
+
+
+class _ParamNorm:
+  """A test evaluator: the sum of squares of every parameter."""
+
+  def evaluate(self, graphdef, params, step=0):
+    del graphdef, step
+    return {'param_sq': float(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(params)))}
+
+
+@register_evaluator('test_param_norm')
+def _param_norm(options, ctx):
+  del options, ctx
+  return _ParamNorm()

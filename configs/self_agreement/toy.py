@@ -1,9 +1,11 @@
 """Self-Agreement vs Self-Consistency / USC / greedy CoT on a toy model (kj_arith + a word task).
 
-One SFT run teaches a small byte-level model the policy (kj_arith with and without the answer
-trigger, a word task) and a generic aggregation task built only from training problems; then
-accuracy vs k paths on held-out test questions for greedy, SC, USC and SA, mean ± std over the
-sampling seeds, in the 'trigger' and the 'mixed' (no trigger) scenario
+Stage pipeline (`kuaijax.stages`): `toy_data` (type sa_toy_data, shared by all seeds) writes the
+toy SFT data set (kj_arith with and without the answer trigger, a word task, SA / USC aggregation
+examples built only from training problems); `sft` (type train, method sft) trains a small
+byte-level model on it, once per training seed in `<workdir>/seed_<s>/`; the evaluator
+'self_agreement' then measures accuracy vs k paths on held-out test questions for greedy, SC, USC
+and SA, over its sampling seeds, in the 'trigger' and the 'mixed' (no trigger) scenario
 (experiments/self_agreement/README.md has the method notes and our numbers).
 
 runlocal (4 layers, d=128, 300 steps; 2 CPU cores shared with other jobs: 549 CPU-s, 71 min wall;
@@ -12,82 +14,115 @@ paper's claims are neither confirmed nor refuted; details in experiments/self_ag
   python -m kuaijax.main --config=configs/self_agreement/toy.py:runlocal --workdir=workdirs/self_agreement
 full (one accelerator host; larger model, more steps and problems; not run yet):
   python -m kuaijax.main --config=configs/self_agreement/toy.py --workdir=workdirs/self_agreement_full
-The SFT is a plain trainer run (kuaijax.train.trainer.train), not a `config.stages` pipeline.
 A pretrained causal LM (a Hugging Face folder: config.json, safetensors, tokenizer.json) instead of
-the toy: `hf=<folder>` evaluates it as it is (no SFT; the paper's SA / USC instructions, whole
-solutions in the aggregation prompts); add `--config.train.steps=N` to fine-tune it on the toy
-tasks first:
+the toy: `hf=<folder>` evaluates it as it is (stage `pretrained`, type params: no SFT; the paper's
+SA / USC instructions, whole solutions in the aggregation prompts); `hf=<folder>,stages=sft`
+fine-tunes it on the toy data first (`--config.stage.sft.train.steps=N`):
   python -m kuaijax.main --config=configs/self_agreement/toy.py:hf=/models/Qwen2.5-0.5B \
     --workdir=workdirs/self_agreement_qwen
+Args: `seeds=0+1+2` the training seeds (default 0), `stages=` the stages to run.
 """
 
 import ml_collections
 
-from kuaijax.config_lib import lm_model, parse_arg, trainer_config
+from kuaijax.config_lib import lm_model, parse_arg, parse_seeds, train_stage, trainer_config
+
+CD = ml_collections.ConfigDict
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, runlocal=False, hf='')
+  args = parse_arg(arg, runlocal=False, hf='', stages='', seeds='0')
   config = trainer_config()
   config.experiment = 'self_agreement'
-  config.data = ml_collections.ConfigDict(
+  config.seeds = parse_seeds(args.seeds)
+  config.data = CD(
     dict(
+      task='',  # the toy data comes from the toy_data stage, the questions from the evaluator
       data_dir='',  # '' -> $KUAIJAX_DATA_DIR or ~/tensorflow_datasets
-      tokenizer='byte',
+      tokenizer='hf' if args.hf else 'byte',
       spm_model_path='',
-      train_levels=(1, 2),
-      train_examples=4000,  # kj_arith train problems (each in the trigger and no-trigger format)
-      word_examples=2000,  # word-task training questions
       seq_len=1024,  # packed rows; a k=20 aggregation example is ~800 byte tokens
+      pack=True,
+      prompt_len=1024,  # (unused: the evaluator pads prompts to their own width)
+      max_new_tokens=80,
+    )
+  )
+  if args.hf:  # the folder's architecture; float32 as the toy
+    config.models = CD(dict(policy=CD(dict(hf=args.hf, dtype='float32'))))
+  else:
+    config.models = CD(dict(policy=_toy_model()))
+  config.stage = _stages(args.hf)
+  config.stages = args.stages or ('pretrained' if args.hf else 'sft')
+  config.evals = CD(dict(self_agreement=_evaluator(paper=bool(args.hf))))
+  config.train.update(progress=True)
+  if args.runlocal:
+    _runlocal(config)
+  return config
+
+
+def _toy_model():
+  return lm_model(
+    vocab_size=259, d_model=384, num_layers=8, num_heads=6, num_kv_heads=2, d_ff=1024, dtype='float32'
+  )
+
+
+def _stages(hf: str) -> CD:
+  stage = CD()
+  stage.toy_data = CD(
+    dict(
+      type='sa_toy_data',
+      levels=(1, 2),  # kj_arith training levels
+      limit=4000,  # kj_arith train problems (each in the trigger and no-trigger format)
+      word_examples=2000,  # word-task training questions
+      sets=6000,  # SA and USC aggregation examples (each)
+      k_choices=(1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20),
       seed=1,
     )
   )
-  config.aggregation = ml_collections.ConfigDict(
-    dict(sets=6000, k_choices=(1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20))
+  stage.sft = train_stage(
+    'sft',
+    'SFT',
+    data='toy_data',
+    steps=6000,
+    batch_size=16,
+    optimizer=dict(lr=1e-3, warmup_steps=200),
+    logs=60,
+    checkpoints=6,
   )
-  config.model = lm_model(
-    vocab_size=259,
-    d_model=384,
-    num_layers=8,
-    num_heads=6,
-    num_kv_heads=2,
-    d_ff=1024,
-    dtype='float32',
-  )
-  config.train.update(
-    steps=6000, batch_size=16, log_every=100, checkpoint_every=1000, eval_every=10**9
-  )
-  config.optimizer.update(lr=1e-3, warmup_steps=200)
-  config.eval = ml_collections.ConfigDict(
+  if hf:  # the imported model evaluated as it is
+    stage.pretrained = CD(dict(type='params', label='imported', model='policy'))
+  return stage
+
+
+def _evaluator(paper: bool) -> CD:
+  return CD(
     dict(
+      type='self_agreement',
       scenarios=('trigger', 'mixed'),
       levels=(1, 2),
       problems_per_level=100,
       word_questions=100,
+      train_word_examples=2000,  # = stage.toy_data.word_examples: those questions are left out
       ks=(1, 3, 5, 10, 20),
-      seeds=(0, 1, 2, 3, 4),
+      seeds=(0, 1, 2, 3, 4),  # sampling seeds
       temperature=0.7,
       top_k=40,  # 0: off
       max_new_tokens=80,
       # 'toy': short instructions and one line per solution (what the toy SFT taught); 'paper':
       # the paper's SA / USC instructions and whole solutions (pretrained models).
-      prompts='toy',
-      aggregate_tokens=8,  # reply budget of the SA call (USC: half of it)
+      prompts='paper' if paper else 'toy',
+      aggregate_tokens=32 if paper else 8,  # reply budget of the SA call (USC: half of it)
+      prefix='sa',
     )
   )
-  if args.runlocal:
-    config.data.update(train_examples=1200, word_examples=500)
-    config.aggregation.update(sets=2000)
-    config.model.update(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=384)
-    config.train.update(steps=300, batch_size=4, log_every=20, checkpoint_every=300)
-    config.optimizer.update(lr=3e-3, warmup_steps=30)
-    config.eval.update(problems_per_level=12, word_questions=12, max_new_tokens=64)
-  if args.hf:
-    from kuaijax.hf import model_io
 
-    config.init_from_hf = args.hf
-    config.model = ml_collections.ConfigDict(model_io.model_section(args.hf, dtype='float32'))
-    config.data.tokenizer = 'hf'
-    config.train.steps = 0  # 0: evaluate the imported model as it is
-    config.eval.update(prompts='paper', aggregate_tokens=32)
-  return config
+
+def _runlocal(config):
+  config.stage.toy_data.update(limit=1200, word_examples=500, sets=2000)
+  config.evals.self_agreement.update(
+    train_word_examples=500, problems_per_level=12, word_questions=12, max_new_tokens=64
+  )
+  if not config.models.policy.get('hf'):
+    config.models.policy.update(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=384)
+  config.stage.sft.train.update(steps=300, batch_size=4, log_every=20, checkpoint_every=300)
+  config.stage.sft.optimizer.update(lr=3e-3, warmup_steps=30)

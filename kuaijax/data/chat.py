@@ -2,12 +2,12 @@
 
 A conversation is a list of messages {'role': 'system'|'user'|'assistant', 'content': str}: an
 optional system message, then user and assistant turns alternating, starting with the user. The
-token layout is `kuaijax.data.sequences.encode_chat` (a registered template renders each turn, e.g.
-'plain': 'User: ...\\n'; assistant turns end with eos; loss on every assistant turn, only the last
-one, or the user turns for a query model such as Parrot-Ask). This module adds what multi-turn
+token layout is `kuaijax.data.sequences.chat_sequence` (a registered template renders each turn,
+e.g. 'plain': 'User: ...\\n'; assistant turns end with eos; loss on every assistant turn, only the
+last one, or the user turns for a query model such as Parrot-Ask). This module adds what multi-turn
 methods need on top of it:
 - `validate_messages`: a clear error for unknown roles, missing or empty turns, roles out of order;
-- `encode_chat`: one row of seq_len tokens; a conversation that is too long loses its oldest
+- `chat_example`: one row of seq_len tokens; a conversation that is too long loses its oldest
   exchanges (user turn + answer; the system message stays), never part of a turn, and the number
   dropped is returned;
 - `encode_prompt`: the ids to generate the next user or assistant turn from (same truncation), and
@@ -101,7 +101,7 @@ def _latest(messages: Sequence[Message], dropped: int) -> list[Message]:
   ]
 
 
-def encode_chat(
+def chat_example(
   messages: Sequence[Message],
   tokenizer: Tokenizer,
   *,
@@ -119,7 +119,7 @@ def encode_chat(
   validate_messages(messages, allow_trailing_user=loss_on == 'user')
   num_exchanges = len(_exchanges(messages)[1])
   for dropped in range(num_exchanges):
-    ids, scored = sequences.encode_chat(
+    ids, scored = sequences.chat_sequence(
       _latest(messages, dropped), tokenizer, template=template, loss_on=loss_on
     )
     if len(ids) <= seq_len:
@@ -160,7 +160,7 @@ def encode_prompt(
   for dropped in range(exchanges + 1):
     if dropped and dropped == exchanges and next_role == 'assistant':
       return None  # The pending user turn itself would go.
-    history, _ = sequences.encode_chat(_latest(messages, dropped), tokenizer, template=template)
+    history, _ = sequences.chat_sequence(_latest(messages, dropped), tokenizer, template=template)
     ids = np.concatenate([history, opening]).astype(np.int32)
     if len(ids) <= max_len:
       return ids, dropped
@@ -190,7 +190,7 @@ def stop_tokens(tokenizer: Tokenizer, role: str, template: str = 'plain') -> tup
 def decode_chat(
   ids: Sequence[int], tokenizer: Tokenizer, *, template: str = 'plain'
 ) -> list[Message]:
-  """The messages of `encode_chat` / `encode_prompt` ids (padding, bos and eos ignored).
+  """The messages of `chat_example` / `encode_prompt` ids (padding, bos and eos ignored).
 
   A turn runs from a role's opening to the next opening that follows a turn ending; a trailing
   opening with nothing after it comes back as an empty turn. ValueError when the text does not

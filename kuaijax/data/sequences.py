@@ -158,7 +158,7 @@ CHAT_TEMPLATES = Registry('chat template', {'plain': plain_chat_template})
 register_chat_template = CHAT_TEMPLATES.register
 
 
-def encode_chat(
+def chat_sequence(
   messages: Sequence[dict], tokenizer, *, template: str = 'plain', loss_on: str = 'assistant'
 ) -> tuple[np.ndarray, np.ndarray]:
   """(tokens, mask) of a conversation `[{'role', 'content'}, ...]`, unpadded, starting with bos.

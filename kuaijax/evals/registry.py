@@ -158,3 +158,7 @@ def build_evaluators(evals_config, ctx: EvalContext) -> Evaluators:
     if evaluator is not None:
       built[name] = evaluator
   return Evaluators(built)
+
+
+# Evaluators that register themselves in their own modules (imported here for the registration).
+from kuaijax.evals import early_exit, self_agreement  # noqa: E402, F401

@@ -215,7 +215,7 @@ def model_config(folder: str, *, dtype: str | None = None, overrides: Mapping | 
   return TransformerConfig(**_merge(fields, overrides)), hf['model_type']
 
 
-def load_params(folder: str, cfg: TransformerConfig, family: str, abstract_params, shardings):
+def load_hf_params(folder: str, cfg: TransformerConfig, family: str, abstract_params, shardings):
   """Pure-dict params for `abstract_params` placed with `shardings`, read from the folder."""
   ckpt = Checkpoint(folder)
   try:
@@ -284,7 +284,7 @@ def load_for_config(folder: str, cfg: TransformerConfig, abstract_params, shardi
         f'init_from_hf={folder!r}: model.{key}={ours.get(key)!r} but the checkpoint has {value!r}'
       )
   family = read_config(folder)['model_type']
-  return load_params(folder, cfg, family, abstract_params, shardings)
+  return load_hf_params(folder, cfg, family, abstract_params, shardings)
 
 
 def load_model(
@@ -314,7 +314,7 @@ def load_model(
       mesh,
       parallel.DEFAULT_RULES if rules is None else rules,
     )
-  params = load_params(folder, cfg, family, abstract_params, shardings)
+  params = load_hf_params(folder, cfg, family, abstract_params, shardings)
   return nnx.merge(graphdef, params)
 
 

@@ -83,7 +83,7 @@ class ChatSFT(Method):
     tok, seq_len = self.ctx.tokenizer, self.ctx.seq_len
     sequences_, too_long, truncated = [], 0, 0
     for index, record in enumerate(records):
-      example = chat.encode_chat(
+      example = chat.chat_example(
         self._cut(record['messages'], index), tok, seq_len=seq_len, loss_on=self.loss_on
       )
       if example is None:

@@ -32,7 +32,7 @@ def _expected(messages, roles):
 
 
 def test_round_trip_and_layout():
-  example = chat.encode_chat(MESSAGES, TOK, seq_len=256)
+  example = chat.chat_example(MESSAGES, TOK, seq_len=256)
   assert example.dropped_exchanges == 0 and example.tokens.shape == example.mask.shape == (256,)
   assert chat.decode_chat(example.tokens, TOK) == MESSAGES
   body = example.tokens[: example.length].tolist()
@@ -44,38 +44,38 @@ def test_round_trip_and_layout():
     {'role': 'user', 'content': 'Two lines\nUser said: hi'},
     {'role': 'assistant', 'content': 'ok'},
   ]
-  assert chat.decode_chat(chat.encode_chat(tricky, TOK, seq_len=128).tokens, TOK) == tricky
+  assert chat.decode_chat(chat.chat_example(tricky, TOK, seq_len=128).tokens, TOK) == tricky
 
 
 def test_loss_on_masks():
   def scored(loss_on):
-    return _scored_ids(chat.encode_chat(MESSAGES, TOK, seq_len=256, loss_on=loss_on))
+    return _scored_ids(chat.chat_example(MESSAGES, TOK, seq_len=256, loss_on=loss_on))
 
   assert scored('assistant') == _expected(MESSAGES, ('assistant',))
   assert scored('last_assistant') == _expected(MESSAGES[-1:], ('assistant',))
   assert scored('user') == _expected(MESSAGES, ('user',))  # Parrot-Ask: only the queries.
   # A Parrot-Ask example may end on the user turn it is taught to write.
-  assert _scored_ids(chat.encode_chat(MESSAGES[:-1], TOK, seq_len=256, loss_on='user')) == (
+  assert _scored_ids(chat.chat_example(MESSAGES[:-1], TOK, seq_len=256, loss_on='user')) == (
     _expected(MESSAGES[:-1], ('user',))
   )
   with pytest.raises(ValueError, match='end with an assistant'):
-    chat.encode_chat(MESSAGES[:-1], TOK, seq_len=256)
+    chat.chat_example(MESSAGES[:-1], TOK, seq_len=256)
   with pytest.raises(ValueError, match='loss_on'):
-    chat.encode_chat(MESSAGES, TOK, seq_len=256, loss_on='everything')
+    chat.chat_example(MESSAGES, TOK, seq_len=256, loss_on='everything')
 
 
 def test_truncation_drops_whole_oldest_exchanges():
-  full = chat.encode_chat(MESSAGES, TOK, seq_len=256).length
+  full = chat.chat_example(MESSAGES, TOK, seq_len=256).length
   exchange = lambda i: len(_turn(MESSAGES[i])) + len(_turn(MESSAGES[i + 1]))
   cases = [(full, 0), (full - 1, 1), (full - exchange(1), 1), (full - exchange(1) - 1, 2)]
   for seq_len, dropped in cases:
-    example = chat.encode_chat(MESSAGES, TOK, seq_len=seq_len, loss_on='assistant')
+    example = chat.chat_example(MESSAGES, TOK, seq_len=seq_len, loss_on='assistant')
     assert example.dropped_exchanges == dropped, seq_len
     kept = [MESSAGES[0], *MESSAGES[1 + 2 * dropped :]]
     assert chat.decode_chat(example.tokens, TOK) == kept
     assert _scored_ids(example) == _expected(kept, ('assistant',))
   last_only = full - exchange(1) - exchange(3)
-  assert chat.encode_chat(MESSAGES, TOK, seq_len=last_only - 1) is None  # never mid-turn
+  assert chat.chat_example(MESSAGES, TOK, seq_len=last_only - 1) is None  # never mid-turn
 
 
 @pytest.mark.parametrize(
@@ -103,7 +103,7 @@ def test_prompts_for_the_next_turn():
   ids, dropped = chat.encode_prompt(MESSAGES[:-1], TOK, next_role='assistant', max_len=256)
   assert dropped == 0 and TOK.decode(ids).endswith('User: What was the first answer?\nAssistant: ')
   # The prompt plus the answer's content, turn ending and eos is exactly the full layout.
-  full = chat.encode_chat(MESSAGES, TOK, seq_len=256)
+  full = chat.chat_example(MESSAGES, TOK, seq_len=256)
   answer = TOK.encode(MESSAGES[-1]['content'] + '\n') + [TOK.eos_id]
   assert np.concatenate([ids, answer]).tolist() == full.tokens[: full.length].tolist()
   assert chat.decode_chat(ids, TOK)[-1] == {'role': 'assistant', 'content': ''}
