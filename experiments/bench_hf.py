@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
-from kuaijax.train.trainer import write_results
+from kuaijax.results import write_results
 
 
 def _rss_kb(field: str) -> int:

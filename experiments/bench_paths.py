@@ -19,7 +19,7 @@ from flax import nnx
 from kuaijax.data.tokenizers import ByteTokenizer
 from kuaijax.inference import aggregate
 from kuaijax.models.transformer import Transformer, TransformerConfig
-from kuaijax.train.trainer import write_results
+from kuaijax.results import write_results
 
 
 def _best(fn, rounds: int) -> float:

@@ -20,10 +20,11 @@ from flax import nnx
 
 from kuaijax import grm
 from kuaijax.data import minimum_edit, sequences, tasks, tokenizers
+from kuaijax.results import write_results
 from kuaijax.sampling import sample_completions, score_completion_lists
 from kuaijax.train import checkpoint as ckpt_lib
 from kuaijax.train import lm_task
-from kuaijax.train.trainer import param_layout, write_results
+from kuaijax.train.trainer import param_layout
 
 
 def _model(config):

@@ -19,8 +19,9 @@ import numpy as np
 
 from kuaijax import plotting
 from kuaijax.models.transformer import TransformerConfig
+from kuaijax.results import write_results
 from kuaijax.train import lm_task
-from kuaijax.train.trainer import train, write_results
+from kuaijax.train.trainer import train
 
 
 def model_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:

@@ -25,8 +25,8 @@ from matplotlib.figure import Figure
 
 from kuaijax import plotting
 from kuaijax.evals.early_exit import PREFIX, ROW_KEYS
+from kuaijax.results import write_results
 from kuaijax.stages import report, run_pipeline
-from kuaijax.train.trainer import write_results
 
 LAYER_KEYS = ('agreement', 'accuracy', 'loss', 'confidence')
 SPEED_KEYS = ('early_exit_s', 'normal_s', 'speedup')
@@ -40,7 +40,10 @@ def summarise(evals: list[dict]) -> dict:
   """Per-layer read-outs and per-setting rows, each value [mean, std] over the training seeds."""
   e0 = evals[0]
   layers = {
-    key: [_ms([e[f'{PREFIX}/layers/{key}'][i] for e in evals]) for i in range(len(e0[f'{PREFIX}/layers/{key}']))]
+    key: [
+      _ms([e[f'{PREFIX}/layers/{key}'][i] for e in evals])
+      for i in range(len(e0[f'{PREFIX}/layers/{key}']))
+    ]
     for key in LAYER_KEYS
   }
   rows = []

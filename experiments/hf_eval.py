@@ -21,7 +21,7 @@ from kuaijax import parallel, sampling
 from kuaijax.evals.moe_stats import MoEStatsEvaluator
 from kuaijax.hf import model_io
 from kuaijax.hf.tokenizer import HFTokenizer
-from kuaijax.train.trainer import write_results
+from kuaijax.results import write_results
 
 
 def read_texts(path: str, max_texts: int = 0) -> list[str]:

@@ -11,8 +11,9 @@ import jax
 from kuaijax import plotting
 from kuaijax.data import pipeline
 from kuaijax.evals.lm_loss import unigram_baseline
+from kuaijax.results import write_results
 from kuaijax.train import lm_task
-from kuaijax.train.trainer import train, write_results
+from kuaijax.train.trainer import train
 
 
 def results_table(task_names, model_eval: dict, unigram: dict, title: str) -> str:

@@ -21,8 +21,9 @@ import numpy as np
 from kuaijax import parallel, plotting
 from kuaijax.evals.passkey import evaluate_retrieval
 from kuaijax.models.transformer import TransformerConfig
+from kuaijax.results import write_results
 from kuaijax.train import lm_task
-from kuaijax.train.trainer import train, write_results
+from kuaijax.train.trainer import train
 
 
 def variant_config(config, name: str) -> ml_collections.ConfigDict:

@@ -27,7 +27,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from kuaijax import sweep
-from kuaijax.train.trainer import write_results
+from kuaijax.results import write_results
 
 ALPHAS = np.linspace(0.005, 2.0, 800)
 FLOPS_PER_PARAM_TOKEN = 6

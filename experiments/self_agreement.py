@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 from kuaijax import plotting
 from kuaijax.evals import self_agreement as sa_eval
 from kuaijax.inference.compare import METHODS
+from kuaijax.results import write_results
 from kuaijax.stages import report, run_pipeline
-from kuaijax.train.trainer import write_results
 
 EVALUATOR = 'self_agreement'
 
@@ -74,9 +74,7 @@ def summarise(runs: dict, config) -> dict:
     evals = [stages[name]['eval'] for stages in runs.values()]
     scenarios = {}
     for scenario in ev.scenarios:
-      by_k = {
-        str(k): {m: _cell(evals, prefix, scenario, k, m) for m in METHODS} for k in ev.ks
-      }
+      by_k = {str(k): {m: _cell(evals, prefix, scenario, k, m) for m in METHODS} for k in ev.ks}
       num_items = int(evals[0][f'{prefix}/{scenario}/num_items'])
       scenarios[scenario] = {'num_items': num_items, 'by_k': by_k}
     out[name] = {'label': info['block'].get('label', name), 'scenarios': scenarios}

@@ -23,9 +23,10 @@ from matplotlib.figure import Figure
 
 from kuaijax import plotting
 from kuaijax.config_lib import check_choice
+from kuaijax.results import write_results
 from kuaijax.train import lm_task
 from kuaijax.train.metrics import read_metrics
-from kuaijax.train.trainer import train, write_results
+from kuaijax.train.trainer import train
 
 EXPERT_WEIGHTS = ('w1', 'w2', 'w3')
 REFERENCE_VARIANT = 'top2'  # activated parameters are reported relative to this one when present

@@ -201,6 +201,99 @@ def train_stage(
   )
 
 
+LM_MIXTURE_TASKS = ('code', 'arith', 'copy', 'recall')
+
+
+def lm_data(**overrides) -> ml_collections.ConfigDict:
+  """The `data` section of LM pretraining (`kuaijax.train.lm_task.build_lm_data`): by default the
+  embedded kj_lm_mixture corpus, byte tokens, packed rows of 1024; `overrides` set any field."""
+  defaults = dict(
+    name='kj_lm_mixture',  # a prepared tfds name, or 'jsonl:/path/{split}.jsonl' ('text' field)
+    data_dir='',  # '' -> $KUAIJAX_DATA_DIR or ~/tensorflow_datasets
+    train_split='train',
+    eval_split='validation',
+    tokenizer='byte',  # or 'sentencepiece' (trained once per pipeline when spm_model_path is '')
+    spm_model_path='',
+    spm_vocab_size=8192,
+    spm_train_examples=20000,  # examples of the train split the tokenizer is trained on
+    seq_len=1024,
+    pack=True,
+    seed=1,  # the data order of training seed s is data.seed + s
+    shards=0,  # data shards (0: one per process); fix it to compare runs across process counts
+    task_names=LM_MIXTURE_TASKS,
+    eval_batch_size=64,
+    eval_batches=16,
+  )
+  return ml_collections.ConfigDict({**defaults, **overrides})
+
+
+def moe_aux_loss(**overrides) -> dict:
+  """A 'pretrain' stage's `aux_loss`: weights of the MoE layers' auxiliary losses (load balance,
+  router entropy, router z-loss), combined over layers by `aux_reduce` ('mean' or 'sum'). The
+  defaults are Top-P MoE's (arXiv 2403.07652); a dense model reports none, so they do nothing."""
+  defaults = dict(balance_weight=1e-2, entropy_weight=1e-4, z_loss_weight=0.0, aux_reduce='mean')
+  return {**defaults, **overrides}
+
+
+NO_AUX_LOSS = dict(balance_weight=0.0, entropy_weight=0.0, z_loss_weight=0.0, aux_reduce='mean')
+
+
+def moe_routings(p: float = 0.4) -> dict[str, dict]:
+  """The routing variants of an MoE comparison, as overrides of a model section: 'dense' (SwiGLU),
+  'top1' (raw gate, Switch), 'top2' (renormalised over its two experts, GShard / Mixtral) and
+  'topp' (dynamic Top-P with threshold p, raw weights, arXiv 2403.07652)."""
+  return {
+    'dense': dict(mlp='swiglu'),
+    'top1': dict(mlp='moe', mlp_options=dict(routing='top_k', k=1)),
+    'top2': dict(mlp='moe', mlp_options=dict(routing='top_k', k=2, renormalize=True)),
+    'topp': dict(mlp='moe', mlp_options=dict(routing='top_p', p=p)),
+  }
+
+
+def moe_model(model, variant: dict, moe_layer: dict, *, name: str = 'variant'):
+  """A model role of an MoE comparison: the model section `model` with `variant`'s overrides; an
+  MoE variant (mlp='moe') gets `mlp_options` = `moe_layer` (the options every MoE variant shares:
+  num_experts, expert_d_ff, dispatch, k_max) updated by its own `mlp_options`."""
+  out = dict(model.to_dict() if hasattr(model, 'to_dict') else model)
+  variant = dict(variant)
+  layer_options = dict(variant.pop('mlp_options', {}))
+  out.update(variant)
+  if out['mlp'] == 'moe':
+    out['mlp_options'] = {**dict(moe_layer), **layer_options}
+  elif layer_options:
+    raise ValueError(f'{name}: mlp_options {layer_options} are set but mlp is not "moe"')
+  return ml_collections.ConfigDict(out)
+
+
+def pretrain_stage(
+  model: str = 'policy',
+  *,
+  init_from: str = '',
+  train: dict | None = None,
+  optimizer: dict | None = None,
+  aux_loss: dict | None = None,
+  final_evals: dict | None = None,
+  **extra,
+) -> ml_collections.ConfigDict:
+  """A 'pretrain' stage block (`kuaijax.stages.pretrain`): the model role `model` trained on the LM
+  corpus of `config.data`; `train` / `optimizer` override the shared sections for this stage,
+  `aux_loss` weighs the MoE auxiliary losses (`moe_aux_loss()`; default none), `final_evals` are
+  evaluators run once on the final parameters; `extra` adds fields (e.g. a table label)."""
+  CD = ml_collections.ConfigDict
+  return CD(
+    dict(
+      type='pretrain',
+      model=model,
+      init_from=init_from,
+      train=CD(train or {}),
+      optimizer=CD(optimizer or {}),
+      aux_loss=CD(aux_loss or NO_AUX_LOSS),
+      final_evals=CD(final_evals or {}),
+      **extra,
+    )
+  )
+
+
 def load_config_module(path: str):
   """Imports a config file as a module (its get_config, and get_hyper when it declares a sweep)."""
   import importlib.util

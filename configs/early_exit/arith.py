@@ -54,7 +54,13 @@ def get_config(arg=None):
 
 def _model():
   return lm_model(
-    vocab_size=259, d_model=512, num_layers=12, num_heads=8, num_kv_heads=4, d_ff=1536, dtype='float32'
+    vocab_size=259,
+    d_model=512,
+    num_layers=12,
+    num_heads=8,
+    num_kv_heads=4,
+    d_ff=1536,
+    dtype='float32',
   )
 
 

@@ -1,6 +1,7 @@
 """A sweep over learning rate and width of the kj_lm_mixture decoder (configs/lm/mixture.py).
 
-`get_config` is the mixture config (same `:arg`s); `get_hyper` declares 3 learning rates x 2 widths.
+`get_config` is the mixture config (same `:arg`s, built by `kuaijax.lm_configs.mixture_lm`);
+`get_hyper` declares 3 learning rates x 2 widths.
 runlocal (2 CPU cores; 6 runs of the runlocal LM, roughly 6 x its 4 minutes; not recorded):
   python -m kuaijax.sweep --config=configs/lm/lr_sweep.py:runlocal --workdir=/tmp/kj_lr_sweep
   python -m kuaijax.sweep --config=configs/lm/lr_sweep.py:runlocal --workdir=/tmp/kj_lr_sweep \\
@@ -9,15 +10,15 @@ commands for a cluster scheduler (full scale; not run):
   python -m kuaijax.sweep --config=configs/lm/lr_sweep.py --workdir=gs://.../lr_sweep --print
 """
 
-import os
-
-from kuaijax.config_lib import load_config
-
-MIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mixture.py')
+from kuaijax import lm_configs
+from kuaijax.config_lib import parse_arg, parse_seeds
 
 
 def get_config(arg=None):
-  return load_config(MIXTURE + (f':{arg}' if arg else ''))
+  args = parse_arg(arg, runlocal=False, seeds='0')
+  config = lm_configs.mixture_lm(args.runlocal)
+  config.seeds = parse_seeds(args.seeds)
+  return config
 
 
 def get_hyper(hyper, arg=None):
@@ -25,6 +26,6 @@ def get_hyper(hyper, arg=None):
   return hyper.product(
     [
       hyper.sweep('optimizer.lr', [1e-3, 2e-3, 4e-3] if runlocal else [3e-4, 6e-4, 1.2e-3]),
-      hyper.sweep('model.d_model', [96, 128] if runlocal else [512, 768]),
+      hyper.sweep('models.policy.d_model', [96, 128] if runlocal else [512, 768]),
     ]
   )

@@ -62,7 +62,13 @@ def get_config(arg=None):
 
 def _toy_model():
   return lm_model(
-    vocab_size=259, d_model=384, num_layers=8, num_heads=6, num_kv_heads=2, d_ff=1024, dtype='float32'
+    vocab_size=259,
+    d_model=384,
+    num_layers=8,
+    num_heads=6,
+    num_kv_heads=2,
+    d_ff=1024,
+    dtype='float32',
   )
 
 

@@ -1,7 +1,14 @@
 """Dense / Dense-wide / Top-1 / Top-2 / Top-P MoE decoders on one token budget (arXiv 2403.07652).
 
-Args: `runlocal` (laptop size on the embedded kj_lm_mixture) and `suite=table|p_sweep` (the paper's
-comparison, or Top-P at p = 0.1 .. 0.7 next to Top-2).
+A pipeline (`kuaijax.stages`) of one 'pretrain' stage per variant: `config.models.<variant>` is the
+variant's decoder (the MoE options merged in), `config.stage.<variant>` trains it, `config.stages`
+lists them ('dense,dense_wide,top1,top2,topp'; `--config.stages=topp` trains one). Every variant of a
+training seed starts from the same init seed and sees the same batches; the MoE auxiliary losses
+(balance 1e-2, router entropy 1e-4, averaged over layers) are each stage's `aux_loss`. The shared
+setup (data, base model, optimizer, evaluators) is `kuaijax.lm_configs.moe_lm`.
+
+Args: `runlocal` (laptop size on the embedded kj_lm_mixture), `suite=table|p_sweep` (the paper's
+comparison, or Top-P at p = 0.1 .. 0.7 next to Top-2) and `seeds=0+1+2` (training seeds; default 0).
 
 runlocal comparison (2 CPU cores shared by other jobs, load 14-16: 41 min wall; the table shows
 validation loss and experts per token per task, mean / max experts per layer, the Spearman rank
@@ -19,150 +26,60 @@ with 2000 warm-up steps, 2048 sequences of 2048 tokens per step, 100B tokens = 2
 pod slice or GPU cluster, e.g. --config.parallel.mesh.expert=8 --config.train.grad_accum=8; not
 recorded):
   python -m kuaijax.main --config=configs/topp_moe/compare.py --workdir=gs://.../topp_moe \
-    --config.data.name='jsonl:/data/redpajama/{split}.jsonl' --config.run_variants=topp
+    --config.data.name='jsonl:/data/redpajama/{split}.jsonl' --config.stages=topp
 The corpus is any prepared tfds name (array_record in data.data_dir) or local jsonl files with a
 'text' field ('{split}' is replaced by train / validation), read by the same grain pipeline; the
-SentencePiece tokenizer (32000) is trained into the workdir unless data.spm_model_path names one
-(e.g. the LLaMA tokenizer.model). Paper numbers per variant: experiments/topp_moe/README.md.
+SentencePiece tokenizer (32000) is trained once into <workdir>/shared/ unless data.spm_model_path
+names one (e.g. the LLaMA tokenizer.model). Paper numbers per variant: experiments/topp_moe/README.md.
 """
 
 import ml_collections
 
-from kuaijax.config_lib import check_choice, lm_model, parse_arg, trainer_config
+from kuaijax import lm_configs
+from kuaijax.config_lib import (
+  check_choice,
+  moe_aux_loss,
+  moe_model,
+  moe_routings,
+  parse_arg,
+  parse_seeds,
+  pretrain_stage,
+)
 
-MIXTURE_TASKS = ('code', 'arith', 'copy', 'recall')
 SWEEP_P = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
-def _variants(suite: str, *, wide: dict) -> tuple[dict, str]:
-  """(variant name -> model overrides, the comma-separated run order)."""
-  variants = {
-    'dense': dict(mlp='swiglu'),
-    'dense_wide': dict(mlp='swiglu', **wide),
-    # Baselines as the common codebases run them: Top-1 keeps the raw gate (Switch), Top-2
-    # renormalises over its two experts (GShard / Mixtral); Top-P keeps raw weights (the paper).
-    'top1': dict(mlp='moe', mlp_options=dict(routing='top_k', k=1)),
-    'top2': dict(mlp='moe', mlp_options=dict(routing='top_k', k=2, renormalize=True)),
-    'topp': dict(mlp='moe', mlp_options=dict(routing='top_p', p=0.4)),
-  }
+def variants(suite: str, *, wide: dict) -> dict[str, dict]:
+  """Variant name -> overrides of the base model section, in run order."""
+  routing = moe_routings(p=0.4)
   if suite == 'table':
-    return variants, 'dense,dense_wide,top1,top2,topp'
-  sweep = {
-    f'topp_p{round(p * 10):02d}': dict(mlp='moe', mlp_options=dict(routing='top_p', p=p))
-    for p in SWEEP_P
-  }
-  return {'top2': variants['top2'], **sweep}, ','.join(['top2', *sweep])
+    # Dense-wide: 1.25x the width (the paper's Dense-570M).
+    return {
+      'dense': routing['dense'],
+      'dense_wide': dict(mlp='swiglu', **wide),
+      **{name: routing[name] for name in ('top1', 'top2', 'topp')},
+    }
+  sweep = {f'topp_p{round(p * 10):02d}': moe_routings(p=p)['topp'] for p in SWEEP_P}
+  return {'top2': routing['top2'], **sweep}
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, runlocal=False, suite='table')
+  args = parse_arg(arg, runlocal=False, suite='table', seeds='0')
   check_choice('suite', args.suite, ('table', 'p_sweep'))
-  config = trainer_config()
+  config, model, moe_layer = lm_configs.moe_lm(args.runlocal)
   config.experiment = 'topp_moe'
-  config.data = ml_collections.ConfigDict(
-    dict(
-      name='jsonl:/data/redpajama/{split}.jsonl',
-      data_dir='',  # '' -> $KUAIJAX_DATA_DIR or ~/tensorflow_datasets
-      train_split='train',
-      eval_split='validation',
-      tokenizer='sentencepiece',
-      spm_model_path='',
-      spm_vocab_size=32000,
-      spm_train_examples=200_000,
-      seq_len=2048,
-      pack=True,
-      seed=1,
-      task_names=('text',),
-      eval_batch_size=64,
-      eval_batches=16,
-    )
-  )
-  config.model = lm_model(
-    vocab_size=32000,
-    d_model=1024,
-    num_layers=24,
-    num_heads=16,
-    num_kv_heads=16,
-    d_ff=2816,
-    mlp_options={},
-    tie_embeddings=False,
-    init_std=0.006,
-    remat='dots',
-  )
-  # Options shared by every MoE variant (`model.mlp_options`, kuaijax.models.moe.MoEConfig):
-  # k_max 0 = uncapped Top-P (the paper; k_max > 0 caps experts per token, counted as truncation);
-  # dispatch 'auto' = the faster exact strategy of the backend (never all experts for Top-P).
-  config.moe_layer = ml_collections.ConfigDict(
-    dict(num_experts=16, expert_d_ff=2816, dispatch='auto', k_max=0)
-  )
-  config.moe_loss = ml_collections.ConfigDict(
-    dict(balance_weight=1e-2, entropy_weight=1e-4, z_loss_weight=0.0, aux_reduce='mean')
-  )
+  config.seeds = parse_seeds(args.seeds)
   # Dense-570M of the paper: hidden 1280 (20 heads x 64); d_ff 3584 gives its 570M parameters.
   # runlocal scales width the same way (x1.25).
   wide = dict(d_model=1280, num_heads=20, num_kv_heads=20, d_ff=3584)
   if args.runlocal:
     wide = dict(d_model=120, num_heads=5, num_kv_heads=5, d_ff=240)
-  variants, order = _variants(args.suite, wide=wide)
-  config.variants = ml_collections.ConfigDict(variants)
-  config.run_variants = order
-  # Evaluators by name (kuaijax.evals.registry): LM loss, experts per token, and zero-shot
-  # multiple-choice accuracy (the paper's table; no tasks = not run), from local jsonl files or
-  # prepared tfds data sets; entries {name, source, format, split, data_dir, limit}.
-  config.evals = ml_collections.ConfigDict()
-  config.evals.lm = dict(type='lm_loss')
-  config.evals.moe = dict(type='moe_stats')
-  config.evals.token = dict(type='moe_token_loss')  # token loss vs experts selected (Spearman)
-  config.evals.mc = ml_collections.ConfigDict(
-    dict(
-      type='multiple_choice',
-      tasks=tuple(
-        dict(name=name, source=f'jsonl:/data/eval/{name}/{{split}}.jsonl', format=fmt)
-        for name, fmt in (
-          ('piqa', 'piqa'),
-          ('hellaswag', 'hellaswag'),
-          ('arc_easy', 'arc'),
-          ('csqa', 'csqa'),
-          ('bbh', 'bbh'),
-        )
-      ),
-      max_len=512,
-      batch_size=64,
-    )
+  chosen = variants(args.suite, wide=wide)
+  config.models = ml_collections.ConfigDict(
+    {name: moe_model(model, v, moe_layer, name=f'variant {name}') for name, v in chosen.items()}
   )
-  config.train.update(
-    steps=23842, batch_size=2048, log_every=50, eval_every=1000, checkpoint_every=1000
+  config.stage = ml_collections.ConfigDict(
+    {name: pretrain_stage(name, aux_loss=moe_aux_loss()) for name in chosen}
   )
-  config.optimizer.update(
-    lr=3e-4, min_lr_ratio=0.1, warmup_steps=2000, b1=0.9, b2=0.95, weight_decay=0.1
-  )
-
-  if args.runlocal:
-    config.data.update(
-      name='kj_lm_mixture',
-      tokenizer='byte',
-      spm_vocab_size=8192,
-      seq_len=128,
-      task_names=MIXTURE_TASKS,
-      eval_batch_size=32,
-      eval_batches=4,
-    )
-    config.model.update(
-      vocab_size=384,
-      d_model=96,
-      num_layers=4,
-      num_heads=4,
-      num_kv_heads=2,
-      d_ff=192,
-      tie_embeddings=True,
-      init_std=0.02,
-      dtype='float32',
-      remat='none',
-    )
-    config.moe_layer.update(num_experts=8, expert_d_ff=192)
-    config.evals.mc.tasks = ()
-    config.train.update(
-      steps=200, batch_size=16, log_every=20, eval_every=100, checkpoint_every=100
-    )
-    config.optimizer.update(lr=3e-3, min_lr_ratio=0.1, warmup_steps=20)
+  config.stages = ','.join(chosen)
   return config

@@ -4,12 +4,18 @@ Everything comes from `kuaijax.data.dialog` (no download), so the data set is id
 machine. A session has 8-12 turns; per turn: the user text, the exact assistant answer, the query
 kind, whether it depends on the history and on which turns (`depends_on`: two 1-based turn numbers
 per turn, 0 = none). Splits use disjoint seeds and never share a session.
+
+`decode_session` reads a session from the data source; as a task record (the task 'kj_dialog' of
+`kuaijax.data.tasks`) a session is `session_record` (`messages` plus per-turn kinds and
+dependencies), read back, its answers checked by the program, by `record_turns`.
 """
+
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from kuaijax.data import dialog
+from kuaijax.data import chat, dialog
 
 
 class KjDialog(tfds.core.GeneratorBasedBuilder):
@@ -72,3 +78,22 @@ def decode_session(example: dict) -> list[dialog.Turn]:
       strict=True,
     )
   ]
+
+
+def session_record(turns: Sequence[dialog.Turn]) -> dict:
+  """A kj_dialog session as a record: `messages` plus per-turn kinds and dependencies."""
+  return {
+    'messages': chat.session_messages([t.user for t in turns], [t.assistant for t in turns]),
+    'kinds': [t.kind for t in turns],
+    'depends_on': [list(t.depends_on) for t in turns],
+  }
+
+
+def record_turns(record: dict) -> list[dialog.Turn]:
+  """The turns of a session record, recomputed (and so checked) by the kj_dialog program."""
+  users = [m['content'] for m in record['messages'] if m['role'] == 'user']
+  turns = dialog.run_session(users)
+  shown = [m['content'] for m in record['messages'] if m['role'] == 'assistant']
+  if [t.assistant for t in turns] != shown:
+    raise ValueError('a session record whose answers are not the program answers')
+  return turns

@@ -8,6 +8,9 @@ only read `prompt` / `completion` and ask the task whether a generated text is c
   register_task('gsm8k', Task(load=..., is_correct=..., group=''))
 
 `group` names a record field that accuracies are broken down by ('level' for kj_arith; '' none).
+Built in: 'kj_arith' (word problems, checked by their final answer) and 'kj_dialog' (sessions as
+records with `messages`, `kj_dialog.session_record`; scored turn by turn by the kj_dialog8
+evaluator, so its `is_correct` raises).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from kuaijax.data import arith, gsm8k, sources
+from kuaijax.data import arith, dialog, gsm8k, kj_dialog, sources
 from kuaijax.registry import Registry
 
 
@@ -68,6 +71,27 @@ def load_arith_problems(
   return [arith.record_problem(r) for r in records]
 
 
+def load_dialog_sessions(
+  split: str, *, data_dir: str = '', limit: int = 0
+) -> list[list[dialog.Turn]]:
+  """kj_dialog sessions of one split, in split order (at most `limit`; 0 = all)."""
+  source = sources.get_data_source('kj_dialog', split=split, data_dir=data_dir or None)
+  count = min(limit, len(source)) if limit else len(source)
+  return [kj_dialog.decode_session(source[i]) for i in range(count)]
+
+
+def load_kj_dialog(split: str, *, data_dir: str = '', limit: int = 0, **unused) -> list[dict]:
+  """kj_dialog sessions of one split as records (at most `limit`; 0 = all)."""
+  del unused
+  sessions = load_dialog_sessions(split, limit=limit, data_dir=data_dir)
+  return [kj_dialog.session_record(s) for s in sessions]
+
+
+def _per_turn_only(text: str, record: dict) -> bool:
+  del text, record
+  raise ValueError('kj_dialog is scored turn by turn: use the kj_dialog8 evaluator')
+
+
 TASKS = Registry('task')
 
 
@@ -90,6 +114,7 @@ register_task(
     group='level',
   ),
 )
+register_task('kj_dialog', Task(load=load_kj_dialog, is_correct=_per_turn_only))
 
 
 def gsm8k_task(pattern: str) -> Task:

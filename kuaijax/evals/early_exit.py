@@ -96,7 +96,10 @@ def build(options: dict, ctx) -> EarlyExitEvaluator:
   if options['gate_thresholds']:
     levels = tuple(ctx.data.get('levels', ()) or ())
     gate = ctx.task.load(
-      'train', data_dir=data_dir, limit=options['gate_problems'], **({'levels': levels} if levels else {})
+      'train',
+      data_dir=data_dir,
+      limit=options['gate_problems'],
+      **({'levels': levels} if levels else {}),
     )
   return EarlyExitEvaluator(
     ctx.task,

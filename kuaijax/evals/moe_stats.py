@@ -129,3 +129,39 @@ class TokenLossExperts(BatchEvaluator):
         rhos[f'/{name}'] = spearman(loss[task == t], k[task == t])
       metrics.update({f'{prefix}/loss_k_spearman{n}': r for n, r in rhos.items() if r is not None})
     return metrics
+
+
+EXPERT_WEIGHTS = ('w1', 'w2', 'w3')
+
+
+def layer_values(ev: dict, name: str) -> dict:
+  """{layer index: ev['moe/layer{i}/<name>']} over the MoE layers that report it."""
+  out = {}
+  for key, value in ev.items():
+    head, _, rest = key.partition('/')
+    layer, _, metric = rest.partition('/')
+    if head == 'moe' and layer.startswith('layer') and metric == name:
+      out[int(layer.removeprefix('layer'))] = value
+  return out
+
+
+def parameter_counts(params, eval_metrics: dict) -> dict:
+  """Total parameters and parameters activated per token: each layer's expert weights count
+  (its measured `moe/layer{i}/mean_k` of `eval_metrics`) / (its number of experts). 'active' is
+  None when an MoE layer's mean k was not measured (no moe_stats evaluator). `params` may be
+  abstract (shapes only)."""
+  total = expert_total = active_experts = 0.0
+  measured = True
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = [getattr(k, 'key', getattr(k, 'idx', None)) for k in path]
+    total += leaf.size
+    if keys[-1] in EXPERT_WEIGHTS and leaf.ndim == 3 and 'layers' in keys:
+      layer = keys[keys.index('layers') + 1]
+      mean_k = eval_metrics.get(f'moe/layer{layer}/mean_k')
+      expert_total += leaf.size
+      if mean_k is None:
+        measured = False
+      else:
+        active_experts += leaf.size * mean_k / leaf.shape[0]
+  active = float(total - expert_total + active_experts) if measured else None
+  return {'total': int(total), 'active': active}

@@ -23,9 +23,33 @@ from kuaijax.inference.compare import Item
 SCENARIOS = ('trigger', 'mixed')
 TOY_SA_INSTRUCTION = 'Count the final answers and reply with the most common one.'
 TOY_USC_INSTRUCTION = 'Pick the response that agrees with the most others.'
-WORDS = tuple(
-  'apple bread cloud dance eagle flame grape horse igloo jelly kite lemon mango night ocean piano '
-  'queen river snake tiger umbra violin water xenon yacht zebra'.split()
+WORDS = (
+  'apple',
+  'bread',
+  'cloud',
+  'dance',
+  'eagle',
+  'flame',
+  'grape',
+  'horse',
+  'igloo',
+  'jelly',
+  'kite',
+  'lemon',
+  'mango',
+  'night',
+  'ocean',
+  'piano',
+  'queen',
+  'river',
+  'snake',
+  'tiger',
+  'umbra',
+  'violin',
+  'water',
+  'xenon',
+  'yacht',
+  'zebra',
 )
 NO_TRIGGER_CUE = "Let's think step by step."
 TRAIN_WORD_SEED = 0  # training word questions: `word_problems(TRAIN_WORD_SEED, n)`

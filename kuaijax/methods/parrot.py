@@ -9,54 +9,16 @@ Methods (records carry `messages`, laid out by `kuaijax.data.chat`):
              'chosen', 'rejected'}; the prompt is the history + query in the chat layout, only the
              final answer is scored; the reference is the SFT model (the `capo` objective).
 The stages that write Parrot-Ask sessions and CaPO pairs are in `kuaijax.stages.parrot`.
-The task 'kj_dialog' gives the kj_dialog sessions as records with `messages`.
+The task 'kj_dialog' (`kuaijax.data.tasks`) gives the kj_dialog sessions as records with `messages`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from kuaijax.config_lib import check_choice
-from kuaijax.data import chat, dialog, sequences, tasks
-from kuaijax.evals import multi_turn
+from kuaijax.data import chat, sequences
 from kuaijax.methods.base import Method, register_method
 from kuaijax.methods.dpo import CaPO, pair_example
 from kuaijax.train import lm_task
-
-
-def session_record(turns: Sequence[dialog.Turn]) -> dict:
-  """A kj_dialog session as a record: `messages` plus per-turn kinds and dependencies."""
-  return {
-    'messages': chat.session_messages([t.user for t in turns], [t.assistant for t in turns]),
-    'kinds': [t.kind for t in turns],
-    'depends_on': [list(t.depends_on) for t in turns],
-  }
-
-
-def record_turns(record: dict) -> list[dialog.Turn]:
-  """The turns of a session record, recomputed (and so checked) by the kj_dialog program."""
-  users = [m['content'] for m in record['messages'] if m['role'] == 'user']
-  turns = dialog.run_session(users)
-  shown = [m['content'] for m in record['messages'] if m['role'] == 'assistant']
-  if [t.assistant for t in turns] != shown:
-    raise ValueError('a session record whose answers are not the program answers')
-  return turns
-
-
-def load_kj_dialog(split: str, *, data_dir: str = '', limit: int = 0, **unused) -> list[dict]:
-  """kj_dialog sessions of one split as records (at most `limit`; 0 = all)."""
-  del unused
-  return [
-    session_record(s) for s in multi_turn.load_sessions(split, limit=limit, data_dir=data_dir)
-  ]
-
-
-def _per_turn_only(text: str, record: dict) -> bool:
-  del text, record
-  raise ValueError('kj_dialog is scored turn by turn: use the kj_dialog8 evaluator')
-
-
-tasks.register_task('kj_dialog', tasks.Task(load=load_kj_dialog, is_correct=_per_turn_only))
 
 
 @register_method('chat_sft')

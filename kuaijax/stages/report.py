@@ -56,3 +56,32 @@ def without_blocks(runs: dict) -> dict:
     }
     for seed, stages in runs.items()
   }
+
+
+def eval_over_seeds(evals: list[dict]) -> tuple[dict, dict]:
+  """(mean, std) per number reported by every one of `evals` (one evaluation dict per training
+  seed); a value equal in every seed (one seed, a token count) is kept as it is. `std` is empty for
+  one seed; lists are left out."""
+  if not evals:
+    return {}, {}
+  mean, std = {}, {}
+  for key, first in evals[0].items():
+    values = [e.get(key) for e in evals]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+      continue
+    if all(v == first for v in values):
+      mean[key] = first
+    else:
+      mean[key], _ = mean_std(values)
+    if len(evals) > 1:
+      std[key] = mean_std(values)[1]
+  return mean, std
+
+
+def cell(mean: dict, std: dict, key: str, spec: str = '.4f', missing: str = '–') -> str:
+  """One table cell: `mean[key]`, with ' ± std' when `std` (several training seeds) has it."""
+  if mean.get(key) is None:
+    return missing
+  if key in std:
+    return f'{mean[key]:{spec}} ± {std[key]:{spec}}'
+  return format(mean[key], spec)

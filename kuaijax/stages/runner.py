@@ -178,10 +178,13 @@ def _run_stage(pipe: Pipeline, name: str, folder: str, seed: int | None, done: d
   stage = Stage(name, block, pipe, folder, seed, dict(done))
   summary = get_stage_type(block.type).fn(stage)
   info = {'name': name, 'type': block.type, 'seed': seed, 'summary': summary, **stage.outputs}
-  evaluators = pipe.evaluators()
-  if 'params' in info and 'eval' not in info and evaluators.evaluators and block.get('evaluate', 1):
-    with stage.axis_rules():
-      info['eval'] = evaluators.evaluate(*roles.load(pipe.config, stage.own_params()))
+  # A stage that evaluated itself (its `eval` output) is not evaluated again; the pipeline's
+  # evaluators are built only when a stage needs them.
+  if 'params' in info and 'eval' not in info and block.get('evaluate', 1):
+    evaluators = pipe.evaluators()
+    if evaluators.evaluators:
+      with stage.axis_rules():
+        info['eval'] = evaluators.evaluate(*roles.load(pipe.config, stage.own_params()))
   info.update(block=block.to_dict(), wall_s=time.time() - start)
   if jax.process_index() == 0:
     _write_json(path, info)

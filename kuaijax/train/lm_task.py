@@ -1,8 +1,9 @@
 """Language-model training pieces shared by experiments (lm, topp_moe, pcformer, ...).
 
 `build_lm_data` turns the `data` config section into a tokenizer, a per-process training dataset and
-fixed evaluation batches; `lm_loss_fn` is the loss the trainer differentiates; `model_factory` builds
-the decoder from the `model` section.
+fixed evaluation batches; `lm_loss_fn` is the loss the trainer differentiates (`aux_weights` reads a
+pretrain stage's `aux_loss` block); `model_factory` builds the decoder from the `model` section. The
+'pretrain' stage type (`kuaijax.stages.pretrain`) puts them together.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def resolve_tokenizer(data_config, workdir: str, train_source, hf_path: str = ''
   limit = data_config.spm_train_examples
   if not os.path.exists(prefix + '.model'):
     if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
       texts = (train_source[i]['text'] for i in range(min(len(train_source), limit)))
       tokenizers.train_sentencepiece(
         (t.decode() if isinstance(t, bytes) else t for t in texts),
@@ -57,16 +59,23 @@ def resolve_tokenizer(data_config, workdir: str, train_source, hf_path: str = ''
   return tokenizers.get_tokenizer('sentencepiece', spm_model_path=prefix + '.model')
 
 
-def build_lm_data(config, workdir: str) -> LMData:
-  """Tokenizer, training dataset (per-process micro-batches) and evaluation batches."""
+def build_lm_data(
+  config, workdir: str, *, tokenizer_dir: str = '', model_name: str = 'model'
+) -> LMData:
+  """Tokenizer, training dataset (per-process micro-batches) and evaluation batches.
+
+  A SentencePiece tokenizer with no `data.spm_model_path` is trained into `tokenizer_dir` (default
+  `workdir`) unless it is there already; `model_name` names `config.model` in errors."""
   dc = config.data
   data_dir = dc.data_dir or sources.default_data_dir()
   train_source = sources.get_data_source(dc.name, split=dc.train_split, data_dir=data_dir)
   eval_source = sources.get_data_source(dc.name, split=dc.eval_split, data_dir=data_dir)
-  tokenizer = resolve_tokenizer(dc, workdir, train_source, config.get('init_from_hf', ''))
+  tokenizer = resolve_tokenizer(
+    dc, tokenizer_dir or workdir, train_source, config.get('init_from_hf', '')
+  )
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(
-      f'model.vocab_size={config.model.vocab_size} is smaller than the '
+      f'{model_name}.vocab_size={config.model.vocab_size} is smaller than the '
       f'{dc.tokenizer} tokenizer vocabulary ({tokenizer.vocab_size})'
     )
   task_names = tuple(dc.task_names)
@@ -92,18 +101,24 @@ def build_lm_data(config, workdir: str) -> LMData:
   return LMData(tokenizer, train_dataset, eval_batches, train_source, task_names)
 
 
-def build_evaluators(config, data: LMData):
-  """`config.evals` (evaluators by name, `kuaijax.evals.registry`) on the LM evaluation batches."""
-  mesh = parallel.mesh_from_config(config.parallel)
-  ctx = registry.EvalContext(
+def eval_context(config, data: LMData) -> registry.EvalContext:
+  """What evaluators are built from: the tokenizer, the mesh and the LM evaluation batches."""
+  return registry.EvalContext(
     tokenizer=data.tokenizer,
-    mesh=mesh,
+    mesh=parallel.mesh_from_config(config.parallel),
     rules=parallel.rules_dict(config.parallel.rules),
     data=config.data,
     lm_batches=data.eval_batches,
     task_names=data.task_names,
   )
-  return registry.build_evaluators(config.evals, ctx)
+
+
+def build_evaluators(config, data: LMData, evals=None):
+  """`evals` (default `config.evals`: evaluators by name, `kuaijax.evals.registry`) on the LM
+  evaluation batches."""
+  return registry.build_evaluators(
+    config.evals if evals is None else evals, eval_context(config, data)
+  )
 
 
 def model_factory(model_config):
@@ -113,6 +128,15 @@ def model_factory(model_config):
 
 
 AUX_REDUCTIONS = ('mean', 'sum')
+
+
+def aux_weights(aux_loss) -> dict:
+  """`lm_loss_fn`'s aux_weights from an `aux_loss` block (`kuaijax.config_lib.moe_aux_loss`)."""
+  return {
+    'balance_loss': aux_loss['balance_weight'],
+    'entropy_loss': aux_loss['entropy_weight'],
+    'router_z_loss': aux_loss['z_loss_weight'],
+  }
 
 
 def aux_loss_total(

@@ -30,7 +30,6 @@ the last good one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 
@@ -332,13 +331,3 @@ def train(
     with parallel.axis_rules(mesh, rules):
       last_eval = evaluate(graphdef, state['params'], final_step)
   return TrainResult(graphdef, state['params'], final_step, history, last_eval)
-
-
-def write_results(workdir: str, results: dict, table_markdown: str) -> None:
-  """results.json and results.md in the workdir (process 0)."""
-  if jax.process_index() != 0:
-    return
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(table_markdown)

@@ -18,7 +18,7 @@ def tiny_config(arg):
   config = load_config(f'{CONFIG}:runlocal,{arg}')
   config.parallel.num_devices = 1
   config.train.update(progress=False, async_checkpoint=False)
-  config.model.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=64)
+  config.models.policy.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=64)
   config.data.update(limit=64, max_new_tokens=48)
   for name in TRAINED:
     if config.stage[name].type == 'train':
@@ -38,13 +38,14 @@ def test_tiny_demo_writes_the_table_and_plots(tmp_path):
   config = tiny_config('stages=sft+dpo+rft+rlmec+grpo')
   config.stage.sft.optimizer.update(lr=1e-2, warmup_steps=1)
   results = arith_posttrain.run(config, str(tmp_path))
-  stages = results['stages']
+  stages = results['runs']['0']
+  assert results['seeds'] == {'training': [0], 'sampling': [0, 1]}
   assert [n for n in stages if 'eval' in stages[n]] == list(TRAINED)
   for name in TRAINED:
     ev = stages[name]['eval']
     assert ev['num_seeds'] == 2 and {'accuracy/level_1', 'accuracy/level_2/std'} <= set(ev)
     assert 'greedy/accuracy' in ev
-  sft_losses = [r['loss'] for r in read_metrics(str(tmp_path / 'sft')) if 'loss' in r]
+  sft_losses = [r['loss'] for r in read_metrics(str(tmp_path / 'seed_0' / 'sft')) if 'loss' in r]
   assert len(sft_losses) == 4 and sft_losses[-1] < sft_losses[0] - 0.2
   assert stages['pairs']['summary']['pairs'] > 0 and stages['rlmec']['summary']['examples'] > 0
   assert stages['rft']['summary']['gold'] == 4  # with_gold: each sampled prompt's solution
@@ -63,10 +64,11 @@ def test_tiny_demo_writes_the_table_and_plots(tmp_path):
   assert (tmp_path / 'loss_curves.png').stat().st_size > 0
   # `sft_from=`: a stage from the finished SFT run; the imported policy gets its own row and its
   # evaluation equals the original's.
-  config = tiny_config(f'stages=sft,sft_from={tmp_path / "sft"}')
+  config = tiny_config(f'stages=sft,sft_from={tmp_path / "seed_0" / "sft"}')
   again = arith_posttrain.run(config, str(tmp_path / 'imported'))
-  assert again['stages']['sft']['type'] == 'params'
-  assert again['stages']['sft']['eval'] == stages['sft']['eval']
+  assert again['runs']['0']['sft']['type'] == 'params'
+  assert again['runs']['0']['sft']['eval'] == stages['sft']['eval']
+  assert (tmp_path / 'imported' / 'shared' / 'sft' / 'stage.json').exists()  # seed-free
   assert '| SFT (imported) |' in (tmp_path / 'imported' / 'results.md').read_text()
 
 
@@ -83,7 +85,8 @@ def test_full_runlocal(tmp_path):
   config = load_config(f'{CONFIG}:runlocal')
   config.train.progress = False
   results = arith_posttrain.run(config, str(tmp_path))
-  rows = [n for n, s in results['stages'].items() if 'eval' in s]
+  stages = results['runs']['0']
+  rows = [n for n, s in stages.items() if 'eval' in s]
   assert rows == ['sft', 'dpo', 'grpo']
-  assert results['stages']['sft']['eval']['greedy/accuracy/level_1'] > 0.2
+  assert stages['sft']['eval']['greedy/accuracy/level_1'] > 0.2
   assert (tmp_path / 'results.md').exists()

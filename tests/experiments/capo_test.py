@@ -17,7 +17,7 @@ def tiny_config(arg):
   config = load_config(f'{CONFIG}:runlocal,{arg}')
   config.parallel.num_devices = 1
   config.train.update(progress=False, async_checkpoint=False)
-  config.model.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=64)
+  config.models.policy.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=64)
   config.data.update(limit=16, seq_len=256, prompt_len=240, max_new_tokens=16)
   for block in config.stage.values():
     if block.type == 'train':
@@ -44,28 +44,31 @@ def _check_outputs(workdir, results, labels, seeds):
 
 def test_tiny_pipeline_writes_the_table(tmp_path):
   """One SFT row (the other stages: the slow test and tests/methods/parrot_test.py)."""
-  results = capo.run(tiny_config('seeds=1,stages=sft_short'), str(tmp_path))
+  results = capo.run(tiny_config('seeds=0,stages=sft_short'), str(tmp_path))
   _check_outputs(tmp_path, results, ['SFT, short sessions (1-2 turns)'], seeds=1)
 
 
 @pytest.mark.slow
 def test_every_row_over_two_seeds(tmp_path):
-  results = capo.run(tiny_config('seeds=2'), str(tmp_path))
+  results = capo.run(tiny_config('seeds=0+1'), str(tmp_path))
   kinds = ('neglect', 'hallucination', 'misunderstanding', 'all')
   labels = ['SFT, short sessions (1-2 turns)', 'SFT, long sessions']
   _check_outputs(tmp_path, results, labels + [f'+ CaPO ({k})' for k in kinds], seeds=2)
   assert 'Parrot-Ask sessions (queries' in (tmp_path / 'results.md').read_text()
-  for stages in results['seeds']:
+  for stages in results['runs'].values():
     assert stages['sessions']['summary']['queries'] > 0
     assert stages['capo_all']['summary']['pairs'] == stages['pairs_all']['summary']['pairs'] > 0
   # Re-running finds every stage finished and writes the same table.
-  again = capo.run(tiny_config('seeds=2'), str(tmp_path))
+  again = capo.run(tiny_config('seeds=0+1'), str(tmp_path))
   assert again['rows'] == results['rows']
 
 
 def test_config_args():
-  config = load_config(f'{CONFIG}:runlocal,kinds=neglect+all,seeds=2')
-  assert config.stages == 'sessions+sft_short+sft_long+capo_neglect+capo_all' and config.seeds == 2
+  config = load_config(f'{CONFIG}:runlocal,kinds=neglect+all,seeds=0+1')
+  assert config.stages == 'sessions+sft_short+sft_long+capo_neglect+capo_all' and config.seeds == (
+    0,
+    1,
+  )
   assert load_config(f'{CONFIG}:stages=sft_short').stages == 'sft_short'
   assert load_config(f'{CONFIG}:kinds=none').stages == 'sft_short+sft_long'
   with pytest.raises(ValueError, match='random'):

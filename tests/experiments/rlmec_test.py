@@ -27,7 +27,8 @@ def tiny_config(seeds=(0,)):
   config.stage.rewards.data = 'teacher'
   config.parallel.num_devices = 1
   config.train.update(progress=False, async_checkpoint=False)
-  config.model.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=64)
+  for role in ('policy', 'grm'):
+    config.models[role].update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=64)
   config.data.update(limit=16, max_new_tokens=24)
   for name in ('sft', 'grm', 'rlmec', 'rlmec_prog'):
     config.stage[name].train.update(
@@ -49,9 +50,10 @@ def read(workdir, stage):
 def test_pipeline_end_to_end(tmp_path):
   config = tiny_config(seeds=(0, 1))
   results = rlmec_exp.run(config, str(tmp_path))
-  # the second seed post-trains the first seed's SFT policy (imported, same evaluation)
-  assert results['per_seed'][1]['sft']['type'] == 'params'
-  assert results['rows']['sft']['accuracy'][1] == 0.0
+  # every training seed trains its own SFT policy and GRM (the GRM as its own model role)
+  assert [results['per_seed'][s]['sft']['type'] for s in ('0', '1')] == ['train', 'train']
+  assert results['per_seed']['1']['grm']['model'] == 'grm'
+  assert results['seeds'] == {'training': [0, 1], 'sampling': [0]}
   assert list(results['rows']) == ['sft', 'rlmec_prog', 'rlmec']
   assert os.path.exists(tmp_path / 'results.md') and os.path.exists(tmp_path / 'token_rewards.png')
   samples, teacher = read(tmp_path, 'samples'), read(tmp_path, 'teacher')

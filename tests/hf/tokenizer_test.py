@@ -99,21 +99,38 @@ def test_bad_files_are_named(folders, tmp_path):
     HFTokenizer(folders['custom']).apply_chat_template([{'role': 'tool', 'content': 'x'}])
 
 
-def test_pipelines_read_the_tokenizer_of_the_init_from_hf_folder(folders, tmp_path):
-  """data.tokenizer='hf' takes tokenizer.json from the run's init_from_hf folder (no other path)."""
-  from kuaijax.config_lib import load_config
-  from kuaijax.train import pipeline
-  from tests.conftest import REPO_ROOT
+def test_pipelines_read_the_tokenizer_of_the_policy_hf_folder(folders, tmp_path):
+  """data.tokenizer='hf' takes tokenizer.json from the policy role's HF folder (no other path)."""
+  import shutil
 
+  import ml_collections
+
+  from kuaijax.config_lib import load_config
+  from kuaijax.hf import model_io
+  from kuaijax.models.transformer import TransformerConfig
+  from kuaijax.stages import runner
+  from tests.conftest import REPO_ROOT
+  from tests.hf.model_io_errors_test import random_model
+
+  model = random_model(
+    TransformerConfig(
+      vocab_size=512, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=32
+    )
+  )
+  folder = str(tmp_path / 'model')
+  shutil.copytree(folders['chatml'], folder)
+  model_io.save_model(model, folder, family='llama')
   config = load_config(f'{REPO_ROOT}/configs/arith/posttrain.py:runlocal')
   config.data.tokenizer = 'hf'
-  config.init_from_hf = folders['chatml']
-  tokenizer = pipeline.Pipeline(config, str(tmp_path)).tokenizer
+  with config.unlocked():
+    config.models.policy = ml_collections.ConfigDict(dict(hf=folder))
+  tokenizer = runner.Pipeline(config, str(tmp_path)).tokenizer
   text = 'Question: 12 + 30 = ?'
   assert isinstance(tokenizer, HFTokenizer)
   np.testing.assert_array_equal(
     tokenizer.encode_array(text), HFTokenizer(folders['chatml']).encode_array(text)
   )
-  config.init_from_hf = ''
+  with config.unlocked():
+    config.models.policy = load_config(f'{REPO_ROOT}/configs/arith/posttrain.py').models.policy
   with pytest.raises(ValueError, match='hf_path'):
-    pipeline.Pipeline(config, str(tmp_path))
+    _ = runner.Pipeline(config, str(tmp_path)).tokenizer

@@ -21,6 +21,7 @@ from kuaijax.methods import dpo as dpo_lib
 from kuaijax.methods import grpo as grpo_lib
 from kuaijax.methods import rlmec as rlmec_lib
 from kuaijax.sampling import score_completions
+from kuaijax.stages import rlmec as rlmec_stages
 from kuaijax.train import lm_task
 from kuaijax.train.trainer import param_layout, train
 from tests.conftest import tiny_lm_config
@@ -293,7 +294,7 @@ def test_minimal_edit_records_use_the_program_teacher():
     )
     for i, text in enumerate(cases)
   ]
-  records, stats = rlmec_lib.minimal_edit_records(samples, TOK)
+  records, stats = rlmec_stages.minimal_edit_records(samples, TOK)
   assert stats['wrong'] == len(cases)
   for record, rewrite in zip(records, cases.values()):
     np.testing.assert_array_equal(record['rewrite_tokens'], sequences.completion_ids(TOK, rewrite))
@@ -304,7 +305,7 @@ def test_rlmec_features_of_wrong_and_correct_samples():
   sample = np.array([10, 11, 12, 13, 2], np.int32)
   rewrite = np.array([10, 11, 14, 13, 2], np.int32)  # one substituted token
   logps = -np.arange(1, 6, dtype=np.float32)
-  keep = rlmec_lib.keep_probs_from_alignment(sample, rewrite)
+  keep = rlmec_stages.keep_probs_from_alignment(sample, rewrite)
   np.testing.assert_array_equal(keep, [1, 1, 0, 1, 1])
   ex = rlmec_lib.rlmec_example(prompt, sample, logps, rewrite, keep, False, seq_len=12, pad_id=0)
   m = ex['mask'] > 0
@@ -330,7 +331,7 @@ def test_rlmec_features_of_wrong_and_correct_samples():
   )
   np.testing.assert_allclose(ex['rewards'][m], [0, -0.05, -0.1, 0, 0], atol=1e-6)
   sample, rewrite = np.array([10, 99, 11, 12, 13, 2]), np.array([10, 11, 13, 2])  # two deletions
-  keep = rlmec_lib.keep_probs_from_alignment(sample, rewrite)
+  keep = rlmec_stages.keep_probs_from_alignment(sample, rewrite)
   ex = rlmec_lib.rlmec_example(
     prompt, sample, -ones[:1].repeat(6), rewrite, keep, False, seq_len=14, pad_id=0
   )
@@ -358,7 +359,7 @@ def test_rlmec_trainer_loss_decreases(tmp_path):
     sample = sample_record(i, r, text, not i % 2, tokens)
     sample['logprobs'] = np.asarray(logps[0, : len(tokens)]).tolist()
     samples.append(sample)
-  recs, stats = rlmec_lib.minimal_edit_records(samples, TOK)
+  recs, stats = rlmec_stages.minimal_edit_records(samples, TOK)
   assert stats == {'samples': 4, 'correct': 2, 'wrong': 2, 'duplicates': 0}
   assert TOK.decode(recs[1]['rewrite_tokens']) == rs[1]['solution']  # the wrong one, corrected
   m = method('rlmec', loss=dict(eps=0.3, lam=1.0))

@@ -6,6 +6,7 @@ import pytest
 from kuaijax.data import dialog, tokenizers
 from kuaijax.methods import get_method, parrot
 from kuaijax.methods.base import MethodContext
+from kuaijax.stages import parrot as parrot_stages
 
 TOK = tokenizers.ByteTokenizer()
 SESSIONS = [dialog.generate_session(0, i, num_turns=4) for i in range(6)]
@@ -53,7 +54,7 @@ def test_capo_pairs_stage_and_chat_capo_layout():
     records=lambda ref: RECORDS,
     write_data=lambda records: written.setdefault('pairs', records),
   )
-  summary = parrot.capo_pairs_stage(stage)
+  summary = parrot_stages.capo_pairs_stage(stage)
   pairs = written['pairs']
   dependent = sum(t.context_dependent for s in SESSIONS[:4] for t in s)
   assert summary['pairs'] == len(pairs) == dependent - summary['no_negative']['neglect']
@@ -118,7 +119,7 @@ def test_chat_capo_pairs_for_real_conversations_with_a_small_model():
     axis_rules=contextlib.nullcontext,
     write_data=lambda data: written.setdefault('pairs', data),
   )
-  summary = parrot.chat_capo_pairs_stage(stage)
+  summary = parrot_stages.chat_capo_pairs_stage(stage)
   # Only the Hamlet conversation has a turn after its first exchange; misunderstanding needs two
   # earlier exchanges, so one neglect pair.
   (pair,) = written['pairs']

@@ -9,8 +9,8 @@ import pytest
 from kuaijax import grm
 from kuaijax.data import records as records_lib
 from kuaijax.data import sequences, tokenizers
-from kuaijax.methods import rlmec
-from kuaijax.train.stages import Stage
+from kuaijax.stages import rlmec
+from kuaijax.stages.base import Stage
 
 TOK = tokenizers.ByteTokenizer()
 GOLD = '[1] 4*5=20\n[2] 20-3=17\nThe answer is 17'
@@ -37,15 +37,12 @@ def sample(index, completion):
 
 def run_stage(fn, tmp_path, done, name, **block):
   pipeline = types.SimpleNamespace(
-    config=ml_collections.ConfigDict(dict(seed=0, stage={name: block})),
-    workdir=str(tmp_path),
-    tokenizer=TOK,
-    task=None,
+    config=ml_collections.ConfigDict(dict(stage={name: block})), tokenizer=TOK, task=None
   )
   (tmp_path / name).mkdir()
-  stage = Stage(name, ml_collections.ConfigDict(block), pipeline, done)
+  stage = Stage(name, ml_collections.ConfigDict(block), pipeline, str(tmp_path / name), 0, done)
   summary = fn(stage)
-  done[name] = {**stage.outputs, 'summary': summary}
+  done[name] = {**stage.outputs, 'summary': summary, 'dir': str(tmp_path / name)}
   return summary, records_lib.read_records(str(tmp_path / name / 'data.jsonl'))
 
 
@@ -53,7 +50,7 @@ def test_teacher_grm_data_and_programmatic_rewards(tmp_path):
   samples = [sample(0, RIGHT), sample(0, RIGHT), sample(0, WRONG), sample(1, WORSE)]
   (tmp_path / 'samples').mkdir()
   records_lib.write_records(str(tmp_path / 'samples' / 'data.jsonl'), samples)
-  done = {'samples': {'data': 'data.jsonl'}}
+  done = {'samples': {'data': 'data.jsonl', 'dir': str(tmp_path / 'samples')}}
   summary, teacher = run_stage(
     rlmec.teacher_stage, tmp_path, done, 'teacher', data='samples', teacher='program', compare=''
   )
@@ -80,7 +77,7 @@ def test_teacher_grm_data_and_programmatic_rewards(tmp_path):
     done,
     'rewards',
     data='teacher',
-    model='',
+    grm='',
     auc_data='teacher',
     batch_size=4,
     max_len=512,
