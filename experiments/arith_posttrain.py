@@ -17,8 +17,8 @@ import jax
 
 from kuaijax import plotting
 from kuaijax.losses import rl
+from kuaijax.results import write_results
 from kuaijax.stages import report, run_pipeline
-from kuaijax.train.trainer import write_results
 
 
 def _cell(evals: list[dict], key: str) -> str:

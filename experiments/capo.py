@@ -13,8 +13,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from kuaijax import plotting
+from kuaijax.results import write_results
 from kuaijax.stages import report, run_pipeline
-from kuaijax.train.trainer import write_results
 
 _ASK_STATS = (
   'well_formed',

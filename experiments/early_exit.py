@@ -104,12 +104,17 @@ def results_table(results: dict, config, n: int) -> str:
       f'{_v(r["tokens_per_s_batch"], ".0f", n=n)} | {_v(r["tokens_per_s_normal_batch"], ".0f", n=n)} |'
     )
   train = results['train']
+  if train['type'] == 'train':
+    model = (
+      f'Training: {train["steps"]} steps, {train["wall_s"]:.0f} s with the evaluation (seed '
+      f'{train["seed"]})'
+    )
+  else:
+    model = f'Model: stage {results["stage"]} ({train["type"]}), {train["wall_s"]:.0f} s'
   lines += [
     '',
     'TF = teacher forced on the gold solutions (every layer sees full-depth context there; the '
-    f'decoding columns use the propagated exit states). Training: {train["steps"]} steps, '
-    f'{train["wall_s"]:.0f} s with the evaluation (seed {train["seed"]}); total '
-    f'{results["wall_s"]:.0f} s.',
+    f'decoding columns use the propagated exit states). {model}; total {results["wall_s"]:.0f} s.',
   ]
   return '\n'.join(lines) + '\n'
 
@@ -168,6 +173,7 @@ def run(config, workdir: str) -> dict:
     'seeds': report.seeds_record(config),
     'runs': report.without_blocks(runs),
     'train': {
+      'type': first['type'],
       'steps': first['summary'].get('steps', 0),
       'wall_s': first['wall_s'],
       'seed': first['seed'],

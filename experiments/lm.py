@@ -1,22 +1,25 @@
 """Train the decoder LM on an embedded corpus; report validation loss per task vs a unigram baseline.
 
-Writes metrics.jsonl, checkpoints, results.json, results.md (the table) and loss_curves.png (training
-and per-task validation loss, unigram baselines dashed) into the workdir.
+The training is the pipeline of configs/lm/mixture.py (`kuaijax.stages.run_pipeline`): the
+'pretrain' stage 'lm' per training seed in `<workdir>/seed_<s>/lm/` (metrics.jsonl, checkpoints,
+stage.json with the final evaluation). This file adds the unigram baseline and writes
+results.json, results.md (the table; mean ± std over training seeds when there are several) and
+loss_curves.png (training and per-task validation loss, unigram baselines dashed) into the workdir.
 """
 
 from __future__ import annotations
 
-import jax
+import os
 
 from kuaijax import plotting
 from kuaijax.data import pipeline
 from kuaijax.evals.lm_loss import unigram_baseline
 from kuaijax.results import write_results
+from kuaijax.stages import pretrain, report, roles, run_pipeline
 from kuaijax.train import lm_task
-from kuaijax.train.trainer import train
 
 
-def results_table(task_names, model_eval: dict, unigram: dict, title: str) -> str:
+def results_table(task_names, model_eval: dict, model_std: dict, unigram: dict, title: str) -> str:
   """Markdown table: one row per task (and all tasks), model vs unigram loss and perplexity."""
   lines = [
     f'## {title}',
@@ -35,44 +38,60 @@ def results_table(task_names, model_eval: dict, unigram: dict, title: str) -> st
       else model_eval[f'tokens/{name}']
     )
     lines.append(
-      f'| {name or "all"} | {tokens} | {model_eval[key]:.4f} | {unigram[key]:.4f} | '
-      f'{model_eval[ppl]:.2f} | {unigram[ppl]:.2f} |'
+      f'| {name or "all"} | {tokens} | {report.cell(model_eval, model_std, key)} | '
+      f'{unigram[key]:.4f} | {report.cell(model_eval, model_std, ppl, ".2f")} | '
+      f'{unigram[ppl]:.2f} |'
     )
   return '\n'.join(lines) + '\n'
 
 
-def run(config, workdir: str) -> dict:
-  data = lm_task.build_lm_data(config, workdir)
-  evaluators = lm_task.build_evaluators(config, data)
-  result = train(
-    config,
-    workdir,
-    model_factory=lm_task.model_factory(config.model),
-    loss_fn=lm_task.lm_loss_fn(config.train.z_loss),
-    train_dataset=data.train_dataset,
-    evaluate=evaluators.evaluate,
-  )
+def unigram(config, workdir: str, role: str) -> dict:
+  """The unigram model of the training split, scored on the evaluation batches (seed-free)."""
+  cfg = roles.role_config(config, role)
+  data = lm_task.build_lm_data(cfg, workdir, tokenizer_dir=pretrain.tokenizer_dir(workdir))
   counts = pipeline.unigram_counts(
     data.train_source, data.tokenizer, max_examples=config.eval.unigram_max_examples or None
   )
-  unigram = unigram_baseline(counts, data.eval_batches, data.task_names)
-  plotting.write_loss_curves(workdir, baselines=unigram)
+  return unigram_baseline(counts, data.eval_batches, data.task_names)
+
+
+def run(config, workdir: str) -> dict:
+  runs = run_pipeline(config, workdir)
+  first = runs[config.seeds[0]]
+  trained = [n for n, info in first.items() if info['type'] == 'pretrain']
+  if not trained:
+    raise ValueError(f'config.stages={config.stages!r} has no pretrain stage')
+  name = trained[-1]  # the reported model: the last pretrain stage (one, 'lm', by default)
+  info = first[name]
+  model_eval, model_std = report.eval_over_seeds([stages[name]['eval'] for stages in runs.values()])
+  baseline = unigram(config, workdir, info['model'])
+  plots = plotting.write_loss_curves(
+    workdir, [os.path.relpath(info['dir'], workdir)], baselines=baseline
+  )
+  task_names = tuple(config.data.task_names)
   results = {
-    'step': result.step,
-    'model': result.last_eval,
-    'unigram': unigram,
+    'seeds': report.seeds_record(config),
+    'stage': name,
+    'step': info['summary']['steps'],
+    'model': model_eval,
+    'model_std': model_std,
+    'unigram': baseline,
     'beats_unigram': {
-      t: result.last_eval[f'loss/{t}'] < unigram[f'loss/{t}']
-      for t in data.task_names
-      if f'loss/{t}' in unigram
+      t: model_eval[f'loss/{t}'] < baseline[f'loss/{t}']
+      for t in task_names
+      if f'loss/{t}' in baseline and f'loss/{t}' in model_eval
     },
-    'num_params': int(sum(x.size for x in jax.tree.leaves(result.params))),
+    'num_params': info['summary']['params']['total'],
+    'runs': report.without_blocks(runs),
+    'plots': [os.path.basename(p) for p in plots],
   }
   table = results_table(
-    data.task_names,
-    result.last_eval,
-    unigram,
-    f'Validation loss per task after {result.step} steps ({config.data.name})',
+    task_names,
+    model_eval,
+    model_std,
+    baseline,
+    f'Validation loss per task after {results["step"]} steps ({config.data.name}; '
+    f'{report.spread_note(runs)})',
   )
   write_results(workdir, results, table)
   print(table)

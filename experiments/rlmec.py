@@ -21,9 +21,9 @@ from matplotlib.figure import Figure
 from kuaijax import plotting
 from kuaijax.data import records as records_lib
 from kuaijax.data import tokenizers
+from kuaijax.results import write_results
 from kuaijax.stages import report, run_pipeline
 from kuaijax.stages.runner import parse_stage_list
-from kuaijax.train.trainer import write_results
 
 QUALITY_KEYS = ('locate_accuracy', 'rewrite_success', 'edit_distance_ratio')
 SPEED_KEYS = (

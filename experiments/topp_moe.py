@@ -1,17 +1,18 @@
 """Dense vs Top-1 / Top-2 / dynamic Top-P MoE decoders trained on the same tokens (arXiv 2403.07652).
 
-Every variant in `config.run_variants` is the base `config.model` updated by
-`config.variants[name]` (MoE variants: `mlp='moe'` and `mlp_options` on top of `config.moe_layer`),
-trained with the same data order, steps, batch and optimizer into `workdir/<name>/` (each resumes
-on its own), and scored on the same evaluation batches: validation loss per task, experts per
-token per task and per layer (`kuaijax.evals.moe_stats`), activated parameters, and the paper's
-"harder -> more experts" at token level: per MoE layer and task, the Spearman rank correlation
-between a target token's loss under the model and the number of experts it selected
-(the `moe_token_loss` evaluator). The MoE auxiliary losses enter with the weights of `config.moe_loss` (paper:
-balance 1e-2, entropy 1e-4), averaged or summed over layers.
+The training is the pipeline of configs/topp_moe/compare.py (`kuaijax.stages.run_pipeline`): one
+'pretrain' stage per variant, `config.models.<variant>` trained into
+`<workdir>/seed_<s>/<variant>/` (each resumes on its own), with the same init seed, data order,
+steps, batch and optimizer for every variant of a training seed, the MoE auxiliary losses of the
+stage's `aux_loss` (paper: balance 1e-2, entropy 1e-4, averaged over layers), and scored on the same
+evaluation batches: validation loss per task, experts per token per task and per layer
+(`kuaijax.evals.moe_stats`), activated parameters, and the paper's "harder -> more experts" at token
+level: per MoE layer and task, the Spearman rank correlation between a target token's loss under the
+model and the number of experts it selected (the `moe_token_loss` evaluator).
 
-Writes results.json, results.md (the tables), loss_curves.png, mean_k_per_layer.png,
-mean_k_over_steps.png and loss_k_spearman.png.
+This file reads each stage's stage.json and metrics.jsonl and writes results.json, results.md (the
+tables; mean ± std over training seeds when there are several), loss_curves.png,
+mean_k_per_layer.png, mean_k_over_steps.png and loss_k_spearman.png.
 """
 
 from __future__ import annotations
@@ -22,72 +23,12 @@ import jax
 from matplotlib.figure import Figure
 
 from kuaijax import plotting
-from kuaijax.config_lib import check_choice
+from kuaijax.evals.moe_stats import layer_values
 from kuaijax.results import write_results
-from kuaijax.train import lm_task
+from kuaijax.stages import report, run_pipeline
 from kuaijax.train.metrics import read_metrics
-from kuaijax.train.trainer import train
 
-EXPERT_WEIGHTS = ('w1', 'w2', 'w3')
 REFERENCE_VARIANT = 'top2'  # activated parameters are reported relative to this one when present
-
-
-def variant_names(config) -> list[str]:
-  names = [n.strip() for n in config.run_variants.split(',') if n.strip()]
-  if not names:
-    raise ValueError('run_variants is empty')
-  for name in names:
-    check_choice('run_variants', name, set(config.variants))
-  return names
-
-
-def variant_config(config, name: str):
-  """`config` with `model` replaced by the variant's model section (MoE options merged)."""
-  overrides = config.variants[name].to_dict()
-  sub = config.copy_and_resolve_references()
-  model = sub.model.to_dict()
-  layer_options = overrides.pop('mlp_options', {})
-  model.update(overrides)
-  if model['mlp'] == 'moe':
-    model['mlp_options'] = {**config.moe_layer.to_dict(), **layer_options}
-  elif layer_options:
-    raise ValueError(f'variants.{name}.mlp_options is set but variants.{name}.mlp is not "moe"')
-  with sub.unlocked():
-    sub.model = model
-  return sub
-
-
-def layer_values(ev: dict, name: str) -> dict:
-  """{layer index: ev['moe/layer{i}/<name>']} over the MoE layers that report it."""
-  out = {}
-  for key, value in ev.items():
-    head, _, rest = key.partition('/')
-    layer, _, metric = rest.partition('/')
-    if head == 'moe' and layer.startswith('layer') and metric == name:
-      out[int(layer.removeprefix('layer'))] = value
-  return out
-
-
-def aux_weights(moe_loss) -> dict:
-  return {
-    'balance_loss': moe_loss.balance_weight,
-    'entropy_loss': moe_loss.entropy_weight,
-    'router_z_loss': moe_loss.z_loss_weight,
-  }
-
-
-def parameter_counts(params, eval_metrics: dict) -> dict:
-  """Total parameters and parameters activated per token (expert weights x mean k / E per layer)."""
-  total = expert_total = active_experts = 0.0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    keys = [getattr(k, 'key', getattr(k, 'idx', None)) for k in path]
-    total += leaf.size
-    if keys[-1] in EXPERT_WEIGHTS and leaf.ndim == 3 and 'layers' in keys:
-      layer = keys[keys.index('layers') + 1]
-      mean_k = eval_metrics[f'moe/layer{layer}/mean_k']
-      expert_total += leaf.size
-      active_experts += leaf.size * mean_k / leaf.shape[0]
-  return {'total': int(total), 'active': float(total - expert_total + active_experts)}
 
 
 def _fmt(value, spec='.3f'):
@@ -108,16 +49,17 @@ def results_tables(rows: dict, task_names, title: str) -> str:
     '|---|' + '---:|' * (4 + len(task_names) + 1 + len(task_names)),
   ]
   for name, row in rows.items():
-    ev, counts = row['eval'], row['params']
+    ev, std, counts = row['eval'], row['eval_std'], row['params']
+    active = counts['active']
     cells = [
       name,
       f'{counts["total"] / 1e6:.2f}M',
-      f'{counts["active"] / 1e6:.2f}M',
+      _fmt(None if active is None else active / 1e6, '.2f') + ('M' if active is not None else ''),
       _fmt(row.get('active_vs_top2'), '.2f'),
-      _fmt(ev['loss'], '.4f'),
-      *(_fmt(ev.get(f'loss/{t}'), '.4f') for t in task_names),
-      _fmt(ev.get('experts_per_token'), '.2f'),
-      *(_fmt(ev.get(f'experts_per_token/{t}'), '.2f') for t in task_names),
+      report.cell(ev, std, 'loss'),
+      *(report.cell(ev, std, f'loss/{t}') for t in task_names),
+      report.cell(ev, std, 'experts_per_token', '.2f'),
+      *(report.cell(ev, std, f'experts_per_token/{t}', '.2f') for t in task_names),
     ]
     lines.append('| ' + ' | '.join(cells) + ' |')
   moe_rows = {n: r for n, r in rows.items() if r['layer_mean_k']}
@@ -160,9 +102,10 @@ def results_tables(rows: dict, task_names, title: str) -> str:
       '|---|' + '---:|' * (len(mc_tasks) + 1),
     ]
     for name, row in rows.items():
-      accs = [row['eval'].get(f'acc/{t}') for t in mc_tasks] + [row['eval'].get('acc')]
-      cells = [_fmt(None if a is None else 100 * a, '.1f') for a in accs]
-      lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+      pct = lambda d: {k: 100 * v for k, v in d.items() if k == 'acc' or k.startswith('acc/')}
+      ev, std = pct(row['eval']), pct(row['eval_std'])
+      keys = [f'acc/{t}' for t in mc_tasks] + ['acc']
+      lines.append(f'| {name} | ' + ' | '.join(report.cell(ev, std, k, '.1f') for k in keys) + ' |')
   return '\n'.join(lines) + '\n'
 
 
@@ -225,59 +168,61 @@ def plot_mean_k(rows: dict, workdir: str) -> list[str]:
   ]
 
 
+def variant_row(config, runs: dict, name: str) -> dict:
+  """One variant's row: its evaluation over training seeds (mean, std), experts per layer, the
+  Spearman correlations, its mean-k training curve (first seed) and parameter counts."""
+  infos = [stages[name] for stages in runs.values()]
+  ev, std = report.eval_over_seeds([info['eval'] for info in infos])
+  records = read_metrics(infos[0]['dir'])
+  train_records = [r for r in records if 'aux/mean_k' in r]
+  actives = [info['summary']['params']['active'] for info in infos]
+  return {
+    'eval': ev,
+    'eval_std': std,
+    'layer_mean_k': layer_values(ev, 'mean_k'),
+    'layer_max_k': layer_values(ev, 'max_k'),
+    'layer_spearman': {
+      task: layer_values(ev, 'loss_k_spearman' + ('' if task == 'all' else f'/{task}'))
+      for task in ('all', *config.data.task_names)
+    },
+    'mean_k_curve': [(r['step'], r['aux/mean_k']) for r in train_records],
+    'trunc_rate': train_records[-1].get('aux/trunc_rate') if train_records else None,
+    'params': {
+      'total': infos[0]['summary']['params']['total'],
+      'active': None if None in actives else report.mean_std(actives)[0],
+    },
+    'step': infos[0]['summary']['steps'],
+  }
+
+
 def run(config, workdir: str) -> dict:
-  names = variant_names(config)
-  check_choice('moe_loss.aux_reduce', config.moe_loss.aux_reduce, lm_task.AUX_REDUCTIONS)
-  data = lm_task.build_lm_data(config, workdir)
-  evaluators = lm_task.build_evaluators(config, data)
-  loss_fn = lm_task.lm_loss_fn(
-    config.train.z_loss, aux_weights(config.moe_loss), config.moe_loss.aux_reduce
-  )
-  rows = {}
-  for name in names:
-    sub = variant_config(config, name)
-    run_dir = os.path.join(workdir, name)
-    result = train(
-      sub,
-      run_dir,
-      model_factory=lm_task.model_factory(sub.model),
-      loss_fn=loss_fn,
-      train_dataset=data.train_dataset,
-      evaluate=evaluators.evaluate,
-    )
-    ev = result.last_eval
-    records = read_metrics(run_dir)
-    train_records = [r for r in records if 'aux/mean_k' in r]
-    rows[name] = {
-      'eval': {k: v for k, v in ev.items() if not isinstance(v, list)},
-      'layer_mean_k': layer_values(ev, 'mean_k'),
-      'layer_max_k': layer_values(ev, 'max_k'),
-      'layer_spearman': {
-        task: layer_values(ev, 'loss_k_spearman' + ('' if task == 'all' else f'/{task}'))
-        for task in ('all', *data.task_names)
-      },
-      'mean_k_curve': [(r['step'], r['aux/mean_k']) for r in train_records],
-      'trunc_rate': train_records[-1].get('aux/trunc_rate') if train_records else None,
-      'params': parameter_counts(result.params, ev),
-      'step': result.step,
-    }
+  runs = run_pipeline(config, workdir)
+  first = runs[config.seeds[0]]
+  names = [n for n, info in first.items() if info['type'] == 'pretrain']
+  rows = {name: variant_row(config, runs, name) for name in names}
   ref = rows.get(REFERENCE_VARIANT)
-  if ref:
+  if ref and ref['params']['active']:
     for row in rows.values():
-      row['active_vs_top2'] = row['params']['active'] / ref['params']['active']
-  tokens = config.train.steps * config.train.batch_size * config.data.seq_len
+      active = row['params']['active']
+      row['active_vs_top2'] = None if active is None else active / ref['params']['active']
+  train = config.train
+  tokens = train.steps * train.batch_size * config.data.seq_len
   table = results_tables(
     rows,
-    data.task_names,
-    f'{config.data.name}: {len(rows)} variants, {config.train.steps} steps x '
-    f'{config.train.batch_size} x {config.data.seq_len} = {tokens:,} training tokens each',
+    config.data.task_names,
+    f'{config.data.name}: {len(rows)} variants, {train.steps} steps x {train.batch_size} x '
+    f'{config.data.seq_len} = {tokens:,} training tokens each; {report.spread_note(runs)}',
   )
   plots = plot_mean_k(rows, workdir) if jax.process_index() == 0 else []
-  plots += plotting.write_loss_curves(workdir, names)
+  plots += plotting.write_loss_curves(
+    workdir, report.trained_stage_dirs(runs, workdir, ('pretrain',))
+  )
   results = {
     'variants': rows,
+    'seeds': report.seeds_record(config),
     'tokens_per_variant': tokens,
-    'task_names': list(data.task_names),
+    'task_names': list(config.data.task_names),
+    'runs': report.without_blocks(runs),
     'plots': [os.path.basename(p) for p in plots],
   }
   write_results(workdir, results, table)

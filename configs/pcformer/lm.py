@@ -1,6 +1,9 @@
 """PCformer vs ODE Transformer vs vanilla (and HARPE vs single-base RoPE) on kj_lm_mixture.
 
-Variants (model overrides in `config.variants`, run in the order of `config.run_variants`):
+A pipeline (`kuaijax.stages`) of one 'pretrain' stage per variant: `config.models.<variant>` is the
+base decoder with the variant's layer stack, `config.stage.<variant>` trains it into
+`<workdir>/seed_<s>/<variant>/`, `config.stages` (config arg `stages=pc_rk2+harpe`, default all six)
+picks them:
   vanilla        L layers, 1 block evaluation per layer
   ode_rk2_gated  ODE Transformer, gated RK2 (2 evaluations per layer), same parameters (+ gates)
   pc_rk2         PCformer, RK2 EMA predictor + multistep corrector (3 evaluations per layer)
@@ -8,7 +11,8 @@ Variants (model overrides in `config.variants`, run in the order of `config.run_
   vanilla_deep   3L vanilla layers: the block evaluations per token of pc_rk2 (~equal compute)
   harpe          vanilla with HARPE per-head RoPE bases (ascending between rope_b_min and b_max)
 Table 2 compares `vanilla` (single base) with `harpe` on needle retrieval at the training length
-and beyond.
+and beyond: the passkey evaluator in those two stages' `final_evals`. `seeds=0+1+2` trains every
+variant per training seed (default 0).
 
 runlocal (d_model 64, 2 layers, 200 steps of 16 x 128 tokens; recorded run: 16 min 28 s wall on 2
 CPU cores shared with other jobs; validation loss vanilla_deep 2.3288 < vanilla 2.4412 < harpe
@@ -18,52 +22,82 @@ appear at this size; experiments/pcformer/README.md has the tables):
 full scale (mirrors the released PCformer LM: the Llama decoder of pcformer_lm/configuration_llama.py,
 hidden 2048, 24 layers, 16 heads, FFN 5432, 2048 tokens, RK2 EMA predictor with alpha 0.5; one
 variant per command on a v5p-64 / 64 x H100 pod, ~1.3B parameters, about a day per 100B tokens):
-  python -m kuaijax.main --config=configs/pcformer/lm.py:variant=pc_rk2 --workdir=gs://.../pc_rk2
+  python -m kuaijax.main --config=configs/pcformer/lm.py:stages=pc_rk2 --workdir=gs://.../pc
 Expected at full scale (the paper's ordering; not recorded here): validation loss pc_rk4 <= pc_rk2
 < ode_rk2_gated < vanilla at equal parameters; vanilla_deep (3x parameters) is the equal-compute
 reference.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-from kuaijax.config_lib import parse_arg
+from kuaijax.config_lib import (
+  lm_data,
+  lm_model,
+  parse_arg,
+  parse_seeds,
+  pretrain_stage,
+  trainer_config,
+)
 
 VARIANTS = ('vanilla', 'ode_rk2_gated', 'pc_rk2', 'pc_rk4', 'vanilla_deep', 'harpe')
+RETRIEVAL = ('vanilla', 'harpe')  # the variants scored on needle retrieval (table 2)
 
 
-def lm_config(arg):
-  """configs/lm/mixture.py's config (loaded by path: configs/ is not a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'lm', 'mixture.py')
-  spec = importlib.util.spec_from_file_location('_kuaijax_lm_mixture_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+def _variants(layers: int, harpe: dict) -> dict[str, dict]:
+  """Variant name -> overrides of the base model section."""
+  return dict(
+    vanilla=dict(stack='vanilla'),
+    ode_rk2_gated=dict(stack='ode_rk2_gated'),
+    pc_rk2=dict(stack='pc_rk2', pc_alpha='scalar'),
+    pc_rk4=dict(stack='pc_rk4', pc_alpha='scalar'),
+    vanilla_deep=dict(stack='vanilla', num_layers=3 * layers),
+    harpe=dict(stack='vanilla', **harpe),
+  )
+
+
+def _retrieval(seq_len: int) -> dict:
+  """The passkey evaluator at half, one, two and four times the training length."""
+  return dict(
+    type='passkey',
+    context_lengths=(seq_len // 2, seq_len, 2 * seq_len, 4 * seq_len),
+    depths=(0.0, 0.5, 1.0),
+    per_depth=8,
+    batch_size=8,
+    template='recall',
+    seed=0,
+  )
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, runlocal=False, variant='all')
-  config = lm_config('runlocal' if args.runlocal else None)
+  args = parse_arg(arg, runlocal=False, stages='+'.join(VARIANTS), seeds='0')
+  config = trainer_config()
   config.experiment = 'pcformer'
-  config.model.update(
-    d_model=2048, num_layers=24, num_heads=16, num_kv_heads=16, d_ff=5432, tie_embeddings=False
-  )
-  config.data.update(tokenizer='sentencepiece', spm_vocab_size=32000, seq_len=2048)
-  config.model.update(vocab_size=32000, dtype='bfloat16', remat='full')
+  config.seeds = parse_seeds(args.seeds)
+  config.data = lm_data(tokenizer='sentencepiece', spm_vocab_size=32000, seq_len=2048)
   # As released: RMSNorms (block, final) use eps 1e-6, the PC LayerNorms (per RK stage, predictor,
   # corrector) 1e-5.
-  config.model.update(norm_eps=1e-6, pc_norm_eps=1e-5)
-  config.train.update(steps=50_000, batch_size=512)
+  model = lm_model(
+    vocab_size=32000,
+    d_model=2048,
+    num_layers=24,
+    num_heads=16,
+    num_kv_heads=16,
+    d_ff=5432,
+    tie_embeddings=False,
+    remat='full',
+    norm_eps=1e-6,
+    pc_norm_eps=1e-5,
+  )
+  config.train.update(
+    steps=50_000, batch_size=512, log_every=100, eval_every=2000, checkpoint_every=2000
+  )
   config.optimizer.update(lr=3e-4, warmup_steps=2000)
-  layers = 24
   harpe = dict(rope_heads='ascending', rope_b_min=1e4, rope_b_max=1e6)
   if args.runlocal:
     config.data.update(
       tokenizer='byte', seq_len=128, eval_batch_size=16, eval_batches=4, spm_vocab_size=8192
     )
-    config.model.update(
+    model.update(
       vocab_size=384,
       d_model=64,
       num_layers=2,
@@ -78,33 +112,18 @@ def get_config(arg=None):
       steps=200, batch_size=16, log_every=25, eval_every=200, checkpoint_every=200
     )
     config.optimizer.update(lr=3e-3, warmup_steps=20)
-    layers = 2
     harpe = dict(rope_heads='ascending', rope_b_min=1e3, rope_b_max=1e5)
-  config.variants = ml_collections.ConfigDict(
-    dict(
-      vanilla=dict(stack='vanilla'),
-      ode_rk2_gated=dict(stack='ode_rk2_gated'),
-      pc_rk2=dict(stack='pc_rk2', pc_alpha='scalar'),
-      pc_rk4=dict(stack='pc_rk4', pc_alpha='scalar'),
-      vanilla_deep=dict(stack='vanilla', num_layers=3 * layers),
-      harpe=dict(stack='vanilla', **harpe),
-    )
+  variants = _variants(model.num_layers, harpe)
+  config.models = ml_collections.ConfigDict(
+    {name: {**model.to_dict(), **overrides} for name, overrides in variants.items()}
   )
-  if args.variant == 'all':
-    config.run_variants = VARIANTS
-  elif args.variant in VARIANTS:
-    config.run_variants = (args.variant,)
-  else:
-    raise ValueError(f'config arg variant={args.variant!r} is not all or one of {list(VARIANTS)}')
-  seq = config.data.seq_len
-  config.retrieval = ml_collections.ConfigDict(
-    dict(
-      variants=('vanilla', 'harpe'),  # evaluated when they are among run_variants
-      context_lengths=(seq // 2, seq, 2 * seq, 4 * seq),
-      depths=(0.0, 0.5, 1.0),
-      per_depth=8,
-      batch_size=8,
-      template='recall',
-    )
+  retrieval = _retrieval(config.data.seq_len)
+  config.stage = ml_collections.ConfigDict(
+    {
+      name: pretrain_stage(name, final_evals={'retrieval': retrieval} if name in RETRIEVAL else {})
+      for name in variants
+    }
   )
+  config.stages = args.stages
+  config.evals = ml_collections.ConfigDict(dict(lm=dict(type='lm_loss')))
   return config

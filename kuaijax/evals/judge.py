@@ -6,13 +6,24 @@ stand-ins). `judge_prompt` writes FastChat's single-answer grading prompt (singl
 reference answer when given, and its multi-turn form scoring the last answer); `parse_rating`
 reads the "[[rating]]" verdict; `rate` runs a judge over many answers and counts the replies that
 carry no rating (skipped, never an error).
+
+`MTBenchEvaluator`, registered as 'mt_bench', grades the evaluated model's own answers to MT-Bench
+questions with a `ModelJudge`: the evaluated model itself (judge='self') or the latest params of a
+checkpoint of the same architecture (judge='/path/to/workdir').
 """
 
 import re
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+import jax
+from flax import nnx
+
+from kuaijax.data import sources
 from kuaijax.evals import multi_turn
+from kuaijax.evals.base import Evaluator
+from kuaijax.evals.registry import register_evaluator
+from kuaijax.train import checkpoint as ckpt_lib
 
 _CRITERIA = (
   'Your evaluation should consider factors such as the helpfulness, relevance, accuracy, depth, '
@@ -184,3 +195,85 @@ def mt_bench_scores(answerer, judge: Judge, questions: Sequence[dict]) -> dict:
       out[f'score/{name}_{value}'] = sum(scores) / len(scores)
   out.update(judged=len(prompts), unrated=unrated)
   return out
+
+
+SELF_JUDGE = 'self'
+
+
+class MTBenchEvaluator(Evaluator):
+  """`mt_bench_scores` of the evaluated model (greedy answers, own history) under a model judge.
+
+  judge: 'self' (the evaluated model grades its own answers) or a checkpoint path (a workdir or its
+  checkpoints folder, `kuaijax.train.checkpoint.load_params`) of a model with the evaluated
+  model's architecture, read once at the first evaluation onto the evaluated params' shardings.
+  Answers and verdicts are generated with `multi_turn.generate_turns` (prompts cut to
+  max_prompt_len from the oldest exchanges). Metrics: mt_bench/score, mt_bench/score/turn_k,
+  mt_bench/score/category_c, mt_bench/judged, mt_bench/unrated, mt_bench/truncated_prompts.
+  """
+
+  def __init__(
+    self,
+    questions: Sequence[dict],
+    tokenizer,
+    *,
+    judge: str = SELF_JUDGE,
+    max_prompt_len: int,
+    max_new_tokens: int,
+    judge_max_new_tokens: int,
+    batch_size: int = 64,
+  ):
+    if not questions:
+      raise ValueError('mt_bench: no questions')
+    if not judge:
+      raise ValueError(f'mt_bench: judge must be {SELF_JUDGE!r} or a checkpoint path')
+    self.questions, self.tokenizer, self.judge = list(questions), tokenizer, judge
+    self.options = {'max_prompt_len': max_prompt_len, 'batch_size': batch_size}
+    self.max_new_tokens, self.judge_max_new_tokens = max_new_tokens, judge_max_new_tokens
+    self._judge_params = None
+
+  def judge_params(self, params):
+    """The judge's params: `params` themselves for 'self', else the checkpoint's (cached)."""
+    if self.judge == SELF_JUDGE:
+      return params
+    if self._judge_params is None:
+      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+      shardings = jax.tree.map(lambda x: x.sharding, params)
+      self._judge_params, _ = ckpt_lib.load_params(self.judge, abstract, shardings)
+    return self._judge_params
+
+  def evaluate(self, graphdef, params, step=None) -> dict:
+    del step
+    answerer = multi_turn.ModelAnswerer(
+      nnx.merge(graphdef, params),
+      self.tokenizer,
+      max_new_tokens=self.max_new_tokens,
+      **self.options,
+    )
+    judge = ModelJudge(
+      nnx.merge(graphdef, self.judge_params(params)),
+      self.tokenizer,
+      max_new_tokens=self.judge_max_new_tokens,
+      **self.options,
+    )
+    scores = mt_bench_scores(answerer, judge, self.questions)
+    scores['truncated_prompts'] = answerer.truncated + judge.answerer.truncated
+    return {f'mt_bench/{k}': v for k, v in scores.items()}
+
+
+@register_evaluator('mt_bench')
+def build(options: dict, ctx) -> MTBenchEvaluator:
+  """MT-Bench single-answer grading by a model judge. Options: questions ('mt_bench:/path/
+  question.jsonl', `kuaijax.data.chat_files.load_mt_bench`), limit (0 = all), judge ('self' or a
+  checkpoint path of the same architecture), max_prompt_len, max_new_tokens (answers),
+  judge_max_new_tokens, batch_size."""
+  questions = sources.get_data_source(options['questions'], split='test')
+  limit = options.get('limit', 0)
+  return MTBenchEvaluator(
+    questions[:limit] if limit else questions,
+    ctx.tokenizer,
+    judge=options.get('judge', SELF_JUDGE),
+    max_prompt_len=options['max_prompt_len'],
+    max_new_tokens=options['max_new_tokens'],
+    judge_max_new_tokens=options['judge_max_new_tokens'],
+    batch_size=options['batch_size'],
+  )

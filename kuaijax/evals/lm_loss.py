@@ -14,6 +14,7 @@ from flax import nnx
 
 from kuaijax import parallel
 from kuaijax.evals.base import Evaluator
+from kuaijax.evals.registry import register_evaluator
 from kuaijax.jit_cache import ParamsJit
 from kuaijax.losses.lm import per_task_sums, token_cross_entropy
 
@@ -76,6 +77,14 @@ class LMEvaluator(BatchEvaluator):
       loss_sums += np.asarray(s, np.float64)
       counts += np.asarray(c, np.float64)
     return _summarise(loss_sums, counts, self.task_names)
+
+
+@register_evaluator('lm_loss')
+def build(options: dict, ctx) -> LMEvaluator:
+  """Loss / perplexity per task on the LM evaluation batches (ctx.lm_batches); no options."""
+  del options
+  batches = ctx.require_lm_batches('lm_loss')
+  return LMEvaluator(batches, ctx.task_names, mesh=ctx.mesh, rules=ctx.rules)
 
 
 def unigram_baseline(

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kuaijax.evals.lm_loss import BatchEvaluator
+from kuaijax.evals.registry import register_evaluator
 from kuaijax.losses.lm import per_task_sums, token_cross_entropy
 
 
@@ -129,6 +130,23 @@ class TokenLossExperts(BatchEvaluator):
         rhos[f'/{name}'] = spearman(loss[task == t], k[task == t])
       metrics.update({f'{prefix}/loss_k_spearman{n}': r for n, r in rhos.items() if r is not None})
     return metrics
+
+
+@register_evaluator('moe_stats')
+def build_moe_stats(options: dict, ctx) -> MoEStatsEvaluator:
+  """Experts per token per task and layer, on the LM evaluation batches; no options."""
+  del options
+  batches = ctx.require_lm_batches('moe_stats')
+  return MoEStatsEvaluator(batches, ctx.task_names, mesh=ctx.mesh, rules=ctx.rules)
+
+
+@register_evaluator('moe_token_loss')
+def build_moe_token_loss(options: dict, ctx) -> TokenLossExperts:
+  """Per layer: most experts any token used, and the Spearman correlation of token loss vs experts
+  selected (overall and per task), on the LM evaluation batches; no options."""
+  del options
+  batches = ctx.require_lm_batches('moe_token_loss')
+  return TokenLossExperts(batches, ctx.task_names, mesh=ctx.mesh, rules=ctx.rules)
 
 
 EXPERT_WEIGHTS = ('w1', 'w2', 'w3')

@@ -20,8 +20,9 @@ import numpy as np
 from flax import nnx
 
 from kuaijax import parallel, sampling
-from kuaijax.data import chat, dialog, kj_dialog, sequences, sources
+from kuaijax.data import chat, dialog, sequences, tasks
 from kuaijax.evals.base import Evaluator
+from kuaijax.evals.registry import register_evaluator
 
 HISTORIES = ('own', 'gold')
 Answerer = Callable[[list[list[chat.Message]]], list[str]]
@@ -224,13 +225,6 @@ def context_sensitivity(
   return {'context_sensitivity': float(gap.mean()), 'count/context_sensitivity': len(full)}
 
 
-def load_sessions(split: str, *, limit: int = 0, data_dir: str = '') -> list[list[dialog.Turn]]:
-  """kj_dialog sessions of one split, in split order (at most `limit`; 0 = all)."""
-  source = sources.get_data_source('kj_dialog', split=split, data_dir=data_dir or None)
-  count = min(limit, len(source)) if limit else len(source)
-  return [kj_dialog.decode_session(source[i]) for i in range(count)]
-
-
 class DialogEvaluator(Evaluator):
   """kj_dialog-8 for the trainer and the pipeline: accuracy per turn and context sensitivity."""
 
@@ -274,3 +268,22 @@ class DialogEvaluator(Evaluator):
       )
     )
     return out
+
+
+@register_evaluator('kj_dialog8')
+def build(options: dict, ctx) -> DialogEvaluator:
+  """Multi-turn exact match per turn with own / gold history, context-dependent split and context
+  sensitivity on kj_dialog sessions. Options: split, sessions, num_turns, history, batch_size;
+  widths from config.data (seq_len, max_new_tokens)."""
+  sessions = tasks.load_dialog_sessions(
+    options['split'], limit=options['sessions'], data_dir=ctx.data.data_dir
+  )
+  return DialogEvaluator(
+    ctx.tokenizer,
+    sessions,
+    num_turns=options['num_turns'],
+    history=options['history'],
+    seq_len=ctx.data.seq_len,
+    max_new_tokens=ctx.data.max_new_tokens,
+    batch_size=options['batch_size'],
+  )

@@ -27,6 +27,7 @@ import numpy as np
 from kuaijax import parallel
 from kuaijax.data import sources
 from kuaijax.evals.base import Evaluator
+from kuaijax.evals.registry import register_evaluator
 from kuaijax.jit_cache import ParamsJit
 from pallas_kernels.token_logprobs import token_logprobs
 
@@ -406,3 +407,19 @@ def build_evaluator(
       limit=entry.get('limit'),
     )
   return MultipleChoiceEvaluator(tasks, tokenizer, max_len=max_len, batch_size=batch_size, **kwargs)
+
+
+@register_evaluator('multiple_choice')
+def build(options: dict, ctx) -> MultipleChoiceEvaluator | None:
+  """Zero-shot accuracy. Options: tasks (list of {name, source, format, ...}, `build_evaluator`;
+  none: nothing to evaluate), max_len, batch_size."""
+  if not options['tasks']:
+    return None
+  return build_evaluator(
+    [dict(t) for t in options['tasks']],
+    ctx.tokenizer,
+    max_len=options['max_len'],
+    batch_size=options['batch_size'],
+    mesh=ctx.mesh,
+    rules=ctx.rules,
+  )

@@ -27,6 +27,7 @@ from flax import nnx
 
 from kuaijax import parallel
 from kuaijax.evals.base import Evaluator
+from kuaijax.evals.registry import register_evaluator
 from kuaijax.jit_cache import ParamsJit, split_params
 
 TEMPLATES = ('recall', 'passkey')
@@ -216,3 +217,18 @@ class PasskeyEvaluator(Evaluator):
       out[f'passkey/{length}/accuracy'] = r['accuracy']
       out[f'passkey/{length}/answer_loss'] = r['answer_loss']
     return out
+
+
+@register_evaluator('passkey')
+def build(options: dict, ctx) -> PasskeyEvaluator:
+  """Retrieval by context length. Options: context_lengths, depths, per_depth, batch_size,
+  template, seed."""
+  return PasskeyEvaluator(
+    ctx.tokenizer,
+    tuple(options['context_lengths']),
+    depths=tuple(options['depths']),
+    per_depth=options['per_depth'],
+    batch_size=options['batch_size'],
+    template=options['template'],
+    seed=options['seed'],
+  )

@@ -14,6 +14,7 @@ from flax import nnx
 
 from kuaijax.data import tasks
 from kuaijax.evals.base import Evaluator
+from kuaijax.evals.registry import register_evaluator
 from kuaijax.sampling import Sample, sample_completions
 
 
@@ -102,3 +103,29 @@ class TaskAccuracyEvaluator(Evaluator):
     if self.greedy:
       out.update({f'greedy/{k}': v for k, v in run(greedy=True).items()})
     return out
+
+
+@register_evaluator('task_accuracy')
+def build(options: dict, ctx) -> TaskAccuracyEvaluator:
+  """Accuracy of generations, checked by the task (ctx.task). Options: split, groups, per_group,
+  seeds, temperature, greedy, batch_size; widths from config.data (prompt_len, max_new_tokens)."""
+  if ctx.task is None:
+    raise ValueError('evaluator task_accuracy needs a task (config.data.task)')
+  records = load_eval_records(
+    ctx.task,
+    options['split'],
+    per_group=options['per_group'],
+    groups=tuple(options['groups']),
+    data_dir=ctx.data.data_dir,
+  )
+  return TaskAccuracyEvaluator(
+    ctx.task,
+    records,
+    ctx.tokenizer,
+    seeds=tuple(options['seeds']),
+    temperature=options['temperature'],
+    greedy=options['greedy'],
+    batch_size=options['batch_size'],
+    prompt_len=ctx.data.prompt_len,
+    max_new_tokens=ctx.data.max_new_tokens,
+  )

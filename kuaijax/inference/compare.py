@@ -103,7 +103,9 @@ def evaluate_seed(
       aggregate.self_consistency(g[:k], it.answer_type, mode='trigger').answer
       for g, it in zip(paths, items)
     ]
-    sc_status = {'ok': sum(a is not None for a in sc), 'no_answer': sum(a is None for a in sc)}
+    sc_status = {}
+    for a in sc:
+      _count(sc_status, 'no_answer' if a is None else 'ok')
     record = {'sc': {'correct': np.array(sc) == gold, 'status': sc_status}}
     if k == 1:  # one candidate: SA and USC must return it (or fall back to it)
       usc = sa = [e[0] for e in first_k]

@@ -16,8 +16,8 @@ import numpy as np
 from flax import nnx
 
 from kuaijax.data import chat, dialog
+from kuaijax.data.kj_dialog import record_turns, session_record
 from kuaijax.evals import multi_turn
-from kuaijax.methods.parrot import record_turns, session_record
 from kuaijax.stages.base import register_stage_type
 
 

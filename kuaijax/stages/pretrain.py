@@ -44,9 +44,10 @@ def stage_config(stage: Stage):
   return cfg
 
 
-def tokenizer_dir(stage: Stage) -> str:
-  """Where a SentencePiece tokenizer trained for the pipeline lives (once for every stage)."""
-  return os.path.join(stage.pipeline.workdir, SHARED_DIR)
+def tokenizer_dir(workdir: str) -> str:
+  """Where the SentencePiece tokenizer trained for a pipeline in `workdir` lives (one for all
+  stages and seeds)."""
+  return os.path.join(workdir, SHARED_DIR)
 
 
 @register_stage_type('pretrain', refs=('init_from',))
@@ -58,7 +59,10 @@ def pretrain_stage(stage: Stage) -> dict:
   check_choice(f'stage.{stage.name}.aux_loss.aux_reduce', aux.aux_reduce, lm_task.AUX_REDUCTIONS)
   cfg = stage_config(stage)
   data = lm_task.build_lm_data(
-    cfg, stage.dir, tokenizer_dir=tokenizer_dir(stage), model_name=f'models.{stage.role}'
+    cfg,
+    stage.dir,
+    tokenizer_dir=tokenizer_dir(stage.pipeline.workdir),
+    model_name=f'models.{stage.role}',
   )
   evaluate = b.get('evaluate', True)
   evaluators = lm_task.build_evaluators(cfg, data) if evaluate else None
@@ -86,4 +90,3 @@ def pretrain_stage(stage: Stage) -> dict:
     'params': moe_stats.parameter_counts(result.params, last_eval),
     'last_train_metrics': result.history[-1] if result.history else {},
   }
-

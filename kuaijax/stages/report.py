@@ -14,7 +14,9 @@ import numpy as np
 def seeds_record(config) -> dict[str, list[int]]:
   """results.json's `"seeds"`: the training seeds of the pipeline and the sampling seeds of its
   evaluators (empty when no evaluator samples)."""
-  sampling = sorted({int(s) for ev in config.get('evals', {}).values() for s in ev.get('seeds', ())})
+  sampling = sorted(
+    {int(s) for ev in config.get('evals', {}).values() for s in ev.get('seeds', ())}
+  )
   return {'training': [int(s) for s in config.seeds], 'sampling': sampling}
 
 
@@ -42,9 +44,7 @@ def spread_note(runs: dict) -> str:
 def trained_stage_dirs(runs: dict, workdir: str, types=('train',)) -> list[str]:
   """The folders (relative to `workdir`) of the first seed's stages of `types`, for loss curves."""
   first = runs[next(iter(runs))]
-  return [
-    os.path.relpath(info['dir'], workdir) for info in first.values() if info['type'] in types
-  ]
+  return [os.path.relpath(info['dir'], workdir) for info in first.values() if info['type'] in types]
 
 
 def without_blocks(runs: dict) -> dict:

@@ -18,11 +18,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kuaijax import parallel
-from kuaijax.data import pipeline, sequences, sources, tokenizers
+from kuaijax.data import pipeline, sources, tokenizers
 from kuaijax.evals import registry
 from kuaijax.losses.lm import lm_loss
 from kuaijax.models.transformer import Transformer, TransformerConfig
-from kuaijax.train.trainer import train
 
 
 @dataclasses.dataclass
@@ -188,28 +187,3 @@ def lm_loss_fn(z_loss: float = 0.0, aux_weights=None, aux_reduce: str = 'mean'):
     return loss + aux, {**metrics, **aux_metrics}
 
   return loss_fn
-
-
-def train_on_pairs(config, workdir: str, pairs, tokenizer, *, drop_too_long: bool = True):
-  """SFT of `config.model` on (prompt text, completion text) pairs, trained in `workdir`: packed
-  rows of `config.data.seq_len`, loss on the completions only.
-
-  Pairs longer than seq_len are dropped (counted), or a ValueError before training when
-  `drop_too_long` is False. Returns (train result, number of rows, number of pairs dropped).
-  """
-  seq_len = config.data.seq_len
-  rows, dropped = sequences.supervised_rows(pairs, tokenizer, seq_len)
-  if dropped and not drop_too_long:
-    raise ValueError(f'{dropped} training examples are longer than data.seq_len={seq_len}')
-  micro = config.train.batch_size // config.train.grad_accum // jax.process_count()
-  dataset = sequences.in_memory_dataset(
-    rows, batch_size=micro, seed=config.data.seed, **parallel.this_process()
-  )
-  result = train(
-    config,
-    workdir,
-    model_factory=model_factory(config.model),
-    loss_fn=lm_loss_fn(),
-    train_dataset=dataset,
-  )
-  return result, len(rows), dropped

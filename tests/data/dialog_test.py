@@ -3,7 +3,7 @@ import random
 import pytest
 import tensorflow_datasets as tfds
 
-from kuaijax.data import dialog, kj_dialog
+from kuaijax.data import dialog, kj_dialog, tasks
 
 _WORDS = [
   'first',
@@ -225,3 +225,22 @@ def test_oracle_sessions_answer_and_count_generated_queries():
   assert stats['queries'] == 2 + 1 + 1 and stats['well_formed'] == 2 / 4
   assert stats['context_dependent'] == 1.0 and stats['turns_per_session'] == 5 / 3
   assert stats['sessions'] == 3 and stats['context_dependent_per_session'] == 2 / 3
+
+
+def test_kj_dialog_task_records_are_the_sessions_checked_by_the_program(splits, data_dir):
+  sessions = splits['validation'][:3]
+  assert tasks.load_dialog_sessions('validation', data_dir=data_dir, limit=3) == sessions
+  task = tasks.get_task('kj_dialog')
+  records = task.load('validation', data_dir=data_dir, limit=3)
+  assert records == [kj_dialog.session_record(s) for s in sessions]
+  assert records[0]['messages'][:2] == [
+    {'role': 'user', 'content': sessions[0][0].user},
+    {'role': 'assistant', 'content': sessions[0][0].assistant},
+  ]
+  assert [kj_dialog.record_turns(r) for r in records] == sessions
+  bad = {**records[0], 'messages': [dict(m) for m in records[0]['messages']]}
+  bad['messages'][1]['content'] = '99'
+  with pytest.raises(ValueError, match='not the program answers'):
+    kj_dialog.record_turns(bad)
+  with pytest.raises(ValueError, match='turn by turn'):
+    task.is_correct('1 2', records[0])

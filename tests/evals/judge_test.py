@@ -1,9 +1,20 @@
 import json
+import math
 import pathlib
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
-from kuaijax.evals import judge
+from kuaijax.data import tokenizers
+from kuaijax.evals import judge, multi_turn
+from kuaijax.evals.registry import EvalContext, build_evaluators
+from kuaijax.jit_cache import split_params
+from kuaijax.models.transformer import Transformer, TransformerConfig
+from kuaijax.train import checkpoint as ckpt_lib
+
+TOK = tokenizers.ByteTokenizer()
 
 # FastChat's four single-answer grading prompts (llm_judge/data/judge_prompts.jsonl).
 FASTCHAT = {
@@ -107,3 +118,87 @@ def test_mt_bench_scores_with_own_history_and_a_fake_judge():
     'judged': 5,
     'unrated': 3,
   }
+
+
+QUESTIONS = [
+  {'question_id': 1, 'category': 'writing', 'turns': ['w1', 'w2'], 'reference': []},
+  {'question_id': 2, 'category': 'math', 'turns': ['m1'], 'reference': ['r1']},
+]
+
+
+def _tiny_model(seed):
+  config = TransformerConfig(
+    vocab_size=TOK.vocab_size, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=32
+  )
+  return Transformer(config, rngs=nnx.Rngs(seed))
+
+
+def _first_param(params) -> np.ndarray:
+  return np.asarray(jax.tree.leaves(params)[0])
+
+
+def test_mt_bench_evaluator_judged_by_the_model_itself_or_a_checkpoint(tmp_path, monkeypatch):
+  graphdef, params = split_params(_tiny_model(0))
+  _, other = split_params(_tiny_model(1))
+  saved = ckpt_lib.Checkpointer(
+    str(tmp_path / 'checkpoints'), keep=1, save_every=1, async_save=False
+  )
+  meta = {'param_signature': ckpt_lib.param_signature(other)}
+  saved.maybe_save(3, {'params': other}, None, meta, force=True)
+  saved.close()
+  calls = []
+
+  def fake_generate(model, tokenizer, conversations, *, max_new_tokens, **options):
+    """Answers name their history length; the judge rates 4 (evaluated model) or 9 (checkpoint),
+    and never the reference-graded math answer."""
+    first = _first_param(nnx.state(model, nnx.Param))
+    who = 'self' if np.array_equal(first, _first_param(params)) else 'ckpt'
+    assert who == 'self' or np.array_equal(first, _first_param(other))
+    if conversations[0][0]['role'] != 'system':
+      calls.append(('answer', who, max_new_tokens, options['max_prompt_len']))
+      return [f'answer after {len(c) // 2}' for c in conversations], 0
+    calls.append(('judge', who, max_new_tokens, options['max_prompt_len']))
+    rating = {'self': 4, 'ckpt': 9}[who]
+    return [
+      'no verdict' if 'Reference' in c[1]['content'] else f'[[{rating}]]' for c in conversations
+    ], 1
+
+  monkeypatch.setattr(multi_turn, 'generate_turns', fake_generate)
+  options = dict(max_prompt_len=512, max_new_tokens=5, judge_max_new_tokens=7, batch_size=4)
+  for judge_ref, rating in (('self', 4.0), (str(tmp_path), 9.0)):
+    calls.clear()
+    evaluator = judge.MTBenchEvaluator(QUESTIONS, TOK, judge=judge_ref, **options)
+    got = evaluator.evaluate(graphdef, params)
+    assert got == {
+      'mt_bench/score': rating,
+      'mt_bench/score/turn_1': rating,
+      'mt_bench/score/turn_2': rating,
+      'mt_bench/score/category_writing': rating,
+      'mt_bench/judged': 3,
+      'mt_bench/unrated': 1,
+      'mt_bench/truncated_prompts': 1,
+    }
+    who = 'self' if judge_ref == 'self' else 'ckpt'
+    assert calls == [('answer', 'self', 5, 512)] * 2 + [('judge', who, 7, 512)]
+
+
+def test_mt_bench_evaluator_by_name_with_a_tiny_random_model(tmp_path):
+  path = tmp_path / 'question.jsonl'
+  path.write_text(''.join(json.dumps(q) + '\n' for q in QUESTIONS))
+  block = {
+    'type': 'mt_bench',
+    'questions': f'mt_bench:{path}',
+    'limit': 1,
+    'max_prompt_len': 1024,
+    'max_new_tokens': 4,
+    'judge_max_new_tokens': 4,
+    'batch_size': 2,
+  }
+  evaluators = build_evaluators({'mt': block}, EvalContext(tokenizer=TOK)).evaluators
+  assert [q['question_id'] for q in evaluators['mt'].questions] == [1]
+  got = evaluators['mt'](_tiny_model(0))
+  # Two turns judged; the random model's four-byte verdicts carry no rating.
+  assert got['mt_bench/judged'] == 2 and got['mt_bench/unrated'] == 2
+  assert math.isnan(got['mt_bench/score']) and got['mt_bench/truncated_prompts'] == 0
+  with pytest.raises(ValueError, match='misses option'):
+    build_evaluators({'mt': {'type': 'mt_bench'}}, EvalContext(tokenizer=TOK))

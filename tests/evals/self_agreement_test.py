@@ -18,7 +18,10 @@ ITEMS = [
 ]
 # Paths per sampling seed and item (k_max = 3).
 PATHS = {
-  0: [['The answer is 5', 'The answer is 4', 'The answer is 4'], ['x\napple', 'x\nbread', 'x\napple']],
+  0: [
+    ['The answer is 5', 'The answer is 4', 'The answer is 4'],
+    ['x\napple', 'x\nbread', 'x\napple'],
+  ],
   1: [['The answer is 5', 'The answer is 5', 'oops'], ['x\nbread', 'x\nbread', 'x\napple']],
 }
 GREEDY = {ITEMS[0].prompt: 'The answer is 5', ITEMS[1].prompt: 'Sorted\nbread'}
@@ -75,6 +78,7 @@ def test_metrics_match_hand_computed_values(stub):
   # k=1: SC votes with the trigger rule only (q2's paths have none); USC / SA return path 1.
   assert cell(1, 'sc', 'accuracy') == 0.5 and cell(1, 'sc', 'accuracy/std') == 0.0
   assert sa_eval.statuses(m, 'sa', 'trigger', 1, 'sc') == {'ok': 2, 'no_answer': 2}
+  assert sa_eval.statuses(m, 'sa', 'trigger', 3, 'sc') == {'ok': 2, 'no_answer': 2}
   for method in ('usc', 'sa'):  # seed 0 solves both, seed 1 only q1
     assert cell(1, method, 'accuracy') == 0.75
     assert cell(1, method, 'accuracy/std') == pytest.approx(np.std([1.0, 0.5], ddof=1))

@@ -2,6 +2,10 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -90,3 +94,74 @@ def test_full_runlocal(tmp_path):
   assert rows == ['sft', 'dpo', 'grpo']
   assert stages['sft']['eval']['greedy/accuracy/level_1'] > 0.2
   assert (tmp_path / 'results.md').exists()
+
+
+KILL_FLAGS = [
+  '--config.parallel.num_devices=1',
+  '--config.train.progress=False',
+  '--config.train.async_checkpoint=False',
+  '--config.models.policy.d_model=32',
+  '--config.models.policy.num_layers=1',
+  '--config.models.policy.num_heads=2',
+  '--config.models.policy.num_kv_heads=1',
+  '--config.models.policy.d_ff=64',
+  '--config.data.limit=32',
+  '--config.data.max_new_tokens=32',
+  '--config.stage.sft.train.steps=4',
+  '--config.stage.sft.train.batch_size=2',
+  '--config.stage.samples.limit=4',
+  '--config.stage.samples.batch_size=4',
+  '--config.stage.pairs.gold_fallback=True',
+  '--config.stage.dpo.train.steps=30',
+  '--config.stage.dpo.train.batch_size=2',
+  '--config.stage.dpo.train.log_every=1',
+  '--config.stage.dpo.train.checkpoint_every=2',
+  '--config.stage.dpo.train.eval_every=30',
+  '--config.evals.arith.groups=(1,)',
+  '--config.evals.arith.per_group=2',
+  '--config.evals.arith.seeds=(0,)',
+  '--config.evals.arith.batch_size=2',
+]
+
+
+def _command(workdir):
+  config = f'--config={CONFIG}:runlocal,stages=sft+dpo'
+  return [sys.executable, '-m', 'kuaijax.main', config, f'--workdir={workdir}', *KILL_FLAGS]
+
+
+def _dpo_outcome(workdir):
+  dpo = workdir / 'seed_0' / 'dpo'
+  records = [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in read_metrics(str(dpo))]
+  return records, json.loads((dpo / 'stage.json').read_text())['eval']
+
+
+def test_sigkill_in_the_dpo_stage_then_rerun_resumes_exactly(tmp_path):
+  """A real SIGKILL of `python -m kuaijax.main` in the middle of the DPO stage (after its second
+  checkpoint): re-running the command keeps SFT, samples and pairs untouched and ends with the
+  losses and evaluation of an uninterrupted run, bit for bit."""
+  env = {**os.environ, 'XLA_FLAGS': ''}
+  run = lambda workdir: subprocess.run(
+    _command(workdir), cwd=REPO_ROOT, env=env, check=True, capture_output=True
+  )
+  run(tmp_path / 'straight')
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen(
+    _command(killed), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
+  ckpt_dir = killed / 'seed_0' / 'dpo' / 'checkpoints'
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if len([d for d in (os.listdir(ckpt_dir) if ckpt_dir.exists() else []) if d.isdigit()]) >= 2:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (killed / 'seed_0' / 'dpo' / 'stage.json').exists(), 'DPO finished before the kill'
+  earlier = [p for p in (killed / 'seed_0').rglob('*') if p.is_file() and 'dpo' not in p.parts]
+  stamps = {p: p.stat().st_mtime_ns for p in earlier}
+  run(killed)
+  assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # sft, samples, pairs kept
+  straight_metrics, straight_eval = _dpo_outcome(tmp_path / 'straight')
+  resumed_metrics, resumed_eval = _dpo_outcome(killed)
+  assert [r['step'] for r in resumed_metrics if 'loss' in r] == list(range(1, 31))
+  assert straight_metrics == resumed_metrics and straight_eval == resumed_eval

@@ -3,14 +3,14 @@ import types
 import ml_collections
 import pytest
 
-from kuaijax.data import dialog, tokenizers
-from kuaijax.methods import get_method, parrot
+from kuaijax.data import dialog, kj_dialog, tokenizers
+from kuaijax.methods import get_method
 from kuaijax.methods.base import MethodContext
 from kuaijax.stages import parrot as parrot_stages
 
 TOK = tokenizers.ByteTokenizer()
 SESSIONS = [dialog.generate_session(0, i, num_turns=4) for i in range(6)]
-RECORDS = [parrot.session_record(s) for s in SESSIONS]
+RECORDS = [kj_dialog.session_record(s) for s in SESSIONS]
 
 
 def _ctx(seq_len=256):
@@ -74,11 +74,11 @@ def test_capo_pairs_stage_and_chat_capo_layout():
 
 
 def test_session_records_are_checked():
-  assert parrot.record_turns(RECORDS[0]) == SESSIONS[0]
+  assert kj_dialog.record_turns(RECORDS[0]) == SESSIONS[0]
   bad = {**RECORDS[0], 'messages': [dict(m) for m in RECORDS[0]['messages']]}
   bad['messages'][1]['content'] = '99'
   with pytest.raises(ValueError, match='not the program answers'):
-    parrot.record_turns(bad)
+    kj_dialog.record_turns(bad)
 
 
 def test_chat_capo_pairs_for_real_conversations_with_a_small_model():
