@@ -1,38 +1,34 @@
-"""PCformer / ODE Transformer / HARPE on kj_lm_mixture: one LM run per variant, two tables, plots.
+"""PCformer / ODE Transformer / HARPE on kj_lm_mixture: one LM per variant, two tables, plots.
 
-Every variant trains the decoder LM of `config.model` with its own model overrides
-(`config.variants[name]`) on the same data in the same order (the lm experiment's data, loss and
-evaluator, `kuaijax.train.lm_task`), in `workdir/<name>`. Table 1: validation loss per task,
-perplexity, parameters, block evaluations per token and training tokens/s. Table 2: needle
-retrieval accuracy (kuaijax.evals.passkey) at the training length and beyond for those variants of
-`config.retrieval.variants` that run (single-base RoPE vs HARPE). Plots: the learned alpha per layer and
-the corrector matrices W / Wc of every PC variant, and the loss curves of every variant. Writes
-results.json, results.md and the PNGs.
+The training is the pipeline of configs/pcformer/lm.py (`kuaijax.stages.run_pipeline`): every
+variant is a model role (`config.models.<name>`: the base decoder with its layer stack) trained by a
+'pretrain' stage on the same data in the same order (the lm experiment's data, loss and evaluator,
+`kuaijax.train.lm_task`) into `<workdir>/seed_<s>/<name>/`; the stages of `vanilla` and `harpe` also
+run the passkey retrieval evaluator once on their final parameters (`final_evals`).
+
+This file reads the stages' stage.json and metrics.jsonl and writes the tables and plots. Table 1:
+validation loss per task, perplexity, parameters, block evaluations per token and training tokens/s.
+Table 2: needle retrieval accuracy (kuaijax.evals.passkey) at the training length and beyond for the
+stages that ran it (single-base RoPE vs HARPE). Both show mean ± std over training seeds when there
+are several. Plots: the learned alpha per layer and the corrector matrices W / Wc of every PC variant
+(first training seed), and the loss curves of every variant. Writes results.json, results.md and the
+PNGs.
 """
 
 from __future__ import annotations
 
 import os
 
-import jax
-import ml_collections
 import numpy as np
+from flax import nnx
 
-from kuaijax import parallel, plotting
-from kuaijax.evals.passkey import evaluate_retrieval
+from kuaijax import plotting
 from kuaijax.models.transformer import TransformerConfig
 from kuaijax.results import write_results
-from kuaijax.train import lm_task
-from kuaijax.train.trainer import train
+from kuaijax.stages import base, report, roles, run_pipeline
+from kuaijax.train.metrics import read_metrics
 
-
-def variant_config(config, name: str) -> ml_collections.ConfigDict:
-  """The experiment config with `config.variants[name]` applied to its model section."""
-  if name not in config.variants:
-    raise ValueError(f'variant {name!r} is not in config.variants ({sorted(config.variants)})')
-  out = ml_collections.ConfigDict(config.to_dict())
-  out.model.update(config.variants[name].to_dict())
-  return out
+RETRIEVAL_PREFIX = 'passkey/'
 
 
 def training_tokens_per_s(history: list[dict]) -> float:
@@ -148,69 +144,70 @@ def _rope_description(cfg: TransformerConfig) -> str:
   return f'HARPE {cfg.rope_heads} [{bases}]'
 
 
+def retrieval_by_length(ev: dict, std: dict) -> dict:
+  """{length: {'accuracy', 'answer_loss'} (+ '_std' entries over seeds)} from `passkey/...` keys."""
+  out = {}
+  for key, value in ev.items():
+    if key.startswith(RETRIEVAL_PREFIX):
+      length, metric = key.removeprefix(RETRIEVAL_PREFIX).split('/')
+      out.setdefault(length, {})[metric] = value
+      if key in std:
+        out[length][f'{metric}_std'] = std[key]
+  return dict(sorted(out.items(), key=lambda item: int(item[0])))
+
+
+def variant_row(config, runs: dict, name: str) -> dict:
+  """Table 1's row of stage `name`: evaluation over training seeds, size, compute, tokens/s."""
+  infos = [stages[name] for stages in runs.values()]
+  cfg = TransformerConfig.from_config(roles.model_section(config, infos[0]['model']))
+  ev, std = report.eval_over_seeds([info['eval'] for info in infos])
+  rates = [training_tokens_per_s(read_metrics(info['dir'])) for info in infos]
+  return {
+    'variant': name,
+    'stack': cfg.stack,
+    'num_layers': cfg.num_layers,
+    'num_params': infos[0]['summary']['params']['total'],
+    'block_evals_per_token': cfg.num_layers * cfg.stack_spec.evaluations,
+    'tokens_per_s': float(np.mean(rates)),
+    'step': infos[0]['summary']['steps'],
+    'eval': ev,
+    'eval_std': std,
+  }
+
+
 def run(config, workdir: str) -> dict:
-  names = list(config.run_variants)
-  unknown = [n for n in (*names, *config.retrieval.variants) if n not in config.variants]
-  if unknown:
-    raise ValueError(f'unknown variants {unknown}; config.variants has {sorted(config.variants)}')
-  data = lm_task.build_lm_data(config, workdir)
-  mesh = parallel.mesh_from_config(config.parallel)
-  evaluators = lm_task.build_evaluators(config, data)
-  rows, learned, retrieval = [], {}, {}
-  for name in names:
-    vconfig = variant_config(config, name)
-    cfg = TransformerConfig.from_config(vconfig.model)
-    result = train(
-      vconfig,
-      os.path.join(workdir, name),
-      model_factory=lm_task.model_factory(vconfig.model),
-      loss_fn=lm_task.lm_loss_fn(vconfig.train.z_loss),
-      train_dataset=data.train_dataset,
-      evaluate=evaluators.evaluate,
-    )
-    model = result.model()
-    rows.append(
-      {
-        'variant': name,
-        'stack': cfg.stack,
-        'num_layers': cfg.num_layers,
-        'num_params': int(sum(x.size for x in jax.tree.leaves(result.params))),
-        'block_evals_per_token': cfg.num_layers * cfg.stack_spec.evaluations,
-        'tokens_per_s': training_tokens_per_s(result.history),
-        'step': result.step,
-        'eval': result.last_eval,
-      }
-    )
+  runs = run_pipeline(config, workdir)
+  first = runs[config.seeds[0]]
+  names = [n for n, info in first.items() if info['type'] == 'pretrain']
+  rows = [variant_row(config, runs, name) for name in names]
+  learned, retrieval = {}, {}
+  for row in rows:
+    name, info = row['variant'], first[row['variant']]
+    cfg = TransformerConfig.from_config(roles.model_section(config, info['model']))
     if cfg.stack_spec.kind == 'pc':
-      learned[name] = learned_stack_params(model)
-    if name in config.retrieval.variants:
-      with parallel.axis_rules(mesh, config.parallel.rules):
-        by_length = evaluate_retrieval(
-          model,
-          data.tokenizer,
-          list(config.retrieval.context_lengths),
-          depths=list(config.retrieval.depths),
-          per_depth=config.retrieval.per_depth,
-          batch_size=config.retrieval.batch_size,
-          template=config.retrieval.template,
-        )
+      graphdef, params = roles.load(config, base.params_of(info))
+      learned[name] = learned_stack_params(nnx.merge(graphdef, params))
+    by_length = retrieval_by_length(row['eval'], row['eval_std'])
+    if by_length:
       retrieval[name] = {'rope': _rope_description(cfg), 'by_length': by_length}
-  plots = plot_stack_params(learned, workdir) + plotting.write_loss_curves(workdir, names)
+  plots = plot_stack_params(learned, workdir) + plotting.write_loss_curves(
+    workdir, report.trained_stage_dirs(runs, workdir, ('pretrain',))
+  )
+  seq_len = config.data.seq_len
   table = comparison_table(
-    data.task_names,
+    config.data.task_names,
     rows,
-    f'Validation loss per task ({config.data.name}, {rows[0]["step"]} steps, seq_len '
-    f'{config.data.seq_len})',
+    f'Validation loss per task ({config.data.name}, {rows[0]["step"]} steps, seq_len {seq_len}; '
+    f'{report.spread_note(runs)})',
   )
   if retrieval:
-    table += '\n' + retrieval_table(retrieval, config.data.seq_len, config.retrieval.template)
+    table += '\n' + retrieval_table(retrieval, seq_len, report.spread_note(runs))
   results = {
     'variants': rows,
     'learned': learned,
-    'retrieval': {
-      n: {**r, 'by_length': {str(k): v for k, v in r['by_length'].items()}}
-      for n, r in retrieval.items()
-    },
+    'retrieval': retrieval,
+    'seeds': report.seeds_record(config),
+    'runs': report.without_blocks(runs),
     'plots': [os.path.basename(p) for p in plots],
   }
   write_results(workdir, results, table)

@@ -124,6 +124,6 @@ def get_config(arg=None):
       for name in variants
     }
   )
-  config.stages = args.stages
+  config.stages = args.stages.replace('+', ',')
   config.evals = ml_collections.ConfigDict(dict(lm=dict(type='lm_loss')))
   return config

@@ -2,7 +2,7 @@
 # Run one kuaijax job on every worker of a Cloud TPU VM pod slice (v4-32, v5p-64, v5litepod-16, ...).
 #
 #   TPU_NAME=my-v4-32 ZONE=us-central2-b WORKDIR=gs://my-bucket/kj/lm_mixture \
-#     CONFIG=configs/lm/mixture.py launch/tpu_pod.sh [--config.train.steps=1000 ...]
+#     CONFIG=configs/lm/mixture.py configs/launch/tpu_pod.sh [--config.train.steps=1000 ...]
 #
 # SETUP=1 first copies this checkout to ~/kuaijax on every worker and installs it with the [tpu]
 # extra. Every worker then runs `python -m kuaijax.main` with the same arguments; JAX finds the other

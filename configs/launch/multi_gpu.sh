@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One kuaijax job on one host with several GPUs: a single process drives all of them.
 #
-#   CONFIG=configs/lm/mixture.py WORKDIR=/data/runs/lm_mixture launch/multi_gpu.sh \
+#   CONFIG=configs/lm/mixture.py WORKDIR=/data/runs/lm_mixture configs/launch/multi_gpu.sh \
 #     [--config.parallel.mesh.fsdp=8 --config.parallel.mesh.data=1 ...]
 #
 # JAX sees every visible GPU (CUDA_VISIBLE_DEVICES picks a subset); the mesh in config.parallel
