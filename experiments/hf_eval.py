@@ -1,128 +1,46 @@
 """Perplexity of a Hugging Face model folder on a JSONL file, plus greedy generations; for MoE
 models optionally a Top-P routing sweep (mean experts per token and perplexity per p).
 
-See configs/hf/eval.py for the command. Every text is one row (no packing); padded rows and
-positions carry segment 0 and no loss. Scores come from `sampling.score`, experts per token from the
-MoE-stats evaluator.
+The evaluation-only pipeline of configs/hf/eval.py (`kuaijax.stages.run_pipeline`): the 'params'
+stage 'base' imports the folder as the model role 'policy', each 'top_p_<p>' stage the same weights
+as a role with Top-P routing at p; `config.evals` ('text_perplexity', 'greedy_continuations' of
+kuaijax/evals/text_file.py) scores every stage as it is. This module only reads their
+`stage.json['eval']` into results.json / results.md and the plots (nll_by_position.png,
+top_p_sweep.png).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 
 import jax
-import numpy as np
-from flax import nnx
 from matplotlib.figure import Figure
 
-from kuaijax import parallel, sampling
-from kuaijax.evals.moe_stats import MoEStatsEvaluator
+from kuaijax.evals.moe_stats import layer_values
 from kuaijax.hf import model_io
-from kuaijax.hf.tokenizer import HFTokenizer
 from kuaijax.results import write_results
+from kuaijax.stages import report, roles, run_pipeline
+from kuaijax.stages.runner import parse_stage_list
+
+BASE = 'base'
+RESULT_KEYS = ('mean_nll', 'perplexity', 'tokens', 'texts', 'truncated_texts')
 
 
-def read_texts(path: str, max_texts: int = 0) -> list[str]:
-  """The "text" fields of a JSONL file (errors name the file and line)."""
-  if not path:
-    raise ValueError('config.eval_file is required (a JSONL file with a "text" field per line)')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'config.eval_file={path!r} does not exist')
-  texts = []
-  with open(path, encoding='utf-8') as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{number}: not valid JSON ({e})') from None
-      if not isinstance(record, dict) or not isinstance(record.get('text'), str):
-        raise ValueError(f'{path}:{number}: needs a JSON object with a string "text" field')
-      texts.append(record['text'])
-      if max_texts and len(texts) >= max_texts:
-        break
-  if not texts:
-    raise ValueError(f'{path}: no texts')
-  return texts
+def sweep_stages(config) -> list[tuple[float, str]]:
+  """(p, stage name) of the stages whose model role routes with Top-P, in config.stages order."""
+  out = []
+  for name in parse_stage_list(config.stages):
+    options = config.models[config.stage[name].get('model', 'policy')].get('mlp_options') or {}
+    if options.get('routing') == 'top_p':
+      out.append((float(options['p']), name))
+  return out
 
 
-def text_batches(token_lists: list[np.ndarray], batch_size: int) -> list[dict]:
-  """One text per row, padded to a common width; loss on every next-token prediction."""
-  width = max(2, max(len(t) for t in token_lists))
-  batches = []
-  for start in range(0, len(token_lists), batch_size):
-    rows = token_lists[start : start + batch_size]
-    tokens = np.zeros((batch_size, width), np.int32)
-    segments = np.zeros((batch_size, width), np.int32)
-    for i, row in enumerate(rows):
-      tokens[i, : len(row)] = row
-      segments[i, : len(row)] = 1
-    targets = np.concatenate([tokens[:, 1:], np.zeros_like(tokens[:, :1])], axis=1)
-    loss_mask = (segments * np.concatenate([segments[:, 1:], 0 * segments[:, :1]], 1)).astype(
-      np.float32
-    )
-    batches.append(
-      dict(
-        inputs=tokens,
-        targets=targets,
-        loss_mask=loss_mask,
-        segment_ids=segments,
-        positions=np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape).copy(),
-        task_ids=np.zeros_like(tokens),
-      )
-    )
-  return batches
-
-
-def score_texts(model, batches, mesh, rules) -> tuple[np.ndarray, np.ndarray]:
-  """Summed next-token NLL and the number of predictions at each position, over all texts."""
-  graphdef, state = nnx.split(model, nnx.Param)
-
-  @jax.jit
-  def token_nll(params, batch):
-    logps, _ = sampling.score(
-      nnx.merge(graphdef, params),
-      batch['inputs'],
-      loss_mask=batch['loss_mask'],
-      segment_ids=batch['segment_ids'],
-    )
-    return -logps
-
-  params = nnx.to_pure_dict(state)
-  sums = counts = 0.0
-  with parallel.axis_rules(mesh, rules):
-    for batch in batches:
-      nll = jax.device_get(token_nll(params, parallel.shard_batch(batch, mesh, rules)))
-      sums = sums + np.asarray(nll, np.float64).sum(0)
-      counts = counts + batch['loss_mask'].sum(0)
-  return sums, counts
-
-
-def greedy_samples(model, tokenizer, token_lists, config) -> list[dict]:
-  """Greedy continuations of the first half (<= prompt_tokens) of the first texts (one batch)."""
-  heads = [t[: max(1, min(len(t) // 2, int(config.prompt_tokens)))] for t in token_lists]
-  heads = heads[: int(config.num_generations)]
-  if not heads:
-    return []
-  prompts = np.zeros((len(heads), max(len(h) for h in heads)), np.int32)
-  for i, h in enumerate(heads):
-    prompts[i, : len(h)] = h
-  gen = sampling.generate(
-    model,
-    prompts,
-    [len(h) for h in heads],
-    max_new_tokens=int(config.max_new_tokens),
-    greedy=True,
-    stop_tokens=[tokenizer.eos_id] if tokenizer.eos_id >= 0 else [],
-    pad_id=max(tokenizer.pad_id, 0),
-  )
-  return [
-    dict(prompt=tokenizer.decode(h), completion=tokenizer.decode(c))
-    for h, c in zip(heads, gen.to_lists(), strict=True)
-  ]
+def stage_eval(stages: dict, name: str) -> dict:
+  ev = stages[name].get('eval') or {}
+  if 'mean_nll' not in ev:
+    raise ValueError(f'stage {name!r} has no text_perplexity evaluation (config.evals)')
+  return ev
 
 
 def _plot(workdir: str, name: str, xs, ys_list, labels, title, xlabel, ylabel) -> str:
@@ -139,86 +57,57 @@ def _plot(workdir: str, name: str, xs, ys_list, labels, title, xlabel, ylabel) -
   return path
 
 
-def top_p_sweep(config, texts_batches, tokens: int, mesh, rules, ps) -> list[dict]:
-  """Perplexity and experts per token with routing='top_p' (k_max = all experts) at each p."""
-  cfg, _ = model_io.model_config(config.hf_path, dtype=config.dtype)
-  num_experts = dict(cfg.mlp_kwargs).get('num_experts')
-  if not num_experts:
-    raise ValueError('config.top_p_sweep needs an MoE model (mixtral, qwen2_moe, qwen3_moe)')
-  rows = []
-  for p in ps:
-    options = dict(routing='top_p', p=p, k_max=num_experts)
-    model = model_io.load_model(
-      config.hf_path, dtype=config.dtype, overrides={'mlp_options': options}, mesh=mesh, rules=rules
-    )
-    nll = float(score_texts(model, texts_batches, mesh, rules)[0].sum() / tokens)
-    stats = MoEStatsEvaluator(texts_batches, ('text',), mesh=mesh, rules=rules)(model)
-    layers = sorted(
-      int(k.split('/')[1][5:]) for k in stats if k.startswith('moe/layer') and k.endswith('mean_k')
-    )
-    rows.append(
-      dict(
-        p=p,
-        mean_nll=nll,
-        perplexity=math.exp(nll),
-        experts_per_token=stats['experts_per_token'],
-        layer_mean_k=[stats[f'moe/layer{i}/mean_k'] for i in layers],
-      )
-    )
-  return rows
+def sweep_row(p: float, ev: dict) -> dict:
+  layers = layer_values(ev, 'mean_k')
+  return dict(
+    p=p,
+    mean_nll=ev['mean_nll'],
+    perplexity=ev['perplexity'],
+    experts_per_token=ev['experts_per_token'],
+    layer_mean_k=[layers[i] for i in sorted(layers)],
+    generations=ev.get('generations', []),
+  )
 
 
 def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
-  texts = read_texts(config.eval_file, int(config.max_texts))
-  tokenizer = HFTokenizer(config.hf_path)
-  mesh = parallel.mesh_from_config(config.parallel)
-  rules = parallel.rules_dict(config.parallel.rules)
-  model = model_io.load_model(config.hf_path, dtype=config.dtype, mesh=mesh, rules=rules)
-  max_len = int(config.max_len)
-  encoded = [tokenizer.encode_array(t) for t in texts]
-  truncated = sum(len(t) > max_len for t in encoded)
-  token_lists = [t[:max_len] for t in encoded]
-  if any(len(t) < 2 for t in token_lists):
-    short = [i for i, t in enumerate(token_lists) if len(t) < 2]
-    raise ValueError(f'{config.eval_file}: texts {short[:5]} have fewer than 2 tokens')
-  batches = text_batches(token_lists, int(config.batch_size))
-  sums, counts = score_texts(model, batches, mesh, rules)
-  mean_nll = float(sums.sum() / counts.sum())
-  by_position = sums / np.maximum(counts, 1)
-  samples = greedy_samples(model, tokenizer, token_lists, config)
+  stages = run_pipeline(config, workdir)[config.seeds[0]]
+  base = stage_eval(stages, BASE)
+  folder = roles.hf_folder(config, 'policy')
   results = dict(
-    model_type=model_io.read_config(config.hf_path)['model_type'],
-    mean_nll=mean_nll,
-    perplexity=math.exp(mean_nll),
-    tokens=int(counts.sum()),
-    texts=len(texts),
-    truncated_texts=int(truncated),
-    generations=samples,
+    model_type=model_io.read_config(folder)['model_type'],
+    **{k: base[k] for k in RESULT_KEYS},
+    generations=base.get('generations', []),
+    seeds=report.seeds_record(config),
   )
-  plots = [
-    _plot(
-      workdir,
-      'nll_by_position.png',
-      np.arange(len(by_position) - 1),
-      [by_position[:-1]],
-      ['nll'],
-      'next-token NLL by position',
-      'position',
-      'mean NLL (nats)',
+  if 'experts_per_token' in base:
+    results['experts_per_token'] = base['experts_per_token']
+  plot = jax.process_index() == 0
+  plots = []
+  if plot:
+    by_position = base['nll_by_position']
+    plots.append(
+      _plot(
+        workdir,
+        'nll_by_position.png',
+        range(len(by_position)),
+        [by_position],
+        ['nll'],
+        'next-token NLL by position',
+        'position',
+        'mean NLL (nats)',
+      )
     )
-  ]
   lines = [
-    f'## {results["model_type"]} from {config.hf_path}',
+    f'## {results["model_type"]} from {folder}',
     '',
     '| texts | tokens | mean NLL (nats) | perplexity | truncated |',
     '|---:|---:|---:|---:|---:|',
-    f'| {len(texts)} | {results["tokens"]} | {results["mean_nll"]:.4f} | '
-    f'{results["perplexity"]:.3f} | {truncated} |',
+    f'| {results["texts"]} | {results["tokens"]} | {results["mean_nll"]:.4f} | '
+    f'{results["perplexity"]:.3f} | {results["truncated_texts"]} |',
   ]
-  ps = [float(p) for p in str(config.top_p_sweep).split(',') if p.strip()]
-  if ps:
-    sweep = top_p_sweep(config, batches, results['tokens'], mesh, rules, ps)
+  sweep = [sweep_row(p, stage_eval(stages, name)) for p, name in sweep_stages(config)]
+  if sweep:
     results['top_p_sweep'] = sweep
     lines += [
       '',
@@ -233,21 +122,21 @@ def run(config, workdir: str) -> dict:
         f'| {row["p"]:g} | {row["experts_per_token"]:.2f} | {per_layer} | '
         f'{row["mean_nll"]:.4f} | {row["perplexity"]:.3f} |'
       )
-    xs = [r['p'] for r in sweep]
-    plots.append(
-      _plot(
-        workdir,
-        'top_p_sweep.png',
-        xs,
-        [[r['experts_per_token'] for r in sweep], [r['perplexity'] for r in sweep]],
-        ['experts per token', 'perplexity'],
-        'Top-P routing on a pretrained MoE',
-        'p',
-        'value',
+    if plot:
+      plots.append(
+        _plot(
+          workdir,
+          'top_p_sweep.png',
+          [r['p'] for r in sweep],
+          [[r['experts_per_token'] for r in sweep], [r['perplexity'] for r in sweep]],
+          ['experts per token', 'perplexity'],
+          'Top-P routing on a pretrained MoE',
+          'p',
+          'value',
+        )
       )
-    )
   lines += ['', '### Greedy generations', '']
-  for s in samples:
+  for s in results['generations']:
     lines.append(f'- prompt: `{s["prompt"]!r}`\n  completion: `{s["completion"]!r}`')
   results['plots'] = [os.path.basename(p) for p in plots]
   write_results(workdir, results, '\n'.join(lines) + '\n')

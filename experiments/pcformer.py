@@ -108,32 +108,36 @@ def comparison_table(task_names, rows: list[dict], title: str) -> str:
     '|---|---|---:|---:|---:|' + '---:|' * len(task_names) + '---:|---:|---:|',
   ]
   for r in rows:
-    ev = r['eval']
-    losses = ' | '.join(f'{ev.get(f"loss/{t}", float("nan")):.4f}' for t in task_names)
+    ev, std = r['eval'], r['eval_std']
+    losses = ' | '.join(report.cell(ev, std, f'loss/{t}') for t in task_names)
     lines.append(
       f'| {r["variant"]} | {r["stack"]} | {r["num_layers"]} | {r["num_params"]:,} | '
-      f'{r["block_evals_per_token"]} | {losses} | {ev["loss"]:.4f} | {ev["ppl"]:.2f} | '
-      f'{r["tokens_per_s"]:,.0f} |'
+      f'{r["block_evals_per_token"]} | {losses} | {report.cell(ev, std, "loss")} | '
+      f'{report.cell(ev, std, "ppl", ".2f")} | {r["tokens_per_s"]:,.0f} |'
     )
   return '\n'.join(lines) + '\n'
 
 
-def retrieval_table(retrieval: dict, train_len: int, template: str) -> str:
+def retrieval_table(retrieval: dict, train_len: int, spread: str) -> str:
   """Markdown: accuracy (answer loss) per variant and context length."""
   lengths = sorted({int(n) for r in retrieval.values() for n in r['by_length']})
   cols = ' | '.join(f'{n}{" (train)" if n == train_len else ""}' for n in lengths)
+  templates = ', '.join(sorted({r['template'] for r in retrieval.values()}))
   lines = [
-    f'## Needle retrieval ({template} template): accuracy (answer loss, nats/token) by context length',
+    f'## Needle retrieval ({templates} template): accuracy (answer loss, nats/token) by context '
+    f'length; {spread}',
     '',
     f'| variant | RoPE | {cols} |',
     '|---|---|' + '---:|' * len(lengths),
   ]
   for name, r in retrieval.items():
-    cells = ' | '.join(
-      f'{r["by_length"][n]["accuracy"]:.3f} ({r["by_length"][n]["answer_loss"]:.3f})'
-      for n in lengths
-    )
-    lines.append(f'| {name} | {r["rope"]} | {cells} |')
+    cells = []
+    for n in lengths:
+      m = r['by_length'].get(str(n), {})
+      std = {k.removesuffix('_std'): v for k, v in m.items() if k.endswith('_std')}
+      acc, loss = report.cell(m, std, 'accuracy', '.3f'), report.cell(m, std, 'answer_loss', '.3f')
+      cells.append(f'{acc} ({loss})')
+    lines.append(f'| {name} | {r["rope"]} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 
@@ -189,7 +193,13 @@ def run(config, workdir: str) -> dict:
       learned[name] = learned_stack_params(nnx.merge(graphdef, params))
     by_length = retrieval_by_length(row['eval'], row['eval_std'])
     if by_length:
-      retrieval[name] = {'rope': _rope_description(cfg), 'by_length': by_length}
+      passkey = [e for e in info['block']['final_evals'].values() if e['type'] == 'passkey']
+      template = passkey[0]['template'] if passkey else ''
+      retrieval[name] = {
+        'rope': _rope_description(cfg),
+        'template': template,
+        'by_length': by_length,
+      }
   plots = plot_stack_params(learned, workdir) + plotting.write_loss_curves(
     workdir, report.trained_stage_dirs(runs, workdir, ('pretrain',))
   )

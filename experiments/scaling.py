@@ -1,177 +1,98 @@
 """Scaling laws of dense, Top-2 and Top-P MoE decoders trained on the same tokens.
 
-Every cell (family x size) of the grid in the config is one `topp_moe` run of a single variant
-(`config.base` is that experiment's config), planned and run by `kuaijax.sweep` into
-`workdir/runs/<family>_<size>/`; finished cells are skipped, so the experiment resumes, and
-`config.cells` limits a call to some cells (e.g. one cluster job per cell, same workdir). Once every
-cell has finished, the experiment fits per family
+The training is the pipeline of configs/scaling/dense_vs_moe.py (`kuaijax.stages.run_pipeline`):
+every cell (family x size) of the grid is a model role and a 'pretrain' stage, trained per training
+seed into `<workdir>/seed_<s>/<cell>/`; finished cells are skipped, so the experiment resumes, and
+the config's `cells=` limits a call to some cells (e.g. one cluster job per cell, same workdir).
+Once every cell has finished (for every training seed), the experiment fits per family
+(`kuaijax.scaling_laws`, on the losses averaged over training seeds)
 
   L(N) = E + A / N^alpha     (N: activated non-embedding parameters per token, final eval loss)
   L(C) = E + A / C^alpha     (C = 6 N D training FLOPs, on the family's compute frontier: the lowest
                               eval loss reached with at most C, over all sizes and eval steps)
 
 with 95% residual-bootstrap confidence intervals, compares the families at equal compute, and writes
-results.json, results.md, loss_vs_params.png and loss_vs_compute.png. For Top-P, N counts the
+results.json, results.md and loss_vs_params.png and loss_vs_compute.png. For Top-P, N counts the
 experts' weights times the measured mean experts per token of each layer (final evaluation).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import math
 import os
 
 import jax
 import numpy as np
 from matplotlib.figure import Figure
 
-from kuaijax import sweep
 from kuaijax.results import write_results
-
-ALPHAS = np.linspace(0.005, 2.0, 800)
-FLOPS_PER_PARAM_TOKEN = 6
-
-
-def _profile(x, y, alphas):
-  """(sse, E, A_scaled) of the least-squares line y = E + A z with z = x^-alpha, for every alpha."""
-  z = x[None, :] ** -alphas[:, None]
-  zc = z - z.mean(axis=1, keepdims=True)
-  yc = y - y.mean()
-  slope = (zc @ yc) / np.maximum((zc**2).sum(axis=1), 1e-300)
-  intercept = y.mean() - slope * z.mean(axis=1)
-  sse = ((yc[None, :] - slope[:, None] * zc) ** 2).sum(axis=1)
-  return sse, intercept, slope
+from kuaijax.scaling_laws import (
+  FLOPS_PER_PARAM_TOKEN,
+  equal_compute,
+  fit_families,
+  predict,
+)
+from kuaijax.stages import report, roles, run_pipeline
+from kuaijax.stages.base import STAGE_FILE
+from kuaijax.stages.runner import seed_dir
+from kuaijax.train.metrics import read_metrics
 
 
-def fit_power_law(x, y) -> dict:
-  """Least-squares L = E + A x^-alpha: E and A are linear given alpha, so alpha is profiled on a grid
-  (then refined twice on finer grids around the best value)."""
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  if len(x) < 3:
-    raise ValueError(f'a power-law fit needs at least 3 points, got {len(x)}')
-  scale = np.exp(np.mean(np.log(x)))  # x / scale keeps x^-alpha well conditioned
-  xs, grid = x / scale, ALPHAS
-  for _ in range(3):
-    sse, intercept, slope = _profile(xs, y, grid)
-    i = int(np.argmin(sse))
-    alpha, step = float(grid[i]), grid[1] - grid[0]
-    grid = np.linspace(max(alpha - step, 1e-4), alpha + step, 101)
-  total = float(np.sum((y - y.mean()) ** 2))
-  return {
-    'E': float(intercept[i]),
-    'A': float(slope[i] * scale**alpha),
-    'alpha': alpha,
-    'r2': 1.0 - float(sse[i]) / total if total > 0 else 1.0,
-    'n': len(x),
-  }
+def grid(config) -> list[str]:
+  """Every cell of the grid (the config's pretrain stages), in order."""
+  return [name for name, block in config.stage.items() if block.type == 'pretrain']
 
 
-def predict(fit: dict, x):
-  return fit['E'] + fit['A'] * np.asarray(x, np.float64) ** -fit['alpha']
+def finished_cells(config, workdir: str) -> tuple[dict, list[str]]:
+  """({cell: [its stage.json content plus 'dir', one per training seed]}, cells not finished)."""
+  done, missing = {}, []
+  for cell in grid(config):
+    infos = []
+    for seed in config.seeds:
+      folder = os.path.join(seed_dir(workdir, seed), cell)
+      if os.path.exists(os.path.join(folder, STAGE_FILE)):
+        with open(os.path.join(folder, STAGE_FILE)) as f:
+          infos.append({**json.load(f), 'dir': folder})
+    if len(infos) == len(config.seeds):
+      done[cell] = infos
+    else:
+      missing.append(cell)
+  return done, missing
 
 
-def bootstrap_ci(x, y, fit: dict, *, samples: int = 300, seed: int = 0) -> dict:
-  """95% intervals of E, A, alpha from refits to predictions plus resampled residuals."""
-  rng = np.random.default_rng(seed)
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  mean = predict(fit, x)
-  residuals = y - mean
-  draws = [fit_power_law(x, mean + rng.choice(residuals, len(x))) for _ in range(samples)]
-  return {
-    k: [
-      float(np.percentile([d[k] for d in draws], 2.5)),
-      float(np.percentile([d[k] for d in draws], 97.5)),
-    ]
-    for k in ('E', 'A', 'alpha')
-  }
+def _eval_curve(infos: list[dict]) -> list[tuple[int, float]]:
+  """(step, eval loss averaged over training seeds) at every evaluation all seeds logged."""
+  per_seed = [
+    {r['step']: r['eval/loss'] for r in read_metrics(i['dir']) if 'eval/loss' in r} for i in infos
+  ]
+  steps = sorted(set.intersection(*(set(c) for c in per_seed)))
+  return [(s, report.mean_std([c[s] for c in per_seed])[0]) for s in steps]
 
 
-def compute_frontier(points) -> tuple[list[float], list[float]]:
-  """The lowest loss reached with at most C FLOPs, at every C where it improves."""
-  frontier_c, frontier_l, best = [], [], math.inf
-  for c, loss in sorted(points):
-    if loss < best:
-      best = loss
-      frontier_c.append(c)
-      frontier_l.append(loss)
-  return frontier_c, frontier_l
-
-
-def cell_grid(config) -> list[tuple[str, dict]]:
-  """[(cell name, overrides of the topp_moe base config)] for families x sizes, in order."""
-  cells = []
-  for family in [f.strip() for f in config.families.split(',') if f.strip()]:
-    for size_name, size in config.sizes.items():
-      overrides = {
-        'run_variants': family,
-        'model.d_model': size.d_model,
-        'model.num_layers': size.num_layers,
-        'model.num_heads': size.num_heads,
-        'model.num_kv_heads': size.num_heads,
-        'model.d_ff': size.d_ff,
-        'moe_layer.expert_d_ff': size.expert_d_ff,
-      }
-      cells.append((f'{family}_{size_name}', overrides))
-  return cells
-
-
-def selected_cells(config, known: list[str]) -> set[str]:
-  """The cells this call trains: `config.cells` (comma-separated names) or '' for all."""
-  wanted = {c.strip() for c in config.cells.split(',') if c.strip()} or set(known)
-  unknown = sorted(wanted - set(known))
-  if unknown:
-    raise ValueError(f'cells={config.cells!r}: unknown cells {unknown}; known: {known}')
-  return wanted
-
-
-def _cell_record(run: sweep.SweepRun, family: str) -> dict:
-  with open(os.path.join(run.workdir, 'results.json')) as f:
-    result = json.load(f)['variants'][family]
-  model = run.config.model
+def cell_record(config, cell: str, infos: list[dict]) -> dict:
+  """One cell's row: sizes, activated non-embedding parameters, loss (over seeds), compute, curve."""
+  block = config.stage[cell]
+  model = roles.model_section(config, cell)
   embedding = model.vocab_size * model.d_model * (1 if model.tie_embeddings else 2)
-  active = result['params']['active'] - embedding
-  tokens_per_step = run.config.train.batch_size * run.config.data.seq_len
-  with open(os.path.join(run.workdir, family, 'metrics.jsonl')) as f:
-    curve = [json.loads(line) for line in f if line.strip()]
-  curve = [(r['step'], r['eval/loss']) for r in curve if 'eval/loss' in r]
-  return {
-    'family': family,
+  active = report.mean_std([i['summary']['params']['active'] for i in infos])[0] - embedding
+  train = {**config.train.to_dict(), **block.train.to_dict()}
+  tokens_per_step = train['batch_size'] * config.data.seq_len
+  loss, loss_std = report.mean_std([i['eval']['loss'] for i in infos])
+  flops = lambda steps: FLOPS_PER_PARAM_TOKEN * active * steps * tokens_per_step
+  record = {
+    'family': block.family,
     'd_model': model.d_model,
     'num_layers': model.num_layers,
-    'params_total': result['params']['total'],
+    'params_total': infos[0]['summary']['params']['total'],
     'active_non_embedding': active,
-    'loss': result['eval']['loss'],
-    'tokens': run.config.train.steps * tokens_per_step,
-    'compute': FLOPS_PER_PARAM_TOKEN * active * run.config.train.steps * tokens_per_step,
-    'curve': [(FLOPS_PER_PARAM_TOKEN * active * s * tokens_per_step, loss) for s, loss in curve],
+    'loss': loss,
+    'tokens': train['steps'] * tokens_per_step,
+    'compute': flops(train['steps']),
+    'curve': [(flops(s), value) for s, value in _eval_curve(infos)],
   }
-
-
-def fit_families(records: list[dict], families: list[str]) -> dict:
-  out = {}
-  for family in families:
-    rows = [r for r in records if r['family'] == family]
-    n = [r['active_non_embedding'] for r in rows]
-    loss = [r['loss'] for r in rows]
-    frontier = compute_frontier([p for r in rows for p in r['curve']])
-    fit_n = fit_power_law(n, loss)
-    fit_c = fit_power_law(*frontier)
-    out[family] = {
-      'L(N)': {**fit_n, 'ci95': bootstrap_ci(n, loss, fit_n)},
-      'L(C)': {**fit_c, 'ci95': bootstrap_ci(*frontier, fit_c)},
-      'frontier': list(zip(*frontier)),
-    }
-  return out
-
-
-def equal_compute(fits: dict, records: list[dict]) -> dict:
-  """Fitted L(C) of every family at the compute of each dense run (inside the fitted ranges)."""
-  budgets = sorted(r['compute'] for r in records if r['family'] == 'dense')
-  return {
-    f'{c:.3g}': {family: float(predict(f['L(C)'], c)) for family, f in fits.items()}
-    for c in budgets
-  }
+  if len(infos) > 1:
+    record['loss_std'] = loss_std
+  return record
 
 
 def plot(records, fits, workdir) -> list[str]:
@@ -223,7 +144,8 @@ def table(records, fits, comparison, title) -> str:
   for r in records:
     lines.append(
       f'| {r["family"]} | {r["d_model"]} | {r["num_layers"]} | {r["params_total"]:,} | '
-      f'{r["active_non_embedding"]:,.0f} | {r["compute"]:.3g} | {r["loss"]:.4f} |'
+      f'{r["active_non_embedding"]:,.0f} | {r["compute"]:.3g} | '
+      f'{report.cell(r, {"loss": r["loss_std"]} if "loss_std" in r else {}, "loss")} |'
     )
   lines += ['', '| family | fit | E | A | alpha (95% CI) | R^2 |', '|---|---|---|---|---|---:|']
   for family, fit in fits.items():
@@ -244,27 +166,20 @@ def table(records, fits, comparison, title) -> str:
 
 
 def run(config, workdir: str) -> dict:
-  cells = cell_grid(config)
-  runs = sweep.plan(
-    config.base, [o for _, o in cells], os.path.join(workdir, 'runs'), names=[n for n, _ in cells]
-  )
-  wanted = selected_cells(config, [r.name for r in runs])
-  # The base experiment's run() directly: importing kuaijax.main under `python -m kuaijax.main`
-  # would define its flags twice.
-  runner = importlib.import_module(f'experiments.{config.base.experiment}').run
-  times = sweep.run_sweep([r for r in runs if r.name in wanted], runner)
-  missing = [r.name for r in runs if not r.finished]
+  runs = run_pipeline(config, workdir)
+  done, missing = finished_cells(config, workdir)
+  times = {cell: sum(i['wall_s'] for i in infos) for cell, infos in done.items()}
   if missing:
     print(f'fits wait for {len(missing)} unfinished cells: {missing}')
     return {'missing_cells': missing, 'train_seconds': times}
-  records = [_cell_record(r, r.overrides['run_variants']) for r in runs]
+  records = [cell_record(config, cell, infos) for cell, infos in done.items()]
   families = list(dict.fromkeys(r['family'] for r in records))
   fits = fit_families(records, families)
   comparison = equal_compute(fits, records) if 'dense' in fits else {}
-  base = config.base
+  train, seq_len = config.train, config.data.seq_len
   title = (
-    f'{base.data.name}: {len(records)} runs, {base.train.steps} steps x '
-    f'{base.train.batch_size} x {base.data.seq_len} tokens each'
+    f'{config.data.name}: {len(records)} runs, {train.steps} steps x {train.batch_size} x '
+    f'{seq_len} tokens each; {report.spread_note(runs)}'
   )
   md = table(records, fits, comparison, title)
   plots = plot(records, fits, workdir) if jax.process_index() == 0 else []
@@ -273,6 +188,7 @@ def run(config, workdir: str) -> dict:
     'fits': {f: {k: v for k, v in fit.items() if k != 'frontier'} for f, fit in fits.items()},
     'frontier': {f: fit['frontier'] for f, fit in fits.items()},
     'equal_compute': comparison,
+    'seeds': report.seeds_record(config),
     'train_seconds': times,
     'plots': [os.path.basename(p) for p in plots],
   }

@@ -1,4 +1,5 @@
-"""Executes colab/quickstart.ipynb end to end with a 6-step run and checks what it writes."""
+"""Executes colab/quickstart.ipynb end to end with a 6-step run and checks what it writes (the
+training stage's files in <workdir>/seed_0/lm/)."""
 
 import json
 import os
@@ -93,7 +94,10 @@ def test_quickstart_notebook_runs(tmp_path, notebook_data_dir):
     assert results['unigram'][f'loss/{task}'] > 0, task
   assert '| code |' in (workdir / 'results.md').read_text()
 
-  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert results['seeds'] == {'training': [0], 'sampling': []}
+  stage = workdir / 'seed_0' / 'lm'  # the pipeline's one stage
+  assert json.loads((stage / 'stage.json').read_text())['eval'] == results['model']
+  records = [json.loads(line) for line in (stage / 'metrics.jsonl').read_text().splitlines()]
   assert max(r['step'] for r in records) == STEPS
   assert [r['step'] for r in records if 'loss' in r] == list(range(1, STEPS + 1))
   last_eval = [r for r in records if 'eval/loss' in r][-1]

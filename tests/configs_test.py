@@ -7,6 +7,7 @@ are found at test time, so configs added later are covered too.
 
 import glob
 import os
+import pathlib
 
 import ml_collections
 import pytest
@@ -86,17 +87,43 @@ def test_every_leaf_can_be_overridden(path, arg):
 
 
 def test_topp_moe_k_max_is_settable_and_zero_means_no_cap():
-  from experiments import topp_moe
   from kuaijax.models.moe import MoEConfig
 
   spec = os.path.join(REPO_ROOT, 'configs/topp_moe/compare.py:runlocal')
-  layer = lambda config: MoEConfig.from_options(
-    topp_moe.variant_config(config, 'topp').model.mlp_options
-  )
+  layer = lambda config: MoEConfig.from_options(config.models.topp.mlp_options)
   config = parse_command_line(spec, {})
-  assert config.moe_layer.k_max == 0  # uncapped Top-P, the paper's routing
+  assert config.models.topp.mlp_options.k_max == 0  # uncapped Top-P, the paper's routing
   uncapped = layer(config)
   assert uncapped.k_max == 0 and uncapped.slots == uncapped.num_experts == 8
-  capped = layer(parse_command_line(spec, {'moe_layer.k_max': 3}))
+  capped = layer(parse_command_line(spec, {'models.topp.mlp_options.k_max': 3}))
   assert capped.k_max == 3 and capped.slots == 3
-  assert layer(parse_command_line(spec, {'moe_layer.k_max': 8})).k_max == 8
+  assert layer(parse_command_line(spec, {'models.topp.mlp_options.k_max': 8})).k_max == 8
+
+
+@pytest.mark.parametrize(
+  'path', ['configs/lm/mixture.py', 'configs/topp_moe/compare.py', 'configs/pcformer/lm.py']
+)
+def test_lm_pipelines_take_seeds_and_name_their_roles(path):
+  spec = os.path.join(REPO_ROOT, path) + ':runlocal'
+  assert parse_command_line(spec, {}).seeds == (0,)
+  config = parse_command_line(spec + ',seeds=0+1+2', {})
+  assert config.seeds == (0, 1, 2)
+  for name in config.stages.split(','):
+    block = config.stage[name]
+    assert block.type == 'pretrain' and block.model in config.models
+  with pytest.raises(ValueError, match='seeds'):
+    parse_command_line(spec + ',seeds=1+1', {})
+  assert not hasattr(config, 'model') and 'run_variants' not in config
+
+
+def test_lm_configs_load_no_other_config_file():
+  """Shared parts come from kuaijax (config_lib, lm_configs), never from another config's path."""
+  for path in (
+    'lm/mixture.py',
+    'lm/lr_sweep.py',
+    'topp_moe/compare.py',
+    'pcformer/lm.py',
+    'scaling/dense_vs_moe.py',
+  ):
+    text = pathlib.Path(REPO_ROOT, 'configs', path).read_text()
+    assert 'load_config(' not in text and 'spec_from_file_location' not in text, path

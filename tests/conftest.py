@@ -27,14 +27,15 @@ def _data_dir_env(tmp_path_factory):
   yield
 
 
-def tiny_lm_config(**train_overrides):
-  """The runlocal LM config shrunk to a seconds-long run on one device."""
+def tiny_lm_pipeline_config(**train_overrides):
+  """The runlocal LM pipeline (configs/lm/mixture.py: stage 'lm' trains role 'policy') shrunk to a
+  seconds-long run on one device."""
   from kuaijax.config_lib import load_config
 
   config = load_config(os.path.join(REPO_ROOT, 'configs/lm/mixture.py') + ':runlocal')
   config.parallel.num_devices = 1
   config.data.update(seq_len=128, eval_batch_size=16, eval_batches=4)
-  config.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, d_ff=64)
+  config.models.policy.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, d_ff=64)
   config.train.update(
     steps=8,
     batch_size=4,
@@ -47,4 +48,13 @@ def tiny_lm_config(**train_overrides):
   config.train.update(train_overrides)
   config.optimizer.warmup_steps = 2
   config.eval.unigram_max_examples = 200
+  return config
+
+
+def tiny_lm_config(**train_overrides):
+  """`tiny_lm_pipeline_config` as the trainer reads it: `model` = the policy role's section."""
+  from kuaijax.stages.roles import role_config
+
+  config = role_config(tiny_lm_pipeline_config(**train_overrides), 'policy')
+  config.lock()
   return config

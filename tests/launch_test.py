@@ -21,10 +21,9 @@ from kuaijax.config_lib import load_config
 from kuaijax.data import sources
 from kuaijax.data.records import read_records
 from kuaijax.main import run_experiment
-from kuaijax.train import lm_task
+from kuaijax.stages import roles
 from kuaijax.train.checkpoint import CheckpointError, load_params
 from kuaijax.train.metrics import read_metrics
-from kuaijax.train.trainer import param_layout
 from tests.conftest import REPO_ROOT
 
 OVERRIDES = {
@@ -32,11 +31,11 @@ OVERRIDES = {
   'data.eval_batch_size': 16,
   'data.eval_batches': 2,
   'data.shards': 2,
-  'model.d_model': 32,
-  'model.num_layers': 2,
-  'model.num_heads': 2,
-  'model.num_kv_heads': 1,
-  'model.d_ff': 64,
+  'models.policy.d_model': 32,
+  'models.policy.num_layers': 2,
+  'models.policy.num_heads': 2,
+  'models.policy.num_kv_heads': 1,
+  'models.policy.d_ff': 64,
   'train.batch_size': 8,
   'train.steps': 4,
   'train.log_every': 1,
@@ -94,7 +93,7 @@ def _final_params(workdir, config=CONFIG, overrides=OVERRIDES):
   config = _config(config, overrides)
   config.parallel.num_devices = 1
   config.parallel.mesh.update(data=1, fsdp=1, tensor=1)
-  layout = param_layout(config, lm_task.model_factory(config.model))
+  layout = roles.layout(config, 'policy')
   params, _ = load_params(str(workdir), layout.abstract_params, layout.shardings)
   return jax.device_get(params)
 
@@ -265,7 +264,7 @@ MOE_OVERRIDES = {
   'data.seq_len': 64,
   'data.eval_batch_size': 8,
   'data.eval_batches': 1,
-  'model.num_kv_heads': 2,
+  'models.policy.num_kv_heads': 2,
   'moe_layer.num_experts': 4,
   'moe_layer.expert_d_ff': 32,
   'run_variants': 'top2',
@@ -374,7 +373,7 @@ def test_process_env_sets_the_coordinator_contract():
 
 @pytest.mark.parametrize('name', ['tpu_pod.sh', 'slurm_gpu.sbatch', 'multi_gpu.sh'])
 def test_launch_recipes_are_valid_executable_scripts(name):
-  path = os.path.join(REPO_ROOT, 'launch', name)
+  path = os.path.join(REPO_ROOT, 'configs', 'launch', name)
   assert os.access(path, os.X_OK)
   subprocess.run(['bash', '-n', path], check=True)
   with open(path) as f:
@@ -384,11 +383,11 @@ def test_launch_recipes_are_valid_executable_scripts(name):
 POSTTRAIN_CONFIG = 'configs/arith/posttrain.py:runlocal,stages=sft+dpo+rft+grpo'
 POSTTRAINED = ('sft', 'dpo', 'rft', 'grpo')
 POSTTRAIN_OVERRIDES = {
-  'model.d_model': 32,
-  'model.num_layers': 1,
-  'model.num_heads': 2,
-  'model.num_kv_heads': 1,
-  'model.d_ff': 64,
+  'models.policy.d_model': 32,
+  'models.policy.num_layers': 1,
+  'models.policy.num_heads': 2,
+  'models.policy.num_kv_heads': 1,
+  'models.policy.d_ff': 64,
   'data.limit': 64,
   'train.async_checkpoint': False,
   'train.progress': False,
@@ -450,6 +449,7 @@ def test_posttraining_on_two_processes_matches_one_process(tmp_path):
   common = dict(config=POSTTRAIN_CONFIG, overrides=POSTTRAIN_OVERRIDES)
   assert _launch(one, processes=1, devices=8, **common) == 0
   assert _launch(two, processes=2, devices=4, **common) == 0
+  one, two = one / 'seed_0', two / 'seed_0'
   for stage in ('samples', 'pairs'):  # written once, by process 0: the same samples and pairs
     _assert_same_records(one / stage, two / stage)
   expected, got = _stage_results(one), _stage_results(two)
@@ -469,15 +469,19 @@ def test_posttraining_on_two_processes_matches_one_process(tmp_path):
 RLMEC_CONFIG = 'configs/rlmec/arith.py:runlocal'
 RLMEC_OVERRIDES = {
   'seeds': (0,),
+  **{
+    f'models.grm.{k}': v
+    for k, v in dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=64).items()
+  },
   'stages': 'sft,grm_rewrite,rlmec_prog,rlmec',
   'stage.rewards.data': 'teacher',  # an untrained GRM's rewrites reach no gold answer
   'train.progress': False,
   'train.async_checkpoint': False,
-  'model.d_model': 32,
-  'model.num_layers': 1,
-  'model.num_heads': 2,
-  'model.num_kv_heads': 1,
-  'model.d_ff': 64,
+  'models.policy.d_model': 32,
+  'models.policy.num_layers': 1,
+  'models.policy.num_heads': 2,
+  'models.policy.num_kv_heads': 1,
+  'models.policy.d_ff': 64,
   'data.limit': 16,
   'data.max_new_tokens': 24,
   'stage.samples.limit': 4,
@@ -518,8 +522,10 @@ CAPO_TRAIN = dict(steps=2, batch_size=2, log_every=1, checkpoint_every=2, eval_e
 CAPO_OVERRIDES = {
   'train.progress': False,
   'train.async_checkpoint': False,
-  **{f'model.{k}': v for k, v in dict(d_model=32, num_layers=1, num_heads=2, d_ff=64).items()},
-  'model.num_kv_heads': 1,
+  **{
+    f'models.policy.{k}': v for k, v in dict(d_model=32, num_layers=1, num_heads=2, d_ff=64).items()
+  },
+  'models.policy.num_kv_heads': 1,
   **{f'data.{k}': v for k, v in dict(limit=16, seq_len=256, prompt_len=240).items()},
   'data.max_new_tokens': 16,
   **{

@@ -133,7 +133,7 @@ TINY_LM = textwrap.dedent(
     config = load_config(os.path.join({root!r}, 'configs/lm/mixture.py:runlocal'))
     config.parallel.num_devices = 1
     config.data.update(seq_len=64, eval_batch_size=8, eval_batches=1)
-    config.model.update(d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=32)
+    config.models.policy.update(d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=32)
     config.train.update(steps=2, batch_size=2, log_every=1, eval_every=2, checkpoint_every=2,
                         progress=False, async_checkpoint=False)
     config.eval.unigram_max_examples = 20

@@ -1,8 +1,13 @@
 """Scaling laws of dense vs Top-2 vs Top-P MoE decoders: L(N) and L(C) per family, equal compute.
 
-Every family trains the same sizes on the same tokens; MoE layers have 8 (runlocal) / 16 (full)
-experts of width d_model, dense layers a SwiGLU of width 2 d_model, so Top-2 activates the dense
-FFN's parameters while holding four (eight) times as many. See experiments/scaling.py.
+One pipeline (`kuaijax.stages`): every cell (family x size) is a model role `config.models.<cell>`
+and a 'pretrain' stage `config.stage.<cell>` (cells 'dense_s1' .. 'topp_s5'), on the Top-P MoE
+paper's data, optimizer and evaluators (`kuaijax.lm_configs.moe_lm`, shared with
+configs/topp_moe/compare.py). Every family trains the same sizes on the same tokens; MoE layers have 8
+(runlocal) / 16 (full) experts of width d_model, dense layers a SwiGLU of width 2 d_model, so Top-2
+activates the dense FFN's parameters while holding four (eight) times as many. Args: `cells=` picks
+the cells this call trains ('top2_s3+topp_s3'; default all), `seeds=0+1+2` the training seeds
+(default 0). See experiments/scaling.py.
 
 runlocal (3 families x 5 sizes, d_model 16..64, 2 layers, 120 steps of 8 x 128 tokens each; recorded
 on 2 CPU cores shared with other jobs: 22 min of training + 18 s of fits; power laws fit every family
@@ -10,57 +15,67 @@ on 2 CPU cores shared with other jobs: 22 min of training + 18 s of fits; power 
 which claims hold in experiments/scaling/README.md):
   python -m kuaijax.main --config=configs/scaling/dense_vs_moe.py:runlocal --workdir=/tmp/kj_scaling
 full scale (6 sizes, d_model 256..1536 and 4..24 layers, 10B tokens each on the paper's corpus; one
-cluster job per cell with the same shared workdir, then one more call that only fits; not run here):
+cluster job per cell with the same shared workdir, then one more call that finds every cell finished
+and only fits; not run here; the SentencePiece tokenizer is trained once into <workdir>/shared/, so
+train one cell first or set data.spm_model_path):
   for cell in dense_s1 ... topp_s6; do
-    sbatch launch/slurm_gpu.sbatch  # with CONFIG=configs/scaling/dense_vs_moe.py WORKDIR=/shared/scaling
-                                    # and the extra argument --config.cells=$cell
-  done
+    sbatch launch/slurm_gpu.sbatch  # with CONFIG=configs/scaling/dense_vs_moe.py:cells=$cell
+  done                              # and WORKDIR=/shared/scaling
   python -m kuaijax.main --config=configs/scaling/dense_vs_moe.py --workdir=/shared/scaling
 """
 
-import os
-
 import ml_collections
 
-from kuaijax.config_lib import load_config, parse_arg
+from kuaijax import lm_configs
+from kuaijax.config_lib import (
+  moe_aux_loss,
+  moe_model,
+  moe_routings,
+  parse_arg,
+  parse_seeds,
+  pretrain_stage,
+)
 
-FAMILIES = 'dense,top2,topp'
+FAMILIES = ('dense', 'top2', 'topp')
 RUNLOCAL_D = (16, 24, 32, 48, 64)
 FULL_SIZES = ((256, 4), (384, 6), (512, 8), (768, 12), (1024, 16), (1536, 24))
 
 
 def _size(d_model: int, num_layers: int, head_dim: int) -> dict:
+  """The model overrides of one size (MoE experts as wide as d_model, dense FFN 2 d_model)."""
+  heads = d_model // head_dim
   return dict(
-    d_model=d_model,
-    num_layers=num_layers,
-    num_heads=d_model // head_dim,
-    d_ff=2 * d_model,
-    expert_d_ff=d_model,
+    d_model=d_model, num_layers=num_layers, num_heads=heads, num_kv_heads=heads, d_ff=2 * d_model
   )
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, runlocal=False)
-  here = os.path.dirname(os.path.abspath(__file__))
-  base_file = os.path.join(here, '..', 'topp_moe', 'compare.py')
-  config = ml_collections.ConfigDict()
+  args = parse_arg(arg, runlocal=False, cells='', seeds='0')
+  config, model, moe_layer = lm_configs.moe_lm(args.runlocal)
   config.experiment = 'scaling'
-  config.families = FAMILIES
-  config.cells = ''  # '' trains every cell; 'top2_s3,topp_s3' only those (same workdir)
+  config.seeds = parse_seeds(args.seeds)
   if args.runlocal:
-    config.base = load_config(base_file + ':runlocal')
     sizes = [_size(d, 2, 8) for d in RUNLOCAL_D]
-    config.base.moe_layer.num_experts = 8
-    config.base.data.update(eval_batch_size=16, eval_batches=2)
-    config.base.train.update(
+    moe_layer.update(num_experts=8)
+    config.data.update(eval_batch_size=16, eval_batches=2)
+    config.train.update(
       steps=120, batch_size=8, log_every=30, eval_every=30, checkpoint_every=120, progress=False
     )
-    config.base.optimizer.update(warmup_steps=12)
+    config.optimizer.update(warmup_steps=12)
   else:
-    config.base = load_config(base_file)
     sizes = [_size(d, n, 64) for d, n in FULL_SIZES]
     # 10B tokens per cell: 4768 steps x 1024 x 2048.
-    config.base.train.update(steps=4768, batch_size=1024, eval_every=596, checkpoint_every=596)
-    config.base.optimizer.update(warmup_steps=400)
-  config.sizes = ml_collections.ConfigDict({f's{i + 1}': s for i, s in enumerate(sizes)})
+    config.train.update(steps=4768, batch_size=1024, eval_every=596, checkpoint_every=596)
+    config.optimizer.update(warmup_steps=400)
+  routing = moe_routings()
+  models, stages = {}, {}
+  for family in FAMILIES:
+    for i, size in enumerate(sizes):
+      cell, layer = f'{family}_s{i + 1}', {**moe_layer, 'expert_d_ff': size['d_model']}
+      models[cell] = moe_model({**model, **size}, routing[family], layer, name=f'cell {cell}')
+      stages[cell] = pretrain_stage(cell, aux_loss=moe_aux_loss(), family=family, size=f's{i + 1}')
+  config.models = ml_collections.ConfigDict(models)
+  config.stage = ml_collections.ConfigDict(stages)
+  # The cells this call trains; the fits wait until every cell of the grid has finished.
+  config.stages = args.cells.replace('+', ',') or ','.join(stages)
   return config

@@ -200,6 +200,9 @@ def run_pipeline(config, workdir: str) -> dict[int, dict[str, dict]]:
   """
   seeds = training_seeds(config)
   order = stage_order(config)
+  for name in order:  # a misnamed model role fails now, not after hours of earlier stages
+    if config.stage[name].get('model'):
+      roles.check_role(config, config.stage[name].model, f'stage {name}')
   shared = shared_stages(config, order)
   pipe = Pipeline(config, workdir)
   once: dict[str, dict] = {}

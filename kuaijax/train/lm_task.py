@@ -47,13 +47,17 @@ def resolve_tokenizer(data_config, workdir: str, train_source, hf_path: str = ''
   limit = data_config.spm_train_examples
   if not os.path.exists(prefix + '.model'):
     if jax.process_index() == 0:
-      os.makedirs(workdir, exist_ok=True)
       texts = (train_source[i]['text'] for i in range(min(len(train_source), limit)))
+      # Trained under a private name, then moved into place: a killed run leaves no partial model
+      # and jobs sharing the folder never read one (training is deterministic).
+      tmp = f'{prefix}.tmp{os.getpid()}'
       tokenizers.train_sentencepiece(
         (t.decode() if isinstance(t, bytes) else t for t in texts),
         vocab_size=data_config.spm_vocab_size,
-        model_prefix=prefix,
+        model_prefix=tmp,
       )
+      os.replace(tmp + '.vocab', prefix + '.vocab')
+      os.replace(tmp + '.model', prefix + '.model')
     parallel.sync('kuaijax_spm_trained')
   return tokenizers.get_tokenizer('sentencepiece', spm_model_path=prefix + '.model')
 

@@ -1,10 +1,12 @@
-"""The early-exit experiment end to end (tiny), bad config, and the runlocal run (slow)."""
+"""The early-exit experiment on the stage pipeline end to end (tiny, two training seeds), bad config,
+and the runlocal run (slow)."""
 
 import json
 import os
 
 import pytest
 
+from experiments import early_exit as ee
 from kuaijax.config_lib import load_config
 from kuaijax.main import run_experiment
 from tests.colab_test import PNG_MAGIC
@@ -13,38 +15,81 @@ from tests.conftest import REPO_ROOT
 CONFIG = os.path.join(REPO_ROOT, 'configs/early_exit/arith.py')
 
 
-def tiny_config():
-  config = load_config(CONFIG + ':runlocal')
+def tiny_config(seeds='0'):
+  config = load_config(CONFIG + f':runlocal,seeds={seeds}')
   config.parallel.num_devices = 1
-  config.data.update(train_examples=16, seq_len=256)
-  config.model.update(d_model=32, num_layers=3, num_heads=2, num_kv_heads=1, d_ff=64)
-  config.train.update(steps=2, batch_size=2, log_every=1, checkpoint_every=2, progress=False)
-  config.train.async_checkpoint = False
-  config.exit.update(thresholds=(0.5,), agreement=False, gate_thresholds=())
+  config.data.update(limit=16, seq_len=256)
+  config.models.policy.update(d_model=32, num_layers=3, num_heads=2, num_kv_heads=1, d_ff=64)
+  config.stage.sft.train.update(
+    steps=2, batch_size=2, log_every=1, checkpoint_every=2, eval_every=2
+  )
+  config.train.update(progress=False, async_checkpoint=False)
   # gate_problems = test problems: the gate's read-outs reuse the test rows' compiled shape.
-  config.eval.update(levels=(1,), problems_per_level=2, gate_problems=2, max_new_tokens=6)
-  config.eval.timing_repeats = 1
+  config.evals.early_exit.update(
+    thresholds=(0.5,),
+    agreement=False,
+    gate_thresholds=(),
+    groups=(1,),
+    per_group=2,
+    gate_problems=2,
+    max_new_tokens=6,
+    timing_repeats=1,
+  )
   return config
 
 
-def test_tiny_run(tmp_path):
-  results = run_experiment(tiny_config(), str(tmp_path))
-  rows = {r['setting']: r for r in results['settings']}
-  assert list(rows) == ['full', 'conf 0.5']
-  assert rows['full']['avg_layers_decode'] == 3.0 and rows['full']['avg_layers_teacher_forced'] == 3
-  assert 1.0 <= rows['conf 0.5']['avg_layers_decode'] <= 3.0
-  assert len(results['analysis']['agreement']) == 3 and results['analysis']['agreement'][-1] == 1.0
+def test_tiny_run_over_two_training_seeds(tmp_path):
+  results = run_experiment(tiny_config('0+1'), str(tmp_path))
+  assert results['seeds'] == {'training': [0, 1], 'sampling': []}
+  rows = {r['setting']: r for r in results['summary']['settings']}
+  assert list(rows) == ['full', 'conf_0.5']
+  assert rows['full']['avg_layers_decode'] == [3.0, 0.0]  # [mean, std] over the seeds
+  assert rows['full']['avg_layers_teacher_forced'] == [3.0, 0.0]
+  assert 1.0 <= rows['conf_0.5']['avg_layers_decode'][0] <= 3.0
+  agreement = results['summary']['layers']['agreement']
+  assert len(agreement) == 3 and agreement[-1] == [1.0, 0.0]
   for r in rows.values():
-    assert r['speed']['batch1']['speedup'] > 0 and r['perplexity'] > 1
-  assert '| conf 0.5 |' in (tmp_path / 'results.md').read_text()
+    assert r['batch1']['speedup'][0] > 0 and r['perplexity'][0] > 1
+  for seed in ('0', '1'):  # each seed's own evaluation, in its stage.json
+    stage = json.loads((tmp_path / f'seed_{seed}' / 'sft' / 'stage.json').read_text())
+    assert stage['eval']['early_exit/full/avg_layers_decode'] == 3.0
+  evals = [results['runs'][s]['sft']['eval'] for s in ('0', '1')]
+  loss = [e['early_exit/layers/loss'][0] for e in evals]
+  assert results['summary']['layers']['loss'][0][0] == pytest.approx(sum(loss) / 2)
+  table = (tmp_path / 'results.md').read_text()
+  assert '| conf_0.5 |' in table and 'mean ± std over 2 training seeds' in table
   for name in results['plots']:
     assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
-  assert json.loads((tmp_path / 'results.json').read_text())['num_layers'] == 3
+  assert json.loads((tmp_path / 'results.json').read_text())['summary']['num_layers'] == 3
+
+
+def test_one_seed_table_has_no_spread():
+  evals = [
+    {
+      'early_exit/num_layers': 1,
+      'early_exit/tokens': 5,
+      'early_exit/num_test_problems': 2,
+      'early_exit/settings': ['full'],
+      **{f'early_exit/layers/{k}': [0.5] for k in ee.LAYER_KEYS},
+      **{f'early_exit/full/{k}': 0.25 for k in ee.ROW_KEYS},
+      **{f'early_exit/full/{b}/{k}': 2.0 for b in ('batch1', 'batch') for k in ee.SPEED_KEYS},
+    }
+  ]
+  results = {
+    'summary': ee.summarise(evals),
+    'stage': 'sft',
+    'train': {'type': 'train', 'steps': 2, 'wall_s': 1.0, 'seed': 0},
+    'wall_s': 2.0,
+  }
+  config = tiny_config()
+  table = ee.results_table(results, config, 1)
+  assert '| 1 | 50.0% | 50.0% | 0.500 | 0.500 |' in table and '±' not in table
+  assert '| full | 0.25 / 1 | 25.0% | 0.250 | 0.25 | 2.00x | 2.00x | 0 | 0 |' in table
 
 
 def test_bad_threshold(tmp_path):
   config = tiny_config()
-  config.exit.thresholds = (1.5,)
+  config.evals.early_exit.thresholds = (1.5,)
   with pytest.raises(ValueError, match=r'threshold must be in \(0, 1\]'):
     run_experiment(config, str(tmp_path))
 
@@ -55,4 +100,5 @@ def test_runlocal(tmp_path):
   config.parallel.num_devices = 1  # as on a CPU host: the suite simulates 8 devices
   config.train.progress = False
   results = run_experiment(config, str(tmp_path))
-  assert results['settings'][0]['avg_layers_decode'] == config.model.num_layers
+  full = results['summary']['settings'][0]
+  assert full['avg_layers_decode'][0] == config.models.policy.num_layers

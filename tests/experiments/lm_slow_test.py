@@ -15,3 +15,5 @@ def test_runlocal_beats_unigram_on_every_task(tmp_path):
   config.train.progress = False
   results = run_experiment(config, str(tmp_path))
   assert results['beats_unigram'] == {t: True for t in ('code', 'arith', 'copy', 'recall')}
+  assert results['seeds'] == {'training': [0], 'sampling': []} and results['step'] == 600
+  assert (tmp_path / 'seed_0' / 'lm' / 'stage.json').exists()  # the pipeline's one stage

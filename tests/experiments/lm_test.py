@@ -1,4 +1,5 @@
-"""The main job end to end: the lm experiment, SIGKILL resume through main.py, config errors."""
+"""The main job end to end: the lm experiment (a one-stage pipeline: stage 'lm' in
+<workdir>/seed_<s>/lm/), training seeds, SIGKILL resume through main.py, config errors."""
 
 import json
 import os
@@ -12,18 +13,18 @@ import pytest
 from kuaijax.main import run_experiment
 from kuaijax.train.metrics import read_metrics
 from tests.colab_test import PNG_MAGIC
-from tests.conftest import REPO_ROOT, tiny_lm_config
+from tests.conftest import REPO_ROOT, tiny_lm_pipeline_config
 
 TINY_FLAGS = [
   '--config.parallel.num_devices=1',
   '--config.data.seq_len=128',
   '--config.data.eval_batch_size=16',
   '--config.data.eval_batches=4',
-  '--config.model.d_model=32',
-  '--config.model.num_layers=2',
-  '--config.model.num_heads=2',
-  '--config.model.num_kv_heads=1',
-  '--config.model.d_ff=64',
+  '--config.models.policy.d_model=32',
+  '--config.models.policy.num_layers=2',
+  '--config.models.policy.num_heads=2',
+  '--config.models.policy.num_kv_heads=1',
+  '--config.models.policy.d_ff=64',
   '--config.train.batch_size=4',
   '--config.train.log_every=2',
   '--config.train.eval_every=10',
@@ -46,21 +47,57 @@ def main_command(workdir, *extra):
 
 
 def test_lm_experiment_writes_table_and_results(tmp_path):
-  results = run_experiment(tiny_lm_config(), str(tmp_path))
+  results = run_experiment(tiny_lm_pipeline_config(), str(tmp_path))
   saved = json.loads((tmp_path / 'results.json').read_text())
   assert saved['step'] == 8 and results['step'] == 8
+  assert saved['seeds'] == {'training': [0], 'sampling': []}
+  stage = json.loads((tmp_path / 'seed_0' / 'lm' / 'stage.json').read_text())
+  assert stage['type'] == 'pretrain' and stage['model'] == 'policy' and stage['params'] == '.'
+  assert saved['model'] == stage['eval'] and saved['model_std'] == {}
+  assert saved['num_params'] == stage['summary']['params']['total'] > 0
+  table = (tmp_path / 'results.md').read_text()
+  assert '1 training seed' in table and '±' not in table
   for task in ('code', 'arith', 'copy', 'recall'):
     assert saved['model'][f'loss/{task}'] > 0 and saved['unigram'][f'loss/{task}'] > 0
-    assert f'| {task} |' in (tmp_path / 'results.md').read_text()
+    assert f'| {task} |' in table
   assert (tmp_path / 'loss_curves.png').read_bytes().startswith(PNG_MAGIC)
 
 
+def test_two_training_seeds_give_mean_and_std(tmp_path):
+  config = tiny_lm_pipeline_config(steps=2, eval_every=2, checkpoint_every=2)
+  config.seeds = (0, 1)
+  results = run_experiment(config, str(tmp_path))
+  assert results['seeds'] == {'training': [0, 1], 'sampling': []}
+  evals = [results['runs'][s]['lm']['eval'] for s in ('0', '1')]
+  assert evals[0]['loss'] != evals[1]['loss']  # another init seed and data order
+  assert results['model']['loss'] == pytest.approx((evals[0]['loss'] + evals[1]['loss']) / 2)
+  assert results['model_std']['loss'] > 0
+  assert results['model']['tokens/code'] == evals[0]['tokens/code']  # the same eval batches
+  table = (tmp_path / 'results.md').read_text()
+  assert 'mean ± std over 2 training seeds' in table and '| code |' in table and ' ± ' in table
+  first = [r['loss'] for r in read_metrics(str(tmp_path / 'seed_0' / 'lm')) if 'loss' in r]
+  single = tiny_lm_pipeline_config(steps=2, eval_every=2, checkpoint_every=2)
+  run_experiment(single, str(tmp_path / 'single'))
+  alone = [
+    r['loss'] for r in read_metrics(str(tmp_path / 'single' / 'seed_0' / 'lm')) if 'loss' in r
+  ]
+  assert first == alone  # seed 0 trains the same whatever other seeds run
+
+
 def _final_eval(workdir):
-  records = [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in read_metrics(workdir)]
-  return records, json.loads((workdir / 'results.json').read_text())
+  stage = workdir / 'seed_0' / 'lm'
+  records = [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in read_metrics(stage)]
+  return (
+    records,
+    json.loads((stage / 'stage.json').read_text())['eval'],
+    json.loads((workdir / 'results.json').read_text()),
+  )
 
 
-def test_sigkill_mid_training_then_rerun_resumes_exactly(tmp_path):
+def test_sigkill_mid_stage_then_rerun_resumes_exactly(tmp_path):
+  """A real SIGKILL of `python -m kuaijax.main` once the 'lm' stage has written checkpoints:
+  re-running the command resumes the stage and ends with the losses and evaluation of an
+  uninterrupted run, bit for bit."""
   env = {**os.environ, 'XLA_FLAGS': ''}
   steps = '--config.train.steps=40'
   subprocess.run(
@@ -79,7 +116,7 @@ def test_sigkill_mid_training_then_rerun_resumes_exactly(tmp_path):
     stderr=subprocess.DEVNULL,
   )
   deadline = time.time() + 300
-  ckpt_dir = killed_dir / 'checkpoints'
+  ckpt_dir = killed_dir / 'seed_0' / 'lm' / 'checkpoints'
   while time.time() < deadline:
     done = [d for d in (os.listdir(ckpt_dir) if ckpt_dir.exists() else []) if d.isdigit()]
     if len(done) >= 2 or proc.poll() is not None:
@@ -87,14 +124,16 @@ def test_sigkill_mid_training_then_rerun_resumes_exactly(tmp_path):
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert not (killed_dir / 'results.json').exists(), 'the run finished before it was killed'
+  assert not (killed_dir / 'seed_0' / 'lm' / 'stage.json').exists(), 'finished before the kill'
+  assert not (killed_dir / 'results.json').exists()
   subprocess.run(
     main_command(killed_dir, steps), cwd=REPO_ROOT, env=env, check=True, capture_output=True
   )
-  straight_metrics, straight_results = _final_eval(tmp_path / 'straight')
-  resumed_metrics, resumed_results = _final_eval(killed_dir)
+  straight_metrics, straight_eval, straight_results = _final_eval(tmp_path / 'straight')
+  resumed_metrics, resumed_eval, resumed_results = _final_eval(killed_dir)
+  assert [r['step'] for r in resumed_metrics if 'loss' in r] == list(range(2, 41, 2))
   assert straight_metrics == resumed_metrics  # bit-exact: same floats in every logged record
-  assert straight_results['model'] == resumed_results['model']
+  assert straight_eval == resumed_eval and straight_results['model'] == resumed_results['model']
 
 
 @pytest.mark.parametrize(
@@ -103,7 +142,9 @@ def test_sigkill_mid_training_then_rerun_resumes_exactly(tmp_path):
     ('--config.train.stepz=3', 'stepz'),
     ('--config.train.steps=abc', 'steps'),
     ('--config.experiment=nope', "config.experiment='nope' is unknown"),
-    ('--config.model.num_kv_heads=3', 'must be a multiple of model.num_kv_heads=3'),
+    ('--config.models.policy.num_kv_heads=3', 'must be a multiple of model.num_kv_heads=3'),
+    ('--config.seeds=(0,0)', 'config.seeds=(0, 0) must be distinct ints'),
+    ('--config.stages=lm,nope', "stage 'nope' has no block"),
     ('--config.data.tokenizer=chars', 'chars'),
   ],
 )
@@ -117,11 +158,12 @@ def test_bad_command_line_configs_name_the_field(tmp_path, flag, message):
   )
   assert out.returncode != 0
   assert message in out.stderr
-  assert not (tmp_path / 'checkpoints').exists() or not os.listdir(tmp_path / 'checkpoints')
+  ckpt = tmp_path / 'seed_0' / 'lm' / 'checkpoints'
+  assert not ckpt.exists() or not os.listdir(ckpt)
 
 
 def test_missing_data_dir_for_a_real_corpus_is_named(tmp_path):
-  config = tiny_lm_config()
+  config = tiny_lm_pipeline_config()
   config.data.name = 'c4'
   config.data.data_dir = str(tmp_path / 'nowhere')
   with pytest.raises(FileNotFoundError, match='nowhere'):
@@ -139,12 +181,14 @@ def test_bench_train_reports_utilisation(tmp_path):
   assert (tmp_path / 'loss_curves.png').read_bytes().startswith(PNG_MAGIC)
 
 
-def test_sentencepiece_option_trains_a_tokenizer_into_the_workdir(tmp_path):
-  config = tiny_lm_config(steps=2, eval_every=2, checkpoint_every=2)
+def test_sentencepiece_tokenizer_is_trained_once_per_pipeline(tmp_path):
+  config = tiny_lm_pipeline_config(steps=2, eval_every=2, checkpoint_every=2)
   config.data.update(tokenizer='sentencepiece', spm_vocab_size=384, spm_train_examples=300)
+  config.seeds = (0, 1)
   results = run_experiment(config, str(tmp_path))
-  assert (tmp_path / 'spm.model').exists()
+  assert sorted(os.listdir(tmp_path / 'shared')) == ['spm.model', 'spm.vocab']
+  assert not list(tmp_path.glob('seed_*/lm/spm.model'))  # not one per stage or seed
   assert results['step'] == 2 and results['model']['loss'] > 0
-  config.data.spm_vocab_size = 1000  # larger than model.vocab_size=384
-  with pytest.raises(ValueError, match='model.vocab_size=384 is smaller'):
+  config.data.spm_vocab_size = 1000  # larger than models.policy.vocab_size=384
+  with pytest.raises(ValueError, match='models.policy.vocab_size=384 is smaller'):
     run_experiment(config, str(tmp_path / 'other'))

@@ -11,18 +11,23 @@ from tests.colab_test import PNG_MAGIC, execute_notebook
 from tests.conftest import REPO_ROOT
 
 CONFIG = os.path.join(REPO_ROOT, 'configs/pcformer/lm.py')
+VARIANTS = ('vanilla', 'ode_rk2_gated', 'pc_rk2', 'pc_rk4', 'vanilla_deep', 'harpe')
 TASKS = ('code', 'arith', 'copy', 'recall')
 
 
-def tiny_config(variants=('pc_rk2', 'harpe')):
+def tiny_config(variants='pc_rk2,harpe'):
   config = load_config(CONFIG + ':runlocal')
   config.parallel.num_devices = 1
   config.data.update(seq_len=32, eval_batch_size=8, eval_batches=1)
-  config.model.update(d_model=16, d_ff=32, num_heads=2, num_kv_heads=2)
+  for model in config.models.values():
+    model.update(d_model=16, d_ff=32, num_heads=2, num_kv_heads=2)
   config.train.update(steps=2, log_every=1, eval_every=2, checkpoint_every=2, progress=False)
   config.train.async_checkpoint = False
-  config.run_variants = variants
-  config.retrieval.update(context_lengths=(32, 64), depths=(0.5,), per_depth=2)
+  config.stages = variants
+  for name in ('vanilla', 'harpe'):
+    config.stage[name].final_evals.retrieval.update(
+      context_lengths=(32, 64), depths=(0.5,), per_depth=2
+    )
   return config
 
 
@@ -52,24 +57,31 @@ def test_tiny_run_writes_both_tables_and_plots(tmp_path):
   for name in results['plots']:
     assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
   assert sorted(results['plots']) == ['alpha.png', 'loss_curves.png', 'pc_rk2_corrector.png']
-  assert json.loads((tmp_path / 'results.json').read_text())['variants'][0]['stack'] == 'pc_rk2'
+  saved = json.loads((tmp_path / 'results.json').read_text())
+  assert saved['variants'][0]['stack'] == 'pc_rk2'
+  assert saved['seeds'] == {'training': [0], 'sampling': []} and '1 training seed' in table
+  harpe = json.loads((tmp_path / 'seed_0' / 'harpe' / 'stage.json').read_text())
+  assert (
+    harpe['eval']['passkey/64/accuracy']
+    == results['retrieval']['harpe']['by_length']['64']['accuracy']
+  )
+  pc = json.loads((tmp_path / 'seed_0' / 'pc_rk2' / 'stage.json').read_text())
+  assert not any(k.startswith('passkey/') for k in pc['eval'])  # retrieval: vanilla, harpe only
 
 
 def test_config_variants_and_errors(tmp_path):
-  assert load_config(CONFIG + ':runlocal,variant=pc_rk4').run_variants == ('pc_rk4',)
+  one = load_config(CONFIG + ':runlocal,stages=pc_rk4,seeds=0+1')
+  assert one.stages == 'pc_rk4' and one.seeds == (0, 1)
+  assert load_config(CONFIG + ':runlocal').stages.split(',') == list(VARIANTS)
   full = load_config(CONFIG)
-  assert (full.model.d_model, full.model.num_layers, full.variants.vanilla_deep.num_layers) == (
-    2048,
-    24,
-    72,
-  )
-  with pytest.raises(ValueError, match="variant='pc_rk3' is not all or one of"):
-    load_config(CONFIG + ':variant=pc_rk3')
-  config = tiny_config(variants=('vanilla', 'nope'))
-  with pytest.raises(ValueError, match=r"unknown variants \['nope'\]"):
+  assert (full.models.vanilla.d_model, full.models.vanilla.num_layers) == (2048, 24)
+  assert full.models.vanilla_deep.num_layers == 72 and full.models.pc_rk2.stack == 'pc_rk2'
+  assert set(full.stage.harpe.final_evals) == {'retrieval'} and not full.stage.pc_rk2.final_evals
+  config = tiny_config(variants='vanilla,nope')
+  with pytest.raises(ValueError, match="stage 'nope' has no block"):
     run_experiment(config, str(tmp_path))
-  config = tiny_config(variants=('pc_rk2',))
-  config.variants.pc_rk2.pc_alpha = 'per_token'
+  config = tiny_config(variants='pc_rk2')
+  config.models.pc_rk2.pc_alpha = 'per_token'
   with pytest.raises(ValueError, match="model.pc_alpha='per_token' is not one of"):
     run_experiment(config, str(tmp_path))
 

@@ -1,16 +1,20 @@
 """The Top-P MoE experiment: aux-loss weighting, experts-per-token evaluation, configs (the paper's
-parameter counts), a tiny end-to-end run with its table and plots, and the notebook."""
+parameter counts; variants as model roles and pretrain stages), a tiny end-to-end run with its table
+and plots, SIGKILL in the second stage, and the notebook."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import topp_moe
-from kuaijax import parallel
+from kuaijax import config_lib, parallel
 from kuaijax.config_lib import load_config
 from kuaijax.evals import moe_stats
 from kuaijax.evals.moe_stats import MoEStatsEvaluator
@@ -25,15 +29,26 @@ CONFIG = os.path.join(REPO_ROOT, 'configs/topp_moe/compare.py')
 TASKS = ('code', 'arith', 'copy', 'recall')
 
 
+TINY_MODEL = dict(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, d_ff=64)
+TINY_LAYER = dict(num_experts=4, expert_d_ff=64)
+TINY_WIDE = dict(d_model=40, num_heads=2, num_kv_heads=1, d_ff=80)
+
+
+def shrink(config):
+  """Every variant's role at the tiny size (as the notebook's TINY): MoE layers of 4 experts."""
+  for name, model in config.models.items():
+    model.update(TINY_MODEL if name != 'dense_wide' else {**TINY_MODEL, **TINY_WIDE})
+    if model.mlp == 'moe':
+      model.mlp_options.update(TINY_LAYER)
+
+
 def tiny_config(variants='top2,topp', steps=4):
   """The runlocal comparison shrunk to seconds (same shrinking as the notebook's TINY)."""
   config = load_config(CONFIG + ':runlocal')
   config.parallel.num_devices = 1
-  config.run_variants = variants
+  config.stages = variants
   config.data.update(seq_len=128, eval_batch_size=16, eval_batches=4)
-  config.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, d_ff=64)
-  config.moe_layer.update(num_experts=4, expert_d_ff=64)
-  config.variants.dense_wide.update(d_model=40, num_heads=2, num_kv_heads=1, d_ff=80)
+  shrink(config)
   config.train.update(
     steps=steps,
     batch_size=4,
@@ -75,8 +90,7 @@ def test_aux_loss_total_weights_mean_or_sum_and_keeps_vectors_out():
 
 def test_moe_stats_evaluator_matches_a_direct_count():
   config = tiny_config()
-  sub = topp_moe.variant_config(config, 'topp')
-  model = Transformer(TransformerConfig.from_config(sub.model), rngs=nnx.Rngs(0))
+  model = Transformer(TransformerConfig.from_config(config.models.topp), rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   batches = []
   for _ in range(2):
@@ -114,16 +128,18 @@ def test_moe_stats_evaluator_matches_a_direct_count():
   for t, name in enumerate(TASKS):
     sel = mask & (task == t)
     assert got[f'experts_per_token/{name}'] == pytest.approx(k[:, sel].mean(), rel=1e-6)
-  dense = Transformer(
-    TransformerConfig.from_config(topp_moe.variant_config(config, 'dense').model),
-    rngs=nnx.Rngs(0),
-  )
+  dense = Transformer(TransformerConfig.from_config(config.models.dense), rngs=nnx.Rngs(0))
   assert MoEStatsEvaluator(batches, TASKS, mesh=mesh, rules=config.parallel.rules)(dense) == {}
 
 
-def test_variant_config_merges_moe_options_and_rejects_bad_names():
+def test_variants_are_model_roles_and_pretrain_stages():
   config = load_config(CONFIG + ':runlocal')
-  top2 = topp_moe.variant_config(config, 'top2').model
+  assert config.stages == 'dense,dense_wide,top1,top2,topp' and config.seeds == (0,)
+  assert list(config.models) == list(config.stage) == config.stages.split(',')
+  for name, block in config.stage.items():
+    assert (block.type, block.model, block.init_from) == ('pretrain', name, '')
+    assert block.aux_loss.to_dict() == config_lib.moe_aux_loss()  # balance 1e-2, entropy 1e-4
+  top2 = config.models.top2
   assert top2.mlp == 'moe'
   assert top2.mlp_options.to_dict() == dict(
     num_experts=8,
@@ -134,39 +150,43 @@ def test_variant_config_merges_moe_options_and_rejects_bad_names():
     k=2,
     renormalize=True,
   )
-  assert topp_moe.variant_config(config, 'dense').model.mlp_options.to_dict() == {}
-  assert config.model.mlp == 'swiglu'  # the base config is left alone
-  config.run_variants = 'dense,top3'
-  with pytest.raises(ValueError, match="run_variants='top3'"):
-    topp_moe.variant_names(config)
-  with config.unlocked():
-    config.variants.dense.mlp_options = {'k': 2}
-  with pytest.raises(ValueError, match='variants.dense.mlp_options'):
-    topp_moe.variant_config(config, 'dense')
-  sweep = load_config(CONFIG + ':runlocal,suite=p_sweep')
-  assert sweep.run_variants.split(',')[0] == 'top2'
-  ps = [sweep.variants[n].mlp_options.p for n in sweep.run_variants.split(',')[1:]]
+  assert config.models.dense.mlp_options.to_dict() == {}
+  assert config.models.dense_wide.d_model == 120 and config.models.topp.d_model == 96
+  with pytest.raises(ValueError, match='variant dense: mlp_options'):
+    config_lib.moe_model(
+      config.models.dense, dict(mlp='swiglu', mlp_options={'k': 2}), {}, name='variant dense'
+    )
+  sweep = load_config(CONFIG + ':runlocal,suite=p_sweep,seeds=0+1+2')
+  assert sweep.stages.split(',')[0] == 'top2' and sweep.seeds == (0, 1, 2)
+  ps = [sweep.models[n].mlp_options.p for n in sweep.stages.split(',')[1:]]
   assert ps == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
   with pytest.raises(ValueError, match='suite'):
     load_config(CONFIG + ':suite=top3')
 
 
+def test_unknown_variant_is_named(tmp_path):
+  config = tiny_config(variants='dense,top3')
+  with pytest.raises(ValueError, match="stage 'top3' has no block"):
+    run_experiment(config, str(tmp_path))
+
+
 def test_full_scale_config_reproduces_the_paper_parameter_counts():
   config = load_config(CONFIG)
-  assert (config.model.num_layers, config.model.d_model, config.model.num_heads) == (24, 1024, 16)
-  assert config.moe_layer.num_experts == 16 and config.variants.topp.mlp_options.p == 0.4
+  topp = config.models.topp
+  assert (topp.num_layers, topp.d_model, topp.num_heads) == (24, 1024, 16)
+  assert topp.mlp_options.num_experts == 16 and topp.mlp_options.p == 0.4
   assert (config.data.seq_len, config.train.batch_size) == (2048, 2048)
   assert config.train.steps * 2048 * 2048 == pytest.approx(100e9, rel=1e-4)
   assert (config.optimizer.lr, config.optimizer.min_lr_ratio) == (3e-4, 0.1)
-  assert (config.moe_loss.balance_weight, config.moe_loss.entropy_weight) == (1e-2, 1e-4)
+  aux = config.stage.topp.aux_loss
+  assert (aux.balance_weight, aux.entropy_weight) == (1e-2, 1e-4)
 
   def counts(name, mean_k=None):
-    sub = topp_moe.variant_config(config, name)
-    factory = lm_task.model_factory(sub.model)
+    factory = lm_task.model_factory(config.models[name])
     model = nnx.eval_shape(lambda: factory(nnx.Rngs(0)))
     params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
-    ev = {f'moe/layer{i}/mean_k': mean_k for i in range(24)}
-    return topp_moe.parameter_counts(params, ev)
+    ev = {} if mean_k is None else {f'moe/layer{i}/mean_k': mean_k for i in range(24)}
+    return moe_stats.parameter_counts(params, ev)
 
   # Paper: Dense 374M, Dense 570M, Top-2 3.5B total / ~581M active.
   assert counts('dense')['total'] / 1e6 == pytest.approx(374, rel=0.01)
@@ -174,6 +194,8 @@ def test_full_scale_config_reproduces_the_paper_parameter_counts():
   top2 = counts('top2', mean_k=2.0)
   assert top2['total'] / 1e9 == pytest.approx(3.5, rel=0.01)
   assert top2['active'] / 1e6 == pytest.approx(581, rel=0.01)
+  assert counts('top2')['active'] is None  # mean k not measured
+  assert counts('dense')['active'] == counts('dense')['total']
 
 
 def test_tiny_experiment_writes_table_plots_and_stats(tmp_path):
@@ -191,6 +213,7 @@ def test_tiny_experiment_writes_table_plots_and_stats(tmp_path):
   results = run_experiment(config, str(tmp_path))
   saved = json.loads((tmp_path / 'results.json').read_text())
   assert saved['tokens_per_variant'] == 4 * 4 * 128
+  assert saved['seeds'] == {'training': [0], 'sampling': []}
   rows = saved['variants']
   assert list(rows) == list(results['variants']) == ['top2', 'topp']
   table = (tmp_path / 'results.md').read_text()
@@ -206,12 +229,17 @@ def test_tiny_experiment_writes_table_plots_and_stats(tmp_path):
   for row in rows.values():
     assert row['eval']['count/piqa'] == 3 and row['eval']['acc/piqa'] in (0.0, 1 / 3, 2 / 3, 1.0)
   assert 'multiple-choice accuracy' in table and '| piqa | average |' in table
+  assert '1 training seed' in table and '±' not in table
+  for name in rows:
+    stage = json.loads((tmp_path / 'seed_0' / name / 'stage.json').read_text())
+    assert stage['type'] == 'pretrain' and stage['model'] == name
+    assert rows[name]['eval'] == {k: v for k, v in stage['eval'].items() if not isinstance(v, list)}
   assert rows['top2']['params']['total'] == rows['topp']['params']['total']
   assert sorted(rows['topp']['layer_mean_k']) == ['0', '1']  # JSON keys
   for png in ('mean_k_per_layer.png', 'mean_k_over_steps.png', 'loss_curves.png'):
     data = (tmp_path / png).read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 5_000
-  records = read_metrics(str(tmp_path / 'topp'))
+  records = read_metrics(str(tmp_path / 'seed_0' / 'topp'))
   train = [r for r in records if 'loss' in r]
   assert [r['step'] for r in train] == [2, 4]
   assert all(isinstance(r['moe/layer1/mean_k'], float) for r in train)
@@ -261,6 +289,73 @@ def test_notebook_runs_the_comparison(tmp_path):
     if o.get('output_type') == 'display_data' and 'image/png' in o.get('data', {})
   ]
   assert len(shown) == len(results['plots']) >= 3, 'every plot is shown'
+
+
+KILL_FLAGS = [
+  '--config.parallel.num_devices=1',
+  '--config.stages=top2,topp',
+  '--config.data.seq_len=64',
+  '--config.data.eval_batch_size=8',
+  '--config.data.eval_batches=1',
+  *(f'--config.models.{v}.{k}={x}' for v in ('top2', 'topp') for k, x in TINY_MODEL.items()),
+  *(
+    f'--config.models.{v}.mlp_options.{k}={x}'
+    for v in ('top2', 'topp')
+    for k, x in TINY_LAYER.items()
+  ),
+  '--config.train.steps=30',
+  '--config.train.batch_size=4',
+  '--config.train.log_every=1',
+  '--config.train.eval_every=10',
+  '--config.train.checkpoint_every=2',
+  '--config.train.progress=False',
+]
+
+
+def _command(workdir):
+  config = f'--config={CONFIG}:runlocal'
+  return [sys.executable, '-m', 'kuaijax.main', config, f'--workdir={workdir}', *KILL_FLAGS]
+
+
+def _outcome(workdir, name):
+  stage = workdir / 'seed_0' / name
+  records = [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in read_metrics(str(stage))]
+  return records, json.loads((stage / 'stage.json').read_text())['eval']
+
+
+def test_sigkill_in_the_second_variant_then_rerun_resumes_exactly(tmp_path):
+  """A real SIGKILL of `python -m kuaijax.main` in the middle of the 'topp' stage (after its second
+  checkpoint): re-running the command keeps the finished 'top2' stage untouched and ends with the
+  losses and evaluation of an uninterrupted run, bit for bit."""
+  env = {**os.environ, 'XLA_FLAGS': ''}
+  run = lambda workdir: subprocess.run(
+    _command(workdir), cwd=REPO_ROOT, env=env, check=True, capture_output=True
+  )
+  run(tmp_path / 'straight')
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen(
+    _command(killed), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
+  ckpt_dir = killed / 'seed_0' / 'topp' / 'checkpoints'
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if len([d for d in (os.listdir(ckpt_dir) if ckpt_dir.exists() else []) if d.isdigit()]) >= 2:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (killed / 'seed_0' / 'topp' / 'stage.json').exists(), 'topp finished before the kill'
+  earlier = [p for p in (killed / 'seed_0' / 'top2').rglob('*') if p.is_file()]
+  stamps = {p: p.stat().st_mtime_ns for p in earlier}
+  run(killed)
+  assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # top2 kept as it was
+  for name in ('top2', 'topp'):
+    straight_metrics, straight_eval = _outcome(tmp_path / 'straight', name)
+    resumed_metrics, resumed_eval = _outcome(killed, name)
+    assert [r['step'] for r in resumed_metrics if 'loss' in r] == list(range(1, 31))
+    assert straight_metrics == resumed_metrics and straight_eval == resumed_eval, name
+  results = [json.loads((w / 'results.json').read_text()) for w in (tmp_path / 'straight', killed)]
+  assert results[0]['variants'] == results[1]['variants']
 
 
 @pytest.mark.slow

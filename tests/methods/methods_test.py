@@ -13,6 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
+from kuaijax import sampling
 from kuaijax.data import arith, sequences, tasks
 from kuaijax.data.tokenizers import ByteTokenizer
 from kuaijax.evals import task_accuracy
@@ -164,17 +165,17 @@ def test_chat_layout_masks_the_chosen_roles():
   text = ''.join(render(m['role'], m['content']) for m in messages)
 
   def scored(loss_on):
-    tokens, mask = sequences.encode_chat(messages, TOK, loss_on=loss_on)
+    tokens, mask = sequences.chat_sequence(messages, TOK, loss_on=loss_on)
     assert tokens[0] == TOK.bos_id and TOK.decode(tokens) == text
     return TOK.decode(tokens[1:][mask[:-1] > 0])
 
   assert scored('assistant') == 'Assistant: a1\nAssistant: a2\n'
   assert scored('last_assistant') == 'Assistant: a2\n'
   assert scored('user') == 'User: hi\nUser: more\n'
-  tokens, mask = sequences.encode_chat(messages, TOK, loss_on='last_assistant')
+  tokens, mask = sequences.chat_sequence(messages, TOK, loss_on='last_assistant')
   assert tokens[-1] == TOK.eos_id and mask[-2] == 1  # the final eos is a target
   with pytest.raises(ValueError, match='role'):
-    sequences.encode_chat([{'role': 'bot', 'content': 'x'}], TOK)
+    sequences.chat_sequence([{'role': 'bot', 'content': 'x'}], TOK)
 
 
 # ----------------------------------------------------------------------------- preference
@@ -514,7 +515,7 @@ def test_accuracy_by_group_on_hand_made_results():
   task = tasks.get_task('kj_arith')
   rs = records(2)
   texts = [f'The answer is {rs[0]["answer"]}', 'The answer is']
-  samples = [task_accuracy.Sample(i, np.zeros(0), np.zeros(0), t) for i, t in enumerate(texts)]
+  samples = [sampling.Sample(i, np.zeros(0), np.zeros(0), t) for i, t in enumerate(texts)]
   evaluator = task_accuracy.TaskAccuracyEvaluator(task, rs, TOK)
   assert evaluator.score(samples)['accuracy/level_1'] == 1.0
 
@@ -523,9 +524,9 @@ def test_sampled_evaluation_is_reproducible_per_seed():
   model, _ = tiny_policy()
   prompts = [r['prompt'] for r in records(3)]
   opts = dict(max_new_tokens=16, prompt_len=192, batch_size=2)
-  a = task_accuracy.sample_completions(model, TOK, prompts, num_samples=2, seed=1, **opts)
-  b = task_accuracy.sample_completions(model, TOK, prompts, num_samples=2, seed=1, **opts)
-  c = task_accuracy.sample_completions(model, TOK, prompts, num_samples=2, seed=2, **opts)
+  a = sampling.sample_completions(model, TOK, prompts, num_samples=2, seed=1, **opts)
+  b = sampling.sample_completions(model, TOK, prompts, num_samples=2, seed=1, **opts)
+  c = sampling.sample_completions(model, TOK, prompts, num_samples=2, seed=2, **opts)
   assert [s.index for s in a] == [0, 0, 1, 1, 2, 2]
   assert [s.text for s in a] == [s.text for s in b] != [s.text for s in c]
   assert all(len(s.tokens) == len(s.logprobs) <= 16 for s in a)

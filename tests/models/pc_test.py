@@ -346,5 +346,6 @@ def test_pcformer_config_matches_the_release_epsilons():
 
   for arg in ('', ':runlocal'):
     config = load_config(f'{REPO_ROOT}/configs/pcformer/lm.py{arg}')
-    cfg = TransformerConfig.from_config(config.model)
-    assert (cfg.norm_eps, cfg.pc_norm_eps) == (1e-6, 1e-5)
+    for model in config.models.values():  # every variant's model role
+      cfg = TransformerConfig.from_config(model)
+      assert (cfg.norm_eps, cfg.pc_norm_eps) == (1e-6, 1e-5)
