@@ -1,7 +1,7 @@
 """The method interface: records -> examples, `loss_fn(model, batch, rng, frozen)`, reference, rollout.
 
 A post-training method is a `Method` subclass registered by name (`register_method`). The training
-stage of the pipeline (`kuaijax.train.pipeline`) builds it as `cls(ctx, loss=<stage>.loss,
+stage of the pipeline (`kuaijax.stages.builtin`) builds it as `cls(ctx, loss=<stage>.loss,
 **<stage>.options)` and then:
   1. `examples, stats = method.examples(records)`: the stage's input records (task records or a
      previous stage's data set) -> fixed-shape example dicts of numpy arrays;
