@@ -8,22 +8,20 @@ reads the "[[rating]]" verdict; `rate` runs a judge over many answers and counts
 carry no rating (skipped, never an error).
 
 `MTBenchEvaluator`, registered as 'mt_bench', grades the evaluated model's own answers to MT-Bench
-questions with a `ModelJudge`: the evaluated model itself (judge='self') or the latest params of a
-checkpoint of the same architecture (judge='/path/to/workdir').
+questions with a `ModelJudge`: the evaluated model itself (judge='self') or any model the pipeline
+loads as a model role (judge='/path/to/workdir' or a Hugging Face folder, judge_model='<role>').
 """
 
 import re
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-import jax
 from flax import nnx
 
 from kuaijax.data import sources
 from kuaijax.evals import multi_turn
 from kuaijax.evals.base import Evaluator
 from kuaijax.evals.registry import register_evaluator
-from kuaijax.train import checkpoint as ckpt_lib
 
 _CRITERIA = (
   'Your evaluation should consider factors such as the helpfulness, relevance, accuracy, depth, '
@@ -203,9 +201,9 @@ SELF_JUDGE = 'self'
 class MTBenchEvaluator(Evaluator):
   """`mt_bench_scores` of the evaluated model (greedy answers, own history) under a model judge.
 
-  judge: 'self' (the evaluated model grades its own answers) or a checkpoint path (a workdir or its
-  checkpoints folder, `kuaijax.train.checkpoint.load_params`) of a model with the evaluated
-  model's architecture, read once at the first evaluation onto the evaluated params' shardings.
+  load_judge: None (the evaluated model grades its own answers) or a function returning the judge's
+  (graphdef, params), called once at the first evaluation: any model, of any architecture (the
+  pipeline loads a checkpoint or a Hugging Face folder as a model role, `EvalContext.load_model`).
   Answers and verdicts are generated with `multi_turn.generate_turns` (prompts cut to
   max_prompt_len from the oldest exchanges). Metrics: mt_bench/score, mt_bench/score/turn_k,
   mt_bench/score/category_c, mt_bench/judged, mt_bench/unrated, mt_bench/truncated_prompts.
@@ -216,7 +214,7 @@ class MTBenchEvaluator(Evaluator):
     questions: Sequence[dict],
     tokenizer,
     *,
-    judge: str = SELF_JUDGE,
+    load_judge: Callable[[], tuple] | None = None,
     max_prompt_len: int,
     max_new_tokens: int,
     judge_max_new_tokens: int,
@@ -224,22 +222,18 @@ class MTBenchEvaluator(Evaluator):
   ):
     if not questions:
       raise ValueError('mt_bench: no questions')
-    if not judge:
-      raise ValueError(f'mt_bench: judge must be {SELF_JUDGE!r} or a checkpoint path')
-    self.questions, self.tokenizer, self.judge = list(questions), tokenizer, judge
+    self.questions, self.tokenizer, self.load_judge = list(questions), tokenizer, load_judge
     self.options = {'max_prompt_len': max_prompt_len, 'batch_size': batch_size}
     self.max_new_tokens, self.judge_max_new_tokens = max_new_tokens, judge_max_new_tokens
-    self._judge_params = None
+    self._judge = None
 
-  def judge_params(self, params):
-    """The judge's params: `params` themselves for 'self', else the checkpoint's (cached)."""
-    if self.judge == SELF_JUDGE:
-      return params
-    if self._judge_params is None:
-      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-      shardings = jax.tree.map(lambda x: x.sharding, params)
-      self._judge_params, _ = ckpt_lib.load_params(self.judge, abstract, shardings)
-    return self._judge_params
+  def judge_model(self, graphdef, params):
+    """The judge: the evaluated model itself, or the loaded one (loaded once)."""
+    if self.load_judge is None:
+      return nnx.merge(graphdef, params)
+    if self._judge is None:
+      self._judge = nnx.merge(*self.load_judge())
+    return self._judge
 
   def evaluate(self, graphdef, params, step=None) -> dict:
     del step
@@ -250,7 +244,7 @@ class MTBenchEvaluator(Evaluator):
       **self.options,
     )
     judge = ModelJudge(
-      nnx.merge(graphdef, self.judge_params(params)),
+      self.judge_model(graphdef, params),
       self.tokenizer,
       max_new_tokens=self.judge_max_new_tokens,
       **self.options,
@@ -263,15 +257,24 @@ class MTBenchEvaluator(Evaluator):
 @register_evaluator('mt_bench')
 def build(options: dict, ctx) -> MTBenchEvaluator:
   """MT-Bench single-answer grading by a model judge. Options: questions ('mt_bench:/path/
-  question.jsonl', `kuaijax.data.chat_files.load_mt_bench`), limit (0 = all), judge ('self' or a
-  checkpoint path of the same architecture), max_prompt_len, max_new_tokens (answers),
-  judge_max_new_tokens, batch_size."""
+  question.jsonl', `kuaijax.data.chat_files.load_mt_bench`), limit (0 = all), judge ('self', or
+  a kuaijax checkpoint path or Hugging Face folder), judge_model (the model role the judge is, in
+  config.models; default 'policy'), max_prompt_len, max_new_tokens (answers), judge_max_new_tokens,
+  batch_size."""
   questions = sources.get_data_source(options['questions'], split='test')
   limit = options.get('limit', 0)
+  judge, role = options.get('judge', SELF_JUDGE), options.get('judge_model', 'policy')
+  if not judge:
+    raise ValueError(f'mt_bench: judge must be {SELF_JUDGE!r}, a checkpoint path or an HF folder')
+  load_judge = None
+  if judge != SELF_JUDGE:
+    if ctx.load_model is None:
+      raise ValueError(f'mt_bench: judge={judge!r} needs a pipeline that loads models')
+    load_judge = lambda: ctx.load_model(judge, role)  # noqa: E731
   return MTBenchEvaluator(
     questions[:limit] if limit else questions,
     ctx.tokenizer,
-    judge=options.get('judge', SELF_JUDGE),
+    load_judge=load_judge,
     max_prompt_len=options['max_prompt_len'],
     max_new_tokens=options['max_new_tokens'],
     judge_max_new_tokens=options['judge_max_new_tokens'],

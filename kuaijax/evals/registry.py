@@ -13,7 +13,7 @@ modules import `register_evaluator` from here; this module imports none of them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kuaijax.evals.base import Evaluators
 from kuaijax.registry import Registry
@@ -30,6 +30,9 @@ class EvalContext:
   data: object = None  # the config's data section (task_accuracy: data_dir, prompt_len, ...)
   lm_batches: Sequence[dict] | None = None  # lm_loss, moe_stats
   task_names: Sequence[str] = ()
+  # (a checkpoint path or Hugging Face folder, model role) -> (graphdef, params) on the mesh: how
+  # an evaluator loads another model (a judge); given by the stage pipeline
+  load_model: Callable[[str, str], tuple] | None = None
 
   def require_lm_batches(self, kind: str) -> Sequence[dict]:
     """The LM evaluation batches, or a clear error for an evaluator `kind` that needs them."""

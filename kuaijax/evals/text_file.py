@@ -37,7 +37,9 @@ GENERATION_OPTIONS = dict(eval_file='', num_generations=3, prompt_tokens=32, max
 def _options(kind: str, options: dict, defaults: dict) -> dict:
   unknown = sorted(set(options) - set(defaults))
   if unknown:
-    raise ValueError(f'evaluator {kind!r}: unknown option(s) {unknown}; allowed: {sorted(defaults)}')
+    raise ValueError(
+      f'evaluator {kind!r}: unknown option(s) {unknown}; allowed: {sorted(defaults)}'
+    )
   return {**defaults, **options}
 
 

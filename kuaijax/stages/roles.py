@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 
 import ml_collections
 
@@ -31,6 +32,15 @@ class ParamsSource:
   path: str
   role: str
   params_format: str = 'kuaijax'
+
+
+def source_of_path(path: str, role: str) -> ParamsSource:
+  """A folder as parameters of `role`: a Hugging Face folder (config.json, no checkpoints/) or a
+  kuaijax workdir / checkpoints folder."""
+  is_hf = os.path.isfile(os.path.join(path, 'config.json')) and not os.path.isdir(
+    os.path.join(path, 'checkpoints')
+  )
+  return ParamsSource(path, role, 'hf' if is_hf else 'kuaijax')
 
 
 def check_role(config, role: str, where: str) -> None:

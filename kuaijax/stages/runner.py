@@ -147,6 +147,7 @@ class Pipeline:
       data=self.config.data,
       mesh=mesh,
       rules=parallel.rules_dict(self.config.parallel.rules),
+      load_model=lambda path, role: roles.load(self.config, roles.source_of_path(path, role)),
       **extra,
     )
 

@@ -137,6 +137,11 @@ def _first_param(params) -> np.ndarray:
   return np.asarray(jax.tree.leaves(params)[0])
 
 
+def _load(path, like):
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+  return ckpt_lib.load_params(path, abstract, jax.tree.map(lambda x: x.sharding, like))[0]
+
+
 def test_mt_bench_evaluator_judged_by_the_model_itself_or_a_checkpoint(tmp_path, monkeypatch):
   graphdef, params = split_params(_tiny_model(0))
   _, other = split_params(_tiny_model(1))
@@ -167,7 +172,8 @@ def test_mt_bench_evaluator_judged_by_the_model_itself_or_a_checkpoint(tmp_path,
   options = dict(max_prompt_len=512, max_new_tokens=5, judge_max_new_tokens=7, batch_size=4)
   for judge_ref, rating in (('self', 4.0), (str(tmp_path), 9.0)):
     calls.clear()
-    evaluator = judge.MTBenchEvaluator(QUESTIONS, TOK, judge=judge_ref, **options)
+    load = None if judge_ref == 'self' else lambda path=judge_ref: (graphdef, _load(path, params))
+    evaluator = judge.MTBenchEvaluator(QUESTIONS, TOK, load_judge=load, **options)
     got = evaluator.evaluate(graphdef, params)
     assert got == {
       'mt_bench/score': rating,

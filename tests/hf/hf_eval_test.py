@@ -1,4 +1,5 @@
-"""configs/hf/eval.py end to end on a tiny exported MoE model with a locally trained tokenizer."""
+"""configs/hf/eval.py (an evaluation-only pipeline) end to end on a tiny exported MoE model with a
+locally trained tokenizer."""
 
 import json
 import math
@@ -27,7 +28,7 @@ TEXTS = [
 ]
 
 
-@pytest.mark.parametrize('sweep', ['', pytest.param('0.2,1.0', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('sweep', ['', pytest.param('0.2+1.0', marks=pytest.mark.slow)])
 def test_eval_command_on_exported_model(tmp_path, sweep):
   folder = str(tmp_path / 'model')
   tok = train_bpe(TEXTS * 4, folder, vocab_size=300)
@@ -46,10 +47,11 @@ def test_eval_command_on_exported_model(tmp_path, sweep):
   assert model_io.save_model(model, folder) == 'qwen3_moe'
   eval_file = tmp_path / 'texts.jsonl'
   eval_file.write_text('\n'.join(json.dumps({'text': t}) for t in TEXTS) + '\n')
-  config = load_config(os.path.join(REPO_ROOT, 'configs/hf/eval.py') + f':path={folder},runlocal')
-  config.eval_file = str(eval_file)
-  config.max_new_tokens = 4
-  config.top_p_sweep = sweep
+  spec = f':path={folder},runlocal' + (f',top_p_sweep={sweep}' if sweep else '')
+  config = load_config(os.path.join(REPO_ROOT, 'configs/hf/eval.py') + spec)
+  config.eval_file = str(eval_file)  # both evaluators read it
+  assert config.evals.text.eval_file == config.evals.generations.eval_file == str(eval_file)
+  config.evals.generations.max_new_tokens = 4
   config.parallel.num_devices = 1
   workdir = tmp_path / 'wd'
   main.run_experiment(config, str(workdir))
@@ -68,11 +70,29 @@ def test_eval_command_on_exported_model(tmp_path, sweep):
   assert results['tokens'] == count
   np.testing.assert_allclose(results['mean_nll'], total / count, rtol=1e-5)
   np.testing.assert_allclose(results['perplexity'], math.exp(total / count), rtol=1e-5)
+  assert results['seeds'] == {'training': [0], 'sampling': []}
+  assert results['experts_per_token'] == 2.0  # the exported top-2 routing
+  stage = json.loads((workdir / 'shared' / 'base' / 'stage.json').read_text())
+  assert stage['params_format'] == 'hf' and stage['eval']['mean_nll'] == results['mean_nll']
   if sweep:  # p = 1 keeps every expert; a near-uniform router at p = 0.2 keeps only the top-1
     rows = {row['p']: row for row in results['top_p_sweep']}
     assert (rows[1.0]['experts_per_token'], rows[0.2]['experts_per_token']) == (4.0, 1.0)
+    assert rows[1.0]['layer_mean_k'] == [4.0, 4.0]
+    # p = 1 with every expert is another function than the exported top-2 model
+    assert rows[1.0]['mean_nll'] != results['mean_nll']
     assert (workdir / 'top_p_sweep.png').exists()
+    assert sorted(os.listdir(workdir / 'shared')) == ['base', 'top_p_0_2', 'top_p_1']
+  else:
+    assert 'top_p_sweep' not in results
   assert len(results['generations']) == 3
   md = (workdir / 'results.md').read_text()
   assert 'Greedy generations' in md and 'perplexity' in md
   assert (workdir / 'nll_by_position.png').exists()
+
+
+def test_top_p_sweep_of_a_dense_model_is_refused(tmp_path):
+  cfg = TransformerConfig(vocab_size=64, d_model=16, num_layers=1, num_heads=2, d_ff=32)
+  folder = str(tmp_path / 'dense')
+  model_io.save_model(random_model(cfg, seed=0), folder, family='llama')
+  with pytest.raises(ValueError, match='top_p_sweep needs an MoE model'):
+    load_config(os.path.join(REPO_ROOT, 'configs/hf/eval.py') + f':path={folder},top_p_sweep=0.5')
