@@ -32,16 +32,12 @@ LAYER_KEYS = ('agreement', 'accuracy', 'loss', 'confidence')
 SPEED_KEYS = ('early_exit_s', 'normal_s', 'speedup')
 
 
-def _ms(values) -> list[float]:
-  return report.mean_std(values)
-
-
 def summarise(evals: list[dict]) -> dict:
   """Per-layer read-outs and per-setting rows, each value [mean, std] over the training seeds."""
   e0 = evals[0]
   layers = {
     key: [
-      _ms([e[f'{PREFIX}/layers/{key}'][i] for e in evals])
+      report.mean_std([e[f'{PREFIX}/layers/{key}'][i] for e in evals])
       for i in range(len(e0[f'{PREFIX}/layers/{key}']))
     ]
     for key in LAYER_KEYS
@@ -49,9 +45,11 @@ def summarise(evals: list[dict]) -> dict:
   rows = []
   for label in e0[f'{PREFIX}/settings']:
     row = {'setting': label}
-    row.update({k: _ms([e[f'{PREFIX}/{label}/{k}'] for e in evals]) for k in ROW_KEYS})
+    row.update({k: report.mean_std([e[f'{PREFIX}/{label}/{k}'] for e in evals]) for k in ROW_KEYS})
     for batch in ('batch1', 'batch'):
-      row[batch] = {k: _ms([e[f'{PREFIX}/{label}/{batch}/{k}'] for e in evals]) for k in SPEED_KEYS}
+      row[batch] = {
+        k: report.mean_std([e[f'{PREFIX}/{label}/{batch}/{k}'] for e in evals]) for k in SPEED_KEYS
+      }
     rows.append(row)
   return {
     'num_layers': int(e0[f'{PREFIX}/num_layers']),
