@@ -10,8 +10,8 @@ This file reads the stages' stage.json and metrics.jsonl and writes the tables a
 validation loss per task, perplexity, parameters, block evaluations per token and training tokens/s.
 Table 2: needle retrieval accuracy (kuaijax.evals.passkey) at the training length and beyond for the
 stages that ran it (single-base RoPE vs HARPE). Both show mean ± std over training seeds when there
-are several. Plots: the learned alpha per layer and the corrector matrices W / Wc of every PC variant
-(first training seed), and the loss curves of every variant. Writes results.json, results.md and the
+are several. Plots: the learned alpha per layer and the corrector matrices W / Wc of every PC
+variant (first training seed), and the loss curves of every variant. Writes results.json, results.md and the
 PNGs.
 """
 

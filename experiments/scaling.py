@@ -70,7 +70,8 @@ def _eval_curve(infos: list[dict]) -> list[tuple[int, float]]:
 
 
 def cell_record(config, cell: str, infos: list[dict]) -> dict:
-  """One cell's row: sizes, activated non-embedding parameters, loss (over seeds), compute, curve."""
+  """One cell's row: sizes, activated non-embedding parameters, loss (over seeds), compute and
+  eval curve."""
   block = config.stage[cell]
   model = roles.model_section(config, cell)
   embedding = model.vocab_size * model.d_model * (1 if model.tie_embeddings else 2)

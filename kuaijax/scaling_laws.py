@@ -1,5 +1,5 @@
-"""Scaling-law fits: L = E + A x^-alpha by least squares with a profiled exponent, residual-bootstrap
-confidence intervals, the compute frontier of a family of runs, and families compared at equal
+"""Scaling-law fits: L = E + A x^-alpha by least squares with a profiled exponent,
+residual-bootstrap confidence intervals, the compute frontier of a family of runs, and families compared at equal
 compute (`experiments/scaling.py` reads its runs into records and calls these).
 
 A record is one trained model: {'family', 'active_non_embedding' (N), 'loss' (final evaluation),

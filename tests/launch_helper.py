@@ -4,9 +4,9 @@ sum      initialises jax.distributed like kuaijax.main, sums a global array whos
          gives (row r = r) and writes [process_count, device_count, local devices, sum] to
          $KJ_OUT/<process index>.json.
 fail     process 1 exits with status 7 at once; the others write their pid to $KJ_PID_DIR and sleep.
-params   loads the params of the checkpoint in $KJ_WORKDIR (the launcher test's LM) onto a mesh of all
-         processes' devices ($KJ_MESH, e.g. 'fsdp=4,expert=2') and writes {path: sum of squares},
-         computed on the mesh, to $KJ_OUT/<process index>.json.
+params   loads the params of the checkpoint in $KJ_WORKDIR (the launcher test's LM stage folder)
+         onto a mesh of all processes' devices ($KJ_MESH, e.g. 'fsdp=4,expert=2') and writes
+         {path: sum of squares}, computed on the mesh, to $KJ_OUT/<process index>.json.
 main     `kuaijax.main` where every process exits with status 3 right after the checkpoint of step
          $KJ_CRASH_STEP is written (a run killed mid-way), first writing the train-split example
          indices it has read into $KJ_READ_LOG/<process index>.json.
@@ -50,9 +50,8 @@ def _params():
   import jax.numpy as jnp
 
   from kuaijax import parallel
-  from kuaijax.train import lm_task
+  from kuaijax.stages import roles
   from kuaijax.train.checkpoint import load_params
-  from kuaijax.train.trainer import param_layout
   from tests.launch_test import _config
 
   parallel.maybe_initialize_distributed()
@@ -60,7 +59,7 @@ def _params():
   mesh = dict(item.split('=') for item in os.environ['KJ_MESH'].split(','))
   config.parallel.mesh.update({'data': 1, 'fsdp': 1, 'tensor': 1, 'expert': 1})
   config.parallel.mesh.update({k: int(v) for k, v in mesh.items()})
-  layout = param_layout(config, lm_task.model_factory(config.model))
+  layout = roles.layout(config, 'policy')
   params, _ = load_params(os.environ['KJ_WORKDIR'], layout.abstract_params, layout.shardings)
   sums = parallel.host_value(jax.jit(lambda p: jax.tree.map(lambda x: jnp.sum(x * x), p))(params))
   flat = jax.tree_util.tree_flatten_with_path(sums)[0]

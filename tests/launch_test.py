@@ -88,13 +88,18 @@ def _launch(
       proc.wait(timeout=30)
 
 
+def _stage(workdir):
+  """The LM pipeline's training stage folder (configs/lm/mixture.py: stage 'lm', seed 0)."""
+  return workdir / 'seed_0' / 'lm'
+
+
 def _final_params(workdir, config=CONFIG, overrides=OVERRIDES):
   """The latest checkpoint's params on this process's first device, whoever wrote them."""
   config = _config(config, overrides)
   config.parallel.num_devices = 1
   config.parallel.mesh.update(data=1, fsdp=1, tensor=1)
   layout = roles.layout(config, 'policy')
-  params, _ = load_params(str(workdir), layout.abstract_params, layout.shardings)
+  params, _ = load_params(str(_stage(workdir)), layout.abstract_params, layout.shardings)
   return jax.device_get(params)
 
 
@@ -142,14 +147,14 @@ def test_two_processes_killed_and_restarted_match_one_process(built_data, tmp_pa
     env={'KJ_CRASH_STEP': '2', 'KJ_READ_LOG': str(reads)},
   )
   assert status == 3  # both processes died right after the step-2 checkpoint
-  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']
+  assert sorted(os.listdir(_stage(workdir) / 'checkpoints')) == ['2']
   assert not (workdir / 'results.json').exists()
   # Shard s holds examples s, s + 2, ...; process p reads shard p only, and both read something.
   for p in range(2):
     read = json.loads((reads / f'{p}.json').read_text())
     assert read and {i % 2 for i in read} == {p}
   assert _launch(workdir) == 0
-  _assert_same_losses(reference, workdir, steps=4)
+  _assert_same_losses(_stage(reference), _stage(workdir), steps=4)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
     _final_params(reference),
@@ -159,7 +164,7 @@ def test_two_processes_killed_and_restarted_match_one_process(built_data, tmp_pa
   two = json.loads((workdir / 'results.json').read_text())['model']
   assert abs(one['loss'] - two['loss']) < 1e-5
   # Workdir files are written once, by process 0: one line per logged step.
-  assert [r['step'] for r in read_metrics(workdir) if 'loss' in r] == [1, 2, 3, 4]
+  assert [r['step'] for r in read_metrics(_stage(workdir)) if 'loss' in r] == [1, 2, 3, 4]
 
 
 @pytest.fixture(scope='module')
@@ -202,12 +207,12 @@ def test_full_state_resumes_on_another_process_count_and_mesh(uninterrupted, tmp
     **crash,
     overrides={**OVERRIDES, **MESHES[mesh1]},
   )
-  assert status == 3 and sorted(os.listdir(workdir / 'checkpoints')) == ['2']
+  assert status == 3 and sorted(os.listdir(_stage(workdir) / 'checkpoints')) == ['2']
   # Shard s holds examples s, s + 2, ...: each process read exactly its shards, and something.
   for p in range(p1):
     read = json.loads((reads / f'{p}.json').read_text())
     assert read and {i % 2 for i in read} == ({p} if p1 == 2 else {0, 1})
-  data_files = sorted(os.listdir(workdir / 'checkpoints' / '2' / 'data'))
+  data_files = sorted(os.listdir(_stage(workdir) / 'checkpoints' / '2' / 'data'))
   assert [f for f in data_files if f.endswith('.json')] == [
     'shard_0-of-2.json',
     'shard_1-of-2.json',
@@ -216,7 +221,7 @@ def test_full_state_resumes_on_another_process_count_and_mesh(uninterrupted, tmp
     workdir, processes=p2, devices=8 // p2, overrides={**OVERRIDES, **MESHES[mesh2]}
   )
   assert resumed == 0
-  _assert_same_losses(uninterrupted, workdir, steps=4)
+  _assert_same_losses(_stage(uninterrupted), _stage(workdir), steps=4)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
     _final_params(uninterrupted),
@@ -232,17 +237,22 @@ def test_resume_with_other_data_shards_is_a_clear_error(uninterrupted, tmp_path)
   """The data position is per shard: a different data.shards cannot continue it (named)."""
   workdir = tmp_path / 'run'
   shutil.copytree(uninterrupted, workdir)
-  shutil.rmtree(workdir / 'checkpoints' / '4')
+  shutil.rmtree(_stage(workdir) / 'checkpoints' / '4')
+  (_stage(workdir) / 'stage.json').unlink()  # the stage is unfinished again
   config = _config(overrides={**OVERRIDES, 'data.shards': 4})
   with pytest.raises(CheckpointError, match='shard_0-of-4.json') as error:
     run_experiment(config, str(workdir))
   assert 'data.shards' in str(error.value)
-  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']  # nothing lost
+  assert sorted(os.listdir(_stage(workdir) / 'checkpoints')) == ['2']  # nothing lost
 
 
 def test_params_restore_onto_two_processes_and_another_mesh(uninterrupted, tmp_path):
   """The (data 2, fsdp 2, tensor 2) checkpoint loaded by 2 processes onto (fsdp 4, expert 2)."""
-  env = {'KJ_WORKDIR': str(uninterrupted), 'KJ_MESH': 'fsdp=4,expert=2', 'KJ_OUT': str(tmp_path)}
+  env = {
+    'KJ_WORKDIR': str(_stage(uninterrupted)),
+    'KJ_MESH': 'fsdp=4,expert=2',
+    'KJ_OUT': str(tmp_path),
+  }
   cmd = [sys.executable, '-m', 'kuaijax.launch', '--processes=2', '--devices=8']
   out = subprocess.run(
     [*cmd, '--module=tests.launch_helper', '--', 'params'],
@@ -260,14 +270,18 @@ def test_params_restore_onto_two_processes_and_another_mesh(uninterrupted, tmp_p
 
 MOE_CONFIG = 'configs/topp_moe/compare.py:runlocal'
 MOE_OVERRIDES = {
-  **{k: v for k, v in OVERRIDES.items() if k.split('.')[0] in ('model', 'train')},
+  **{
+    k.replace('models.policy.', 'models.top2.'): v
+    for k, v in OVERRIDES.items()
+    if k.split('.')[0] in ('models', 'train')
+  },
   'data.seq_len': 64,
   'data.eval_batch_size': 8,
   'data.eval_batches': 1,
-  'models.policy.num_kv_heads': 2,
-  'moe_layer.num_experts': 4,
-  'moe_layer.expert_d_ff': 32,
-  'run_variants': 'top2',
+  'models.top2.num_kv_heads': 2,
+  'models.top2.mlp_options.num_experts': 4,
+  'models.top2.mlp_options.expert_d_ff': 32,
+  'stages': 'top2',
   'parallel.mesh.data': 1,
   'parallel.mesh.expert': 4,
 }
@@ -284,7 +298,7 @@ def test_moe_with_experts_across_two_processes_matches_one_process(built_data, t
   run_experiment(config, str(reference))
   workdir = tmp_path / 'two_processes'
   assert _launch(workdir, devices=2, config=MOE_CONFIG, overrides=MOE_OVERRIDES) == 0
-  _assert_same_losses(reference / 'top2', workdir / 'top2', steps=4)
+  _assert_same_losses(reference / 'seed_0' / 'top2', workdir / 'seed_0' / 'top2', steps=4)
   one = json.loads((reference / 'results.json').read_text())['variants']['top2']['eval']
   two = json.loads((workdir / 'results.json').read_text())['variants']['top2']['eval']
   assert abs(one['loss'] - two['loss']) < 1e-5

@@ -3,8 +3,8 @@
 One pipeline (`kuaijax.stages`): every cell (family x size) is a model role `config.models.<cell>`
 and a 'pretrain' stage `config.stage.<cell>` (cells 'dense_s1' .. 'topp_s5'), on the Top-P MoE
 paper's data, optimizer and evaluators (`kuaijax.lm_configs.moe_lm`, shared with
-configs/topp_moe/compare.py). Every family trains the same sizes on the same tokens; MoE layers have 8
-(runlocal) / 16 (full) experts of width d_model, dense layers a SwiGLU of width 2 d_model, so Top-2
+configs/topp_moe/compare.py). Every family trains the same sizes on the same tokens; MoE layers have
+8 (runlocal) / 16 (full) experts of width d_model, dense layers a SwiGLU of width 2 d_model, so Top-2
 activates the dense FFN's parameters while holding four (eight) times as many. Args: `cells=` picks
 the cells this call trains ('top2_s3+topp_s3'; default all), `seeds=0+1+2` the training seeds
 (default 0). See experiments/scaling.py.

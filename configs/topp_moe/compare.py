@@ -2,8 +2,8 @@
 
 A pipeline (`kuaijax.stages`) of one 'pretrain' stage per variant: `config.models.<variant>` is the
 variant's decoder (the MoE options merged in), `config.stage.<variant>` trains it, `config.stages`
-lists them ('dense,dense_wide,top1,top2,topp'; `--config.stages=topp` trains one). Every variant of a
-training seed starts from the same init seed and sees the same batches; the MoE auxiliary losses
+lists them ('dense,dense_wide,top1,top2,topp'; `--config.stages=topp` trains one). Every variant of
+a training seed starts from the same init seed and sees the same batches; the MoE auxiliary losses
 (balance 1e-2, router entropy 1e-4, averaged over layers) are each stage's `aux_loss`. The shared
 setup (data, base model, optimizer, evaluators) is `kuaijax.lm_configs.moe_lm`.
 
@@ -30,7 +30,8 @@ recorded):
 The corpus is any prepared tfds name (array_record in data.data_dir) or local jsonl files with a
 'text' field ('{split}' is replaced by train / validation), read by the same grain pipeline; the
 SentencePiece tokenizer (32000) is trained once into <workdir>/shared/ unless data.spm_model_path
-names one (e.g. the LLaMA tokenizer.model). Paper numbers per variant: experiments/topp_moe/README.md.
+names one (e.g. the LLaMA tokenizer.model). Paper numbers per variant:
+experiments/topp_moe/README.md.
 """
 
 import ml_collections

@@ -4,7 +4,7 @@ model on the corpus of `config.data` (`kuaijax.train.lm_task`).
 Block (`kuaijax.config_lib.pretrain_stage`):
   model        the model role trained (`config.models.<role>`; default 'policy')
   init_from    a stage name or checkpoint path to start from ('' = scratch, or the role's HF folder)
-  train        overrides of the shared `config.train` section for this stage (steps, batch_size, ...)
+  train        overrides of the shared `config.train` section for this stage (steps, batch_size)
   optimizer    overrides of the shared `config.optimizer` section
   aux_loss     weights of the MoE layers' auxiliary losses: balance_weight, entropy_weight,
                z_loss_weight, aux_reduce ('mean' | 'sum' over layers); a dense model reports none.
