@@ -69,17 +69,15 @@ def check_choice(name: str, value, allowed) -> None:
 
 
 def trainer_config(**train_overrides) -> ml_collections.ConfigDict:
-  """The sections every training experiment shares: train, optimizer, parallel, init_from(_hf).
+  """The sections every training experiment shares: train, optimizer, parallel.
 
-  Experiment configs start from this and set their own `experiment`, `data` and `model` sections.
+  Pipeline configs start from this and set their own `experiment`, `seeds`, `data`, `models`,
+  `stages` and `stage` sections; initial parameters are a stage's `init_from` or a model role's
+  Hugging Face folder, never a top-level field.
   """
   from kuaijax.parallel import DEFAULT_RULES
 
   config = ml_collections.ConfigDict()
-  config.init_from = ''  # a workdir (or its checkpoints folder) to take the initial params from
-  # a Hugging Face model folder (config.json + safetensors) to take the initial params from; the
-  # model section must match it (kuaijax.hf.model_io.model_section(folder) builds one)
-  config.init_from_hf = ''
   config.train = ml_collections.ConfigDict(
     dict(
       steps=1000,
@@ -199,6 +197,42 @@ def train_stage(
       **extra,
     )
   )
+
+
+def data_section(**overrides) -> ml_collections.ConfigDict:
+  """The one `data` layout of every pipeline config; `overrides` set the fields an experiment uses.
+
+  An LM corpus for 'pretrain' stages (`name`, splits, sentencepiece training, packing, data
+  order `seed` + training seed, `shards`, per-task evaluation batches) and a task for post-training
+  stages (`task`, read as 'task:<split>': `levels`, `limit`; generation widths `prompt_len`,
+  `max_new_tokens`) share the tokenizer and `seq_len` fields.
+  """
+  defaults = dict(
+    name='',  # LM corpus: a prepared tfds name, or 'jsonl:/path/{split}.jsonl' ('text' field)
+    task='',  # post-training task by name (kuaijax.data.tasks), e.g. 'kj_arith'
+    data_dir='',  # '' -> $KUAIJAX_DATA_DIR or ~/tensorflow_datasets
+    train_split='train',
+    eval_split='validation',
+    tokenizer='byte',  # 'sentencepiece' (trained once per pipeline when spm_model_path is '') | 'hf'
+    spm_model_path='',
+    spm_vocab_size=8192,
+    spm_train_examples=20000,  # examples of the train split the tokenizer is trained on
+    seq_len=1024,  # training rows
+    pack=True,
+    seed=1,  # the LM data order of training seed s is data.seed + s
+    shards=0,  # LM data shards (0: one per process); fix it to compare runs across process counts
+    task_names=(),  # the LM corpus' tasks, reported separately by the LM evaluators
+    eval_batch_size=64,
+    eval_batches=16,
+    levels=(),  # task records of these groups only (kj_arith: difficulty levels); () = all
+    limit=0,  # task training records (0: the whole split)
+    prompt_len=256,  # generation prompt width
+    max_new_tokens=128,  # generation budget
+  )
+  unknown = sorted(set(overrides) - set(defaults))
+  if unknown:
+    raise ValueError(f'data fields {unknown} are not in the data layout ({sorted(defaults)})')
+  return ml_collections.ConfigDict({**defaults, **overrides})
 
 
 LM_MIXTURE_TASKS = ('code', 'arith', 'copy', 'recall')

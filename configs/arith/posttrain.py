@@ -22,7 +22,14 @@ run instead of training one; `seeds=0+1+2` the training seeds:
 
 import ml_collections
 
-from kuaijax.config_lib import lm_model, parse_arg, parse_seeds, stage_steps, trainer_config
+from kuaijax.config_lib import (
+  data_section,
+  lm_model,
+  parse_arg,
+  parse_seeds,
+  stage_steps,
+  trainer_config,
+)
 from kuaijax.config_lib import train_stage as _train
 from kuaijax.losses.preference import DPO_LOSS_TYPES
 
@@ -85,19 +92,14 @@ def get_config(arg=None):
   # derived from it and the stage's name); `seeds=0+1+2` runs three.
   config.seeds = parse_seeds(args.seeds)
   config.stages = args.stages
-  config.data = CD(
-    dict(
-      task='kj_arith',
-      data_dir='',  # '' -> $KUAIJAX_DATA_DIR or ~/tensorflow_datasets
-      tokenizer='byte',
-      spm_model_path='',
-      levels=(1, 2, 3, 4),  # training levels
-      limit=0,  # training records (0: the whole split of those levels)
-      seq_len=1024,  # SFT rows, packed with whole examples (one level-4 example needs 392)
-      pack=True,
-      prompt_len=288,  # generation prompt width (level-4 prompts reach 273 byte tokens)
-      max_new_tokens=128,  # level-4 solutions reach 119; DPO/RLMEC rows hold prompt + this
-    )
+  config.data = data_section(
+    task='kj_arith',
+    tokenizer='byte',
+    levels=(1, 2, 3, 4),  # training levels
+    limit=0,  # training records (0: the whole split of those levels)
+    seq_len=1024,  # SFT rows, packed with whole examples (one level-4 example needs 392)
+    prompt_len=288,  # generation prompt width (level-4 prompts reach 273 byte tokens)
+    max_new_tokens=128,  # level-4 solutions reach 119; DPO/RLMEC rows hold prompt + this
   )
   config.models = CD(
     dict(

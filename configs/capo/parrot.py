@@ -28,6 +28,7 @@ import functools
 import ml_collections
 
 from kuaijax.config_lib import (
+  data_section,
   lm_model,
   parse_arg,
   parse_seeds,
@@ -61,19 +62,14 @@ def get_config(arg=None):
   config = trainer_config()
   config.experiment = 'capo'
   config.seeds = parse_seeds(args.seeds)  # training seeds: one pipeline each, seed_<s>/
-  config.data = CD(
-    dict(
-      task='kj_dialog',
-      data_dir='',  # '' -> $KUAIJAX_DATA_DIR or ~/tensorflow_datasets
-      tokenizer='byte',
-      spm_model_path='',
-      levels=(),
-      limit=0,  # training sessions (0: the whole split)
-      seq_len=640,  # an 8-turn session needs ~450 byte tokens; longer ones lose their oldest turns
-      pack=True,
-      prompt_len=576,
-      max_new_tokens=48,
-    )
+  config.data = data_section(
+    task='kj_dialog',
+    tokenizer='byte',
+    levels=(),
+    limit=0,  # training sessions (0: the whole split)
+    seq_len=640,  # an 8-turn session needs ~450 byte tokens; longer ones lose their oldest turns
+    prompt_len=576,
+    max_new_tokens=48,
   )
   config.models = CD(
     dict(

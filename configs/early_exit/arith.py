@@ -20,7 +20,14 @@ Args: `seeds=0+1+2` the training seeds (default 0).
 
 import ml_collections
 
-from kuaijax.config_lib import lm_model, parse_arg, parse_seeds, train_stage, trainer_config
+from kuaijax.config_lib import (
+  data_section,
+  lm_model,
+  parse_arg,
+  parse_seeds,
+  train_stage,
+  trainer_config,
+)
 
 CD = ml_collections.ConfigDict
 
@@ -30,19 +37,14 @@ def get_config(arg=None):
   config = trainer_config()
   config.experiment = 'early_exit'
   config.seeds = parse_seeds(args.seeds)
-  config.data = CD(
-    dict(
-      task='kj_arith',
-      data_dir='',  # '' -> $KUAIJAX_DATA_DIR or ~/tensorflow_datasets
-      tokenizer='byte',
-      spm_model_path='',
-      levels=(1, 2),  # training levels (also those of the gate's training problems)
-      limit=20000,  # kj_arith training problems
-      seq_len=1024,  # packed SFT rows
-      pack=True,
-      prompt_len=224,
-      max_new_tokens=96,
-    )
+  config.data = data_section(
+    task='kj_arith',
+    tokenizer='byte',
+    levels=(1, 2),  # training levels (also those of the gate's training problems)
+    limit=20000,  # kj_arith training problems
+    seq_len=1024,  # packed SFT rows
+    prompt_len=224,
+    max_new_tokens=96,
   )
   config.models = CD(dict(policy=_model()))
   config.stage = CD(dict(sft=_sft()))

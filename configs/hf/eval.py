@@ -23,7 +23,7 @@ depend on the model and file; CI runs it on a tiny exported model in seconds).
 
 import ml_collections
 
-from kuaijax.config_lib import parse_arg, trainer_config
+from kuaijax.config_lib import data_section, parse_arg, trainer_config
 
 CD = ml_collections.ConfigDict
 
@@ -40,7 +40,7 @@ def get_config(arg=None):
   config = trainer_config()
   config.experiment = 'hf_eval'
   config.seeds = (0,)  # nothing is trained or sampled: one pipeline run
-  config.data = CD(dict(tokenizer='hf'))  # the policy folder's tokenizer.json
+  config.data = data_section(tokenizer='hf')  # the policy folder's tokenizer.json
   # parameter and compute dtype: float32 | bfloat16
   policy = dict(hf=args.path, dtype=args.dtype, param_dtype=args.dtype)
   config.models = CD(dict(policy=policy))

@@ -23,6 +23,7 @@ Args: `stages=` the rows to run (their inputs are added), `seeds=0+1+2`.
 import ml_collections
 
 from kuaijax.config_lib import (
+  data_section,
   lm_model,
   parse_arg,
   parse_seeds,
@@ -62,19 +63,14 @@ def get_config(arg=None):
   config.experiment = 'rlmec'
   config.seeds = parse_seeds(args.seeds)  # training seeds: one pipeline each, seed_<s>/
   config.stages = args.stages.replace('+', ',')
-  config.data = CD(
-    dict(
-      task='kj_arith',
-      data_dir='',  # '' -> $KUAIJAX_DATA_DIR or ~/tensorflow_datasets
-      tokenizer='byte',
-      spm_model_path='',
-      levels=(1, 2, 3, 4),  # training levels
-      limit=0,
-      seq_len=2048,
-      pack=True,
-      prompt_len=288,
-      max_new_tokens=128,
-    )
+  config.data = data_section(
+    task='kj_arith',
+    tokenizer='byte',
+    levels=(1, 2, 3, 4),  # training levels
+    limit=0,
+    seq_len=2048,
+    prompt_len=288,
+    max_new_tokens=128,
   )
   policy = lm_model(
     vocab_size=384, d_model=768, num_layers=12, num_heads=12, num_kv_heads=4, d_ff=2048

@@ -18,6 +18,7 @@ def get_config(arg=None):
   args = parse_arg(arg, runlocal=False)
   config = trainer_config()
   config.experiment = 'bench_rlmec'
+  config.init_from = ''  # a workdir (or its checkpoints folder) whose params are timed
   config.data = ml_collections.ConfigDict(
     dict(
       data_dir='',  # '' -> $KUAIJAX_DATA_DIR or ~/tensorflow_datasets

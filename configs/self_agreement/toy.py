@@ -26,7 +26,14 @@ Args: `seeds=0+1+2` the training seeds (default 0), `stages=` the stages to run.
 
 import ml_collections
 
-from kuaijax.config_lib import lm_model, parse_arg, parse_seeds, train_stage, trainer_config
+from kuaijax.config_lib import (
+  data_section,
+  lm_model,
+  parse_arg,
+  parse_seeds,
+  train_stage,
+  trainer_config,
+)
 
 CD = ml_collections.ConfigDict
 
@@ -36,17 +43,12 @@ def get_config(arg=None):
   config = trainer_config()
   config.experiment = 'self_agreement'
   config.seeds = parse_seeds(args.seeds)
-  config.data = CD(
-    dict(
-      task='',  # the toy data comes from the toy_data stage, the questions from the evaluator
-      data_dir='',  # '' -> $KUAIJAX_DATA_DIR or ~/tensorflow_datasets
-      tokenizer='hf' if args.hf else 'byte',
-      spm_model_path='',
-      seq_len=1024,  # packed rows; a k=20 aggregation example is ~800 byte tokens
-      pack=True,
-      prompt_len=1024,  # (unused: the evaluator pads prompts to their own width)
-      max_new_tokens=80,
-    )
+  config.data = data_section(
+    task='',  # the toy data comes from the toy_data stage, the questions from the evaluator
+    tokenizer='hf' if args.hf else 'byte',
+    seq_len=1024,  # packed rows; a k=20 aggregation example is ~800 byte tokens
+    prompt_len=1024,  # (unused: the evaluator pads prompts to their own width)
+    max_new_tokens=80,
   )
   if args.hf:  # the folder's architecture; float32 as the toy
     config.models = CD(dict(policy=CD(dict(hf=args.hf, dtype='float32'))))

@@ -126,7 +126,7 @@ def _write_config(workdir: str, config) -> None:
 def initial_params(config, abstract_params, shardings, init_params: Callable[[], dict]):
   """Params of a run without a checkpoint in its workdir: `config.init_from` (a kuaijax workdir),
   else `config.init_from_hf` (a Hugging Face folder matching `config.model`), else `init_params()`."""
-  if config.init_from:
+  if config.get('init_from'):
     params, from_step = ckpt_lib.load_params(config.init_from, abstract_params, shardings)
     logging.info('initialised params from %s (step %d)', config.init_from, from_step)
     return params
