@@ -16,7 +16,7 @@ setup(
     'Programming Language :: Python :: 3.11',
     'Programming Language :: Python :: 3.12',
   ],
-  packages=find_packages(include=['kuaijax*', 'experiments*', 'pallas_kernels*']),
+  packages=find_packages(include=['kuaijax*', 'experiments*', 'configs*', 'pallas_kernels*']),
   install_requires=[
     'jax>=0.10.2',
     'flax>=0.12.8',

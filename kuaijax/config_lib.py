@@ -238,29 +238,6 @@ def data_section(**overrides) -> ml_collections.ConfigDict:
 LM_MIXTURE_TASKS = ('code', 'arith', 'copy', 'recall')
 
 
-def lm_data(**overrides) -> ml_collections.ConfigDict:
-  """The `data` section of LM pretraining (`kuaijax.train.lm_task.build_lm_data`): by default the
-  embedded kj_lm_mixture corpus, byte tokens, packed rows of 1024; `overrides` set any field."""
-  defaults = dict(
-    name='kj_lm_mixture',  # a prepared tfds name, or 'jsonl:/path/{split}.jsonl' ('text' field)
-    data_dir='',  # '' -> $KUAIJAX_DATA_DIR or ~/tensorflow_datasets
-    train_split='train',
-    eval_split='validation',
-    tokenizer='byte',  # or 'sentencepiece' (trained once per pipeline when spm_model_path is '')
-    spm_model_path='',
-    spm_vocab_size=8192,
-    spm_train_examples=20000,  # examples of the train split the tokenizer is trained on
-    seq_len=1024,
-    pack=True,
-    seed=1,  # the data order of training seed s is data.seed + s
-    shards=0,  # data shards (0: one per process); fix it to compare runs across process counts
-    task_names=LM_MIXTURE_TASKS,
-    eval_batch_size=64,
-    eval_batches=16,
-  )
-  return ml_collections.ConfigDict({**defaults, **overrides})
-
-
 def moe_aux_loss(**overrides) -> dict:
   """A 'pretrain' stage's `aux_loss`: weights of the MoE layers' auxiliary losses (load balance,
   router entropy, router z-loss), combined over layers by `aux_reduce` ('mean' or 'sum'). The

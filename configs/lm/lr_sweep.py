@@ -1,6 +1,6 @@
 """A sweep over learning rate and width of the kj_lm_mixture decoder (configs/lm/mixture.py).
 
-`get_config` is the mixture config (same `:arg`s, built by `kuaijax.lm_configs.mixture_lm`);
+`get_config` is the mixture config (same `:arg`s, built by `configs.lm.mixture`);
 `get_hyper` declares 3 learning rates x 2 widths.
 runlocal (2 CPU cores; 6 runs of the runlocal LM, roughly 6 x its 4 minutes; not recorded):
   python -m kuaijax.sweep --config=configs/lm/lr_sweep.py:runlocal --workdir=/tmp/kj_lr_sweep
@@ -10,15 +10,11 @@ commands for a cluster scheduler (full scale; not run):
   python -m kuaijax.sweep --config=configs/lm/lr_sweep.py --workdir=gs://.../lr_sweep --print
 """
 
-from kuaijax import lm_configs
-from kuaijax.config_lib import parse_arg, parse_seeds
+from configs.lm import mixture
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, runlocal=False, seeds='0')
-  config = lm_configs.mixture_lm(args.runlocal)
-  config.seeds = parse_seeds(args.seeds)
-  return config
+  return mixture.get_config(arg)
 
 
 def get_hyper(hyper, arg=None):

@@ -31,7 +31,8 @@ reference.
 import ml_collections
 
 from kuaijax.config_lib import (
-  lm_data,
+  LM_MIXTURE_TASKS,
+  data_section,
   lm_model,
   parse_arg,
   parse_seeds,
@@ -73,7 +74,13 @@ def get_config(arg=None):
   config = trainer_config()
   config.experiment = 'pcformer'
   config.seeds = parse_seeds(args.seeds)
-  config.data = lm_data(tokenizer='sentencepiece', spm_vocab_size=32000, seq_len=2048)
+  config.data = data_section(
+    name='kj_lm_mixture',
+    task_names=LM_MIXTURE_TASKS,
+    tokenizer='sentencepiece',
+    spm_vocab_size=32000,
+    seq_len=2048,
+  )
   # As released: RMSNorms (block, final) use eps 1e-6, the PC LayerNorms (per RK stage, predictor,
   # corrector) 1e-5.
   model = lm_model(

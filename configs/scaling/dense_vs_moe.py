@@ -2,7 +2,7 @@
 
 One pipeline (`kuaijax.stages`): every cell (family x size) is a model role `config.models.<cell>`
 and a 'pretrain' stage `config.stage.<cell>` (cells 'dense_s1' .. 'topp_s5'), on the Top-P MoE
-paper's data, optimizer and evaluators (`kuaijax.lm_configs.moe_lm`, shared with
+paper's data, optimizer and evaluators (`configs.topp_moe.compare.moe_lm`, shared with
 configs/topp_moe/compare.py). Every family trains the same sizes on the same tokens; MoE layers have
 8 (runlocal) / 16 (full) experts of width d_model, dense layers a SwiGLU of width 2 d_model, so Top-2
 activates the dense FFN's parameters while holding four (eight) times as many. Args: `cells=` picks
@@ -26,7 +26,7 @@ train one cell first or set data.spm_model_path):
 
 import ml_collections
 
-from kuaijax import lm_configs
+from configs.topp_moe import compare
 from kuaijax.config_lib import (
   moe_aux_loss,
   moe_model,
@@ -51,7 +51,7 @@ def _size(d_model: int, num_layers: int, head_dim: int) -> dict:
 
 def get_config(arg=None):
   args = parse_arg(arg, runlocal=False, cells='', seeds='0')
-  config, model, moe_layer = lm_configs.moe_lm(args.runlocal)
+  config, model, moe_layer = compare.moe_lm(args.runlocal)
   config.experiment = 'scaling'
   config.seeds = parse_seeds(args.seeds)
   if args.runlocal:

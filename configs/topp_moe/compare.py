@@ -5,7 +5,7 @@ variant's decoder (the MoE options merged in), `config.stage.<variant>` trains i
 lists them ('dense,dense_wide,top1,top2,topp'; `--config.stages=topp` trains one). Every variant of
 a training seed starts from the same init seed and sees the same batches; the MoE auxiliary losses
 (balance 1e-2, router entropy 1e-4, averaged over layers) are each stage's `aux_loss`. The shared
-setup (data, base model, optimizer, evaluators) is `kuaijax.lm_configs.moe_lm`.
+setup (data, base model, optimizer, evaluators) is `moe_lm` below (scaling shares it).
 
 Args: `runlocal` (laptop size on the embedded kj_lm_mixture), `suite=table|p_sweep` (the paper's
 comparison, or Top-P at p = 0.1 .. 0.7 next to Top-2) and `seeds=0+1+2` (training seeds; default 0).
@@ -36,16 +36,20 @@ experiments/topp_moe/README.md.
 
 import ml_collections
 
-from kuaijax import lm_configs
 from kuaijax.config_lib import (
   check_choice,
+  data_section,
+  lm_model,
   moe_aux_loss,
   moe_model,
   moe_routings,
   parse_arg,
   parse_seeds,
   pretrain_stage,
+  trainer_config,
 )
+
+CD = ml_collections.ConfigDict
 
 SWEEP_P = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -67,7 +71,7 @@ def variants(suite: str, *, wide: dict) -> dict[str, dict]:
 def get_config(arg=None):
   args = parse_arg(arg, runlocal=False, suite='table', seeds='0')
   check_choice('suite', args.suite, ('table', 'p_sweep'))
-  config, model, moe_layer = lm_configs.moe_lm(args.runlocal)
+  config, model, moe_layer = moe_lm(args.runlocal)
   config.experiment = 'topp_moe'
   config.seeds = parse_seeds(args.seeds)
   # Dense-570M of the paper: hidden 1280 (20 heads x 64); d_ff 3584 gives its 570M parameters.
@@ -84,3 +88,100 @@ def get_config(arg=None):
   )
   config.stages = ','.join(chosen)
   return config
+
+
+MC_TASKS = (
+  ('piqa', 'piqa'),
+  ('hellaswag', 'hellaswag'),
+  ('arc_easy', 'arc'),
+  ('csqa', 'csqa'),
+  ('bbh', 'bbh'),
+)
+
+
+def moe_lm(runlocal: bool) -> tuple[ml_collections.ConfigDict, dict, dict]:
+  """The Top-P MoE paper's setup (arXiv 2403.07652): (config with the trainer sections, data and
+  evaluators; the base model section every variant starts from; the options every MoE layer
+  shares). Full size: LLaMA-style 24 x 1024, vocab 32000 SentencePiece, 16 experts of width 2816,
+  AdamW (0.9, 0.95) wd 0.1, cosine 3e-4 -> 3e-5 after 2000 warm-up steps, 2048 x 2048 tokens per
+  step, 23842 steps (100B tokens). runlocal: 96 wide, 4 layers, 8 experts, byte tokens on
+  kj_lm_mixture, 200 steps of 16 x 128 tokens."""
+  config = trainer_config()
+  config.data = data_section(
+    name='jsonl:/data/redpajama/{split}.jsonl',
+    tokenizer='sentencepiece',
+    spm_vocab_size=32000,
+    spm_train_examples=200_000,
+    seq_len=2048,
+    task_names=('text',),
+  )
+  model = lm_model(
+    vocab_size=32000,
+    d_model=1024,
+    num_layers=24,
+    num_heads=16,
+    num_kv_heads=16,
+    d_ff=2816,
+    mlp_options={},
+    tie_embeddings=False,
+    init_std=0.006,
+    remat='dots',
+  ).to_dict()
+  # Options shared by every MoE variant (`mlp_options`, kuaijax.models.moe.MoEConfig): k_max 0 =
+  # uncapped Top-P (the paper; k_max > 0 caps experts per token, counted as truncation); dispatch
+  # 'auto' = the faster exact strategy of the backend (never all experts for Top-P).
+  moe_layer = dict(num_experts=16, expert_d_ff=2816, dispatch='auto', k_max=0)
+  # Evaluators by name (kuaijax.evals.registry): LM loss, experts per token, token loss vs experts
+  # selected (Spearman), and zero-shot multiple-choice accuracy (the paper's table; no tasks = not
+  # run), from local jsonl files or prepared tfds data sets; entries {name, source, format, split,
+  # data_dir, limit}.
+  config.evals = CD()
+  config.evals.lm = dict(type='lm_loss')
+  config.evals.moe = dict(type='moe_stats')
+  config.evals.token = dict(type='moe_token_loss')
+  config.evals.mc = CD(
+    dict(
+      type='multiple_choice',
+      tasks=tuple(
+        dict(name=name, source=f'jsonl:/data/eval/{name}/{{split}}.jsonl', format=fmt)
+        for name, fmt in MC_TASKS
+      ),
+      max_len=512,
+      batch_size=64,
+    )
+  )
+  config.train.update(
+    steps=23842, batch_size=2048, log_every=50, eval_every=1000, checkpoint_every=1000
+  )
+  config.optimizer.update(
+    lr=3e-4, min_lr_ratio=0.1, warmup_steps=2000, b1=0.9, b2=0.95, weight_decay=0.1
+  )
+  if runlocal:
+    config.data.update(
+      name='kj_lm_mixture',
+      tokenizer='byte',
+      spm_vocab_size=8192,
+      seq_len=128,
+      task_names=('code', 'arith', 'copy', 'recall'),
+      eval_batch_size=32,
+      eval_batches=4,
+    )
+    model.update(
+      vocab_size=384,
+      d_model=96,
+      num_layers=4,
+      num_heads=4,
+      num_kv_heads=2,
+      d_ff=192,
+      tie_embeddings=True,
+      init_std=0.02,
+      dtype='float32',
+      remat='none',
+    )
+    moe_layer.update(num_experts=8, expert_d_ff=192)
+    config.evals.mc.tasks = ()
+    config.train.update(
+      steps=200, batch_size=16, log_every=20, eval_every=100, checkpoint_every=100
+    )
+    config.optimizer.update(lr=3e-3, min_lr_ratio=0.1, warmup_steps=20)
+  return config, model, moe_layer
