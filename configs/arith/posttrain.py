@@ -36,7 +36,22 @@ from kuaijax.losses.preference import DPO_LOSS_TYPES
 CD = ml_collections.ConfigDict
 
 
-def _sample(*, limit, offset, num_samples, temperature):
+def arith_data(**overrides) -> CD:
+  """The kj_arith data section (levels 1-4, byte tokens); `overrides` change any field."""
+  fields = dict(
+    task='kj_arith',
+    tokenizer='byte',
+    levels=(1, 2, 3, 4),  # training levels
+    limit=0,  # training records (0: the whole split of those levels)
+    seq_len=1024,  # SFT rows, packed with whole examples (one level-4 example needs 392)
+    prompt_len=288,  # generation prompt width (level-4 prompts reach 273 byte tokens)
+    max_new_tokens=128,  # level-4 solutions reach 119; DPO/RLMEC rows hold prompt + this
+  )
+  return data_section(**{**fields, **overrides})
+
+
+def sample_stage(*, limit, offset, num_samples, temperature, top_p=1.0, batch_size=128) -> CD:
+  """A 'sample' stage: the SFT policy's samples of kj_arith training prompts."""
   return CD(
     dict(
       type='sample',
@@ -46,7 +61,23 @@ def _sample(*, limit, offset, num_samples, temperature):
       offset=offset,
       num_samples=num_samples,
       temperature=temperature,
-      top_p=1.0,
+      top_p=top_p,
+      batch_size=batch_size,
+    )
+  )
+
+
+def accuracy_eval(*, seeds) -> CD:
+  """Held-out kj_arith accuracy by level, sampled once per sampling seed in `seeds`, plus greedy."""
+  return CD(
+    dict(
+      type='task_accuracy',
+      split='test',
+      groups=(1, 2, 3, 4),  # levels, `per_group` problems each
+      per_group=250,
+      seeds=seeds,
+      temperature=0.7,
+      greedy=True,
       batch_size=128,
     )
   )
@@ -76,38 +107,7 @@ def _dpo_stage(loss_name):
   )
 
 
-def get_config(arg=None):
-  args = parse_arg(
-    arg,
-    runlocal=False,
-    stages='sft+dpo+grpo',
-    dpo_loss='sigmoid',
-    reward='exact_answer',
-    sft_from='',
-    seeds='0',
-  )
-  config = trainer_config()
-  config.experiment = 'arith_posttrain'
-  # Training seeds: the pipeline runs once per seed in <workdir>/seed_<s>/ (each stage's seeds are
-  # derived from it and the stage's name); `seeds=0+1+2` runs three.
-  config.seeds = parse_seeds(args.seeds)
-  config.stages = args.stages
-  config.data = data_section(
-    task='kj_arith',
-    tokenizer='byte',
-    levels=(1, 2, 3, 4),  # training levels
-    limit=0,  # training records (0: the whole split of those levels)
-    seq_len=1024,  # SFT rows, packed with whole examples (one level-4 example needs 392)
-    prompt_len=288,  # generation prompt width (level-4 prompts reach 273 byte tokens)
-    max_new_tokens=128,  # level-4 solutions reach 119; DPO/RLMEC rows hold prompt + this
-  )
-  config.models = CD(
-    dict(
-      policy=lm_model(
-        vocab_size=384, d_model=768, num_layers=12, num_heads=12, num_kv_heads=4, d_ff=2048
-      )
-    )
-  )
+def _stages(args) -> CD:
   stage = CD()
   stage.sft = _train(
     'sft',
@@ -119,32 +119,37 @@ def get_config(arg=None):
   )
   if args.sft_from:
     stage.sft = CD(dict(type='params', label='SFT (imported)', path=args.sft_from))
-  stage.samples = _sample(limit=8000, offset=0, num_samples=8, temperature=1.0)
+  stage.samples = sample_stage(limit=8000, offset=0, num_samples=8, temperature=1.0)
   stage.pairs = CD(dict(type='pairs', data='samples', max_pairs_per_prompt=2, gold_fallback=False))
   stage.dpo = _dpo_stage(args.dpo_loss)
+  post = dict(init_from='sft', steps=1000, batch_size=32)
+  frozen_lr = lambda lr, warmup=30, floor=0.0: dict(  # noqa: E731
+    lr=lr, warmup_steps=warmup, weight_decay=0.0, min_lr_ratio=floor
+  )
   stage.rft = _train(
     'rft',
     'RFT',
     data='samples',
-    init_from='sft',
-    steps=1000,
-    batch_size=32,
-    optimizer=dict(lr=3e-5, warmup_steps=30, weight_decay=0.0, min_lr_ratio=0.0),
+    **post,
+    optimizer=frozen_lr(3e-5),
     options=dict(max_per_prompt=0, with_gold=True),  # the paper: SFT data + correct samples
   )
-  stage.rlmec_samples = _sample(limit=4000, offset=8000, num_samples=5, temperature=0.7)
+  stage.rlmec_samples = sample_stage(limit=4000, offset=8000, num_samples=5, temperature=0.7)
   stage.rlmec_rewrites = CD(dict(type='minimal_edit', data='rlmec_samples'))
   stage.rlmec = _train(
     'rlmec',
     'RLMEC',
     data='rlmec_rewrites',
-    init_from='sft',
-    steps=1000,
-    batch_size=32,
-    optimizer=dict(lr=5e-6, warmup_steps=30, weight_decay=0.0, min_lr_ratio=0.0),
+    **post,
+    optimizer=frozen_lr(5e-6),
     loss=dict(eps=0.3, lam=1.0),
   )
-  stage.grpo = _train(
+  stage.grpo = _grpo_stage(args.reward)
+  return stage
+
+
+def _grpo_stage(reward: str) -> CD:
+  return _train(
     'grpo',
     'GRPO',
     data='task:train',
@@ -155,7 +160,7 @@ def get_config(arg=None):
     optimizer=dict(lr=1e-6, warmup_steps=20, weight_decay=0.0, min_lr_ratio=1.0),
     options=dict(
       group_size=8,
-      reward=args.reward,
+      reward=reward,
       reward_options=dict(tau=0.5, l_base=100.0, low=-0.5, high=0.5),
       temperature=1.0,
       sample_filter='all',  # or 'negative_only' / 'positive_only'
@@ -166,40 +171,51 @@ def get_config(arg=None):
     # clip_eps_high < 0 takes the loss type's default (dapo 0.28, cispo 4.0, else clip_eps).
     loss=dict(kl_coef=0.0, loss_type='bnpo', clip_eps=0.2, clip_eps_high=-1.0),
   )
-  config.stage = stage
-  config.evals = CD(
-    dict(
-      arith=CD(
-        dict(
-          type='task_accuracy',
-          split='test',
-          groups=(1, 2, 3, 4),  # levels, `per_group` problems each
-          per_group=250,
-          seeds=(0, 1, 2, 3, 4),
-          temperature=0.7,
-          greedy=True,
-          batch_size=128,
-        )
-      )
-    )
-  )
-  config.train.update(progress=True)
 
+
+def _runlocal(config, *, sft_from: str) -> None:
+  """Trained on levels 1-2 only (level 3 is held out as harder, longer problems)."""
+  stage = config.stage
+  config.data.update(levels=(1, 2), seq_len=512, prompt_len=224, max_new_tokens=96)
+  config.models.policy.update(
+    d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=384, dtype='float32'
+  )
+  if not sft_from:
+    stage.sft.train.update(stage_steps(900, 8))
+    stage.sft.optimizer.update(lr=3e-3, warmup_steps=30)
+  for name, lr, warmup in (('dpo', 5e-5, 4), ('rft', 3e-4, 4), ('rlmec', 5e-5, 4)):
+    stage[name].train.update(stage_steps(40, 8))
+    stage[name].optimizer.update(lr=lr, warmup_steps=warmup)
+  stage.grpo.train.update(stage_steps(20, 8))
+  stage.grpo.optimizer.update(lr=2e-5, warmup_steps=2)
+  stage.samples.update(limit=192, num_samples=4, batch_size=60)
+  stage.rlmec_samples.update(limit=96, num_samples=4, batch_size=60)
+  config.evals.arith.update(groups=(1, 2, 3), per_group=40, seeds=(0, 1, 2), batch_size=60)
+
+
+def get_config(arg=None):
+  args = parse_arg(
+    arg,
+    runlocal=False,
+    stages='sft+dpo+grpo',
+    dpo_loss='sigmoid',
+    reward='exact_answer',
+    sft_from='',
+    seeds='0',
+  )
+  config = trainer_config(progress=True)
+  config.experiment = 'arith_posttrain'
+  # Training seeds: the pipeline runs once per seed in <workdir>/seed_<s>/ (each stage's seeds are
+  # derived from it and the stage's name); `seeds=0+1+2` runs three.
+  config.seeds = parse_seeds(args.seeds)
+  config.stages = args.stages
+  config.data = arith_data()
+  policy = lm_model(
+    vocab_size=384, d_model=768, num_layers=12, num_heads=12, num_kv_heads=4, d_ff=2048
+  )
+  config.models = CD(dict(policy=policy))
+  config.stage = _stages(args)
+  config.evals = CD(dict(arith=accuracy_eval(seeds=(0, 1, 2, 3, 4))))
   if args.runlocal:
-    # Trained on levels 1-2 only (level 3 is held out as harder, longer problems).
-    config.data.update(levels=(1, 2), seq_len=512, prompt_len=224, max_new_tokens=96)
-    config.models.policy.update(
-      d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=384, dtype='float32'
-    )
-    if not args.sft_from:
-      stage.sft.train.update(stage_steps(900, 8))
-      stage.sft.optimizer.update(lr=3e-3, warmup_steps=30)
-    for name, lr, warmup in (('dpo', 5e-5, 4), ('rft', 3e-4, 4), ('rlmec', 5e-5, 4)):
-      stage[name].train.update(stage_steps(40, 8))
-      stage[name].optimizer.update(lr=lr, warmup_steps=warmup)
-    stage.grpo.train.update(stage_steps(20, 8))
-    stage.grpo.optimizer.update(lr=2e-5, warmup_steps=2)
-    stage.samples.update(limit=192, num_samples=4, batch_size=60)
-    stage.rlmec_samples.update(limit=96, num_samples=4, batch_size=60)
-    config.evals.arith.update(groups=(1, 2, 3), per_group=40, seeds=(0, 1, 2), batch_size=60)
+    _runlocal(config, sft_from=args.sft_from)
   return config

@@ -47,49 +47,22 @@ _steps = functools.partial(stage_steps, logs=10, checkpoints=1)
 _train = functools.partial(train_stage, logs=10, checkpoints=1)
 
 
-def get_config(arg=None):
-  args = parse_arg(
-    arg,
-    runlocal=False,
-    seeds='0+1+2',
-    kinds='neglect+hallucination+misunderstanding+all',
-    stages='',
-  )
-  kinds = [k for k in args.kinds.replace(',', '+').split('+') if k and k != 'none']
-  bad = sorted(set(kinds) - set(KIND_ROWS))
-  if bad:
-    raise ValueError(f'kinds: {bad} not in {KIND_ROWS} (or none)')
-  config = trainer_config()
-  config.experiment = 'capo'
-  config.seeds = parse_seeds(args.seeds)  # training seeds: one pipeline each, seed_<s>/
-  config.data = data_section(
-    task='kj_dialog',
-    tokenizer='byte',
-    levels=(),
-    limit=0,  # training sessions (0: the whole split)
-    seq_len=640,  # an 8-turn session needs ~450 byte tokens; longer ones lose their oldest turns
-    prompt_len=576,
-    max_new_tokens=48,
-  )
-  config.models = CD(
-    dict(
-      policy=lm_model(
-        vocab_size=384, d_model=512, num_layers=8, num_heads=8, num_kv_heads=4, d_ff=1536
-      )
-    )
-  )
-  sft_opt = dict(lr=3e-4, warmup_steps=200)
-  capo_opt = dict(lr=1e-5, warmup_steps=20, weight_decay=0.0, min_lr_ratio=0.0)  # the paper's lr
-  stage = CD()
-  stage.ask = _train(
+def _chat_sft(label: str, data: str, **options) -> CD:
+  return _train(
     'chat_sft',
-    'Parrot-Ask',
-    data='task:train',
+    label,
+    data=data,
     steps=5000,
     batch_size=32,
-    optimizer=sft_opt,
-    options=dict(loss_on='user', max_turns=0),
+    optimizer=dict(lr=3e-4, warmup_steps=200),
+    options=options,
   )
+
+
+def _stages() -> CD:
+  """Parrot-Ask, its sessions, the two SFT rows, and pairs + CaPO per negative kind."""
+  stage = CD()
+  stage.ask = _chat_sft('Parrot-Ask', 'task:train', loss_on='user', max_turns=0)
   stage.sessions = CD(
     dict(
       type='ask_sessions',
@@ -103,33 +76,14 @@ def get_config(arg=None):
       batch_size=256,
     )
   )
-  stage.sft_short = _train(
-    'chat_sft',
-    'SFT, short sessions (1-2 turns)',
-    data='task:train',
-    steps=5000,
-    batch_size=32,
-    optimizer=sft_opt,
-    options=dict(loss_on='assistant', max_turns=2),
+  stage.sft_short = _chat_sft(
+    'SFT, short sessions (1-2 turns)', 'task:train', loss_on='assistant', max_turns=2
   )
-  stage.sft_long = _train(
-    'chat_sft',
-    'SFT, long sessions',
-    data='sessions',
-    steps=5000,
-    batch_size=32,
-    optimizer=sft_opt,
-    options=dict(loss_on='assistant', max_turns=0),
-  )
+  stage.sft_long = _chat_sft('SFT, long sessions', 'sessions', loss_on='assistant', max_turns=0)
+  capo_opt = dict(lr=1e-5, warmup_steps=20, weight_decay=0.0, min_lr_ratio=0.0)  # the paper's lr
   for kind in KIND_ROWS:
-    stage[f'pairs_{kind}'] = CD(
-      dict(
-        type='capo_pairs',
-        data='sessions',
-        kinds=NEGATIVE_KINDS if kind == 'all' else (kind,),
-        limit=0,
-      )
-    )
+    kinds = NEGATIVE_KINDS if kind == 'all' else (kind,)
+    stage[f'pairs_{kind}'] = CD(dict(type='capo_pairs', data='sessions', kinds=kinds, limit=0))
     stage[f'capo_{kind}'] = _train(
       'chat_capo',
       f'+ CaPO ({kind})',
@@ -142,48 +96,68 @@ def get_config(arg=None):
       options=dict(reference='precomputed'),
       loss=dict(beta=0.1, label_smoothing=0.0),
     )
-  config.stage = stage
+  return stage
+
+
+def _runlocal(config) -> None:
+  """Sized for 2 shared CPU cores: a byte-level model of ~0.1M parameters, a few dozen steps per
+  stage; expect little beyond the answer format to be learnt (see the README's table)."""
+  stage = config.stage
+  config.data.update(seq_len=512, prompt_len=488, max_new_tokens=24, limit=600)
+  config.models.policy.update(
+    d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=192, dtype='float32'
+  )
+  for name in ('ask', 'sft_short', 'sft_long'):
+    stage[name].train.update(_steps(60, 8))
+    stage[name].optimizer.update(lr=3e-3, warmup_steps=5)
+  stage.sessions.update(num_sessions=32, max_new_tokens=24, batch_size=32)
+  for kind in KIND_ROWS:
+    stage[f'capo_{kind}'].train.update(_steps(20, 8))
+    stage[f'capo_{kind}'].optimizer.update(lr=1e-4, warmup_steps=2)
+    stage[f'pairs_{kind}'].limit = 32
+  config.evals.kj_dialog8.update(sessions=8, batch_size=8)
+  # At this size the ask model writes no well-formed query yet (0% in our runs), so the long-session
+  # SFT and the CaPO pairs use the kj_dialog train sessions themselves (8-12 turns); the ask model
+  # and its sessions still run for their statistics.
+  stage.sft_long.data = 'task:train'
+  for kind in KIND_ROWS:
+    stage[f'pairs_{kind}'].data = 'task:train'
+
+
+def get_config(arg=None):
+  args = parse_arg(
+    arg,
+    runlocal=False,
+    seeds='0+1+2',
+    kinds='neglect+hallucination+misunderstanding+all',
+    stages='',
+  )
+  kinds = [k for k in args.kinds.replace(',', '+').split('+') if k and k != 'none']
+  bad = sorted(set(kinds) - set(KIND_ROWS))
+  if bad:
+    raise ValueError(f'kinds: {bad} not in {KIND_ROWS} (or none)')
+  config = trainer_config(progress=False)
+  config.experiment = 'capo'
+  config.seeds = parse_seeds(args.seeds)  # training seeds: one pipeline each, seed_<s>/
+  config.data = data_section(
+    task='kj_dialog',
+    tokenizer='byte',
+    limit=0,  # training sessions (0: the whole split)
+    seq_len=640,  # an 8-turn session needs ~450 byte tokens; longer ones lose their oldest turns
+    prompt_len=576,
+    max_new_tokens=48,
+  )
+  policy = lm_model(
+    vocab_size=384, d_model=512, num_layers=8, num_heads=8, num_kv_heads=4, d_ff=1536
+  )
+  config.models = CD(dict(policy=policy))
+  config.stage = _stages()
   # '' (the default): both SFT rows and the CaPO rows of `kinds`.
   config.stages = args.stages or '+'.join(['sft_short', 'sft_long', *(f'capo_{k}' for k in kinds)])
-  config.evals = CD(
-    dict(
-      kj_dialog8=CD(
-        dict(
-          type='kj_dialog8',
-          split='test',
-          sessions=250,
-          num_turns=8,
-          history='own',
-          batch_size=128,
-        )
-      )
-    )
-  )
-  config.train.update(progress=False)
-
+  kj_dialog8 = dict(type='kj_dialog8', split='test', sessions=250, num_turns=8, history='own')
+  config.evals = CD(dict(kj_dialog8=CD(dict(kj_dialog8, batch_size=128))))
   if args.runlocal:
-    # Sized for 2 shared CPU cores: a byte-level model of ~0.1M parameters, a few dozen steps per
-    # stage; expect little beyond the answer format to be learnt (see the README's table).
-    config.data.update(seq_len=512, prompt_len=488, max_new_tokens=24, limit=600)
-    config.models.policy.update(
-      d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=192, dtype='float32'
-    )
-    fast = dict(lr=3e-3, warmup_steps=5)
-    for name in ('ask', 'sft_short', 'sft_long'):
-      stage[name].train.update(_steps(60, 8))
-      stage[name].optimizer.update(fast)
-    stage.sessions.update(num_sessions=32, max_new_tokens=24, batch_size=32)
-    for kind in KIND_ROWS:
-      stage[f'capo_{kind}'].train.update(_steps(20, 8))
-      stage[f'capo_{kind}'].optimizer.update(lr=1e-4, warmup_steps=2)
-      stage[f'pairs_{kind}'].limit = 32
-    config.evals.kj_dialog8.update(sessions=8, batch_size=8)
-    # At this size the ask model writes no well-formed query yet (0% in our runs), so the long-session
-    # SFT and the CaPO pairs use the kj_dialog train sessions themselves (8-12 turns); the ask model
-    # and its sessions still run for their statistics.
-    stage.sft_long.data = 'task:train'
-    for kind in KIND_ROWS:
-      stage[f'pairs_{kind}'].data = 'task:train'
+    _runlocal(config)
     if not args.stages:
       config.stages = 'sessions+' + config.stages
   return config
