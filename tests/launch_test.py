@@ -93,13 +93,15 @@ def _stage(workdir):
   return workdir / 'seed_0' / 'lm'
 
 
-def _final_params(workdir, config=CONFIG, overrides=OVERRIDES):
-  """The latest checkpoint's params on this process's first device, whoever wrote them."""
+def _final_params(workdir, config=CONFIG, overrides=OVERRIDES, *, stage_dir=None):
+  """The latest checkpoint's params on this process's first device, whoever wrote them: of the LM
+  pipeline's stage in `workdir`, or of the stage folder `stage_dir`."""
   config = _config(config, overrides)
   config.parallel.num_devices = 1
   config.parallel.mesh.update(data=1, fsdp=1, tensor=1)
   layout = roles.layout(config, 'policy')
-  params, _ = load_params(str(_stage(workdir)), layout.abstract_params, layout.shardings)
+  folder = stage_dir if stage_dir is not None else _stage(workdir)
+  params, _ = load_params(str(folder), layout.abstract_params, layout.shardings)
   return jax.device_get(params)
 
 
@@ -450,7 +452,7 @@ def _stage_results(workdir):
   for name in POSTTRAINED:
     info = json.loads((workdir / name / 'stage.json').read_text())
     metrics = {r['step']: r for r in read_metrics(str(workdir / name)) if 'loss' in r}
-    params = _final_params(workdir / name, POSTTRAIN_CONFIG, POSTTRAIN_OVERRIDES)
+    params = _final_params(None, POSTTRAIN_CONFIG, POSTTRAIN_OVERRIDES, stage_dir=workdir / name)
     out[name] = metrics, info['eval'], params
   return out
 

@@ -84,11 +84,12 @@ def _hf_section(folder: str) -> dict:
 
 
 def role_config(config, role: str):
-  """`config` with `model` = the role's section and `init_from_hf` = its folder (if imported):
-  the form the trainer and `param_layout` read."""
+  """`config` with `model` = the role's section, `init_from_hf` = its folder (if imported) and no
+  `init_from`: the form the trainer and `param_layout` read."""
   out = ml_collections.ConfigDict(config.to_dict())
   with out.unlocked():
     out.model = model_section(config, role)
+    out.init_from = ''
     out.init_from_hf = hf_folder(config, role)
   return out
 
