@@ -26,15 +26,6 @@ def mean_std(values) -> list[float]:
   return [float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0]
 
 
-def over_seeds(runs: dict, name: str, key: str, section: str = 'eval') -> list[float]:
-  """`stage_info[section][key]` of stage `name` in every seed that has it."""
-  return [
-    float(stages[name][section][key])
-    for stages in runs.values()
-    if name in stages and key in (stages[name].get(section) or {})
-  ]
-
-
 def spread_note(runs: dict) -> str:
   """What a table's ± is over, in words."""
   n = len(runs)

@@ -2,16 +2,14 @@
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
 from experiments import arith_posttrain
 from kuaijax.config_lib import load_config
 from kuaijax.train.metrics import read_metrics
+from tests import sigkill
 from tests.conftest import REPO_ROOT
 
 CONFIG = os.path.join(REPO_ROOT, 'configs/arith/posttrain.py')
@@ -129,39 +127,20 @@ def _command(workdir):
   return [sys.executable, '-m', 'kuaijax.main', config, f'--workdir={workdir}', *KILL_FLAGS]
 
 
-def _dpo_outcome(workdir):
-  dpo = workdir / 'seed_0' / 'dpo'
-  records = [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in read_metrics(str(dpo))]
-  return records, json.loads((dpo / 'stage.json').read_text())['eval']
-
-
 def test_sigkill_in_the_dpo_stage_then_rerun_resumes_exactly(tmp_path):
   """A real SIGKILL of `python -m kuaijax.main` in the middle of the DPO stage (after its second
   checkpoint): re-running the command keeps SFT, samples and pairs untouched and ends with the
   losses and evaluation of an uninterrupted run, bit for bit."""
-  env = {**os.environ, 'XLA_FLAGS': ''}
-  run = lambda workdir: subprocess.run(
-    _command(workdir), cwd=REPO_ROOT, env=env, check=True, capture_output=True
-  )
-  run(tmp_path / 'straight')
+  sigkill.run(_command(tmp_path / 'straight'))
   killed = tmp_path / 'killed'
-  proc = subprocess.Popen(
-    _command(killed), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-  )
-  ckpt_dir = killed / 'seed_0' / 'dpo' / 'checkpoints'
-  deadline = time.time() + 600
-  while time.time() < deadline and proc.poll() is None:
-    if len([d for d in (os.listdir(ckpt_dir) if ckpt_dir.exists() else []) if d.isdigit()]) >= 2:
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  sigkill.kill_after_checkpoints(_command(killed), killed / 'seed_0' / 'dpo')
   assert not (killed / 'seed_0' / 'dpo' / 'stage.json').exists(), 'DPO finished before the kill'
-  earlier = [p for p in (killed / 'seed_0').rglob('*') if p.is_file() and 'dpo' not in p.parts]
-  stamps = {p: p.stat().st_mtime_ns for p in earlier}
-  run(killed)
-  assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # sft, samples, pairs kept
-  straight_metrics, straight_eval = _dpo_outcome(tmp_path / 'straight')
-  resumed_metrics, resumed_eval = _dpo_outcome(killed)
-  assert [r['step'] for r in resumed_metrics if 'loss' in r] == list(range(1, 31))
-  assert straight_metrics == resumed_metrics and straight_eval == resumed_eval
+  stamps = {
+    name: sigkill.file_stamps(killed / 'seed_0' / name) for name in ('sft', 'samples', 'pairs')
+  }
+  sigkill.run(_command(killed))
+  assert {n: sigkill.file_stamps(killed / 'seed_0' / n) for n in stamps} == stamps
+  straight = sigkill.stage_outcome(tmp_path / 'straight' / 'seed_0' / 'dpo')
+  resumed = sigkill.stage_outcome(killed / 'seed_0' / 'dpo')
+  assert [r['step'] for r in resumed[0] if 'loss' in r] == list(range(1, 31))
+  assert straight == resumed

@@ -3,15 +3,14 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from kuaijax.main import run_experiment
 from kuaijax.train.metrics import read_metrics
+from tests import sigkill
 from tests.colab_test import PNG_MAGIC
 from tests.conftest import REPO_ROOT, tiny_lm_pipeline_config
 
@@ -84,56 +83,23 @@ def test_two_training_seeds_give_mean_and_std(tmp_path):
   assert first == alone  # seed 0 trains the same whatever other seeds run
 
 
-def _final_eval(workdir):
-  stage = workdir / 'seed_0' / 'lm'
-  records = [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in read_metrics(stage)]
-  return (
-    records,
-    json.loads((stage / 'stage.json').read_text())['eval'],
-    json.loads((workdir / 'results.json').read_text()),
-  )
-
-
 def test_sigkill_mid_stage_then_rerun_resumes_exactly(tmp_path):
   """A real SIGKILL of `python -m kuaijax.main` once the 'lm' stage has written checkpoints:
   re-running the command resumes the stage and ends with the losses and evaluation of an
   uninterrupted run, bit for bit."""
-  env = {**os.environ, 'XLA_FLAGS': ''}
   steps = '--config.train.steps=40'
-  subprocess.run(
-    main_command(tmp_path / 'straight', steps),
-    cwd=REPO_ROOT,
-    env=env,
-    check=True,
-    capture_output=True,
-  )
-  killed_dir = tmp_path / 'killed'
-  proc = subprocess.Popen(
-    main_command(killed_dir, steps),
-    cwd=REPO_ROOT,
-    env=env,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-  )
-  deadline = time.time() + 300
-  ckpt_dir = killed_dir / 'seed_0' / 'lm' / 'checkpoints'
-  while time.time() < deadline:
-    done = [d for d in (os.listdir(ckpt_dir) if ckpt_dir.exists() else []) if d.isdigit()]
-    if len(done) >= 2 or proc.poll() is not None:
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert not (killed_dir / 'seed_0' / 'lm' / 'stage.json').exists(), 'finished before the kill'
-  assert not (killed_dir / 'results.json').exists()
-  subprocess.run(
-    main_command(killed_dir, steps), cwd=REPO_ROOT, env=env, check=True, capture_output=True
-  )
-  straight_metrics, straight_eval, straight_results = _final_eval(tmp_path / 'straight')
-  resumed_metrics, resumed_eval, resumed_results = _final_eval(killed_dir)
-  assert [r['step'] for r in resumed_metrics if 'loss' in r] == list(range(2, 41, 2))
-  assert straight_metrics == resumed_metrics  # bit-exact: same floats in every logged record
-  assert straight_eval == resumed_eval and straight_results['model'] == resumed_results['model']
+  sigkill.run(main_command(tmp_path / 'straight', steps))
+  killed = tmp_path / 'killed'
+  sigkill.kill_after_checkpoints(main_command(killed, steps), killed / 'seed_0' / 'lm')
+  assert not (killed / 'seed_0' / 'lm' / 'stage.json').exists(), 'finished before the kill'
+  assert not (killed / 'results.json').exists()
+  sigkill.run(main_command(killed, steps))
+  straight = sigkill.stage_outcome(tmp_path / 'straight' / 'seed_0' / 'lm')
+  resumed = sigkill.stage_outcome(killed / 'seed_0' / 'lm')
+  assert [r['step'] for r in resumed[0] if 'loss' in r] == list(range(2, 41, 2))
+  assert straight == resumed  # bit-exact: same floats in every logged record and evaluation
+  results = [json.loads((w / 'results.json').read_text()) for w in (tmp_path / 'straight', killed)]
+  assert results[0]['model'] == results[1]['model']
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,7 @@ and plots, SIGKILL in the second stage, and the notebook."""
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +19,7 @@ from kuaijax.main import run_experiment
 from kuaijax.models.transformer import Transformer, TransformerConfig
 from kuaijax.train import lm_task
 from kuaijax.train.metrics import read_metrics
+from tests import sigkill
 from tests.colab_test import PNG_MAGIC, execute_notebook
 from tests.conftest import REPO_ROOT
 
@@ -317,43 +315,22 @@ def _command(workdir):
   return [sys.executable, '-m', 'kuaijax.main', config, f'--workdir={workdir}', *KILL_FLAGS]
 
 
-def _outcome(workdir, name):
-  stage = workdir / 'seed_0' / name
-  records = [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in read_metrics(str(stage))]
-  return records, json.loads((stage / 'stage.json').read_text())['eval']
-
-
 def test_sigkill_in_the_second_variant_then_rerun_resumes_exactly(tmp_path):
   """A real SIGKILL of `python -m kuaijax.main` in the middle of the 'topp' stage (after its second
   checkpoint): re-running the command keeps the finished 'top2' stage untouched and ends with the
   losses and evaluation of an uninterrupted run, bit for bit."""
-  env = {**os.environ, 'XLA_FLAGS': ''}
-  run = lambda workdir: subprocess.run(
-    _command(workdir), cwd=REPO_ROOT, env=env, check=True, capture_output=True
-  )
-  run(tmp_path / 'straight')
+  sigkill.run(_command(tmp_path / 'straight'))
   killed = tmp_path / 'killed'
-  proc = subprocess.Popen(
-    _command(killed), cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-  )
-  ckpt_dir = killed / 'seed_0' / 'topp' / 'checkpoints'
-  deadline = time.time() + 600
-  while time.time() < deadline and proc.poll() is None:
-    if len([d for d in (os.listdir(ckpt_dir) if ckpt_dir.exists() else []) if d.isdigit()]) >= 2:
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  sigkill.kill_after_checkpoints(_command(killed), killed / 'seed_0' / 'topp')
   assert not (killed / 'seed_0' / 'topp' / 'stage.json').exists(), 'topp finished before the kill'
-  earlier = [p for p in (killed / 'seed_0' / 'top2').rglob('*') if p.is_file()]
-  stamps = {p: p.stat().st_mtime_ns for p in earlier}
-  run(killed)
-  assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # top2 kept as it was
+  stamps = sigkill.file_stamps(killed / 'seed_0' / 'top2')
+  sigkill.run(_command(killed))
+  assert sigkill.file_stamps(killed / 'seed_0' / 'top2') == stamps  # top2 kept as it was
   for name in ('top2', 'topp'):
-    straight_metrics, straight_eval = _outcome(tmp_path / 'straight', name)
-    resumed_metrics, resumed_eval = _outcome(killed, name)
-    assert [r['step'] for r in resumed_metrics if 'loss' in r] == list(range(1, 31))
-    assert straight_metrics == resumed_metrics and straight_eval == resumed_eval, name
+    straight = sigkill.stage_outcome(tmp_path / 'straight' / 'seed_0' / name)
+    resumed = sigkill.stage_outcome(killed / 'seed_0' / name)
+    assert [r['step'] for r in resumed[0] if 'loss' in r] == list(range(1, 31))
+    assert straight == resumed, name
   results = [json.loads((w / 'results.json').read_text()) for w in (tmp_path / 'straight', killed)]
   assert results[0]['variants'] == results[1]['variants']
 
