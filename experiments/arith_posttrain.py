@@ -21,15 +21,17 @@ from kuaijax.results import write_results
 from kuaijax.stages import report, run_pipeline
 
 
-def _cell(evals: list[dict], key: str) -> str:
-  """Accuracy (%) of one policy: mean ± std over training seeds when there are several, else the
-  one seed's mean ± std over its sampling seeds."""
+def _cell(evals: list[dict], key: str, *, sampled: bool = True) -> str:
+  """Accuracy (%) of one policy: mean ± std over training seeds when there are several; with one
+  seed, a sampled accuracy's mean ± std over its sampling seeds, or the greedy accuracy alone."""
   if not evals or any(key not in e for e in evals):
     return '-'
   if len(evals) > 1:
     mean, std = report.mean_std([e[key] for e in evals])
-  else:
+  elif sampled:
     mean, std = evals[0][key], evals[0][key + '/std']
+  else:
+    return f'{100 * evals[0][key]:.1f}'
   return f'{100 * mean:.1f} ± {100 * std:.1f}'
 
 
@@ -67,7 +69,7 @@ def results_table(runs: dict, config) -> str:
       continue
     evals = [stages[name]['eval'] for stages in runs.values()]
     cells = [_cell(evals, f'accuracy/level_{k}') for k in groups] + [_cell(evals, 'accuracy')]
-    greedy = _cell([{**e, 'greedy/accuracy/std': 0.0} for e in evals], 'greedy/accuracy')
+    greedy = _cell(evals, 'greedy/accuracy', sampled=False)
     lines.append(f'| {_label(info["block"])} | ' + ' | '.join(cells) + f' | {greedy} |')
   lines += ['', '| stage | type | steps | wall time (s) | data |', '|---|---|---:|---:|---|']
   for name, info in first.items():

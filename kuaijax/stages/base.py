@@ -164,22 +164,16 @@ class Stage:
     model role `role` (default this stage's), or a Hugging Face folder (`params_format='hf'`)."""
     role = role or self.role
     roles.check_role(self.config, role, f'stage {self.name}')
-    if params_format == 'kuaijax' and path == self.dir:
-      path = '.'
-    elif params_format == 'kuaijax' or os.path.isdir(path):
-      path = os.path.abspath(path)
+    own = params_format == 'kuaijax' and path == self.dir
+    path = '.' if own else os.path.abspath(path)
     self.outputs.update(params=path, model=role, params_format=params_format)
-
-  def layout(self, role: str | None = None):
-    return roles.layout(self.config, role or self.role)
 
   def load_model(self, ref: str, role: str | None = None):
     """(graphdef, params) of a stage's (or checkpoint path's) parameters, placed on the mesh."""
     return roles.load(self.config, self.params_source(ref, role))
 
   def axis_rules(self):
-    layout = self.layout()
-    return parallel.axis_rules(layout.mesh, layout.rules)
+    return parallel.axis_rules(*self.pipeline.mesh_and_rules())
 
 
 def params_of(info: dict) -> roles.ParamsSource:

@@ -142,7 +142,8 @@ def sample_stage(stage: Stage) -> dict:
 def params_stage(stage: Stage) -> dict:
   """The parameters of the role `model` (default 'policy') from `path` (a kuaijax workdir or
   checkpoints folder), or, with no path, from the role's Hugging Face folder: later stages start
-  from them or read them; with `config.evals` they are evaluated as they are."""
+  from them or read them. The runner loads them once (a wrong checkpoint fails there) and, with
+  `config.evals`, evaluates them as they are."""
   path, folder = stage.block.get('path', ''), roles.hf_folder(stage.config, stage.role)
   if not path and not folder:
     raise ValueError(
@@ -153,5 +154,4 @@ def params_stage(stage: Stage) -> dict:
     stage.set_params(path)
   else:
     stage.set_params(folder, params_format='hf')
-  roles.load(stage.config, stage.own_params())  # fails early (and clearly) on a wrong checkpoint
   return {'path': path or folder}

@@ -123,11 +123,9 @@ class Pipeline:
     the first imported role's)."""
     if self._tokenizer is None:
       dc = self.config.data
-      folders = [roles.hf_folder(self.config, r) for r in self.config.models]
-      policy = DEFAULT_ROLE if DEFAULT_ROLE in self.config.models else None
-      hf_path = (roles.hf_folder(self.config, policy) if policy else '') or next(
-        (f for f in folders if f), ''
-      )
+      policy_first = sorted(self.config.models, key=lambda role: role != DEFAULT_ROLE)
+      folders = (roles.hf_folder(self.config, role) for role in policy_first)
+      hf_path = next((folder for folder in folders if folder), '')
       self._tokenizer = tokenizers.get_tokenizer(
         dc.tokenizer, spm_model_path=dc.get('spm_model_path') or None, hf_path=hf_path or None
       )
@@ -139,14 +137,21 @@ class Pipeline:
           )
     return self._tokenizer
 
+  def mesh_and_rules(self):
+    """The configured mesh and logical axis rules (every model role shares them)."""
+    return (
+      parallel.mesh_from_config(self.config.parallel),
+      parallel.rules_dict(self.config.parallel.rules),
+    )
+
   def eval_context(self, **extra) -> eval_registry.EvalContext:
-    mesh = parallel.mesh_from_config(self.config.parallel)
+    mesh, rules = self.mesh_and_rules()
     return eval_registry.EvalContext(
       tokenizer=self.tokenizer,
       task=self.task,
       data=self.config.data,
       mesh=mesh,
-      rules=parallel.rules_dict(self.config.parallel.rules),
+      rules=rules,
       load_model=lambda path, role: roles.load(self.config, roles.source_of_path(path, role)),
       **extra,
     )
@@ -179,13 +184,15 @@ def _run_stage(pipe: Pipeline, name: str, folder: str, seed: int | None, done: d
   stage = Stage(name, block, pipe, folder, seed, dict(done))
   summary = get_stage_type(block.type).fn(stage)
   info = {'name': name, 'type': block.type, 'seed': seed, 'summary': summary, **stage.outputs}
-  # A stage that evaluated itself (its `eval` output) is not evaluated again; the pipeline's
-  # evaluators are built only when a stage needs them.
-  if 'params' in info and 'eval' not in info and block.get('evaluate', 1):
-    evaluators = pipe.evaluators()
-    if evaluators.evaluators:
-      with stage.axis_rules():
-        info['eval'] = evaluators.evaluate(*roles.load(pipe.config, stage.own_params()))
+  # Parameters a stage recorded without evaluating them (a `params` stage) are loaded once here:
+  # that checks them (a wrong checkpoint fails now, clearly) and the pipeline's evaluators, built
+  # only when a stage needs them, score them. A stage that evaluated itself is left as it is.
+  if 'params' in info and 'eval' not in info:
+    with stage.axis_rules():
+      graphdef, params = roles.load(pipe.config, stage.own_params())
+      evaluators = pipe.evaluators() if block.get('evaluate', 1) else None
+      if evaluators and evaluators.evaluators:
+        info['eval'] = evaluators.evaluate(graphdef, params)
   info.update(block=block.to_dict(), wall_s=time.time() - start)
   if jax.process_index() == 0:
     _write_json(path, info)
