@@ -1,26 +1,25 @@
-"""Does Top-P MoE cost what it activates? The MoE FFN fwd+bwd, side by side in one process.
+"""What does Top-P MoE cost in wall clock? The MoE FFN fwd+bwd against the original and a dense layer.
 
 For each case of `bench.cases` (E experts of width f, optional shared experts) the router is scaled
-so that uncapped Top-P (p = bench.p) selects about `target_mean_k` experts per token, and these
-are timed as jit(grad) of sum(y * cotangent) w.r.t. (x, router_w, w1, w3, w2[, shared]):
-- Top-P with k_max = 2, 4, ceil(max selected) and E (uncapped), dispatch 'auto';
-- the uncapped layer with each of `bench.dispatches` (e.g. 'dropless', 'dense' = all experts);
-- the original Dynamic_MoE layer's algorithm re-implemented in JAX (`original_loop`: a loop over
-  experts, each gathering its tokens, running its SwiGLU and index-adding the weighted output);
-- a dense SwiGLU whose width (mean k + shared) * f gives the same active FLOPs.
-Then a p sweep of the uncapped 'auto' layer: time and time per selected (token, expert) pair vs
-the mean k (cost_vs_mean_k.png). Timings are interleaved (one call of each variant per round,
-median over rounds) so machine load hits every variant alike; on CPU the clock is the process CPU
-time (all threads), steadier than wall time on a shared machine; on GPU/TPU wall time.
-Writes results.json, results.md and cost_vs_mean_k.png into the workdir.
+so that uncapped Top-P (p = bench.p) selects about `target_mean_k` experts per token. Sides, all
+jit(grad) (or torch autograd) of sum(y * cotangent) w.r.t. every input, timed through
+`kuaijax.benchmarking.interleaved` (wall clock, warm-up excluded, rounds interleaved):
+- the layer, uncapped, dispatch 'auto', and with each of `bench.dispatches`; Top-P capped at
+  k_max = ceil(max selected);
+- `original (PyTorch loop)`: the paper's algorithm as the released Dynamic_MoE layer runs it
+  (softmax router, sort, cumsum mask, a Python loop over experts, each finding its tokens with
+  `torch.where`, running its SwiGLU and index-adding the weighted output), same weights, torch
+  autograd, torch given XLA's thread count; absent when torch is not installed;
+- `dense SwiGLU, same active FLOPs`: width (mean k + shared) * f.
+Then where the uncapped layer's time goes (router, counting sort, experts forward, experts
+backward, the matmul work alone) and a p sweep: time per selected (token, expert) pair vs mean k
+(cost_vs_mean_k.png). Writes results.json, results.md and cost_vs_mean_k.png.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,47 +27,14 @@ import numpy as np
 from absl import logging
 from matplotlib.figure import Figure
 
+from kuaijax import benchmarking
 from kuaijax import routing as routing_lib
-from kuaijax.models import moe
+from kuaijax.models import dispatch, moe
 from pallas_kernels.common import markdown_table, write_report
 
 DENSE_EQUIVALENT = 'dense SwiGLU, same active FLOPs'
-ORIGINAL = 'original Dynamic_MoE loop (JAX)'
-
-
-def top_p_assignments(probs: np.ndarray, p: float):
-  """Per expert, the (token, slot) pairs that select it: the original code's `torch.where`.
-
-  Sorted descending, an expert is kept while the inclusive cumsum minus itself is <= p (the
-  original's `cumsum > p` mask with the crossing expert re-admitted: the same set).
-  """
-  order = np.argsort(-probs, axis=-1, kind='stable')
-  sorted_p = np.take_along_axis(probs, order, axis=-1)
-  keep = np.cumsum(sorted_p, axis=-1) - sorted_p <= p
-  tokens, slots = [], []
-  for e in range(probs.shape[1]):
-    t, s = np.nonzero(keep & (order == e))
-    tokens.append(t.astype(np.int32))
-    slots.append(s.astype(np.int32))
-  return tokens, slots
-
-
-def original_loop(x, router_w, w1, w3, w2, *shared, p, tokens, slots):
-  """The original PyTorch layer (SwitchMLP) in JAX: loop over experts with their own token lists.
-
-  Index lists come from `top_p_assignments` on the host (the original finds them on device with
-  a host sync per expert; here they are constants of the compiled program, which favours it).
-  """
-  logits = x.astype(jnp.float32) @ router_w.astype(jnp.float32)
-  probs = jax.nn.softmax(logits, axis=-1)
-  sorted_p, _ = jax.lax.top_k(probs, probs.shape[1])
-  routing_weights = jnp.where(jnp.cumsum(sorted_p, axis=-1) - sorted_p <= p, sorted_p, 0.0)
-  y = jnp.zeros(x.shape, jnp.float32)
-  for e, (idx, top) in enumerate(zip(tokens, slots)):
-    out = moe.swiglu(x[idx], w1[e], w3[e], w2[e]) * routing_weights[idx, top, None]
-    y = y.at[idx].add(out.astype(jnp.float32))
-  y = y.astype(x.dtype)
-  return y + moe.swiglu(x, *shared) if shared else y
+ORIGINAL = 'original (PyTorch loop)'
+UNCAPPED = 'Top-P uncapped, dispatch=auto'
 
 
 def calibrate_router_scale(probs_of, *, p: float, target: float) -> float:
@@ -86,23 +52,46 @@ def calibrate_router_scale(probs_of, *, p: float, target: float) -> float:
   return 0.5 * (lo + hi)
 
 
-def _clock(kind: str):
-  return time.process_time if kind == 'cpu' else time.perf_counter
+def torch_loop_layer(p: float):
+  """The original layer's algorithm in PyTorch: fn(x, router_w, w1, w3, w2, *shared) -> y."""
+  import torch  # noqa: PLC0415  (reference dependency)
+
+  def layer(x, router_w, w1, w3, w2, *shared):
+    probs = torch.softmax(x @ router_w, dim=-1)
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+    keep = torch.cumsum(sorted_p, dim=-1) - sorted_p <= p  # exclusive mass <= p
+    y = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+      tokens, slots = torch.where(keep & (order == e))
+      xs = x[tokens]
+      out = (torch.nn.functional.silu(xs @ w1[e]) * (xs @ w3[e])) @ w2[e]
+      y = y.index_add(0, tokens, out * sorted_p[tokens, slots, None])
+    if shared:
+      s1, s3, s2 = shared
+      y = y + (torch.nn.functional.silu(x @ s1) * (x @ s3)) @ s2
+    return y
+
+  return layer
 
 
-def interleaved_times(fns: dict, args: dict, rounds: int, clock: str) -> dict:
-  """Median seconds per call of each fn, one call of each per round (compiled + warmed first)."""
-  now = _clock(clock)
-  for name, fn in fns.items():
-    logging.info('bench_moe: compiling %s', name)
-    jax.block_until_ready(fn(*args[name]))
-  times = {name: [] for name in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      start = now()
-      jax.block_until_ready(fn(*args[name]))
-      times[name].append(now() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+def torch_side(p: float, params, cotangent):
+  """A zero-argument torch fwd+bwd of the original layer on copies of `params` (None: no torch)."""
+  try:
+    import torch  # noqa: PLC0415
+  except ImportError:
+    return None
+  benchmarking.match_torch_threads()
+  leaves = [torch.tensor(np.asarray(a, np.float32), requires_grad=True) for a in params]
+  ct = torch.tensor(np.asarray(cotangent, np.float32))
+  layer = torch_loop_layer(p)
+
+  def run():
+    for leaf in leaves:
+      leaf.grad = None
+    (layer(*leaves) * ct).sum().backward()
+    return [leaf.grad for leaf in leaves]
+
+  return run
 
 
 def _grad_fn(fn, cotangent, num_args):
@@ -112,24 +101,61 @@ def _grad_fn(fn, cotangent, num_args):
   return jax.jit(jax.grad(loss, argnums=tuple(range(num_args))))
 
 
-def bench_case(name, case, b, dtype, clock):
-  """The k_max / strategy / baseline table of one case and its p sweep."""
+def _apply(x, router_w, w1, w3, w2, *shared, cfg):
+  return moe.moe_ffn(x, router_w, w1, w3, w2, cfg, shared=shared or None)[0]
+
+
+def _swiglu_weights(keys, d, width, dtype):
+  return (
+    (jax.random.normal(keys[0], (d, width)) / np.sqrt(d)).astype(dtype),
+    (jax.random.normal(keys[1], (d, width)) / np.sqrt(d)).astype(dtype),
+    (jax.random.normal(keys[2], (width, d)) / np.sqrt(width)).astype(dtype),
+  )
+
+
+def breakdown_sides(x, router_w, w1, w3, w2, cotangent, cfg):
+  """Zero-argument pieces of the uncapped layer: where its time goes."""
+  tokens, d = x.shape
+  _, _, weights, ids, _ = moe.route(x, router_w, cfg)
+  sizes, positions = dispatch.group_positions(ids, cfg.num_experts)
+  pairs = int(jnp.sum(sizes))
+
+  def route_loss(x, router_w):
+    return jnp.sum(moe.route(x, router_w, cfg)[2])
+
+  route = jax.jit(jax.grad(route_loss, argnums=(0, 1)))
+  sort = jax.jit(lambda ids: dispatch.group_positions(ids, cfg.num_experts))
+  experts_fwd = jax.jit(dispatch.tiled_ffn)
+  experts = _grad_fn(
+    lambda x, w, a, b, c: dispatch.tiled_ffn(x, w, positions, sizes, a, b, c), cotangent, 5
+  )
+  # The experts' matmuls alone: one SwiGLU of width f over all selected rows (fwd + bwd), plus
+  # the input projections the backward recomputes.
+  rows = jax.random.normal(jax.random.key(7), (pairs, d), x.dtype)
+  dense_rows = _grad_fn(moe.swiglu, jax.random.normal(jax.random.key(8), (pairs, d), x.dtype), 4)
+  w13 = jnp.concatenate([w1[0], w3[0]], axis=1)
+  recompute = jax.jit(lambda r, w: r @ w)
+  return {
+    'router + Top-P selection (fwd+bwd)': lambda: route(x, router_w),
+    'counting sort by expert': lambda: sort(ids),
+    'experts forward (tiled)': lambda: experts_fwd(x, weights, positions, sizes, w1, w3, w2),
+    'experts fwd+bwd (tiled)': lambda: experts(x, weights, w1, w3, w2),
+    f'matmuls alone: SwiGLU fwd+bwd on {pairs} rows': lambda: dense_rows(rows, w1[0], w3[0], w2[0]),
+    'matmuls alone: recomputed input projections': lambda: recompute(rows, w13),
+  }, pairs
+
+
+def bench_case(name, case, b, dtype):
+  """The sides table, the time breakdown and the p sweep of one case."""
   tokens, d = b.tokens, b.d_model
   e, f, ns = case['num_experts'], case['d_ff'], case['num_shared_experts']
-  keys = jax.random.split(jax.random.key(b.seed), 9)
+  keys = jax.random.split(jax.random.key(b.seed), 12)
   x = jax.random.normal(keys[0], (tokens, d), dtype)
   router_dir = jax.random.normal(keys[1], (d, e), jnp.float32) / np.sqrt(d)
   w1 = (jax.random.normal(keys[2], (e, d, f)) / np.sqrt(d)).astype(dtype)
   w3 = (jax.random.normal(keys[3], (e, d, f)) / np.sqrt(d)).astype(dtype)
   w2 = (jax.random.normal(keys[4], (e, f, d)) / np.sqrt(f)).astype(dtype)
-  shared = ()
-  if ns:
-    fs = ns * f
-    shared = (
-      (jax.random.normal(keys[5], (d, fs)) / np.sqrt(d)).astype(dtype),
-      (jax.random.normal(keys[6], (d, fs)) / np.sqrt(d)).astype(dtype),
-      (jax.random.normal(keys[7], (fs, d)) / np.sqrt(fs)).astype(dtype),
-    )
+  shared = _swiglu_weights(keys[5:8], d, ns * f, dtype) if ns else ()
   cotangent = jax.random.normal(keys[8], (tokens, d), dtype)
   logits_dir = x.astype(jnp.float32) @ router_dir
   scale = calibrate_router_scale(
@@ -143,91 +169,93 @@ def bench_case(name, case, b, dtype, clock):
     cfg = moe.MoEConfig(
       num_experts=e, num_shared_experts=ns, gmm_implementation=b.gmm_implementation, **options
     )
-    return functools.partial(_apply, cfg=cfg), cfg
+    return _grad_fn(functools.partial(_apply, cfg=cfg), cotangent, len(params)), cfg
 
   def routing_stats(cfg):
     return jax.jit(lambda *a: moe.moe_ffn(*a[:5], cfg)[1])(*params)
 
   aux = routing_stats(layer()[1])
   mean_k, max_k = float(aux['mean_k']), int(aux['max_k'])
-  fns, args, info = {}, {}, {}
-  for k_max in sorted({2, 4, max_k, e}):
-    label = f'k_max={k_max}' + (' (uncapped)' if k_max == e else '')
-    label += ' = ceil(max selected)' if k_max == max_k else ''
-    fn, cfg = layer(k_max=0 if k_max == e else k_max)
-    fns[label], args[label] = _grad_fn(fn, cotangent, len(params)), params
-    a = aux if k_max == e else routing_stats(cfg)
-    info[label] = dict(mean_k=float(a['mean_k']), strategy=cfg.strategy, k_max=k_max)
-  uncapped_label = next(k for k in info if 'uncapped' in k)
-  max_label = next(k for k in info if 'max selected' in k)
-  for dispatch in b.dispatches.split(','):
-    label = f'uncapped, dispatch={dispatch}'
-    fn, cfg = layer(dispatch=dispatch)
-    fns[label], args[label] = _grad_fn(fn, cotangent, len(params)), params
-    info[label] = dict(mean_k=mean_k, strategy=cfg.strategy, k_max=e)
-  probs = np.asarray(jax.nn.softmax(x.astype(jnp.float32) @ router_w, axis=-1))
-  tok_lists, slot_lists = top_p_assignments(probs, b.p)
-  loop = functools.partial(original_loop, p=b.p, tokens=tok_lists, slots=slot_lists)
-  fns[ORIGINAL], args[ORIGINAL] = _grad_fn(loop, cotangent, len(params)), params
-  info[ORIGINAL] = dict(mean_k=mean_k, strategy='loop over experts', k_max=e)
+  fns, info = {}, {}
+  fn, cfg = layer()
+  fns[UNCAPPED], info[UNCAPPED] = fn, dict(mean_k=mean_k, dispatch=cfg.strategy)
+  if max_k < e:
+    label = f'Top-P k_max={max_k} = ceil(max selected)'
+    fn, cfg = layer(k_max=max_k)
+    fns[label] = fn
+    info[label] = dict(mean_k=float(routing_stats(cfg)['mean_k']), dispatch=cfg.strategy)
+  for strategy in filter(None, b.dispatches.split(',')):
+    label = f'Top-P uncapped, dispatch={strategy}'
+    fns[label], _ = layer(dispatch=strategy)
+    info[label] = dict(mean_k=mean_k, dispatch=strategy)
+  sides = {label: functools.partial(fn, *params) for label, fn in fns.items()}
+  original = torch_side(b.p, params, cotangent) if b.torch else None
+  if original is not None:
+    sides[ORIGINAL] = original
+    info[ORIGINAL] = dict(mean_k=mean_k, dispatch='loop over experts')
   width = max(1, round((mean_k + ns) * f))
-  dense_w = (
-    (jax.random.normal(keys[5], (d, width)) / np.sqrt(d)).astype(dtype),
-    (jax.random.normal(keys[6], (d, width)) / np.sqrt(d)).astype(dtype),
-    (jax.random.normal(keys[7], (width, d)) / np.sqrt(width)).astype(dtype),
-  )
-  fns[DENSE_EQUIVALENT] = _grad_fn(moe.swiglu, cotangent, 4)
-  args[DENSE_EQUIVALENT] = (x, *dense_w)
-  info[DENSE_EQUIVALENT] = dict(mean_k=mean_k, strategy=f'width {width}', k_max=0)
-  logging.info(
-    'bench_moe: %s, mean k %.3f, max k %d: timing %d variants', name, mean_k, max_k, len(fns)
-  )
-  times = interleaved_times(fns, args, b.rounds, clock)
-  base = times[DENSE_EQUIVALENT]
+  dense_w = _swiglu_weights(keys[9:12], d, width, dtype)
+  dense = _grad_fn(moe.swiglu, cotangent, 4)
+  sides[DENSE_EQUIVALENT] = lambda: dense(x, *dense_w)
+  info[DENSE_EQUIVALENT] = dict(mean_k=mean_k, dispatch=f'width {width}')
+  logging.info('bench_moe: %s, mean k %.3f, max k %d: %d sides', name, mean_k, max_k, len(sides))
+  times = benchmarking.interleaved(sides, rounds=b.rounds, warmup=b.warmup)
   rows = []
   for label, t in times.items():
-    pairs = tokens * info[label]['mean_k']
-    info[label].update(seconds=t, vs_dense=t / base)
-    rows.append(
-      {
-        'case': name,
-        'variant': label,
-        'dispatch': info[label]['strategy'],
-        'mean k': info[label]['mean_k'],
-        'fwd+bwd ms': 1e3 * t,
-        'x dense equal FLOPs': t / base,
-        'x original loop': t / times[ORIGINAL],
-        'us per selected pair': 1e6 * t / pairs,
-      }
-    )
+    row = {
+      'case': name,
+      'side': label,
+      'dispatch': info[label]['dispatch'],
+      'mean k': info[label]['mean_k'],
+      'fwd+bwd ms': 1e3 * t.median,
+      'min-max ms': f'{1e3 * t.low:.0f}-{1e3 * t.high:.0f}',
+      'x dense equal FLOPs': benchmarking.ratio(t, times[DENSE_EQUIVALENT]).text(),
+    }
+    if ORIGINAL in times:
+      row['x original'] = benchmarking.ratio(t, times[ORIGINAL]).text()
+    rows.append(row)
+    info[label].update(t.summary())
   summary = dict(
     mean_k=mean_k,
     max_k=max_k,
     router_scale=scale,
     dense_width=width,
-    uncapped_vs_kmax_ceil_max=times[uncapped_label] / times[max_label],
-    uncapped_vs_original=times[uncapped_label] / times[ORIGINAL],
-    uncapped_vs_dense=times[uncapped_label] / base,
-    variants=info,
+    uncapped_vs_dense=benchmarking.ratio(times[UNCAPPED], times[DENSE_EQUIVALENT]).summary(),
+    sides=info,
   )
+  if ORIGINAL in times:
+    summary['uncapped_vs_original'] = benchmarking.ratio(times[UNCAPPED], times[ORIGINAL]).summary()
+
+  parts, pairs = breakdown_sides(x, router_w, w1, w3, w2, cotangent, layer()[1])
+  if ns:
+    shared_fn = _grad_fn(moe.swiglu, cotangent, 4)
+    parts[f'shared experts fwd+bwd (width {ns * f})'] = lambda: shared_fn(x, *shared)
+  part_times = benchmarking.interleaved(parts, rounds=b.rounds, warmup=b.warmup)
+  summary['breakdown'] = {label: t.summary() for label, t in part_times.items()}
+  summary['selected_pairs'] = pairs
+  breakdown = [
+    {
+      'case': name,
+      'piece': label,
+      'ms': 1e3 * t.median,
+      'share of the layer': t.median / times[UNCAPPED].median,
+    }
+    for label, t in part_times.items()
+  ]
 
   sweep = []
-  sweep_fns, sweep_args = {}, {}
+  sweep_sides = {}
   for p in b.sweep_p:
     fn, cfg = layer(p=p)
-    sweep_fns[p], sweep_args[p] = _grad_fn(fn, cotangent, len(params)), params
+    sweep_sides[p] = functools.partial(fn, *params)
     a = routing_stats(cfg)
     sweep.append(dict(p=p, mean_k=float(a['mean_k']), max_k=int(a['max_k'])))
-  sweep_times = interleaved_times(sweep_fns, sweep_args, b.rounds, clock)
+  sweep_times = benchmarking.interleaved(sweep_sides, rounds=b.rounds, warmup=b.warmup)
   for row in sweep:
-    t = sweep_times[row['p']]
+    t = sweep_times[row['p']].median
     row.update(seconds=t, us_per_pair=1e6 * t / (tokens * row['mean_k']))
   summary['p_sweep'] = sweep
-  return rows, summary
-
-
-def _apply(x, router_w, w1, w3, w2, *shared, cfg):
-  return moe.moe_ffn(x, router_w, w1, w3, w2, cfg, shared=shared or None)[0]
+  return rows, breakdown, summary
 
 
 def plot_cost(summaries: dict, path: str) -> None:
@@ -253,12 +281,9 @@ def plot_cost(summaries: dict, path: str) -> None:
 def run(config, workdir: str) -> dict:
   b = config.bench
   dtype = jnp.dtype(b.dtype)
-  backend = jax.default_backend()
-  clock = b.clock if b.clock != 'auto' else ('cpu' if backend == 'cpu' else 'wall')
   payload = {
     'device': jax.devices()[0].device_kind,
-    'backend': backend,
-    'clock': clock,
+    'command': benchmarking.command_line(),
     'tokens': b.tokens,
     'd_model': b.d_model,
     'p': b.p,
@@ -266,23 +291,28 @@ def run(config, workdir: str) -> dict:
     'rounds': b.rounds,
     'cases': {},
   }
-  rows = []
+  rows, breakdown = [], []
   for name in b.run_cases.split(','):
-    case_rows, summary = bench_case(name, b.cases[name].to_dict(), b, dtype, clock)
+    case_rows, case_breakdown, summary = bench_case(name, b.cases[name].to_dict(), b, dtype)
     rows += case_rows
+    breakdown += case_breakdown
     payload['cases'][name] = summary
-  columns = ['case', 'variant', 'dispatch', 'mean k', 'fwd+bwd ms', 'x dense equal FLOPs']
-  columns += ['x original loop', 'us per selected pair']
+  payload['threads'] = benchmarking.thread_counts()  # after the torch side set its threads
+  columns = ['case', 'side', 'dispatch', 'mean k', 'fwd+bwd ms', 'min-max ms']
+  columns += ['x dense equal FLOPs'] + (['x original'] if 'x original' in rows[0] else [])
   sweep_rows = [
     {'case': n, **{k: v for k, v in r.items() if k != 'seconds'}, 'fwd+bwd ms': 1e3 * r['seconds']}
     for n, s in payload['cases'].items()
     for r in s['p_sweep']
   ]
-  header = (
-    f'MoE FFN fwd+bwd on {payload["device"]} ({backend}, {clock} clock): T={b.tokens}, '
-    f'd={b.d_model}, {b.dtype}, Top-P p={b.p}; median of {b.rounds} interleaved rounds.\n\n'
+  what = (
+    f'MoE FFN fwd+bwd on {payload["device"]}: T={b.tokens}, d={b.d_model}, {b.dtype}, Top-P '
+    f'p={b.p}; ratios are medians (min-max) of per-round ratios'
   )
-  table = header + markdown_table(rows, columns)
+  table = benchmarking.header(what, rounds=b.rounds, warmup=b.warmup)
+  table += markdown_table(rows, columns)
+  table += '\nWhere the uncapped layer spends its time (each piece timed alone, interleaved):\n\n'
+  table += markdown_table(breakdown, ['case', 'piece', 'ms', 'share of the layer'])
   table += '\nCost vs mean k (uncapped, dispatch auto, p sweep):\n\n'
   table += markdown_table(sweep_rows, ['case', 'p', 'mean_k', 'max_k', 'fwd+bwd ms', 'us_per_pair'])
   if jax.process_index() == 0:  # no trainer imports: runs where grain / tfds are not installed

@@ -1,9 +1,10 @@
-"""Training throughput / utilisation benchmark of the decoder LM (synthetic tokens).
+"""Training throughput of the decoder LM vs transformers, side by side (experiments/bench_train.py).
 
-CPU (2 cores, ~3 minutes; reports utilisation vs a 2048^3 matmul in the same process; recorded
-run: about 2,200 training tokens/s, 52-53% of the matmul's FLOP/s, see README.md):
+CPU (2 cores, d_model 512, 4 layers, seq 512, batch 8, float32, AdamW; ~4 minutes): kuaijax's
+trainer step and a transformers Llama of the same shape with torch AdamW, interleaved over 5 rounds,
+plus a 2048^3 matmul for the utilisation (figures in README.md):
   python -m kuaijax.main --config=configs/lm/bench_train.py --workdir=/tmp/kj_bench_train
-GPU/TPU, bf16 at larger width (not recorded):
+GPU/TPU, bf16 at larger width (kuaijax only; not recorded):
   python -m kuaijax.main --config=configs/lm/bench_train.py:accelerator --workdir=/tmp/kj_bench_train
 """
 
@@ -14,15 +15,7 @@ from kuaijax.config_lib import parse_arg, trainer_config
 
 def get_config(arg=None):
   args = parse_arg(arg, accelerator=False, runlocal=False)
-  config = trainer_config(
-    steps=24,
-    batch_size=8,
-    log_every=4,
-    eval_every=1_000_000,
-    checkpoint_every=1_000_000,
-    keep_checkpoints=1,
-    progress=False,
-  )
+  config = trainer_config(steps=1_000_000, batch_size=8, progress=False)
   config.experiment = 'bench_train'
   config.data = ml_collections.ConfigDict(dict(seq_len=512))
   config.model = ml_collections.ConfigDict(
@@ -38,7 +31,9 @@ def get_config(arg=None):
       remat='none',
     )
   )
-  config.bench = ml_collections.ConfigDict(dict(matmul_size=2048))
+  config.bench = ml_collections.ConfigDict(
+    dict(matmul_size=2048, rounds=5, warmup=1, steps_per_round=3, transformers=True)
+  )
   if args.accelerator:
     config.data.seq_len = 2048
     config.model.update(
@@ -51,11 +46,11 @@ def get_config(arg=None):
       dtype='bfloat16',
       remat='dots',
     )
-    config.train.update(batch_size=16, steps=40, log_every=5)
-    config.bench.matmul_size = 8192
+    config.train.batch_size = 16
+    config.bench.update(matmul_size=8192, transformers=False)
   if args.runlocal:  # a seconds-long smoke run for tests
     config.model.update(d_model=64, num_layers=1, num_heads=2, num_kv_heads=2, d_ff=128)
     config.data.seq_len = 64
-    config.train.update(steps=6, batch_size=2, log_every=2)
-    config.bench.matmul_size = 256
+    config.train.batch_size = 2
+    config.bench.update(matmul_size=256, rounds=2, steps_per_round=1)
   return config

@@ -150,92 +150,147 @@ def _f32(*arrays):
   return tuple(a.astype(jnp.float32) for a in arrays)
 
 
-def _tile_loops(sizes, m: int, body, carry):
-  """Runs `body(tile, start, end, group, row0, carry)` over the group-aligned row tiles of the
-  selected rows only (dynamic trip counts: the same program for every selection)."""
-  tm, min_tm = min(gmm_xla.DEFAULT_TILE_M, m), min(gmm_xla.MIN_TILE_M, m)
-  for tile, (item_group, item_start, item_end, num_items) in gmm_xla.tile_levels(
-    sizes, m, tm, min_tm
-  ):
-
-    def step(i, carry, tile=tile, item_group=item_group, item_start=item_start, item_end=item_end):
-      start, end = item_start[i], item_end[i]
-      return body(tile, start, end, item_group[i], jnp.minimum(start, m - tile), carry)
-
-    carry = lax.fori_loop(0, num_items, step, carry)
-  return carry
+def _tile_sizes(m: int) -> tuple[int, ...]:
+  """Row tiles from the full tile down to the smallest, halving (see pallas_kernels.gmm.xla)."""
+  sizes = [min(gmm_xla.DEFAULT_TILE_M, m)]
+  while sizes[-1] // 2 >= min(gmm_xla.MIN_TILE_M, m):
+    sizes.append(sizes[-1] // 2)
+  return tuple(sizes)
 
 
-def _tile_rows(tile, start, end, row0, token, weight):
+def _expert_loops(sizes, m: int, enter, tile_body, leave, carry):
+  """Runs every expert's selected rows in row tiles, the expert's weights sliced once.
+
+  For expert g (rows [start, end) of the expert-major order): `local = enter(g)`, then
+  `(carry, local) = tile_body(tile, row0, end, local, carry)` over full tiles of the largest size,
+  one tile of each smaller size that still fits and a last partial tile of the smallest size (rows
+  past `end` masked by the body), then `carry = leave(g, local, carry)`. Trip counts are traced:
+  one program for every selection, and the loops run only the tiles the selection needs.
+  """
+  tiles = _tile_sizes(m)
+  starts = jnp.cumsum(sizes) - sizes
+
+  def expert(g, carry):
+    start, end = starts[g], starts[g] + sizes[g]
+    state = (enter(g), carry)
+
+    def run(count, row, tile, state):
+      def step(i, state):
+        return tile_body(tile, row + i * tile, end, *state)
+
+      return lax.fori_loop(0, count, step, state), row + count * tile
+
+    full = (end - start) // tiles[0]
+    state, row = run(full, start, tiles[0], state)
+    for tile in tiles[1:]:
+      state, row = run((end - row >= tile).astype(jnp.int32), row, tile, state)
+    (local, carry), _ = run((end > row).astype(jnp.int32), row, tiles[-1], state)
+    return leave(g, local, carry)
+
+  return lax.fori_loop(0, sizes.shape[0], expert, carry)
+
+
+def _tile_rows(tile, row, end, m, token, weight):
+  """The tile's rows [row, row + tile) clipped into the buffer: (keep, token, weight, first row)."""
+  row0 = jnp.minimum(row, m - tile)
   rows = row0 + jnp.arange(tile, dtype=jnp.int32)
-  keep = (rows >= start) & (rows < end)
+  keep = (rows >= row) & (rows < end)
   tok = lax.dynamic_slice_in_dim(token, row0, tile)
   wt = jnp.where(keep, lax.dynamic_slice_in_dim(weight, row0, tile), 0.0)
-  return keep, tok, wt
+  return keep, tok, wt, row0
+
+
+def _expert_weights(w1, w3, w2, g):
+  """Expert g's fused input projection [d, 2f] (W1 | W3) and its output projection [f, d]."""
+  return jnp.concatenate([w1[g], w3[g]], axis=1), w2[g]
 
 
 @jax.custom_vjp
 def tiled_ffn(x, weights, positions, sizes, w1, w3, w2):
   """y[T, d] = sum over selected pairs of weight * SwiGLU_e(x_t), one row tile at a time.
 
-  Each tile of rows (of one expert, selected pairs only) is gathered from x, run through that
-  expert's SwiGLU and scatter-added into y, so no [pairs, d] buffer exists and the loops run as
-  many tiles as the selection needs. The backward pass walks the tiles again, recomputing the
-  expert's forward (nothing is saved). Products in float32 (the fast path of XLA:CPU).
+  Experts run one after the other, each with its weights sliced once; each tile of its rows
+  (selected pairs only) is gathered from x, run through the SwiGLU (W1 and W3 as one matmul) and
+  scatter-added into y, so no [pairs, d] buffer exists and the loops run as many tiles as the
+  selection needs. The backward pass walks the tiles again, recomputing the two input projections
+  (nothing is saved); the output projection is not recomputed: the routing weight's gradient
+  <W2 a, dy> is taken as <a, W2^T dy>, which the backward needs anyway. Products in float32 (the
+  fast path of XLA:CPU).
   """
   return _tiled_fwd(x, weights, positions, sizes, w1, w3, w2)[0]
 
 
 def _tiled_fwd(x, weights, positions, sizes, w1, w3, w2):
-  m = positions.size
+  m, f = positions.size, w1.shape[2]
   token, weight = rows_of(m, positions, weights)
   xf, w1f, w3f, w2f = _f32(x, w1, w3, w2)
 
-  def body(tile, start, end, g, row0, y):
-    _, tok, wt = _tile_rows(tile, start, end, row0, token, weight)
-    xs = gather_rows(xf, tok)
-    h1, h3 = xs @ w1f[g], xs @ w3f[g]
-    out = (jax.nn.silu(h1) * h3) @ w2f[g]
-    return y.at[tok].add(wt[:, None] * out, mode='drop')
+  def body(tile, row, end, local, y):
+    w13, w2g = local
+    _, tok, wt, _ = _tile_rows(tile, row, end, m, token, weight)
+    h = gather_rows(xf, tok) @ w13
+    out = (jax.nn.silu(h[:, :f]) * h[:, f:]) @ w2g
+    return local, y.at[tok].add(wt[:, None] * out, mode='drop')
 
-  y = _tile_loops(sizes, m, body, jnp.zeros(x.shape, jnp.float32))
+  y = _expert_loops(
+    sizes,
+    m,
+    lambda g: _expert_weights(w1f, w3f, w2f, g),
+    body,
+    lambda g, local, y: y,
+    jnp.zeros(x.shape, jnp.float32),
+  )
   return y.astype(x.dtype), (x, weights, positions, sizes, w1, w3, w2)
 
 
 def _tiled_bwd(res, dy):
   x, weights, positions, sizes, w1, w3, w2 = res
-  m = positions.size
+  m, (_, d, f) = positions.size, w1.shape
   token, weight = rows_of(m, positions, weights)
   xf, w1f, w3f, w2f, dyf = _f32(x, w1, w3, w2, dy)
 
-  def body(tile, start, end, g, row0, carry):
-    dx, dw1, dw3, dw2, dweight = carry
-    keep, tok, wt = _tile_rows(tile, start, end, row0, token, weight)
+  def enter(g):
+    w13, w2g = _expert_weights(w1f, w3f, w2f, g)
+    return w13, w2g, jnp.zeros((d, 2 * f), jnp.float32), jnp.zeros((f, d), jnp.float32)
+
+  def body(tile, row, end, local, carry):
+    w13, w2g, dw13, dw2 = local
+    dx, dweight, *dws = carry
+    keep, tok, wt, row0 = _tile_rows(tile, row, end, m, token, weight)
     xs = jnp.where(keep[:, None], gather_rows(xf, tok), 0.0)
     dys = gather_rows(dyf, tok)
-    h1, h3 = xs @ w1f[g], xs @ w3f[g]
-    s = jax.nn.silu(h1)
-    act = s * h3
-    out = act @ w2f[g]
-    old = lax.dynamic_slice_in_dim(dweight, row0, tile)
-    dwt = jnp.where(keep, jnp.sum(out * dys, axis=1), old)
-    dout = wt[:, None] * dys
-    dact = dout @ w2f[g].T
+    h = xs @ w13
+    h1, h3 = h[:, :f], h[:, f:]
     sig = jax.nn.sigmoid(h1)
-    dh1 = dact * h3 * sig * (1.0 + h1 * (1.0 - sig))
-    dh3 = dact * s
-    dxs = dh1 @ w1f[g].T + dh3 @ w3f[g].T
-    return (
-      dx.at[tok].add(dxs, mode='drop'),
-      dw1.at[g].add(xs.T @ dh1),
-      dw3.at[g].add(xs.T @ dh3),
-      dw2.at[g].add(act.T @ dout),
+    s = h1 * sig
+    act = s * h3
+    grad_act = dys @ w2g.T  # d<y, dy>/d act for a unit routing weight
+    old = lax.dynamic_slice_in_dim(dweight, row0, tile)
+    dwt = jnp.where(keep, jnp.sum(act * grad_act, axis=1), old)
+    dact = wt[:, None] * grad_act
+    dh = jnp.concatenate([dact * h3 * sig * (1.0 + h1 * (1.0 - sig)), dact * s], axis=1)
+    local = (w13, w2g, dw13 + xs.T @ dh, dw2 + act.T @ (wt[:, None] * dys))
+    carry = (
+      dx.at[tok].add(dh @ w13.T, mode='drop'),
       lax.dynamic_update_slice_in_dim(dweight, dwt, row0, 0),
+      *dws,
+    )
+    return local, carry
+
+  def leave(g, local, carry):
+    dx, dweight, dw1, dw3, dw2 = carry
+    _, _, dw13, dw2g = local
+    return (
+      dx,
+      dweight,
+      dw1.at[g].set(dw13[:, :f]),
+      dw3.at[g].set(dw13[:, f:]),
+      dw2.at[g].set(dw2g),
     )
 
   zeros = lambda a: jnp.zeros(a.shape, jnp.float32)
-  carry = (zeros(x), zeros(w1), zeros(w3), zeros(w2), jnp.zeros((m,), jnp.float32))
-  dx, dw1, dw3, dw2, dweight = _tile_loops(sizes, m, body, carry)
+  carry = (zeros(x), jnp.zeros((m,), jnp.float32), zeros(w1), zeros(w3), zeros(w2))
+  dx, dweight, dw1, dw3, dw2 = _expert_loops(sizes, m, enter, body, leave, carry)
   dweights = jnp.take(dweight, positions, mode='fill', fill_value=0.0)
   return (
     dx.astype(x.dtype),

@@ -141,40 +141,27 @@ def initial_params(config, abstract_params, shardings, init_params: Callable[[],
   return jax.jit(init_params, out_shardings=shardings)()
 
 
-def train(
-  config,
-  workdir: str,
-  *,
-  model_factory: Callable[[nnx.Rngs], nnx.Module],
-  loss_fn: Callable,
-  train_dataset,
-  evaluate: Callable[[nnx.GraphDef, dict, int], dict] | None = None,
-  frozen=None,
-  prepare_batch: Callable[[nnx.Module, dict, jax.Array], dict] | None = None,
-  count_tokens: Callable[[dict], int] | None = None,
-) -> TrainResult:
-  """Trains (or resumes) per `config.train`, `config.optimizer`, `config.parallel`.
+@dataclasses.dataclass
+class TrainProgram:
+  """The compiled pieces of a run: the sharded init and the jitted, state-donating train step."""
 
-  `frozen` and `prepare_batch` are the post-training hooks described in the module docstring;
-  `count_tokens(batch)` gives the tokens a batch processes for tokens/s (default: `inputs`' size).
-  """
+  layout: ParamLayout
+  abstract_state: dict  # {'params', 'opt_state', 'step', 'nonfinite_step'} as ShapeDtypeStructs
+  state_shardings: dict
+  init_params: Callable[[], dict]  # fresh params from `train.seed` (unsharded)
+  init_state: Callable[[dict], dict]  # params -> the sharded train state
+  step: Callable  # (state, batch, frozen) -> (state, metrics); donates `state`
+
+
+def train_program(config, model_factory: Callable[[nnx.Rngs], nnx.Module], loss_fn) -> TrainProgram:
+  """The optimizer, the state layout and the train step `train` runs (benchmarks time it alone)."""
   tc = config.train
   steps, accum = int(tc.steps), int(tc.grad_accum)
   if steps <= 0:
     raise ValueError(f'train.steps must be > 0, got {steps}')
-  for name in ('log_every', 'eval_every', 'checkpoint_every'):
-    if int(tc[name]) <= 0:
-      raise ValueError(f'train.{name} must be > 0, got {tc[name]}')
-  if count_tokens is None:
-    count_tokens = lambda batch: int(batch['inputs'].size) if 'inputs' in batch else 0
-  os.makedirs(workdir, exist_ok=True)
-  # Abstract model -> parameter shardings and signature, without allocating anything.
   layout = param_layout(config, model_factory)
-  mesh, rules, graphdef = layout.mesh, layout.rules, layout.graphdef
-  abstract_params, param_shardings = layout.abstract_params, layout.shardings
-  check_batch_config(tc, mesh, rules)
+  mesh, graphdef = layout.mesh, layout.graphdef
   seed = int(tc.seed)
-  signature = ckpt_lib.param_signature(abstract_params)
   tx, schedule = make_optimizer(config.optimizer, steps)
   replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -189,23 +176,20 @@ def train(
   def init_params():
     return nnx.to_pure_dict(nnx.split(model_factory(nnx.Rngs(seed)), nnx.Param)[1])
 
-  abstract_train_state = jax.eval_shape(init_state, abstract_params)
+  abstract_state = jax.eval_shape(init_state, layout.abstract_params)
   state_shardings = {
-    'params': param_shardings,
+    'params': layout.shardings,
     'opt_state': optax.tree_map_params(
       tx,
       lambda _, s: s,
-      abstract_train_state['opt_state'],
-      param_shardings,
+      abstract_state['opt_state'],
+      layout.shardings,
       transform_non_params=lambda _: replicated,
     ),
     'step': replicated,
     'nonfinite_step': replicated,
   }
-
   base_rng = jax.random.key(seed + 1)
-
-  prepare_rng = jax.random.key(seed + 2)
 
   def loss_of_params(params, batch, rng, frozen):
     return loss_fn(nnx.merge(graphdef, params), batch, rng, frozen)
@@ -243,6 +227,51 @@ def train(
     metrics = {**metrics, 'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(step)}
     return new_state, metrics
 
+  return TrainProgram(
+    layout=layout,
+    abstract_state=abstract_state,
+    state_shardings=state_shardings,
+    init_params=init_params,
+    init_state=jax.jit(init_state, out_shardings=state_shardings),
+    step=jax.jit(train_step, out_shardings=(state_shardings, replicated), donate_argnums=0),
+  )
+
+
+def train(
+  config,
+  workdir: str,
+  *,
+  model_factory: Callable[[nnx.Rngs], nnx.Module],
+  loss_fn: Callable,
+  train_dataset,
+  evaluate: Callable[[nnx.GraphDef, dict, int], dict] | None = None,
+  frozen=None,
+  prepare_batch: Callable[[nnx.Module, dict, jax.Array], dict] | None = None,
+  count_tokens: Callable[[dict], int] | None = None,
+) -> TrainResult:
+  """Trains (or resumes) per `config.train`, `config.optimizer`, `config.parallel`.
+
+  `frozen` and `prepare_batch` are the post-training hooks described in the module docstring;
+  `count_tokens(batch)` gives the tokens a batch processes for tokens/s (default: `inputs`' size).
+  """
+  tc = config.train
+  steps, accum = int(tc.steps), int(tc.grad_accum)
+  for name in ('log_every', 'eval_every', 'checkpoint_every'):
+    if int(tc[name]) <= 0:
+      raise ValueError(f'train.{name} must be > 0, got {tc[name]}')
+  if count_tokens is None:
+    count_tokens = lambda batch: int(batch['inputs'].size) if 'inputs' in batch else 0
+  os.makedirs(workdir, exist_ok=True)
+  program = train_program(config, model_factory, loss_fn)
+  layout = program.layout
+  mesh, rules, graphdef = layout.mesh, layout.rules, layout.graphdef
+  abstract_params, param_shardings = layout.abstract_params, layout.shardings
+  check_batch_config(tc, mesh, rules)
+  seed = int(tc.seed)
+  signature = ckpt_lib.param_signature(abstract_params)
+  state_shardings = program.state_shardings
+  prepare_rng = jax.random.key(seed + 2)
+
   batch_dim = 0 if accum == 1 else 1
   checkpointer = ckpt_lib.Checkpointer(
     os.path.join(workdir, 'checkpoints'),
@@ -261,19 +290,18 @@ def train(
         checkpointer.check_compatible(latest, signature)
         target = jax.tree.map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-          abstract_train_state,
+          program.abstract_state,
           state_shardings,
         )
         state = checkpointer.restore(latest, target, data_iter)
         logging.info('resumed from %s/%d', checkpointer.directory, latest)
       else:
-        params = initial_params(config, abstract_params, param_shardings, init_params)
-        state = jax.jit(init_state, out_shardings=state_shardings)(params)
+        state = program.init_state(
+          initial_params(config, abstract_params, param_shardings, program.init_params)
+        )
       _write_config(workdir, config)
       start = int(state['step'])
       writer.truncate_after(start)
-
-      p_step = jax.jit(train_step, out_shardings=(state_shardings, replicated), donate_argnums=0)
 
       def next_micro(step, i):
         local = next(data_iter)
@@ -305,7 +333,7 @@ def train(
       for step in range(start, steps):
         batch = next_batch(step)
         pending_tokens += count_tokens(batch)
-        state, metrics = p_step(state, batch, frozen)
+        state, metrics = program.step(state, batch, frozen)
         pending.append(metrics)
         done = step + 1
         last = done == steps
