@@ -2,7 +2,9 @@
 
 The config names its experiment (`config.experiment`); the module `experiments.<name>` exposes
 `run(config, workdir)`. Configs are locked: an override of a key that does not exist, or of the wrong
-type, is an error naming the key.
+type, is an error naming the key. An override of a key that the run never reads (it had no effect:
+e.g. the shared `train.steps` when every stage sets its own) is reported once the run has finished
+(`run_checked`): an error when the run started in an empty workdir in one process, a warning otherwise.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import logging as stdlib_logging
 import os
 import pkgutil
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kuaijax import parallel
+from kuaijax import config_reads, parallel
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv: list[str] | None = None):
@@ -57,6 +60,35 @@ def run_experiment(config, workdir: str):
   return module.run(config, os.path.abspath(os.path.expanduser(workdir)))
 
 
+class UnreadOverridesError(ValueError):
+  """Command-line overrides of config leaves that the run never read."""
+
+
+def run_checked(config, workdir: str, overrides) -> dict:
+  """`run_experiment`, then the check that the run read every leaf in `overrides` (the
+  `--config.<path>=value` overrides: {path: value}).
+
+  Reads are recorded by `config_reads.track_reads`. An override that was never read is an
+  `UnreadOverridesError` naming it when the verdict is certain: the run started in an empty (or
+  new) workdir, so it skipped and resumed nothing, and ran in one process. Otherwise (a finished
+  stage that was skipped read its fields in an earlier run; another process may read what this
+  one does not) it is a warning naming it. The run's results are written either way.
+  """
+  path = os.path.abspath(os.path.expanduser(workdir))
+  fresh = not os.path.isdir(path) or not os.listdir(path)
+  with config_reads.track_reads(config) as tracker:
+    results = run_experiment(config, workdir)
+  unread = config_reads.unread_overrides(tracker, overrides)
+  if unread:
+    names = '; '.join(f'--config.{p}={overrides[p]!r}' for p in unread)
+    message = f'the run never read these overridden config fields (they had no effect): {names}'
+    if fresh and jax.process_count() == 1:
+      raise UnreadOverridesError(message)
+    why = 'the workdir held an earlier run' if not fresh else f'{jax.process_count()} processes'
+    logging.warning('%s (a warning, not an error: %s)', message, why)
+  return results
+
+
 class _QuietLibraries(stdlib_logging.Filter):
   """Drops the INFO chatter of orbax, tfds and the XLA bridge; warnings and errors still show."""
 
@@ -74,7 +106,8 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   parallel.maybe_initialize_distributed()
   logging.info('experiment %s -> %s', _CONFIG.value.experiment, _WORKDIR.value)
-  run_experiment(_CONFIG.value, _WORKDIR.value)
+  overrides = config_flags.get_override_values(flags.FLAGS['config'])
+  run_checked(_CONFIG.value, _WORKDIR.value, overrides)
 
 
 if __name__ == '__main__':

@@ -1,15 +1,18 @@
 """kj_arith post-training on the stage pipeline: SFT, then DPO / RFT / RLMEC on the SFT policy's own
 samples and online GRPO.
 
-Table: held-out accuracy by difficulty level per trained policy, sampled over several seeds
-(mean ± std) plus greedy (experiments/arith/README.md has our numbers).
+Table: held-out accuracy by difficulty level per trained policy, sampled once per sampling seed of
+`evals.arith.seeds` plus greedy; with one training seed (the default) the ± is the std over those
+sampling seeds of one trained policy, with `seeds=0+1+2` the std over training seeds
+(experiments/arith/README.md has our numbers).
 
-runlocal (0.84M-parameter byte-level policy trained on levels 1-2, evaluated on levels 1-3). Recorded
-before the stage pipeline (same hyper-parameters, stages sft+dpo+grpo): 15 min 50 s wall on 2 CPU
-cores shared with other jobs; SFT ~43% on level 1, ~6% on level 2, DPO and GRPO within the seed
-spread of it. On the pipeline with `stages=sft+dpo+rft+rlmec+grpo` (2026-11-30, load 14-24, SFT 52 min
-wall): SFT 47.5% level 1 / 8.3% level 2, DPO, RFT, RLMEC and GRPO within the seed spread of it; tables in
-experiments/arith/README.md.
+runlocal (0.84M-parameter byte-level policy trained on levels 1-2, evaluated on levels 1-3; both
+recorded runs: one training run, ± over 3 sampling seeds). Recorded before the stage pipeline (same
+hyper-parameters, stages sft+dpo+grpo): 15 min 50 s wall on 2 CPU cores shared with other jobs
+(load 4-10); SFT ~43% on level 1, ~6% on level 2, DPO and GRPO at SFT's means on levels 1-2 (DPO one
+more level-3 problem of 40). On the pipeline with `stages=sft+dpo+rft+rlmec+grpo` (2026-11-30, load
+14-24, SFT 52 min wall, 64 min in all): SFT 47.5% level 1 / 8.3% level 2, DPO, RFT, RLMEC and GRPO
+each within one sampling-seed std of it; tables in experiments/arith/README.md.
   python -m kuaijax.main --config=configs/arith/posttrain.py:runlocal --workdir=workdirs/arith_posttrain
 full scale (one GPU or TPU host; ~76M parameters, levels 1-4; not run yet):
   python -m kuaijax.main --config=configs/arith/posttrain.py --workdir=gs://.../arith_posttrain

@@ -13,7 +13,8 @@ Every policy is evaluated on kj_dialog-8 (own history, exact match per turn, con
 
 runlocal (2 CPU cores; a ~0.1M-parameter byte-level model; the ask model is too weak at this size to
 write well-formed queries, so sft_long and the pairs use the kj_dialog train sessions instead of the
-Parrot-Ask ones): 26 min wall on 2 shared CPU cores for 3 seeds; every policy reached 0% exact match
+Parrot-Ask ones): 26 min wall for 3 training seeds on 2 CPU cores shared with other jobs (load
+average 13-23); every policy reached 0% exact match
 on kj_dialog-8 at this size (table in experiments/capo/README.md):
   python -m kuaijax.main --config=configs/capo/parrot.py:runlocal --workdir=workdirs/capo
 full scale (one GPU host; ~25M parameters; not run yet):

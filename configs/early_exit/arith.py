@@ -7,11 +7,11 @@ settings: accuracy, average layers used, teacher-forced perplexity and the speed
 decoding measured side by side (experiments/early_exit/README.md has the method notes and our
 numbers).
 
-runlocal (6 layers, 1.2M parameters, 300 steps; recorded before the stage pipeline, 2 CPU cores
-shared with other jobs: 223 CPU-s, 38 min wall; per-layer agreement with the last layer 47% at
-layer 1 -> 91% at layer 5; confidence 0.99 exits after 5.2 of 6 layers at teacher-forced perplexity
-1.93 vs 1.75 at full depth; speed-ups were within the timing noise of the shared machine; details
-in experiments/early_exit/README.md):
+runlocal (6 layers, 1.2M parameters, 300 steps; recorded before the stage pipeline, one training
+seed, 2 CPU cores shared with ~8 other jobs (load average ~13): 223 CPU-s, 38 min wall; per-layer
+agreement with the last layer 47% at layer 1 -> 91% at layer 5; confidence 0.99 exits after 5.2 of
+6 layers at teacher-forced perplexity 1.93 vs 1.75 at full depth; speed-ups were within the timing
+noise of the shared machine; details in experiments/early_exit/README.md):
   python -m kuaijax.main --config=configs/early_exit/arith.py:runlocal --workdir=workdirs/early_exit
 full (one accelerator host; 12 layers, more steps; not run yet):
   python -m kuaijax.main --config=configs/early_exit/arith.py --workdir=workdirs/early_exit_full

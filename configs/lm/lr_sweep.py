@@ -2,7 +2,8 @@
 
 `get_config` is the mixture config (same `:arg`s, built by `configs.lm.mixture`);
 `get_hyper` declares 3 learning rates x 2 widths.
-runlocal (2 CPU cores; 6 runs of the runlocal LM, roughly 6 x its 4 minutes; not recorded):
+runlocal (2 CPU cores; 6 runs of the runlocal LM, roughly 6 x its 3 min 30 s on a quiet machine;
+not recorded):
   python -m kuaijax.sweep --config=configs/lm/lr_sweep.py:runlocal --workdir=/tmp/kj_lr_sweep
   python -m kuaijax.sweep --config=configs/lm/lr_sweep.py:runlocal --workdir=/tmp/kj_lr_sweep \\
     --collect --metrics=model.loss,model.loss/code,model.loss/arith

@@ -14,14 +14,16 @@ Table 2 compares `vanilla` (single base) with `harpe` on needle retrieval at the
 and beyond: the passkey evaluator in those two stages' `final_evals`. `seeds=0+1+2` trains every
 variant per training seed (default 0).
 
-runlocal (d_model 64, 2 layers, 200 steps of 16 x 128 tokens; recorded run: 16 min 28 s wall on 2
-CPU cores shared with other jobs; validation loss vanilla_deep 2.3288 < vanilla 2.4412 < harpe
-2.4460 < pc_rk2 2.6248 < ode_rk2_gated 2.6798 < pc_rk4 2.7417, so the papers' ordering does not
-appear at this size; experiments/pcformer/README.md has the tables):
+runlocal (d_model 64, 2 layers, 200 steps of 16 x 128 tokens; recorded run, one training seed:
+16 min 28 s wall on 2 CPU cores shared with other jobs (load average 14-17); validation loss
+vanilla_deep 2.3288 < vanilla 2.4412 < harpe 2.4460 < pc_rk2 2.6248 < ode_rk2_gated 2.6798 < pc_rk4
+2.7417, so the papers' ordering does not appear in this run; experiments/pcformer/README.md has the
+tables):
   python -m kuaijax.main --config=configs/pcformer/lm.py:runlocal --workdir=/tmp/kj_pcformer
 full scale (mirrors the released PCformer LM: the Llama decoder of pcformer_lm/configuration_llama.py,
 hidden 2048, 24 layers, 16 heads, FFN 5432, 2048 tokens, RK2 EMA predictor with alpha 0.5; one
-variant per command on a v5p-64 / 64 x H100 pod, ~1.3B parameters, about a day per 100B tokens):
+variant per command on a v5p-64 / 64 x H100 pod, ~1.3B parameters, about a day per 100B tokens (an
+estimate; not run):
   python -m kuaijax.main --config=configs/pcformer/lm.py:stages=pc_rk2 --workdir=gs://.../pc
 Expected at full scale (the paper's ordering; not recorded here): validation loss pc_rk4 <= pc_rk2
 < ode_rk2_gated < vanilla at equal parameters; vanilla_deep (3x parameters) is the equal-compute

@@ -1,19 +1,23 @@
 """RLMEC on kj_arith end to end: a trained generative reward model (GRM) vs SFT / RFT / DPO / GRPO /
-RLMEC with the programmatic reward, 3 seeds (experiments/rlmec/README.md has the numbers).
+RLMEC with the programmatic reward. The default runs 3 training seeds (`seeds=0+1+2`); the recorded
+runs have fewer: runlocal 2 training seeds, gpu 1 (experiments/rlmec/README.md has the numbers).
 
 Stages (`config.stage`, run through the stage pipeline, per-seed folders `<workdir>/seed_<s>/`):
 sft -> samples -> teacher (program) -> grm_data -> grm (SFT on locate/rewrite/copy targets, from the
 SFT policy) -> grm_rewrite (the GRM as teacher, compared with the program teacher) -> rewards (GRM
 keep-probabilities) -> rlmec; baselines on the same SFT policy and samples with the same number of
 update steps and batch size: sft_more (SFT continued), rft, pairs -> dpo, grpo (online),
-prog_rewards -> rlmec_prog. Seeds after the first reuse the first seed's SFT policy.
+prog_rewards -> rlmec_prog. Every training seed trains its own SFT policy and GRM (in the recorded
+runlocal run, which predates this, seed 1 reused seed 0's SFT policy).
 
 runlocal (2 CPU cores; byte tokens, 0.2M-parameter policy, levels 1-2 trained, level 3 held out;
-one seed took 35.5 min of stage wall time on 2 cores shared with other jobs, SFT 994 s of it; the
-policy reaches ~1-7% on level 1, so the table only shows that every stage runs; see the README):
+one sampling seed; seed 0 took 35.5 min of stage wall time on 2 cores shared with ~8 other jobs
+(load average 10-18), SFT 994 s of it; over 2 training seeds the rows reach 0-7% on level 1, so the
+table only shows that every stage runs; see the README):
   python -m kuaijax.main --config=configs/rlmec/arith.py:runlocal --workdir=workdirs/rlmec_arith
-gpu (one GPU; 3.2M parameters; seed 0 on an H200: 5 min 51 s wall, every row 65-67% over levels
-1-3 (100 / ~92 / ~7%), RLMEC within the sampling spread of SFT; see the README):
+gpu (one GPU; 3.2M parameters; 1 training seed recorded, seed 0 on an H200: 5 min 51 s wall, every
+row 65-67% over levels 1-3 (100 / 89-93 / 7-8%), ± over 3 sampling seeds; RLMEC within about two
+points of SFT at every level, which one training seed cannot rank; see the README):
   python -m kuaijax.main --config=configs/rlmec/arith.py:gpu --workdir=workdirs/rlmec_arith_gpu
 full scale (the paper's hyper-parameters on a ~76M model, levels 1-4 trained; not run):
   python -m kuaijax.main --config=configs/rlmec/arith.py --workdir=gs://.../rlmec_arith
@@ -129,8 +133,8 @@ def _stages() -> CD:
 
 
 def _small(config, *, gpu: bool) -> None:
-  """The gpu (one H100, ~10 min) and runlocal (2 CPU cores) sizes: levels 1-2 trained, level 3
-  held out, a small policy, short stages."""
+  """The gpu (one GPU; seed 0 took 5 min 51 s on an H200) and runlocal (2 CPU cores) sizes: levels
+  1-2 trained, level 3 held out, a small policy, short stages."""
   s = config.stage
   config.data.update(levels=(1, 2), seq_len=768, prompt_len=224, max_new_tokens=96)
   config.evals.arith.update(groups=(1, 2, 3))

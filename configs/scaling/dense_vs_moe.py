@@ -10,9 +10,10 @@ the cells this call trains ('top2_s3+topp_s3'; default all), `seeds=0+1+2` the t
 (default 0). See experiments/scaling.py.
 
 runlocal (3 families x 5 sizes, d_model 16..64, 2 layers, 120 steps of 8 x 128 tokens each; recorded
-on 2 CPU cores shared with other jobs: 22 min of training + 18 s of fits; power laws fit every family
-(R^2 0.96-0.99), Top-2 within 0.011 of dense at equal compute, Top-P 0.02-0.22 above; tables and
-which claims hold in experiments/scaling/README.md):
+with one training seed on 2 CPU cores shared with other jobs (load average 12-15): 22 min of
+training + 18 s of fits; power laws fit every family (R^2 0.96-0.99), Top-2 within 0.011 of dense
+at equal compute, Top-P 0.02-0.22 above; tables and which claims hold in
+experiments/scaling/README.md):
   python -m kuaijax.main --config=configs/scaling/dense_vs_moe.py:runlocal --workdir=/tmp/kj_scaling
 full scale (6 sizes, d_model 256..1536 and 4..24 layers, 10B tokens each on the paper's corpus; one
 cluster job per cell with the same shared workdir, then one more call that finds every cell finished

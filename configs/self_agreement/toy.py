@@ -8,9 +8,10 @@ byte-level model on it, once per training seed in `<workdir>/seed_<s>/`; the eva
 and SA, over its sampling seeds, in the 'trigger' and the 'mixed' (no trigger) scenario
 (experiments/self_agreement/README.md has the method notes and our numbers).
 
-runlocal (4 layers, d=128, 300 steps; recorded before the stage pipeline, 2 CPU cores shared with
-other jobs: 549 CPU-s, 71 min wall; the toy stays weak: greedy 8.3% on the trigger scenario, SC /
-USC / SA 0-4% at every k, so the paper's claims are neither confirmed nor refuted; details in
+runlocal (4 layers, d=128, 300 steps; recorded before the stage pipeline, one training seed, ± over
+5 sampling seeds; 2 CPU cores shared with ~8 other jobs (load average 13-22): 549 CPU-s, 71 min
+wall; the toy stays weak: greedy 8.3% on the trigger scenario, SC / USC / SA 0-4% at every k, so
+the paper's claims are neither confirmed nor refuted; details in
 experiments/self_agreement/README.md):
   python -m kuaijax.main --config=configs/self_agreement/toy.py:runlocal --workdir=workdirs/self_agreement
 full (one accelerator host; larger model, more steps and problems; not run yet):

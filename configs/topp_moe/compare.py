@@ -13,9 +13,9 @@ comparison, or Top-P at p = 0.1 .. 0.7 next to Top-2) and `seeds=0+1+2` (trainin
 runlocal comparison (2 CPU cores shared by other jobs, load 14-16: 41 min wall; the table shows
 validation loss and experts per token per task, mean / max experts per layer, the Spearman rank
 correlation of token loss vs experts selected per layer and task, and the activated parameters vs
-Top-2; recorded 2026-11-30 with uncapped Top-P: validation loss Top-2 1.871, Top-P 2.106 with 2.27
-experts per token (max 3), mean k 3.10 -> 2.22 during training, loss/experts rho 0.12 - 0.30 per
-layer; experiments/topp_moe/README.md has the tables):
+Top-2; recorded 2026-11-30 with uncapped Top-P, one training seed: validation loss Top-2 1.871,
+Top-P 2.106 with 2.27 experts per token (max 3), mean k 3.10 -> 2.22 during training, loss/experts
+rho 0.12 - 0.30 per layer over all tokens; experiments/topp_moe/README.md has the tables):
   python -m kuaijax.main --config=configs/topp_moe/compare.py:runlocal --workdir=/tmp/kj_topp_moe
 runlocal p sweep (Top-2 and seven Top-P variants; not timed, roughly 2.5x the comparison):
   python -m kuaijax.main --config=configs/topp_moe/compare.py:runlocal,suite=p_sweep \

@@ -3,6 +3,7 @@ teacher-forced exit layers and perplexity from the per-layer logits, the full-de
 greedy decoding; and its construction by name."""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -119,9 +120,52 @@ def test_full_depth_row_is_normal_greedy_decoding(model, metrics):
   expected = np.mean([is_correct(t, r) for t, r in zip(texts, RECORDS)])
   assert metrics['early_exit/full/accuracy'] == pytest.approx(expected)
   assert metrics['early_exit/full/avg_layers_decode'] == LAYERS
-  for label in metrics['early_exit/settings']:
-    assert 1 <= metrics[f'early_exit/{label}/avg_layers_decode'] <= LAYERS
-    assert metrics[f'early_exit/{label}/batch1/speedup'] > 0
+
+
+def test_decoding_counts_and_speed_ratios_match_a_recomputation(model, metrics):
+  """Per setting, the deterministic quantities behind the speed columns, recomputed by decoding
+  again: the layers run per generated token and the tokens generated; the speed-ups are the ratios
+  of the same timings, and tokens/s divide the recomputed token count by them (the wall times
+  themselves are not checked: timing is not a test)."""
+  prompts, lengths = sequences.prompt_batch(TOKENIZER, [r['prompt'] for r in RECORDS], 32)
+  gate = early_exit.ExitGate(
+    jnp.asarray(metrics['early_exit/gate/w'], jnp.float32),
+    jnp.asarray(metrics['early_exit/gate/b'], jnp.float32),
+  )
+  settings = exit_sweep.exit_settings((THRESHOLD,), True, (0.5,))
+  assert [label for label, _, _ in settings] == metrics['early_exit/settings']
+  decoded_layers = {}
+  for label, rule, threshold in settings:
+    out = early_exit.early_exit_generate(
+      model,
+      prompts,
+      lengths,
+      max_new_tokens=NEW_TOKENS,
+      rule=rule,
+      threshold=threshold,
+      gate=gate if rule == 'gate' else None,
+      stop_tokens=(TOKENIZER.eos_id,),
+      pad_id=TOKENIZER.pad_id,
+    )
+    used, gen_lengths = np.asarray(out.layers_used), np.asarray(out.lengths)
+    real = np.arange(used.shape[1])[None] < gen_lengths[:, None]
+    head = f'early_exit/{label}'
+    decoded_layers[label] = metrics[f'{head}/avg_layers_decode']
+    assert decoded_layers[label] == pytest.approx(used[real].mean(), rel=1e-6)
+    n_tokens = int(gen_lengths.sum())
+    for batch in ('batch1', 'batch'):
+      ee, normal = metrics[f'{head}/{batch}/early_exit_s'], metrics[f'{head}/{batch}/normal_s']
+      assert metrics[f'{head}/{batch}/speedup'] == pytest.approx(normal / ee, rel=1e-12)
+    batch_ee, batch_normal = (
+      metrics[f'{head}/batch/early_exit_s'],
+      metrics[f'{head}/batch/normal_s'],
+    )
+    assert metrics[f'{head}/tokens_per_s_batch'] * batch_ee == pytest.approx(n_tokens, rel=1e-9)
+    assert metrics[f'{head}/tokens_per_s_normal_batch'] * batch_normal == pytest.approx(
+      n_tokens, rel=1e-9
+    )
+  assert decoded_layers['full'] == LAYERS
+  assert decoded_layers[f'conf_{THRESHOLD}'] < LAYERS  # the check means something: some exit
 
 
 def _options(**overrides):

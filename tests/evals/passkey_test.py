@@ -73,10 +73,25 @@ def test_scores_against_oracles_and_uniform_logits():
 def test_a_real_model_is_scored_beyond_its_length():
   cfg = TransformerConfig(vocab_size=384, d_model=16, num_layers=1, num_heads=2, d_ff=32)
   model = Transformer(cfg, rngs=nnx.Rngs(0))
-  out = passkey.evaluate_retrieval(model, TOK, [48, 200], depths=(0.5,), per_depth=2, batch_size=2)
+  out = passkey.evaluate_retrieval(model, TOK, [48, 200], depths=(0.5,), per_depth=2, batch_size=1)
   for length in (48, 200):
-    assert 0.0 <= out[length]['accuracy'] <= 1.0
-    assert out[length]['answer_loss'] > 0 and out[length]['examples'] == 2
+    # Against the same examples scored by hand: one forward pass of the whole batch, float64.
+    batch = passkey.retrieval_batch(TOK, length, (0.5,), 2, seed=0)
+    logits, _ = model(
+      jnp.asarray(batch['inputs']),
+      positions=jnp.asarray(batch['positions']),
+      segment_ids=jnp.asarray(batch['segment_ids']),
+    )
+    logits = np.asarray(logits, np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    mask = batch['answer_mask'] > 0
+    nll = -np.take_along_axis(logp, batch['targets'][..., None], axis=-1)[..., 0]
+    right = (logits.argmax(-1) == batch['targets']) | ~mask
+    assert out[length]['examples'] == 2 and mask.sum(-1).min() > 0
+    assert out[length]['accuracy'] == right.all(-1).mean()
+    expected_loss = ((nll * mask).sum(-1) / mask.sum(-1)).mean()
+    assert out[length]['answer_loss'] == pytest.approx(expected_loss, rel=1e-5)
 
 
 def test_bad_inputs_are_named():

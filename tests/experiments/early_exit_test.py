@@ -4,6 +4,7 @@ and the runlocal run (slow)."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from experiments import early_exit as ee
@@ -48,12 +49,33 @@ def test_tiny_run_over_two_training_seeds(tmp_path):
   assert 1.0 <= rows['conf_0.5']['avg_layers_decode'][0] <= 3.0
   agreement = results['summary']['layers']['agreement']
   assert len(agreement) == 3 and agreement[-1] == [1.0, 0.0]
-  for r in rows.values():
-    assert r['batch1']['speedup'][0] > 0 and r['perplexity'][0] > 1
+  evals = [results['runs'][s]['sft']['eval'] for s in ('0', '1')]
+  problems = results['summary']['num_test_problems']
+  for label, r in rows.items():
+    head = f'early_exit/{label}'
+    for batch in ('batch1', 'batch'):
+      # The speed-up is the ratio of the same two timings, per seed; the table's the seeds' mean.
+      ratios = [e[f'{head}/{batch}/normal_s'] / e[f'{head}/{batch}/early_exit_s'] for e in evals]
+      for e, ratio in zip(evals, ratios):
+        assert e[f'{head}/{batch}/speedup'] == pytest.approx(ratio, rel=1e-12)
+      assert r[batch]['speedup'] == pytest.approx(
+        [np.mean(ratios), np.std(ratios, ddof=1)], rel=1e-9
+      )
+    for e in evals:  # tokens/s x seconds: the same whole number of generated tokens on both sides
+      tokens = e[f'{head}/tokens_per_s_batch'] * e[f'{head}/batch/early_exit_s']
+      normal = e[f'{head}/tokens_per_s_normal_batch'] * e[f'{head}/batch/normal_s']
+      assert tokens == pytest.approx(round(tokens), abs=1e-6) and normal == pytest.approx(tokens)
+      assert problems <= round(tokens) <= problems * 6  # 1 to max_new_tokens=6 tokens each
+  for e in evals:  # full depth: the perplexity of the last layer's teacher-forced loss
+    assert e['early_exit/full/perplexity'] == pytest.approx(
+      np.exp(e['early_exit/layers/loss'][-1]), rel=1e-5
+    )
+  assert rows['full']['perplexity'][0] == pytest.approx(
+    np.mean([e['early_exit/full/perplexity'] for e in evals]), rel=1e-9
+  )
   for seed in ('0', '1'):  # each seed's own evaluation, in its stage.json
     stage = json.loads((tmp_path / f'seed_{seed}' / 'sft' / 'stage.json').read_text())
     assert stage['eval']['early_exit/full/avg_layers_decode'] == 3.0
-  evals = [results['runs'][s]['sft']['eval'] for s in ('0', '1')]
   loss = [e['early_exit/layers/loss'][0] for e in evals]
   assert results['summary']['layers']['loss'][0][0] == pytest.approx(sum(loss) / 2)
   table = (tmp_path / 'results.md').read_text()

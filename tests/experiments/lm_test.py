@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from kuaijax.main import run_experiment
@@ -53,11 +54,22 @@ def test_lm_experiment_writes_table_and_results(tmp_path):
   stage = json.loads((tmp_path / 'seed_0' / 'lm' / 'stage.json').read_text())
   assert stage['type'] == 'pretrain' and stage['model'] == 'policy' and stage['params'] == '.'
   assert saved['model'] == stage['eval'] and saved['model_std'] == {}
-  assert saved['num_params'] == stage['summary']['params']['total'] > 0
+  assert (
+    saved['num_params']
+    == stage['summary']['params']['total']
+    == _param_count(tiny_lm_pipeline_config().models.policy)
+  )
   table = (tmp_path / 'results.md').read_text()
   assert '1 training seed' in table and '±' not in table
-  for task in ('code', 'arith', 'copy', 'recall'):
-    assert saved['model'][f'loss/{task}'] > 0 and saved['unigram'][f'loss/{task}'] > 0
+  tasks = ('code', 'arith', 'copy', 'recall')
+  for side in ('model', 'unigram'):
+    # The per-task losses split the overall one: their token-weighted mean is the loss.
+    tokens = [saved[side][f'tokens/{task}'] for task in tasks]
+    weighted = sum(saved[side][f'loss/{task}'] * n for task, n in zip(tasks, tokens)) / sum(tokens)
+    assert min(tokens) > 0 and weighted == pytest.approx(saved[side]['loss'], rel=1e-5)
+  for task in tasks:
+    # The model and the unigram baseline are scored on the same evaluation tokens.
+    assert saved['model'][f'tokens/{task}'] == saved['unigram'][f'tokens/{task}']
     assert f'| {task} |' in table
   assert (tmp_path / 'loss_curves.png').read_bytes().startswith(PNG_MAGIC)
 
@@ -70,7 +82,9 @@ def test_two_training_seeds_give_mean_and_std(tmp_path):
   evals = [results['runs'][s]['lm']['eval'] for s in ('0', '1')]
   assert evals[0]['loss'] != evals[1]['loss']  # another init seed and data order
   assert results['model']['loss'] == pytest.approx((evals[0]['loss'] + evals[1]['loss']) / 2)
-  assert results['model_std']['loss'] > 0
+  assert results['model_std']['loss'] == pytest.approx(
+    np.std([evals[0]['loss'], evals[1]['loss']], ddof=1)
+  )
   assert results['model']['tokens/code'] == evals[0]['tokens/code']  # the same eval batches
   table = (tmp_path / 'results.md').read_text()
   assert 'mean ± std over 2 training seeds' in table and '| code |' in table and ' ± ' in table
@@ -136,15 +150,63 @@ def test_missing_data_dir_for_a_real_corpus_is_named(tmp_path):
     run_experiment(config, str(tmp_path / 'work'))
 
 
-def test_bench_train_reports_utilisation(tmp_path):
+def _param_shapes(model_config) -> list[tuple[int, ...]]:
+  """The parameter shapes of the model of this config section (built abstractly)."""
+  import jax
+  from flax import nnx
+
+  from kuaijax.models.transformer import Transformer, TransformerConfig
+
+  cfg = TransformerConfig.from_config(model_config)
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  return [p.shape for p in jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))]
+
+
+def _param_count(model_config) -> int:
+  return sum(int(np.prod(shape)) for shape in _param_shapes(model_config))
+
+
+def _matmul_params(model_config) -> int:
+  """Weights that multiply activations: every matrix (attention and MLP kernels; the embedding as
+  the tied output head), norms' scales not. For a tied SwiGLU model."""
+  assert model_config.get('tie_embeddings', True) and model_config.get('mlp', 'swiglu') == 'swiglu'
+  return sum(int(np.prod(shape)) for shape in _param_shapes(model_config) if len(shape) >= 2)
+
+
+def test_bench_train_utilisation_is_recomputed_from_its_inputs(tmp_path):
+  """The benchmark's figures against their definitions: FLOPs per token from the model's parameter
+  shapes, tokens per round from the config, tokens/s, utilisation and the ratio to transformers
+  from the recorded per-round times (the times themselves are not tested)."""
   from kuaijax.config_lib import load_config
 
   config = load_config(os.path.join(REPO_ROOT, 'configs/lm/bench_train.py') + ':runlocal')
   config.parallel.num_devices = 1
   results = run_experiment(config, str(tmp_path))
-  assert results['tokens_per_s'] > 0 and 0 < results['utilisation'] < 2
-  assert 'utilisation' in (tmp_path / 'results.md').read_text()
-  assert (tmp_path / 'loss_curves.png').read_bytes().startswith(PNG_MAGIC)
+  saved = json.loads((tmp_path / 'results.json').read_text())
+  assert saved['utilisation'] == results['utilisation']
+  m, b = config.model, config.bench
+  seq = config.data.seq_len
+  # Per token: 2 FLOPs per weight forward, x3 with the backward pass; attention scores and
+  # values: 2 x 2 x seq x heads x head_dim forward per layer, x3 likewise.
+  head_dim = m.get('head_dim') or m.d_model // m.num_heads
+  flops = 6 * _matmul_params(m) + 12 * m.num_layers * seq * m.num_heads * head_dim
+  assert saved['model_flops_per_token'] == flops
+  tokens = b.steps_per_round * config.train.batch_size * seq
+  assert saved['tokens_per_round'] == tokens
+  sides = saved['sides']
+  assert set(sides) == {'kuaijax', 'transformers'}
+  for side in sides.values():
+    assert len(side['rounds']) == b.rounds
+    assert side['median_s'] == pytest.approx(float(np.median(side['rounds'])), rel=1e-12)
+    assert side['tokens_per_s'] == pytest.approx(tokens / side['median_s'], rel=1e-12)
+    assert side['utilisation'] == pytest.approx(
+      side['tokens_per_s'] * flops / saved['matmul_flops_per_s'], rel=1e-12
+    )
+    ratios = np.asarray(side['rounds']) / np.asarray(sides['kuaijax']['rounds'])
+    assert side['ratio_to_kuaijax']['median'] == pytest.approx(float(np.median(ratios)))
+  assert saved['utilisation'] == sides['kuaijax']['utilisation']
+  assert saved['speedup_vs_transformers'] == sides['transformers']['ratio_to_kuaijax']
+  assert f'{saved["utilisation"]:.1%}' in (tmp_path / 'results.md').read_text()
 
 
 def test_sentencepiece_tokenizer_is_trained_once_per_pipeline(tmp_path):
