@@ -1,6 +1,7 @@
 """The main job end to end: the lm experiment (a one-stage pipeline: stage 'lm' in
 <workdir>/seed_<s>/lm/), training seeds, SIGKILL resume through main.py, config errors."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -194,7 +195,8 @@ def test_bench_train_utilisation_is_recomputed_from_its_inputs(tmp_path):
   tokens = b.steps_per_round * config.train.batch_size * seq
   assert saved['tokens_per_round'] == tokens
   sides = saved['sides']
-  assert set(sides) == {'kuaijax', 'transformers'}
+  with_torch = importlib.util.find_spec('torch') is not None  # CI's Python 3.12 leg has none
+  assert set(sides) == ({'kuaijax', 'transformers'} if with_torch else {'kuaijax'})
   for side in sides.values():
     assert len(side['rounds']) == b.rounds
     assert side['median_s'] == pytest.approx(float(np.median(side['rounds'])), rel=1e-12)
@@ -205,7 +207,8 @@ def test_bench_train_utilisation_is_recomputed_from_its_inputs(tmp_path):
     ratios = np.asarray(side['rounds']) / np.asarray(sides['kuaijax']['rounds'])
     assert side['ratio_to_kuaijax']['median'] == pytest.approx(float(np.median(ratios)))
   assert saved['utilisation'] == sides['kuaijax']['utilisation']
-  assert saved['speedup_vs_transformers'] == sides['transformers']['ratio_to_kuaijax']
+  if with_torch:
+    assert saved['speedup_vs_transformers'] == sides['transformers']['ratio_to_kuaijax']
   assert f'{saved["utilisation"]:.1%}' in (tmp_path / 'results.md').read_text()
 
 
