@@ -19,6 +19,7 @@ backward, the matmul work alone) and a p sweep: time per selected (token, expert
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import jax
@@ -119,30 +120,36 @@ def breakdown_sides(x, router_w, w1, w3, w2, cotangent, cfg):
   _, _, weights, ids, _ = moe.route(x, router_w, cfg)
   sizes, positions = dispatch.group_positions(ids, cfg.num_experts)
   pairs = int(jnp.sum(sizes))
+  saved = math.ceil(tokens * cfg.saved_rows_per_token)
 
   def route_loss(x, router_w):
     return jnp.sum(moe.route(x, router_w, cfg)[2])
 
+  def experts(x, w, a, b, c):
+    return dispatch.tiled_ffn(x, w, positions, sizes, a, b, c, saved)
+
   route = jax.jit(jax.grad(route_loss, argnums=(0, 1)))
   sort = jax.jit(lambda ids: dispatch.group_positions(ids, cfg.num_experts))
-  experts_fwd = jax.jit(dispatch.tiled_ffn)
-  experts = _grad_fn(
-    lambda x, w, a, b, c: dispatch.tiled_ffn(x, w, positions, sizes, a, b, c), cotangent, 5
-  )
+  experts_fwd = jax.jit(experts)
+  experts_grad = _grad_fn(experts, cotangent, 5)
   # The experts' matmuls alone: one SwiGLU of width f over all selected rows (fwd + bwd), plus
-  # the input projections the backward recomputes.
+  # the input projections the backward recomputes (rows past the saved budget).
   rows = jax.random.normal(jax.random.key(7), (pairs, d), x.dtype)
   dense_rows = _grad_fn(moe.swiglu, jax.random.normal(jax.random.key(8), (pairs, d), x.dtype), 4)
-  w13 = jnp.concatenate([w1[0], w3[0]], axis=1)
-  recompute = jax.jit(lambda r, w: r @ w)
-  return {
+  sides = {
     'router + Top-P selection (fwd+bwd)': lambda: route(x, router_w),
     'counting sort by expert': lambda: sort(ids),
-    'experts forward (tiled)': lambda: experts_fwd(x, weights, positions, sizes, w1, w3, w2),
-    'experts fwd+bwd (tiled)': lambda: experts(x, weights, w1, w3, w2),
+    'experts forward (tiled)': lambda: experts_fwd(x, weights, w1, w3, w2),
+    'experts fwd+bwd (tiled)': lambda: experts_grad(x, weights, w1, w3, w2),
     f'matmuls alone: SwiGLU fwd+bwd on {pairs} rows': lambda: dense_rows(rows, w1[0], w3[0], w2[0]),
-    'matmuls alone: recomputed input projections': lambda: recompute(rows, w13),
-  }, pairs
+  }
+  if pairs > saved:
+    w13, extra = jnp.concatenate([w1[0], w3[0]], axis=1), rows[saved:]
+    recompute = jax.jit(lambda r, w: r @ w)
+    sides[f'matmuls alone: {pairs - saved} recomputed input projections'] = lambda: recompute(
+      extra, w13
+    )
+  return sides, pairs
 
 
 def bench_case(name, case, b, dtype):

@@ -205,47 +205,61 @@ def _expert_weights(w1, w3, w2, g):
   return jnp.concatenate([w1[g], w3[g]], axis=1), w2[g]
 
 
-@jax.custom_vjp
-def tiled_ffn(x, weights, positions, sizes, w1, w3, w2):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def tiled_ffn(x, weights, positions, sizes, w1, w3, w2, saved_rows: int = 0):
   """y[T, d] = sum over selected pairs of weight * SwiGLU_e(x_t), one row tile at a time.
 
   Experts run one after the other, each with its weights sliced once; each tile of its rows
   (selected pairs only) is gathered from x, run through the SwiGLU (W1 and W3 as one matmul) and
   scatter-added into y, so no [pairs, d] buffer exists and the loops run as many tiles as the
-  selection needs. The backward pass walks the tiles again, recomputing the two input projections
-  (nothing is saved); the output projection is not recomputed: the routing weight's gradient
-  <W2 a, dy> is taken as <a, W2^T dy>, which the backward needs anyway. Products in float32 (the
-  fast path of XLA:CPU).
+  selection needs. The forward keeps the input projections [x W1 | x W3] of the first
+  `saved_rows` rows of the expert-major order (a static budget: memory does not follow the traced
+  selection); the backward pass reads them there and recomputes them for the rows past the budget.
+  The output projection is never recomputed: the routing weight's gradient <W2 a, dy> is taken as
+  <a, W2^T dy>, which the backward needs anyway. Products in float32 (the fast path of XLA:CPU).
   """
-  return _tiled_fwd(x, weights, positions, sizes, w1, w3, w2)[0]
+  return _tiled_fwd(x, weights, positions, sizes, w1, w3, w2, saved_rows)[0]
 
 
-def _tiled_fwd(x, weights, positions, sizes, w1, w3, w2):
+def _saved_budget(saved_rows: int, m: int) -> int:
+  return max(0, min(int(saved_rows), m))
+
+
+def _tiled_fwd(x, weights, positions, sizes, w1, w3, w2, saved_rows):
   m, f = positions.size, w1.shape[2]
+  budget = _saved_budget(saved_rows, m)
   token, weight = rows_of(m, positions, weights)
   xf, w1f, w3f, w2f = _f32(x, w1, w3, w2)
 
-  def body(tile, row, end, local, y):
+  def body(tile, row, end, local, carry):
     w13, w2g = local
-    _, tok, wt, _ = _tile_rows(tile, row, end, m, token, weight)
+    y, saved = carry
+    _, tok, wt, row0 = _tile_rows(tile, row, end, m, token, weight)
     h = gather_rows(xf, tok) @ w13
     out = (jax.nn.silu(h[:, :f]) * h[:, f:]) @ w2g
-    return local, y.at[tok].add(wt[:, None] * out, mode='drop')
+    if budget >= tile:  # a tile inside the budget is never clipped (row0 == row)
+      saved = lax.cond(
+        row + tile <= budget,
+        lambda: lax.dynamic_update_slice_in_dim(saved, h, row0, 0),
+        lambda: saved,
+      )
+    return local, (y.at[tok].add(wt[:, None] * out, mode='drop'), saved)
 
-  y = _expert_loops(
+  y, saved = _expert_loops(
     sizes,
     m,
     lambda g: _expert_weights(w1f, w3f, w2f, g),
     body,
-    lambda g, local, y: y,
-    jnp.zeros(x.shape, jnp.float32),
+    lambda g, local, carry: carry,
+    (jnp.zeros(x.shape, jnp.float32), jnp.zeros((budget, 2 * f), jnp.float32)),
   )
-  return y.astype(x.dtype), (x, weights, positions, sizes, w1, w3, w2)
+  return y.astype(x.dtype), (x, weights, positions, sizes, w1, w3, w2, saved)
 
 
-def _tiled_bwd(res, dy):
-  x, weights, positions, sizes, w1, w3, w2 = res
+def _tiled_bwd(saved_rows, res, dy):
+  x, weights, positions, sizes, w1, w3, w2, saved = res
   m, (_, d, f) = positions.size, w1.shape
+  budget = saved.shape[0]
   token, weight = rows_of(m, positions, weights)
   xf, w1f, w3f, w2f, dyf = _f32(x, w1, w3, w2, dy)
 
@@ -259,7 +273,16 @@ def _tiled_bwd(res, dy):
     keep, tok, wt, row0 = _tile_rows(tile, row, end, m, token, weight)
     xs = jnp.where(keep[:, None], gather_rows(xf, tok), 0.0)
     dys = gather_rows(dyf, tok)
-    h = xs @ w13
+    if budget >= tile:
+      # Rows masked out (past the expert's end) may hold another expert's values here: they
+      # only meet zero routing weights and zeroed inputs below.
+      h = lax.cond(
+        row + tile <= budget,
+        lambda: lax.dynamic_slice_in_dim(saved, row0, tile),
+        lambda: xs @ w13,
+      )
+    else:
+      h = xs @ w13
     h1, h3 = h[:, :f], h[:, f:]
     sig = jax.nn.sigmoid(h1)
     s = h1 * sig

@@ -16,8 +16,9 @@ Dispatch strategies (exact unless 'capacity' drops, which it counts; tested agai
 - 'tiled': one loop over row tiles of the selected (token, expert) pairs, each tile gathered from
   x, run through its expert's whole SwiGLU and scatter-added into y (`dispatch.tiled_ffn`): no
   [pairs, d] buffer, the loops run as many tiles as the selection needs, one program for every
-  selection; the backward pass walks the tiles again (recomputing the forward). Built for XLA:CPU,
-  where small GEMMs in loops run near full speed; on GPU/TPU the loops would serialise.
+  selection; the forward keeps the experts' input projections of the first T *
+  `saved_rows_per_token` selected rows, the backward reads them and recomputes the rest. Built for
+  XLA:CPU, where small GEMMs in loops run near full speed; on GPU/TPU the loops would serialise.
 - 'dropless': the selected (token, expert) pairs are counting-sorted by expert into a buffer whose
   size is the number of selected pairs rounded up to one of a few static sizes
   (`dispatch.bucketed`), then grouped matmuls (`pallas_kernels.gmm`: the Pallas kernel on GPU/TPU,
@@ -86,6 +87,9 @@ class MoEConfig:
   gmm_implementation: the grouped matmul of 'dropless' ('auto' | 'xla' | 'pallas' | 'interpret'
   of pallas_kernels.gmm, or 'ragged_dot': jax.lax.ragged_dot).
   router_impl: 'jnp' (kuaijax.routing) or 'fused' (pallas_kernels.topp_router; Top-P only).
+  saved_rows_per_token: 'tiled' keeps the experts' input projections of the first T * this many
+  selected rows for the backward pass and recomputes the rest (0: recompute all; the memory of
+  saved rows is reserved whatever the selection). 2 covers Top-2 and a converged Top-P router.
   """
 
   num_experts: int
@@ -102,6 +106,7 @@ class MoEConfig:
   first_dense_layers: int = 0
   gmm_implementation: str = 'auto'
   router_impl: str = 'jnp'
+  saved_rows_per_token: float = 2.0
 
   def __post_init__(self):
     e = self.num_experts
@@ -124,6 +129,10 @@ class MoEConfig:
       raise ValueError(f'{pre}k_max={self.k_max!r} must be an int in [0, {e}] (0: uncapped)')
     if not _is_number(self.capacity_factor) or not self.capacity_factor > 0:
       raise ValueError(f'{pre}capacity_factor={self.capacity_factor!r} must be a number > 0')
+    if not _is_number(self.saved_rows_per_token) or self.saved_rows_per_token < 0:
+      raise ValueError(
+        f'{pre}saved_rows_per_token={self.saved_rows_per_token!r} must be a number >= 0'
+      )
     for name, low in (
       ('expert_d_ff', 0),
       ('num_shared_experts', 0),
@@ -248,10 +257,10 @@ def dispatch_capacity(x, weights, ids, w1, w3, w2, *, capacity_factor=1.25, **_)
   return dispatch_lib.combine_rows(out, token, weight, tokens, x.dtype), dropped
 
 
-def dispatch_tiled(x, weights, ids, w1, w3, w2, **_):
+def dispatch_tiled(x, weights, ids, w1, w3, w2, *, saved_rows=0, **_):
   """The whole SwiGLU per row tile of the selected pairs, in loops (`dispatch.tiled_ffn`)."""
   sizes, positions = dispatch_lib.group_positions(ids, w1.shape[0])
-  y = dispatch_lib.tiled_ffn(x, weights, positions, sizes, w1, w3, w2)
+  y = dispatch_lib.tiled_ffn(x, weights, positions, sizes, w1, w3, w2, saved_rows)
   return y, jnp.zeros((), jnp.int32)
 
 
@@ -329,6 +338,7 @@ def moe_ffn(
     capacity_factor=cfg.capacity_factor,
     gmm_implementation=cfg.gmm_implementation,
     grouped_matmul=grouped_matmul,
+    saved_rows=math.ceil(x.shape[0] * cfg.saved_rows_per_token),
   )
   if mesh is not None and mesh.shape.get('expert', 1) > 1:
     y, dropped = expert_parallel.expert_parallel_ffn(
