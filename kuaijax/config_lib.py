@@ -220,7 +220,10 @@ def data_section(**overrides) -> ml_collections.ConfigDict:
     seq_len=1024,  # training rows
     pack=True,
     seed=1,  # the LM data order of training seed s is data.seed + s
-    shards=0,  # LM data shards (0: one per process); fix it to compare runs across process counts
+    # LM data shards S (shard s: examples s, s + S, ...; S a multiple or divisor of the process
+    # count). The global batches depend on S only, never on the process count; 1: every process
+    # reads the one stream and keeps its rows; S = process count reads no example twice.
+    shards=1,
     task_names=(),  # the LM corpus' tasks, reported separately by the LM evaluators
     eval_batch_size=64,
     eval_batches=16,

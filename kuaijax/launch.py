@@ -55,9 +55,13 @@ def process_env(
 
 
 def _die_with_parent() -> None:
-  """In the child before exec: SIGTERM it when the launcher dies, even by SIGKILL (Linux only)."""
+  """In the child before exec: SIGKILL it when the launcher dies, even by SIGKILL (Linux only).
+
+  SIGKILL, not SIGTERM: `jax.distributed.initialize` installs a preemption handler that catches
+  SIGTERM, so a worker told to terminate would run on, writing the workdir, with no launcher.
+  """
   with contextlib.suppress(OSError, AttributeError):
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _stop(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:

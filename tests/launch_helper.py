@@ -7,9 +7,9 @@ fail     process 1 exits with status 7 at once; the others write their pid to $K
 params   loads the params of the checkpoint in $KJ_WORKDIR (the launcher test's LM stage folder)
          onto a mesh of all processes' devices ($KJ_MESH, e.g. 'fsdp=4,expert=2') and writes
          {path: sum of squares}, computed on the mesh, to $KJ_OUT/<process index>.json.
-main     `kuaijax.main` where every process exits with status 3 right after the checkpoint of step
-         $KJ_CRASH_STEP is written (a run killed mid-way), first writing the train-split example
-         indices it has read into $KJ_READ_LOG/<process index>.json.
+moe      the Top-P MoE layer of `moe_problem()` with its experts sharded over the 'expert' axis of
+         all processes' devices (tokens exchanged by all-to-all between the processes): process 0
+         writes y and the gradients (`moe_grads`) to $KJ_OUT/moe.npz.
 """
 
 import json
@@ -67,59 +67,67 @@ def _params():
     json.dump({jax.tree_util.keystr(k): float(v) for k, v in flat}, f)
 
 
-class _Recorded:
-  """A data source that logs the indices read through it."""
-
-  def __init__(self, source, log):
-    self._source, self._log = source, log
-
-  def __len__(self):
-    return len(self._source)
-
-  def __getitem__(self, index):
-    self._log.append(int(index))
-    return self._source[index]
+MOE_SIZES = dict(tokens=32, d=8, d_ff=16, experts=4)
 
 
-def _main(argv):
+def moe_problem(seed: int = 0):
+  """Numpy inputs of an MoE layer (x, router_w, w1, w3, w2) and a cotangent for its output, the
+  same in every process."""
+  import numpy as np
+
+  t, d, f, e = (MOE_SIZES[k] for k in ('tokens', 'd', 'd_ff', 'experts'))
+  rng = np.random.default_rng(seed)
+  draw = lambda *shape, scale=0.3: (scale * rng.standard_normal(shape)).astype(np.float32)
+  args = (draw(t, d, scale=1.0), draw(d, e, scale=0.2), draw(e, d, f), draw(e, d, f), draw(e, f, d))
+  return args, draw(t, d, scale=1.0)
+
+
+def moe_grads(mesh=None):
+  """jit(value_and_grad) of sum(y * cotangent) + balance loss of the `moe_problem` layer with
+  uncapped Top-P routing (1 or 2 of the 4 experts per token: empty slots too): returns (y, grads,
+  the compiled program's text). mesh None: all experts on one device ('dense')."""
   import jax
-  from absl import app
-  from jax.experimental import multihost_utils
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
 
-  from kuaijax import main as kj_main
-  from kuaijax.data import sources
-  from kuaijax.train import checkpoint
+  from kuaijax.models import moe
 
-  reads = []
+  cfg = moe.MoEConfig(
+    num_experts=MOE_SIZES['experts'],
+    routing='top_p',
+    dispatch='dense' if mesh is None else 'auto',
+    gmm_implementation='ragged_dot',
+  )
+  args, cotangent = moe_problem()
+  if mesh is not None:  # global arrays, replicated: every process gives the same values
+    whole = NamedSharding(mesh, PartitionSpec())
+    place = lambda a: jax.make_array_from_callback(a.shape, whole, lambda index: a[index])
+    args, cotangent = jax.tree.map(place, (args, cotangent))
 
-  def write_reads():
-    path = os.path.join(os.environ['KJ_READ_LOG'], f'{jax.process_index()}.json')
-    with open(path, 'w') as f:
-      json.dump(reads, f)
+  def loss(args, cotangent):
+    y, aux = moe.moe_ffn(*args, cfg, mesh=mesh)
+    return jnp.sum(y * cotangent) + aux['balance_loss'], y
 
-  get_source = sources.get_data_source
+  compiled = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(args, cotangent).compile()
+  (_, y), grads = compiled(args, cotangent)
+  return y, grads, compiled.as_text()
 
-  def recorded_source(name, *, split, **kwargs):
-    source = get_source(name, split=split, **kwargs)
-    return _Recorded(source, reads) if split == 'train' else source
 
-  sources.get_data_source = recorded_source
-  crash_step = int(os.environ['KJ_CRASH_STEP'])
-  maybe_save = checkpoint.Checkpointer.maybe_save
+def _moe():
+  import jax
+  import numpy as np
 
-  def crashing_save(self, step, *args, **kwargs):
-    saved = maybe_save(self, step, *args, **kwargs)
-    if saved and step == crash_step:
-      self.wait()
-      multihost_utils.sync_global_devices('kuaijax_test_crash')
-      write_reads()
-      os._exit(3)
-    return saved
+  from kuaijax import parallel
 
-  checkpoint.Checkpointer.maybe_save = crashing_save
-  app.run(kj_main.main, argv=[sys.argv[0], *argv])
+  parallel.maybe_initialize_distributed()
+  mesh = parallel.make_mesh({'expert': jax.device_count()})
+  y, grads, text = moe_grads(mesh)
+  y, grads = parallel.host_value((y, grads))
+  if jax.process_index() == 0:
+    arrays = {f'd{i}': g for i, g in enumerate(grads)}
+    path = os.path.join(os.environ['KJ_OUT'], 'moe.npz')
+    np.savez(path, y=y, all_to_all=np.asarray('all-to-all' in text), **arrays)
 
 
 if __name__ == '__main__':
-  mode, rest = sys.argv[1], sys.argv[2:]
-  {'fail': _fail, 'sum': _sum, 'params': _params}.get(mode, lambda: _main(rest))()
+  {'fail': _fail, 'sum': _sum, 'params': _params, 'moe': _moe}[sys.argv[1]]()

@@ -1,8 +1,9 @@
 """Real multi-process runs on CPU through `kuaijax.launch` (JAX CPU collectives, gloo).
 
-The runlocal LM shrunk to a few steps on a (data 2, fsdp 2, tensor 2) mesh with a fixed data shard
-count: 2 processes x 4 devices must give the losses and final parameters of 1 process x 8 devices,
-also when both processes die mid-run and the run is restarted; each process reads only its shard.
+The runlocal LM shrunk to a few steps on a (data 2, fsdp 2, tensor 2) mesh with the default data
+settings: 2 processes x 4 devices must give the losses, final parameters and results of 1 process
+x 8 devices, also when the run is SIGKILLed at a random point and started again, and when it is
+resumed on another process count and mesh.
 """
 
 import json
@@ -24,13 +25,13 @@ from kuaijax.main import run_experiment
 from kuaijax.stages import roles
 from kuaijax.train.checkpoint import CheckpointError, load_params
 from kuaijax.train.metrics import read_metrics
+from tests import sigkill
 from tests.conftest import REPO_ROOT
 
 OVERRIDES = {
   'data.seq_len': 128,
   'data.eval_batch_size': 16,
   'data.eval_batches': 2,
-  'data.shards': 2,
   'models.policy.d_model': 32,
   'models.policy.num_layers': 2,
   'models.policy.num_heads': 2,
@@ -70,15 +71,7 @@ def _launch(
   overrides=OVERRIDES,
 ):
   """Runs the launcher as its own process, as a user would; returns its status."""
-  flags = [f'--config.{k}={v}' for k, v in overrides.items()]
-  cmd = [
-    *(sys.executable, '-m', 'kuaijax.launch', f'--processes={processes}'),
-    *(f'--devices_per_process={devices}', f'--module={module}', '--timeout=60', '--'),
-    *mode,
-    f'--config={config}',
-    f'--workdir={workdir}',
-    *flags,
-  ]
+  cmd = _launch_command(workdir, module, mode, processes, devices, config, overrides)
   proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, **(env or {})})
   try:
     return proc.wait(timeout=TIMEOUT_S)
@@ -86,6 +79,26 @@ def _launch(
     if proc.poll() is None:
       proc.terminate()  # the launcher stops its processes on SIGTERM
       proc.wait(timeout=30)
+
+
+def _launch_command(
+  workdir,
+  module='kuaijax.main',
+  mode=(),
+  processes=2,
+  devices=4,
+  config=CONFIG,
+  overrides=OVERRIDES,
+):
+  """`python -m kuaijax.launch ... -- <module args>` (see `_launch`)."""
+  return [
+    *(sys.executable, '-m', 'kuaijax.launch', f'--processes={processes}'),
+    *(f'--devices_per_process={devices}', f'--module={module}', '--timeout=60', '--'),
+    *mode,
+    f'--config={config}',
+    f'--workdir={workdir}',
+    *(f'--config.{k}={v}' for k, v in overrides.items()),
+  ]
 
 
 def _stage(workdir):
@@ -116,6 +129,30 @@ def _assert_same_losses(reference, run, *, steps: int):
   np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=0, atol=1e-5)
 
 
+def _assert_same_run(reference, workdir):
+  """The LM run in `workdir` logged the losses of `reference` once per step, ended with its
+  parameters (within 1e-5) and reported its evaluation and unigram baseline."""
+  _assert_same_losses(_stage(reference), _stage(workdir), steps=OVERRIDES['train.steps'])
+  # Workdir files are written once, by process 0: one line per logged step.
+  steps = [r['step'] for r in read_metrics(_stage(workdir)) if 'loss' in r]
+  assert steps == list(range(1, OVERRIDES['train.steps'] + 1))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
+    _final_params(reference),
+    _final_params(workdir),
+  )
+  # The evaluation and the unigram baseline cover every process's batches, whatever the count.
+  one, two = (json.loads((w / 'results.json').read_text()) for w in (reference, workdir))
+  assert two['unigram'] == pytest.approx(one['unigram'], rel=1e-6)  # gathered in float32
+  assert two['model']['loss'] == pytest.approx(one['model']['loss'], abs=1e-5)
+
+
+def _data_files(workdir, step):
+  """The data-position files of the LM stage's checkpoint `step`."""
+  folder = _stage(workdir) / 'checkpoints' / str(step) / 'data'
+  return sorted(f for f in os.listdir(folder) if f.endswith('.json'))
+
+
 @pytest.fixture(scope='module')
 def built_data():
   """Builds the data set once here so that the processes do not race to build it."""
@@ -136,45 +173,41 @@ def test_two_processes_run_cpu_collectives(tmp_path):
     assert json.loads((tmp_path / f'{p}.json').read_text()) == [2, 4, 2, 6.0]
 
 
-@pytest.mark.slow
-def test_two_processes_killed_and_restarted_match_one_process(built_data, tmp_path):
-  reference = tmp_path / 'one_process'
-  run_experiment(_config(), str(reference))
-  workdir, reads = tmp_path / 'two_processes', tmp_path / 'reads'
-  reads.mkdir()
-  status = _launch(
-    workdir,
-    module='tests.launch_helper',
-    mode=['main'],
-    env={'KJ_CRASH_STEP': '2', 'KJ_READ_LOG': str(reads)},
-  )
-  assert status == 3  # both processes died right after the step-2 checkpoint
-  assert sorted(os.listdir(_stage(workdir) / 'checkpoints')) == ['2']
-  assert not (workdir / 'results.json').exists()
-  # Shard s holds examples s, s + 2, ...; process p reads shard p only, and both read something.
-  for p in range(2):
-    read = json.loads((reads / f'{p}.json').read_text())
-    assert read and {i % 2 for i in read} == {p}
-  assert _launch(workdir) == 0
-  _assert_same_losses(_stage(reference), _stage(workdir), steps=4)
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
-    _final_params(reference),
-    _final_params(workdir),
-  )
-  one = json.loads((reference / 'results.json').read_text())['model']
-  two = json.loads((workdir / 'results.json').read_text())['model']
-  assert abs(one['loss'] - two['loss']) < 1e-5
-  # Workdir files are written once, by process 0: one line per logged step.
-  assert [r['step'] for r in read_metrics(_stage(workdir)) if 'loss' in r] == [1, 2, 3, 4]
-
-
 @pytest.fixture(scope='module')
 def uninterrupted(built_data, tmp_path_factory):
   """The LM trained without interruption on 1 process x 8 devices, mesh (data 2, fsdp 2, tensor 2)."""
   workdir = tmp_path_factory.mktemp('uninterrupted')
   run_experiment(_config(), str(workdir))
   return workdir
+
+
+def test_two_processes_match_one_process_with_the_default_data(uninterrupted, tmp_path):
+  """data.shards left at its default: every process reads the one data stream and keeps its rows
+  of each global batch, so 2 processes x 4 devices train on the batches of 1 process x 8 and log
+  the same losses; the data position is one file, written by process 0."""
+  workdir = tmp_path / 'two_processes'
+  assert _launch(workdir) == 0
+  _assert_same_run(uninterrupted, workdir)
+  assert _data_files(workdir, OVERRIDES['train.steps']) == ['shard_0-of-1.json']
+
+
+def test_two_processes_sigkilled_at_a_random_point_resume_like_one_process(uninterrupted, tmp_path):
+  """`kuaijax.launch --processes 2` SIGKILLed at a random point (mid-step, or while a checkpoint
+  is being written, also the final one) with a random target (the launcher and its processes, the
+  launcher alone: its processes die with it, or one process's group: the launcher then stops the
+  other), then the same command again: the run
+  ends with the losses, parameters and results of 1 process x 8 devices uninterrupted."""
+  workdir = tmp_path / 'run'
+  point = sigkill.draw_kill_point(
+    logged=[1, 2, 3],
+    checkpointing=[2, 4],
+    max_delay=0.2,
+    targets=('all', 'launcher', 'process 0', 'process 1'),
+  )
+  kill = sigkill.kill_at(point, _launch_command(workdir), _stage(workdir), env=dict(os.environ))
+  assert kill.killed and not (_stage(workdir) / 'stage.json').exists(), kill
+  assert _launch(workdir) == 0
+  _assert_same_run(uninterrupted, workdir)
 
 
 MESHES = {
@@ -194,45 +227,21 @@ MESHES = {
   ids=['2proc_to_1proc', '1proc_to_2proc'],
 )
 def test_full_state_resumes_on_another_process_count_and_mesh(uninterrupted, tmp_path, first, then):
-  """Killed after the step-2 checkpoint, resumed with a different process count and mesh: the
-  optimizer state, step and data position (one state file per data shard) carry over."""
-  workdir, reads = tmp_path / 'run', tmp_path / 'reads'
-  reads.mkdir()
+  """SIGKILLed once the step-2 checkpoint is written, resumed with a different process count and
+  mesh: the optimizer state, step and data position (one file, whatever the process count)
+  carry over."""
+  workdir = tmp_path / 'run'
   (p1, mesh1), (p2, mesh2) = first, then
-  crash = dict(module='tests.launch_helper', mode=['main'])
-  env = {'KJ_CRASH_STEP': '2', 'KJ_READ_LOG': str(reads)}
-  status = _launch(
-    workdir,
-    processes=p1,
-    devices=8 // p1,
-    env=env,
-    **crash,
-    overrides={**OVERRIDES, **MESHES[mesh1]},
-  )
-  assert status == 3 and sorted(os.listdir(_stage(workdir) / 'checkpoints')) == ['2']
-  # Shard s holds examples s, s + 2, ...: each process read exactly its shards, and something.
-  for p in range(p1):
-    read = json.loads((reads / f'{p}.json').read_text())
-    assert read and {i % 2 for i in read} == ({p} if p1 == 2 else {0, 1})
-  data_files = sorted(os.listdir(_stage(workdir) / 'checkpoints' / '2' / 'data'))
-  assert [f for f in data_files if f.endswith('.json')] == [
-    'shard_0-of-2.json',
-    'shard_1-of-2.json',
-  ]
+  overrides = {**OVERRIDES, **MESHES[mesh1]}
+  command = _launch_command(workdir, processes=p1, devices=8 // p1, overrides=overrides)
+  kill = sigkill.kill_after_checkpoints(command, _stage(workdir), count=1, env=dict(os.environ))
+  assert kill.killed and kill.checkpoints == [2], kill
+  assert _data_files(workdir, 2) == ['shard_0-of-1.json']
   resumed = _launch(
     workdir, processes=p2, devices=8 // p2, overrides={**OVERRIDES, **MESHES[mesh2]}
   )
   assert resumed == 0
-  _assert_same_losses(_stage(uninterrupted), _stage(workdir), steps=4)
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
-    _final_params(uninterrupted),
-    _final_params(workdir),
-  )
-  # The evaluation and the unigram baseline cover every process's batches, whatever the count.
-  one, two = (json.loads((w / 'results.json').read_text()) for w in (uninterrupted, workdir))
-  assert two['unigram'] == pytest.approx(one['unigram'], rel=1e-6)  # gathered in float32
-  assert two['model']['loss'] == pytest.approx(one['model']['loss'], abs=1e-5)
+  _assert_same_run(uninterrupted, workdir)
 
 
 def test_resume_with_other_data_shards_is_a_clear_error(uninterrupted, tmp_path):
@@ -294,8 +303,6 @@ def test_moe_with_experts_across_two_processes_matches_one_process(built_data, t
   """Top-2 MoE with its 4 experts on 4 devices of 2 processes (all-to-all over gloo)."""
   config = load_config(os.path.join(REPO_ROOT, MOE_CONFIG))
   config.update_from_flattened_dict({**MOE_OVERRIDES, 'parallel.num_devices': 4})
-  with config.data.unlocked():
-    config.data.shards = 2  # the 2-process run's default: one shard per process
   reference = tmp_path / 'one_process'
   run_experiment(config, str(reference))
   workdir = tmp_path / 'two_processes'
@@ -306,22 +313,36 @@ def test_moe_with_experts_across_two_processes_matches_one_process(built_data, t
   assert abs(one['loss'] - two['loss']) < 1e-5
 
 
+def test_moe_layer_with_experts_across_two_processes_matches_one_device(tmp_path):
+  """The tiny version of the test above: a Top-P MoE layer (4 experts, 1 or 2 per token) on
+  2 processes x 2 devices, one expert per device, tokens exchanged by all-to-all over gloo; y and
+  every gradient equal the all-experts layer on one device of this process."""
+  from tests.launch_helper import moe_grads
+
+  cmd = [sys.executable, '-m', 'kuaijax.launch', '--processes=2', '--devices=4']
+  status = subprocess.run(
+    [*cmd, '--module=tests.launch_helper', '--', 'moe'],
+    cwd=REPO_ROOT,
+    env={**os.environ, 'KJ_OUT': str(tmp_path)},
+    timeout=TIMEOUT_S,
+  )
+  assert status.returncode == 0
+  got = np.load(tmp_path / 'moe.npz')
+  assert bool(got['all_to_all'])  # the program exchanges tokens between devices
+  y, grads, _ = moe_grads()
+  # float32, the same sums in another order (|y| <= 1.4, gradients <= 6): a few ulps.
+  np.testing.assert_allclose(got['y'], y, rtol=1e-5, atol=1e-5)
+  for i, g in enumerate(grads):
+    np.testing.assert_allclose(got[f'd{i}'], g, rtol=1e-5, atol=1e-5, err_msg=f'gradient {i}')
+
+
 def test_a_failing_process_stops_the_others(tmp_path):
   env = {**os.environ, 'KJ_PID_DIR': str(tmp_path)}
   cmd = [sys.executable, '-m', 'kuaijax.launch', '--processes=3', '--module=tests.launch_helper']
   out = subprocess.run([*cmd, '--', 'fail'], cwd=REPO_ROOT, env=env, timeout=TIMEOUT_S)
   assert out.returncode == 7
   for name in os.listdir(tmp_path):
-    assert not _running(int(name.removesuffix('.pid')))
-
-
-def _running(pid: int) -> bool:
-  """Whether `pid` exists and is not a zombie (an orphan's zombie may wait for a reaper)."""
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-  except FileNotFoundError:
-    return False
+    assert not sigkill.running(int(name.removesuffix('.pid')))
 
 
 def test_killing_the_launcher_stops_its_processes(tmp_path):
@@ -336,9 +357,9 @@ def test_killing_the_launcher_stops_its_processes(tmp_path):
     child = int(name.removesuffix('.pid'))
     launcher.kill()  # SIGKILL: the launcher cannot clean up; the child's parent-death signal does
     launcher.wait(timeout=30)
-    while time.monotonic() < deadline and _running(child):
+    while time.monotonic() < deadline and sigkill.running(child):
       time.sleep(0.1)
-    assert not _running(child)
+    assert not sigkill.running(child)
   finally:
     if launcher.poll() is None:
       launcher.kill()

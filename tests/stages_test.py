@@ -1,8 +1,13 @@
 """The stage pipeline: ordering from declared refs, model roles, seeds, stage data sets, custom
-stage types, kill-and-resume."""
+stage types, kill-and-resume.
+
+`python -m tests.stages_test WORKDIR` runs `kill_config()`'s pipeline into WORKDIR: the process
+the kill test SIGKILLs.
+"""
 
 import os
 import shutil
+import sys
 import zlib
 
 import jax
@@ -20,11 +25,11 @@ from kuaijax.methods.sft import SFT
 from kuaijax.stages import report, roles, runner
 from kuaijax.stages.base import register_stage_type, stage_seed
 from kuaijax.train import checkpoint as ckpt_lib
-from kuaijax.train.metrics import read_metrics
+from tests import sigkill
 from tests.conftest import REPO_ROOT
 
 CD = ml_collections.ConfigDict
-CALLS = {'take': 0, 'crash_at': 0, 'rollouts': 0}
+CALLS = {'take': 0, 'rollouts': 0}
 
 
 @register_stage_type('test_take', refs=('data',))
@@ -36,14 +41,12 @@ def _take(stage):
   return {'records': len(records)}
 
 
-@register_method('test_crashing_sft')
-class CrashingSFT(SFT):
-  """SFT whose per-batch hook raises on its `CALLS['crash_at']`-th call (a kill mid-stage)."""
+@register_method('test_counting_sft')
+class CountingSFT(SFT):
+  """SFT that counts the batches it trains on in this process (`CALLS['rollouts']`)."""
 
   def rollout(self, model, batch, rng):
     CALLS['rollouts'] += 1
-    if CALLS['rollouts'] == CALLS['crash_at']:
-      raise RuntimeError('killed')
     return batch
 
 
@@ -61,7 +64,7 @@ def tiny_config(stages: str):
   config.stage.samples.update(limit=2, num_samples=2, batch_size=2)
   config.stage.take = CD(dict(type='test_take', data='task:train', count=3))
   config.stage.ft = CD(config.stage.sft.to_dict())
-  config.stage.ft.update(method='test_crashing_sft', data='samples', init_from='sft')
+  config.stage.ft.update(method='test_counting_sft', data='samples', init_from='sft')
   config.lock()
   return config
 
@@ -100,39 +103,55 @@ def test_custom_stage_writes_a_data_set_and_is_not_redone(tmp_path):
     runner.run_pipeline(bad, str(tmp_path / 'bad'))
 
 
-def test_pipeline_killed_in_stage_3_resumes_there(tmp_path):
-  """sft -> samples -> ft: a run killed in the middle of ft, re-run with the same command, leaves
-  sft and samples untouched and ends with the params of an uninterrupted run."""
-  CALLS.update(rollouts=0, crash_at=0)
-  straight = runner.run_pipeline(tiny_config('ft'), str(tmp_path / 'a'))[0]
+FT_STEPS = 16
+
+
+def kill_config():
+  """sft -> samples -> ft; ft trains 16 steps, each logged, a checkpoint every 2 written in the
+  background (as real runs do)."""
+  config = tiny_config('ft')
+  with config.unlocked():
+    config.stage.ft.train.update(steps=FT_STEPS, eval_every=FT_STEPS, async_checkpoint=True)
+  return config
+
+
+def test_pipeline_sigkilled_in_stage_3_resumes_there(tmp_path):
+  """sft -> samples -> ft as its own process (sft and samples finished already), SIGKILLed at a
+  random point of ft (mid-step, or while a checkpoint is being written), then re-run with the same
+  config: sft and samples are not redone (their files untouched), ft continues from its last
+  finished checkpoint, and the pipeline ends with the metrics, evaluation and parameters of an
+  uninterrupted run, bit for bit."""
+  CALLS.update(rollouts=0)
+  straight = runner.run_pipeline(kill_config(), str(tmp_path / 'a'))[0]
   assert list(straight) == ['sft', 'samples', 'ft']
   samples = records_lib.read_records(str(tmp_path / 'a' / 'seed_0' / 'samples' / 'data.jsonl'))
   assert len(samples) == straight['samples']['summary']['samples'] == 4
   assert {'completion_tokens', 'logprobs', 'correct', 'index', 'gold'} <= set(samples[0])
-  # The same finished first two stages, then a run killed at ft's third step.
+  # The same finished first two stages, then a run killed in ft.
   work = tmp_path / 'b'
   for name in ('sft', 'samples'):
     shutil.copytree(tmp_path / 'a' / 'seed_0' / name, work / 'seed_0' / name)
-  files = [p for p in work.rglob('*') if p.is_file()]
-  stamps = {p: p.stat().st_mtime_ns for p in files}
-  CALLS.update(rollouts=0, crash_at=3)
-  with pytest.raises(RuntimeError, match='killed'):
-    runner.run_pipeline(tiny_config('ft'), str(work))
-  assert not (work / 'seed_0' / 'ft' / 'stage.json').exists()
-  assert latest_params(work)[0] == 2
-  CALLS.update(rollouts=0, crash_at=0)
-  resumed = runner.run_pipeline(tiny_config('ft'), str(work))[0]
-  assert CALLS['rollouts'] == 2  # steps 3 and 4 only
-  assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # earlier stages untouched
-  assert [r['step'] for r in read_metrics(str(work / 'seed_0' / 'ft')) if 'loss' in r] == [
-    1,
-    2,
-    3,
-    4,
-  ]
-  assert resumed['ft']['summary']['steps'] == 4
+  stamps = {name: sigkill.file_stamps(work / 'seed_0' / name) for name in ('sft', 'samples')}
+  ft = work / 'seed_0' / 'ft'
+  point = sigkill.draw_kill_point(
+    logged=list(range(1, 9)), checkpointing=[2, 4, 6, 8], max_delay=0.05
+  )
+  kill = sigkill.kill_at(point, sigkill.python('tests.stages_test', work), ft, env=dict(os.environ))
+  assert kill.killed and not (ft / 'stage.json').exists(), kill
+  latest = max(sigkill.checkpoint_folders(ft)[0], default=0)  # the last finished checkpoint
+  CALLS.update(rollouts=0)
+  resumed = runner.run_pipeline(kill_config(), str(work))[0]
+  assert CALLS['rollouts'] == FT_STEPS - latest  # ft's steps after its last checkpoint only
+  assert {n: sigkill.file_stamps(work / 'seed_0' / n) for n in stamps} == stamps
+  summaries = [dict(info['ft']['summary']) for info in (straight, resumed)]
+  for summary in summaries:  # wall-clock speed aside
+    summary['last_train_metrics'].pop('tokens_per_s')
+  assert summaries[0] == summaries[1]
+  outcome = sigkill.stage_outcome(ft)
+  assert [r['step'] for r in outcome[0] if 'loss' in r] == list(range(1, FT_STEPS + 1))
+  assert outcome == sigkill.stage_outcome(tmp_path / 'a' / 'seed_0' / 'ft')
   (step_a, params_a), (step_b, params_b) = latest_params(tmp_path / 'a'), latest_params(work)
-  assert step_a == step_b == 4
+  assert step_a == step_b == FT_STEPS
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
 
 
@@ -327,3 +346,7 @@ class _ParamNorm:
 def _param_norm(options, ctx):
   del options, ctx
   return _ParamNorm()
+
+
+if __name__ == '__main__':
+  runner.run_pipeline(kill_config(), sys.argv[1])

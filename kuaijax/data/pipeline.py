@@ -22,6 +22,7 @@ train state so that a run resumes on a different process count; `save_iterator_s
 `restore_iterator_state` below keep one iterator's state in a plain JSON file.
 """
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -184,19 +185,24 @@ class _PackedBatchDataset(grain.IterDataset):
 
 
 class _ConcatRowsIterator(grain.DatasetIterator):
-  """Concatenates the rows of one batch from each parent (data shard); state = the parents' states.
+  """This process's rows (`rows`) of one batch from each parent (data shard), concatenated; state =
+  the parents' states.
 
   Its checkpoint state is one file per shard (`shard_<s>-of-<count>`), so a checkpoint written by
-  one process count restores onto any other that divides the shard count.
+  one process count restores onto any other the shard count allows. Processes that read the same
+  shard hold the same state: the first of them (`writer`) saves it.
   """
 
-  def __init__(self, parents, shard_ids: Sequence[int], shard_count: int):
+  def __init__(
+    self, parents, shard_ids: Sequence[int], shard_count: int, rows: slice, writer: bool
+  ):
     super().__init__(parents)
     self._names = [f'shard_{s}-of-{shard_count}' for s in shard_ids]
+    self._rows, self._writer = rows, writer
 
   def __next__(self) -> Batch:
     parts = [next(p) for p in self._parents]
-    return {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+    return {k: np.concatenate([b[k][self._rows] for b in parts]) for k in parts[0]}
 
   def get_state(self) -> dict[str, Any]:
     return {'shards': [p.get_state() for p in self._parents]}
@@ -206,6 +212,8 @@ class _ConcatRowsIterator(grain.DatasetIterator):
       parent.set_state(shard_state)
 
   def checkpoint_states(self) -> dict[str, Any]:
+    if not self._writer:
+      return {}
     return {name: p.get_state() for name, p in zip(self._names, self._parents, strict=True)}
 
   def restore_states(self, read) -> None:
@@ -214,33 +222,58 @@ class _ConcatRowsIterator(grain.DatasetIterator):
 
 
 class _ConcatRowsDataset(grain.IterDataset):
-  def __init__(self, parents, shard_ids: Sequence[int], shard_count: int):
+  def __init__(self, parents, shard_ids: Sequence[int], shard_count: int, rows: slice, writer):
     super().__init__(parents)
-    self._shards = (tuple(shard_ids), shard_count)
+    self._args = (tuple(shard_ids), shard_count, rows, writer)
 
   def __iter__(self) -> _ConcatRowsIterator:
-    return _ConcatRowsIterator([p.__iter__() for p in self._parents], *self._shards)
+    return _ConcatRowsIterator([p.__iter__() for p in self._parents], *self._args)
 
 
-def process_shards(shard_count: int, process_index: int, process_count: int) -> range:
-  """The data shards one process reads: shard_count / process_count consecutive ones.
+@dataclasses.dataclass(frozen=True)
+class ShardReading:
+  """How one process reads the data shards (`process_shards`).
 
-  A global batch is the concatenation of every shard's rows in shard order, so with a fixed
-  `shard_count` the global batches do not depend on how many processes read them.
+  shards   the shards it reads
+  readers  how many processes read each of them (1, or process_count / shard_count)
+  part     its place among those readers: it keeps part `part` of `readers` of each shard's rows
   """
-  if shard_count <= 0 or shard_count % process_count:
+
+  shards: range
+  readers: int
+  part: int
+
+  def rows(self, batch_size: int) -> tuple[int, slice]:
+    """(rows of each shard's batch, this process's rows of it) for a per-process `batch_size`."""
+    if batch_size % len(self.shards):
+      raise ValueError(
+        f'per-process batch {batch_size} is not divisible by its {len(self.shards)} shards'
+      )
+    mine = batch_size // len(self.shards)
+    return mine * self.readers, slice(self.part * mine, (self.part + 1) * mine)
+
+
+def process_shards(shard_count: int, process_index: int, process_count: int) -> ShardReading:
+  """The data shards one process reads, and its rows of them.
+
+  A global batch is the concatenation of every shard's rows in shard order (B / S rows each for a
+  global batch of B rows and S shards), so with a fixed `shard_count` S the global batches do not
+  depend on how many processes P read them. S a multiple of P: process p reads the S / P
+  consecutive shards from p * S / P, all their rows. S a divisor of P: P / S consecutive processes
+  read shard p * S // P, each keeping its consecutive part of the shard's rows (S = 1: every
+  process reads the one stream and keeps its rows; the packing is then repeated on every process).
+  """
+  if shard_count <= 0 or (shard_count % process_count and process_count % shard_count):
     raise ValueError(
-      f'data shards={shard_count} must be a positive multiple of the process count '
+      f'data shards={shard_count} must be a positive multiple or divisor of the process count '
       f'({process_count})'
     )
-  per = shard_count // process_count
-  return range(process_index * per, (process_index + 1) * per)
-
-
-def _rows_per_shard(batch_size: int, shards: range) -> int:
-  if batch_size % len(shards):
-    raise ValueError(f'per-process batch {batch_size} is not divisible by its {len(shards)} shards')
-  return batch_size // len(shards)
+  if shard_count >= process_count:
+    per = shard_count // process_count
+    return ShardReading(range(process_index * per, (process_index + 1) * per), 1, 0)
+  readers = process_count // shard_count
+  shard = process_index // readers
+  return ShardReading(range(shard, shard + 1), readers, process_index % readers)
 
 
 def lm_train_dataset_shards(
@@ -252,23 +285,22 @@ def lm_train_dataset_shards(
   process_count: int = 1,
   **kwargs,
 ) -> grain.IterDataset:
-  """This process's `batch_size` rows: `lm_train_dataset` of each of its shards, rows concatenated.
+  """This process's `batch_size` rows: `lm_train_dataset` of each of its shards, its rows of each
+  concatenated (`process_shards`).
 
   Shard s holds examples s, s + shard_count, ... (as process s of shard_count would read them);
-  with shard_count == process_count this is exactly `lm_train_dataset` of this process's slice.
+  with shard_count == process_count this is exactly `lm_train_dataset` of this process's slice,
+  with shard_count == 1 it is this process's rows of `lm_train_dataset` of the whole source.
   """
-  shards = process_shards(shard_count, process_index, process_count)
+  reading = process_shards(shard_count, process_index, process_count)
+  shard_rows, rows = reading.rows(batch_size)
   parts = [
     lm_train_dataset(
-      source,
-      batch_size=_rows_per_shard(batch_size, shards),
-      process_index=s,
-      process_count=shard_count,
-      **kwargs,
+      source, batch_size=shard_rows, process_index=s, process_count=shard_count, **kwargs
     )
-    for s in shards
+    for s in reading.shards
   ]
-  return _ConcatRowsDataset(parts, shards, shard_count)
+  return _ConcatRowsDataset(parts, reading.shards, shard_count, rows, reading.part == 0)
 
 
 def _tokenized(
@@ -389,21 +421,24 @@ def lm_eval_batches_shards(
   process_count: int = 1,
   **kwargs,
 ) -> list[Batch]:
-  """`lm_eval_batches` over this process's shards (as `lm_train_dataset_shards`), rows concatenated."""
-  shards = process_shards(shard_count, process_index, process_count)
+  """`lm_eval_batches` over this process's shards and rows (as `lm_train_dataset_shards`),
+  concatenated."""
+  reading = process_shards(shard_count, process_index, process_count)
+  shard_rows, rows = reading.rows(batch_size)
   parts = [
     lm_eval_batches(
       source,
-      batch_size=_rows_per_shard(batch_size, shards),
+      batch_size=shard_rows,
       num_batches=num_batches,
       process_index=s,
       process_count=shard_count,
       **kwargs,
     )
-    for s in shards
+    for s in reading.shards
   ]
   return [
-    {k: np.concatenate([p[i][k] for p in parts]) for k in parts[0][i]} for i in range(num_batches)
+    {k: np.concatenate([p[i][k][rows] for p in parts]) for k in parts[0][i]}
+    for i in range(num_batches)
   ]
 
 

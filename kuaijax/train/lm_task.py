@@ -88,7 +88,7 @@ def build_lm_data(
     seq_len=dc.seq_len,
     pack=dc.pack,
     task_names=task_names,
-    shard_count=int(dc.get('shards', 0)) or jax.process_count(),
+    shard_count=int(dc.get('shards', 1)),
     **parallel.this_process(),
   )
   train_dataset = pipeline.lm_train_dataset_shards(

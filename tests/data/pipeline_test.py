@@ -247,45 +247,96 @@ def test_processes_get_disjoint_shards():
   assert sorted(seen[0] + seen[1]) == list(range(101)) and not set(seen[0]) & set(seen[1])
 
 
-def test_fixed_shard_count_gives_the_same_global_batches_for_any_process_count():
-  docs = _docs(101)
-  kw = dict(tokenizer=TOK, seq_len=64, seed=3, shard_count=4)
-  one = _take(pipeline.lm_train_dataset_shards(docs, batch_size=8, **kw), 5)
-  per_process = [
-    _take(
-      pipeline.lm_train_dataset_shards(docs, batch_size=4, process_index=p, process_count=2, **kw),
-      5,
-    )
-    for p in range(2)
-  ]
-  for step, batch in enumerate(one):
-    for k in FIELDS:
-      np.testing.assert_array_equal(
-        batch[k], np.concatenate([per_process[p][step][k] for p in range(2)])
+def _iterators(shard_count, process_count, states=None):
+  """Each process's iterator of `lm_train_dataset_shards` (global batch 8), restored from the
+  saved shard `states` ({file name: state}) if given."""
+  out = []
+  for p in range(process_count):
+    it = iter(
+      pipeline.lm_train_dataset_shards(
+        _docs(101),
+        tokenizer=TOK,
+        seq_len=64,
+        seed=3,
+        batch_size=8 // process_count,
+        shard_count=shard_count,
+        process_index=p,
+        process_count=process_count,
       )
-    # Rows 4j..4j+3 come from process j, which reads only shards 2j, 2j+1 (docs i with i % 4 = s).
-    assert {i % 4 for i in _doc_ids({k: v[:4] for k, v in batch.items()})} <= {0, 1}
-  # The concatenated iterator checkpoints its shards' states and resumes exactly.
-  it = iter(pipeline.lm_train_dataset_shards(docs, batch_size=8, **kw))
-  next(it)
-  state = it.get_state()
-  rest = _take(it, 3)
-  again = iter(pipeline.lm_train_dataset_shards(docs, batch_size=8, **kw))
-  again.set_state(state)
-  assert _equal(rest, _take(again, 3))
-  eval_kw = dict(tokenizer=TOK, seq_len=64, num_batches=3, shard_count=2)
-  eval_one = pipeline.lm_eval_batches_shards(docs, batch_size=4, **eval_kw)
-  eval_two = [
-    pipeline.lm_eval_batches_shards(docs, batch_size=2, process_index=p, process_count=2, **eval_kw)
-    for p in range(2)
-  ]
-  for i, batch in enumerate(eval_one):
-    for k in FIELDS:
-      np.testing.assert_array_equal(batch[k], np.concatenate([e[i][k] for e in eval_two]))
-  with pytest.raises(ValueError, match='shards=3 must be a positive multiple of the process count'):
-    pipeline.lm_train_dataset_shards(
-      docs, batch_size=4, process_count=2, **{**kw, 'shard_count': 3}
     )
+    if states is not None:
+      it.restore_states(lambda name: json.loads(json.dumps(states[name])))
+    out.append(it)
+  return out
+
+
+def _global(iterators, steps=5):
+  """The next `steps` global batches: the processes' batches concatenated in process order."""
+  per = [_take(it, steps) for it in iterators]
+  return [{k: np.concatenate([b[i][k] for b in per]) for k in FIELDS} for i in range(steps)]
+
+
+@pytest.mark.parametrize('shard_count', [1, 2, 4])
+def test_a_fixed_shard_count_gives_the_same_global_batches_for_any_process_count(shard_count):
+  one = _global(_iterators(shard_count, 1))
+  for processes in (2, 4):
+    assert _equal(_global(_iterators(shard_count, processes)), one), processes
+  # Shard s holds docs i with i % S = s and fills rows [8s/S, 8(s+1)/S) of every global batch.
+  rows = 8 // shard_count
+  for batch in one:
+    for s in range(shard_count):
+      part = {k: v[s * rows : (s + 1) * rows] for k, v in batch.items()}
+      assert {i % shard_count for i in _doc_ids(part)} <= {s}
+
+
+def test_one_shard_is_the_plain_pipeline_of_the_whole_source():
+  """The default (data.shards=1) on one process is `lm_train_dataset` itself: the batches of
+  runs made before shards existed."""
+  plain = pipeline.lm_train_dataset(_docs(101), tokenizer=TOK, seq_len=64, seed=3, batch_size=8)
+  assert _equal(_global(_iterators(1, 1)), _take(plain, 5))
+
+
+@pytest.mark.parametrize('shard_count', [1, 2, 4])
+def test_shard_states_resume_on_another_process_count(shard_count):
+  """Each shard's state is saved once (by the first process that reads it), and the files of one
+  process count continue the global batches on any other."""
+  expected = _global(_iterators(shard_count, 1))
+  for saved_by, resumed_by in ((4, 1), (1, 2), (2, 4)):
+    iterators = _iterators(shard_count, saved_by)
+    _global(iterators, 2)
+    files = [it.checkpoint_states() for it in iterators]
+    assert [name for f in files for name in f] == [
+      f'shard_{s}-of-{shard_count}' for s in range(shard_count)
+    ]
+    states = {name: state for f in files for name, state in f.items()}
+    resumed = _global(_iterators(shard_count, resumed_by, states), 3)
+    assert _equal(resumed, expected[2:]), (saved_by, resumed_by)
+
+
+@pytest.mark.parametrize('shard_count', [1, 2])
+def test_eval_batches_are_the_same_for_any_process_count(shard_count):
+  docs, kw = _docs(101), dict(tokenizer=TOK, seq_len=64, num_batches=3, shard_count=shard_count)
+  eval_one = pipeline.lm_eval_batches_shards(docs, batch_size=4, **kw)
+  for processes in (2, 4):
+    per = [
+      pipeline.lm_eval_batches_shards(
+        docs, batch_size=4 // processes, process_index=p, process_count=processes, **kw
+      )
+      for p in range(processes)
+    ]
+    for i, batch in enumerate(eval_one):
+      for k in FIELDS:
+        np.testing.assert_array_equal(batch[k], np.concatenate([e[i][k] for e in per]))
+
+
+def test_shard_counts_that_do_not_fit_the_process_count_are_named():
+  kw = dict(tokenizer=TOK, seq_len=64, seed=3, batch_size=4)
+  with pytest.raises(ValueError, match='shards=3 must be a positive multiple or divisor of the'):
+    pipeline.lm_train_dataset_shards(_docs(10), process_count=2, shard_count=3, **kw)
+  with pytest.raises(ValueError, match='shards=0 must be a positive'):
+    pipeline.lm_train_dataset_shards(_docs(10), shard_count=0, **kw)
+  with pytest.raises(ValueError, match='per-process batch 3 is not divisible by its 2 shards'):
+    pipeline.lm_train_dataset_shards(_docs(10), shard_count=2, **{**kw, 'batch_size': 3})
 
 
 def test_eval_batches_are_fixed_and_padded():

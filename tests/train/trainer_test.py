@@ -1,6 +1,12 @@
-"""Trainer: resume equality, grad accumulation, non-finite guard, checkpoint safety, init_from."""
+"""Trainer: resume equality after a real SIGKILL, grad accumulation, non-finite guard, checkpoint
+safety, init_from.
+
+`python -m tests.train.trainer_test WORKDIR` trains `kill_config()` on the synthetic batches into
+WORKDIR: the process the kill test SIGKILLs.
+"""
 
 import os
+import sys
 
 import grain
 import jax
@@ -13,24 +19,23 @@ from kuaijax.train import checkpoint as ckpt_lib
 from kuaijax.train import lm_task
 from kuaijax.train.metrics import read_metrics
 from kuaijax.train.trainer import train
+from tests import sigkill
 from tests.conftest import tiny_lm_config
 
 SEQ = 16  # the synthetic batches ignore data.seq_len
 
 
 class Batches(grain.MapDataset):
-  """Deterministic random token batches; raises at `fail_at`, poisons the loss at `nan_at`."""
+  """Deterministic random token batches; poisons the loss at `nan_at`."""
 
-  def __init__(self, batch, fail_at=None, nan_at=None, vocab=100):
+  def __init__(self, batch, nan_at=None, vocab=100):
     super().__init__()
-    self.batch, self.fail_at, self.nan_at, self.vocab = batch, fail_at, nan_at, vocab
+    self.batch, self.nan_at, self.vocab = batch, nan_at, vocab
 
   def __len__(self):
     return 10_000
 
   def __getitem__(self, index):
-    if index == self.fail_at:
-      raise RuntimeError(f'simulated crash at batch {index}')
     rng = np.random.default_rng(index)
     tokens = rng.integers(3, self.vocab, (self.batch, SEQ + 1), dtype=np.int32)
     shape = (self.batch, SEQ)
@@ -73,20 +78,39 @@ def assert_trees_equal(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
-def test_resume_after_crash_equals_uninterrupted_run(tmp_path):
-  straight = run(tmp_path / 'a')
-  with pytest.raises(RuntimeError, match='simulated crash at batch 5'):
-    run(tmp_path / 'b', train_dataset=dataset(4, fail_at=5))
-  assert (
-    ckpt_lib.Checkpointer(str(tmp_path / 'b/checkpoints'), keep=3, save_every=4).latest_step() == 4
+KILL_STEPS = 24
+
+
+def kill_config():
+  """24 steps, each logged, a checkpoint every 2 written in the background (as real runs do)."""
+  return tiny_lm_config(
+    steps=KILL_STEPS, log_every=1, checkpoint_every=2, eval_every=100, async_checkpoint=True
   )
-  resumed = run(tmp_path / 'b')
-  assert resumed.step == straight.step == 8
+
+
+def test_sigkill_at_a_random_point_then_resume_equals_uninterrupted_run(tmp_path):
+  """A training process SIGKILLed at a random point (mid-step, or while a checkpoint is being
+  written), then the same run again: it continues from the last finished checkpoint (a partly
+  written one is ignored) and ends with the parameters and metrics of an uninterrupted run, bit
+  for bit."""
+  straight = run(tmp_path / 'a', kill_config())
+  # Kill points in the first third: the run is still going when the kill lands.
+  point = sigkill.draw_kill_point(
+    logged=list(range(1, 9)), checkpointing=[2, 4, 6, 8], max_delay=0.05
+  )
+  killed = tmp_path / 'b'
+  command = sigkill.python('tests.train.trainer_test', killed)
+  kill = sigkill.kill_at(point, command, killed, env=dict(os.environ))
+  assert kill.killed and KILL_STEPS not in kill.checkpoints, kill
+  latest = max(sigkill.checkpoint_folders(killed)[0], default=0)  # the last finished checkpoint
+  resumed = run(killed, kill_config())
+  assert [r['step'] for r in resumed.history] == list(range(latest + 1, KILL_STEPS + 1))
+  assert resumed.step == straight.step == KILL_STEPS
   assert_trees_equal(straight.params, resumed.params)
   strip = lambda rs: [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in rs]
-  assert strip(read_metrics(tmp_path / 'a')) == strip(read_metrics(tmp_path / 'b'))
+  assert strip(read_metrics(tmp_path / 'a')) == strip(read_metrics(killed))
   for name in ('config.json', 'metrics.jsonl', 'tensorboard'):
-    assert os.path.exists(tmp_path / 'b' / name)
+    assert os.path.exists(killed / name)
 
 
 def test_gradient_accumulation_matches_full_batch(tmp_path):
@@ -186,3 +210,7 @@ def test_bad_train_configs(tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message):
     run(tmp_path, config, train_dataset=dataset(4))
   assert not os.path.exists(tmp_path / 'checkpoints' / '1')
+
+
+if __name__ == '__main__':
+  run(sys.argv[1], kill_config())
