@@ -1,27 +1,35 @@
 """Speed of RLMEC's offline stages, measured side by side in one process.
 
 On kj_arith training problems with one model (randomly initialised, or the params of
-`config.init_from`): sampling (n completions per problem at T / top-p), GRM rewriting (the model as
-`kuaijax.grm.ModelTeacher`: greedy locate + greedy rewrite of every sample) and reward scoring (the
-teacher-forced log-probs of each sample after its rewrite prompt,
-`kuaijax.sampling.score_completion_lists`), each as samples/s and tokens/s (generated tokens for the
-first two, all scored positions for the last), timed on a second call so compilation is excluded. Reward scoring is also compared with a
-plain forward pass (logits) of the same padded batches (`kuaijax.grm.benchmark_scoring`). Writes
-results.json and results.md into the workdir.
+`config.init_from`), five sides timed through `kuaijax.benchmarking.interleaved` (wall clock,
+`bench.warmup` untimed calls of each first, compilation included there; then one call of each side
+per round, in turn, over `bench.rounds` rounds):
+- sampling: n completions per problem at T / top-p (`sampling.sample_completions`, the same seed
+  every call);
+- GRM rewriting: the model as `kuaijax.grm.ModelTeacher` (greedy locate + greedy rewrite of every
+  sample drawn once before timing);
+- reward scoring: the teacher-forced log-probs of each sample after its rewrite prompt
+  (`kuaijax.sampling.score_completion_lists`);
+- scoring batches vs forward batches: the padded batches `sampling.completion_batches` cuts from
+  the same pairs, scored (`sampling.score_completions`, token_logprobs) and as a plain forward pass
+  (logits), each batch one jitted call.
+The stages are reported as samples/s and tokens/s at the median time, with min-max (tokens:
+generated tokens for the first two, all scored positions for reward scoring); scoring vs forward
+as padded tokens/s and the per-round ratio scoring tokens/s / forward tokens/s (= forward time /
+scoring time), median (min-max). Writes results.json and results.md into the workdir.
 """
 
 from __future__ import annotations
 
 import os
-import time
 
 import jax
+import numpy as np
 from flax import nnx
 
-from kuaijax import grm
+from kuaijax import benchmarking, grm, sampling
 from kuaijax.data import minimum_edit, sequences, tasks, tokenizers
 from kuaijax.results import write_results
-from kuaijax.sampling import sample_completions, score_completion_lists
 from kuaijax.train import checkpoint as ckpt_lib
 from kuaijax.train import lm_task
 from kuaijax.train.trainer import param_layout
@@ -37,12 +45,23 @@ def _model(config):
   return nnx.merge(layout.graphdef, params)
 
 
-def _timed(fn):
-  """(result, seconds) of the second of two calls (the first compiles)."""
-  fn()
-  start = time.perf_counter()
-  out = fn()
-  return out, time.perf_counter() - start
+def scoring_sides(model, prompts, samples, *, batch_size: int):
+  """Zero-argument sides: token_logprobs scoring and a plain forward pass (logits) of the same
+  padded batches (`sampling.completion_batches`), and the padded token count they process."""
+  graphdef, state = nnx.split(model)
+  batches = [batch for _, *batch in sampling.completion_batches(prompts, samples, batch_size)]
+  rows = []
+  for p, p_len, c, c_len in batches:
+    slots = np.arange(p.shape[1] + c.shape[1])[None, :]
+    segments = (slots < (p_len + c_len)[:, None]).astype(np.int32)
+    rows.append((np.concatenate([p, c], axis=1), segments))
+  score = jax.jit(lambda state, *b: sampling.score_completions(nnx.merge(graphdef, state), *b)[0])
+  forward = jax.jit(lambda state, t, s: nnx.merge(graphdef, state)(t, segment_ids=s)[0])
+  sides = {
+    'scoring batches': lambda: [score(state, *batch) for batch in batches],
+    'forward batches': lambda: [forward(state, *row) for row in rows],
+  }
+  return sides, sum(t.size for t, _ in rows)
 
 
 def run(config, workdir: str) -> dict:
@@ -53,8 +72,9 @@ def run(config, workdir: str) -> dict:
   records = tasks.get_task('kj_arith').load(
     'train', levels=tuple(dc.levels), limit=bc.problems, data_dir=dc.data_dir
   )
-  rollouts, seconds = _timed(
-    lambda: sample_completions(
+
+  def sample():
+    return sampling.sample_completions(
       model,
       tokenizer,
       [r['prompt'] for r in records],
@@ -65,9 +85,8 @@ def run(config, workdir: str) -> dict:
       prompt_len=dc.prompt_len,
       batch_size=bc.batch_size,
     )
-  )
-  tokens = sum(len(r.tokens) for r in rollouts)
-  rows = {'sampling': (len(rollouts), tokens, seconds)}
+
+  rollouts = sample()  # the samples the other stages rewrite and score
   cases = [
     minimum_edit.Case(r['question'], r['completion'], str(r['answer']), s.text)
     for s in rollouts
@@ -80,51 +99,84 @@ def run(config, workdir: str) -> dict:
     max_new_tokens=dc.max_new_tokens,
     batch_size=bc.batch_size,
   )
-  teacher(cases)  # compile
-  teacher.stats.clear()
-  _, seconds = _timed(lambda: teacher(cases))
-  tokens = teacher.stats['locate/tokens'] + teacher.stats['rewrite/tokens']
-  rows['GRM rewriting'] = (len(cases), tokens, seconds)
+
+  def rewrite():
+    teacher.stats.clear()  # after the run: the counts of the last call
+    teacher(cases)
+
   prompts = [sequences.prompt_ids(tokenizer, teacher.prompts.rewrite_prompt(c)) for c in cases]
   samples = [r.tokens for r in rollouts]
-  score = lambda: score_completion_lists(model, prompts, samples, batch_size=bc.batch_size)
-  _, seconds = _timed(score)
-  tokens = sum(len(p) + len(s) for p, s in zip(prompts, samples))
-  rows['reward scoring'] = (len(samples), tokens, seconds)
-  versus = grm.benchmark_scoring(model, prompts, samples, batch_size=bc.batch_size)
+  versus, padded = scoring_sides(model, prompts, samples, batch_size=bc.batch_size)
+  sides = {
+    'sampling': sample,
+    'GRM rewriting': rewrite,
+    'reward scoring': lambda: sampling.score_completion_lists(
+      model, prompts, samples, batch_size=bc.batch_size
+    ),
+    **versus,
+  }
+  times = benchmarking.interleaved(sides, rounds=bc.rounds, warmup=bc.warmup)
+  counts = {
+    'sampling': (len(rollouts), sum(len(r.tokens) for r in rollouts)),
+    'GRM rewriting': (len(cases), teacher.stats['locate/tokens'] + teacher.stats['rewrite/tokens']),
+    'reward scoring': (len(samples), sum(len(p) + len(s) for p, s in zip(prompts, samples))),
+  }
+  ratio = benchmarking.ratio(times['forward batches'], times['scoring batches'])
   results = {
     'device': jax.devices()[0].device_kind,
+    'threads': benchmarking.thread_counts(),
+    'command': benchmarking.command_line(),
     'num_params': sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))),
     'stages': {
-      name: {'samples': n, 'tokens': t, 'seconds': s, 'samples_per_s': n / s, 'tokens_per_s': t / s}
-      for name, (n, t, s) in rows.items()
+      name: {
+        'samples': n,
+        'tokens': t,
+        **times[name].summary(),
+        'samples_per_s': n / times[name].median,
+        'tokens_per_s': t / times[name].median,
+      }
+      for name, (n, t) in counts.items()
     },
-    'scoring_vs_forward': versus,
+    'scoring_vs_forward': {
+      'padded_tokens': padded,
+      'samples': len(samples),
+      'score': times['scoring batches'].summary(),
+      'forward': times['forward batches'].summary(),
+      'score_tokens_per_s': padded / times['scoring batches'].median,
+      'forward_tokens_per_s': padded / times['forward batches'].median,
+      'ratio': ratio.summary(),  # scoring tokens/s / forward tokens/s, per round
+    },
   }
+  what = (
+    f'RLMEC stage speed on {results["device"]} ({results["num_params"]:,} parameters, '
+    f'batch {bc.batch_size})'
+  )
   lines = [
-    f'## RLMEC stage speed on {results["device"]} ({results["num_params"]:,} parameters, '
-    f'batch {bc.batch_size})',
-    '',
-    '| stage | samples | tokens | samples/s | tokens/s |',
-    '|---|---:|---:|---:|---:|',
+    '| stage | samples | tokens | samples/s (median) | tokens/s (median) | tokens/s min-max |',
+    '|---|---:|---:|---:|---:|---:|',
   ]
-  for name, r in results['stages'].items():
+  for name, (n, t) in counts.items():
+    timing = times[name]
     lines.append(
-      f'| {name} | {r["samples"]} | {r["tokens"]} | {r["samples_per_s"]:,.1f} | '
-      f'{r["tokens_per_s"]:,.0f} |'
+      f'| {name} | {n} | {t} | {n / timing.median:,.1f} | {t / timing.median:,.0f} | '
+      f'{t / timing.high:,.0f}-{t / timing.low:,.0f} |'
     )
+  v = results['scoring_vs_forward']
+  rate = lambda t: f'{padded / t.median:,.0f} | {padded / t.high:,.0f}-{padded / t.low:,.0f}'
   lines += [
     '',
     'Tokens: generated tokens for sampling and GRM rewriting (locate + rewrite outputs), all '
     'scored positions (prompt + sample) for reward scoring.',
     '',
-    '| same padded batches | tokens/s |',
-    '|---|---:|',
-    f'| reward scoring (token_logprobs) | {versus["score_tokens_per_s"]:,.0f} |',
-    f'| plain forward (logits) | {versus["forward_tokens_per_s"]:,.0f} |',
-    f'| ratio | {versus["ratio"]:.2f} |',
+    f'| same padded batches ({padded} tokens) | tokens/s (median) | min-max |',
+    '|---|---:|---:|',
+    f'| reward scoring (token_logprobs) | {rate(times["scoring batches"])} |',
+    f'| plain forward (logits) | {rate(times["forward batches"])} |',
+    '',
+    f'Scoring tokens/s / forward tokens/s, per round: {ratio.text()} '
+    f'({v["score_tokens_per_s"]:,.0f} vs {v["forward_tokens_per_s"]:,.0f} tokens/s at the medians).',
   ]
-  table = '\n'.join(lines) + '\n'
+  table = benchmarking.header(what, rounds=bc.rounds, warmup=bc.warmup) + '\n'.join(lines) + '\n'
   write_results(workdir, results, table)
   print(table)
   return results

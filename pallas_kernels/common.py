@@ -1,12 +1,11 @@
-"""What every op's api.py shares: choosing an implementation, and timing for the benchmarks."""
+"""What every op shares: choosing an implementation (api.py), and writing the benchmarks' reports
+(bench.py; the timing itself is `kuaijax.benchmarking`, the harness every benchmark uses)."""
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 
@@ -35,18 +34,6 @@ def resolve_implementation(implementation: str, *, op: str) -> str:
       "use 'interpret' to run the kernel body here or 'xla'"
     )
   return 'xla'
-
-
-def time_fn(fn: Callable, *args, warmup: int = 2, iters: int = 5) -> float:
-  """Median wall time in seconds of `fn(*args)` (outputs blocked on), after `warmup` calls."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:

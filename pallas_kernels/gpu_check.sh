@@ -34,7 +34,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
 step kernel_tests 110 python -m pytest tests/pallas_kernels -q -p no:cacheprovider
 # 2. gmm vs dense matmul of equal FLOPs (and ragged_dot), MoE shape (m=16384, k=512, n=1024, G=8).
 step gmm_bench 60 python -m pallas_kernels.gmm.bench --out "$OUT" --shapes moe \
-  --dtypes bfloat16,float32 --iters 10
+  --dtypes bfloat16,float32 --rounds 10
 # 3. Fused Top-P router vs the unfused routing.
 step topp_router_bench 30 python -m pallas_kernels.topp_router.bench --out "$OUT" \
   --tokens 8192 --d 512 --experts 8,64 --dtype bfloat16

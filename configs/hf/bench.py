@@ -2,11 +2,18 @@
 random Llama checkpoint vs just reading it with safetensors, and greedy decoding tokens/s of kuaijax
 vs transformers at batch 1 and 8 (128 new tokens), side by side in one run. Needs the [hf] extra.
 
-CPU (any; the numbers in the HF README section were measured with this command):
+Timed through `kuaijax.benchmarking`: wall clock, `bench.warmup` untimed loads / decodes of each
+side first, then `bench.rounds` rounds with the two sides in turn (import: one fresh process per
+loader and round; decoding: torch given XLA's thread count); medians with min-max, ratios as the
+median (min-max) of per-round ratios; results.md starts with the command and the thread counts.
+
+CPU (any; the numbers in the HF section of experiments/hf/README.md come from this command):
   python -m kuaijax.main --config=configs/hf/bench.py --workdir=/tmp/kj_bench_hf
-runlocal (tiny sizes, seconds; for tests):
+the import part only: add --config.bench.decode=False (or the `decode=false` argument).
+runlocal (tiny sizes, 2 rounds; seconds; for tests):
   python -m kuaijax.main --config=configs/hf/bench.py:runlocal --workdir=/tmp/kj_bench_hf_local
-Wall time: a few minutes on 16 CPU cores (full size); numbers recorded in experiments/hf_README.md.
+Wall time: not re-measured with 5 interleaved rounds (the earlier best-of-2 run took a few minutes
+on 16 CPU cores at full size).
 """
 
 import ml_collections
@@ -28,13 +35,14 @@ def get_config(arg=None):
       batches=(1, 8),
       new_tokens=128,
       prompt_len=16,
-      repeats=2,
+      rounds=5,  # timed rounds, the two sides in turn in each
+      warmup=1,  # untimed loads / decodes of each side first
       decode=args.decode,
     )
   )
   if args.runlocal:
     tiny = dict(vocab_size=256, d_model=64, num_layers=2, d_ff=128, num_heads=4, num_kv_heads=2)
     config.bench.update(
-      import_model={**LLAMA, **tiny}, decode_model={**LLAMA, **tiny}, new_tokens=8, repeats=1
+      import_model={**LLAMA, **tiny}, decode_model={**LLAMA, **tiny}, new_tokens=8, rounds=2
     )
   return config

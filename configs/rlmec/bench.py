@@ -1,7 +1,14 @@
 """Speed of RLMEC's offline stages: sampling, GRM rewriting, reward scoring (and scoring vs forward).
 
-CPU (0.84M parameters, 32 samples; 2 shared CPU cores): 2 min 4 s wall; scoring / plain forward
-tokens/s ratio 0.96 (experiments/rlmec/README.md)
+experiments/bench_rlmec.py times the five sides (sampling, GRM rewriting, reward scoring, and the
+same padded batches scored vs a plain forward pass) through `kuaijax.benchmarking`: wall clock,
+`bench.warmup` untimed calls of each first (compilation), then `bench.rounds` interleaved rounds;
+results.md starts with the command and thread count and gives medians with min-max, the scoring /
+forward tokens/s ratio as the median (min-max) of per-round ratios.
+
+CPU (0.84M parameters, 32 samples; 2 shared CPU cores): scoring / plain forward tokens/s ratio
+0.96 in the earlier run timed on a second call (2 min 4 s wall; experiments/rlmec/README.md); not
+re-measured since (1 warm-up + 5 timed calls of each side instead of 1 + 1: expect a few minutes)
   python -m kuaijax.main --config=configs/rlmec/bench.py:runlocal --workdir=/tmp/kj_bench_rlmec
 GPU (a ~25M-parameter model, bf16): not recorded (on an H200 the Pallas token_logprobs kernel
 failed for this shape and the run did not finish in its slot; see the README)
@@ -40,6 +47,8 @@ def get_config(arg=None):
       top_p=0.95,
       batch_size=128,
       grm_prompt_len=896,  # GRM prompts: instruction + problem + gold + prediction
+      rounds=5,  # timed rounds, each side once per round, in turn
+      warmup=1,  # untimed calls of each side first (compilation)
     )
   )
   if args.runlocal:

@@ -1,7 +1,14 @@
 """Paths/s of k=20 reasoning paths in one batched generate call vs 20 single calls.
 
+experiments/bench_paths.py: the two sides (one `aggregate.sample_paths(k=20)` call; 20 calls with
+k=1) are timed through `kuaijax.benchmarking` (wall clock, `bench.warmup` untimed calls of each
+first, then `bench.rounds` interleaved rounds); results.md starts with the command and the thread
+count and gives paths/s (median, min-max) and the per-round time ratio single / batched as
+median (min-max).
+
 CPU (the runlocal model size of configs/self_agreement/toy.py, random weights; number in
-experiments/self_agreement/README.md):
+experiments/self_agreement/README.md; wall time not re-measured since 5 rounds replaced best of 3,
+which took 26 CPU-s):
   python -m kuaijax.main --config=configs/self_agreement/bench.py --workdir=/tmp/kj_bench_paths
 Seconds-long smoke run (tests):
   python -m kuaijax.main --config=configs/self_agreement/bench.py:runlocal --workdir=/tmp/kj_bench_paths_rl
@@ -20,9 +27,9 @@ def get_config(arg=None):
     dict(vocab_size=259, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=384)
   )
   config.bench = ml_collections.ConfigDict(
-    dict(k=20, questions=8, max_new_tokens=64, prompt_len=128, rounds=3)
+    dict(k=20, questions=8, max_new_tokens=64, prompt_len=128, rounds=5, warmup=1)
   )
   if args.runlocal:
     config.model.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=64)
-    config.bench.update(k=3, questions=2, max_new_tokens=4, prompt_len=64, rounds=1)
+    config.bench.update(k=3, questions=2, max_new_tokens=4, prompt_len=64)
   return config

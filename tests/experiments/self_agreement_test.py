@@ -5,6 +5,7 @@ it is and fine-tuned, and the runlocal run (slow)."""
 import json
 import os
 import random
+import statistics
 
 import pytest
 
@@ -136,11 +137,42 @@ def test_runlocal(tmp_path):
     assert set(scenario['by_k']) == {'1', '3', '5', '10', '20'}
 
 
-def test_paths_benchmark_smoke(tmp_path):
+def test_paths_benchmark_compares_the_same_paths_and_reports_their_ratio(tmp_path, monkeypatch):
+  """Both sides sample the same number of paths (counted as they are generated), called in turn
+  (warm-up calls first, then one call of each side per round); the reported ratio and rates are
+  those of the recorded per-round timings (the timings themselves are not tested)."""
   config = load_config(os.path.join(REPO_ROOT, 'configs/self_agreement/bench.py:runlocal'))
+  bc = config.bench
+  assert bc.rounds >= 5 and bc.warmup >= 1
+  calls = []  # (k, paths returned) of every sample_paths call
+  sample_paths = aggregate.sample_paths
+
+  def counted(*args, **kwargs):
+    out = sample_paths(*args, **kwargs)
+    calls.append((kwargs['k'], sum(len(p) for p in out)))
+    return out
+
+  monkeypatch.setattr(aggregate, 'sample_paths', counted)
   results = run_experiment(config, str(tmp_path))
-  assert results['paths'] == 6 and results['ratio'] > 0
-  assert 'single calls' in (tmp_path / 'results.md').read_text()
+  paths = bc.questions * bc.k
+  batched = [(bc.k, paths)]  # one batched call of k paths each
+  single = [(1, bc.questions)] * bc.k  # k single calls
+  assert calls == batched * bc.warmup + single * bc.warmup + (batched + single) * bc.rounds
+  saved = json.loads((tmp_path / 'results.json').read_text())
+  assert saved['paths'] == results['paths'] == paths
+  batched_s, single_s = saved['batched']['rounds'], saved['single_calls']['rounds']
+  assert len(batched_s) == len(single_s) == bc.rounds
+  per_round = [s / b for s, b in zip(single_s, batched_s)]
+  assert saved['ratio']['median'] == pytest.approx(statistics.median(per_round), rel=1e-12)
+  assert (saved['ratio']['min'], saved['ratio']['max']) == (min(per_round), max(per_round))
+  assert saved['batched_s'] == statistics.median(batched_s)
+  assert saved['paths_per_s_batched'] * saved['batched_s'] == pytest.approx(paths, rel=1e-12)
+  assert saved['paths_per_s_single_calls'] * saved['single_calls_s'] == pytest.approx(
+    paths, rel=1e-12
+  )
+  text = (tmp_path / 'results.md').read_text()
+  ratio = f'{saved["ratio"]["median"]:.2f}x ({min(per_round):.2f}-{max(per_round):.2f})'
+  assert ratio in text and text.startswith('k=') and 'Command: `' in text
 
 
 def test_a_pretrained_model_is_evaluated_as_imported_and_fine_tuned(tmp_path, monkeypatch):

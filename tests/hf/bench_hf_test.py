@@ -13,6 +13,23 @@ from kuaijax.config_lib import load_config  # noqa: E402
 from tests.conftest import REPO_ROOT  # noqa: E402
 
 
+def test_decode_sides_produce_the_same_tokens(tmp_path):
+  """The benchmark's decoding comparison on its runlocal model at batch 2 (the tiny version of the
+  slow run below, without the import part): kuaijax `sampling.generate` and transformers
+  `generate` produce the same greedy tokens, so the speed-up compares equal work."""
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  from experiments import bench_hf
+
+  bench = load_config(os.path.join(REPO_ROOT, 'configs/hf/bench.py') + ':runlocal').bench
+  model = bench.decode_model.to_dict()
+  # One call of each side, no warm-up: only the tokens matter here.
+  rows, _ = bench_hf.measure_decode(
+    str(tmp_path), model, (2,), bench.new_tokens, bench.prompt_len, rounds=1, warmup=0
+  )
+  assert [(r['batch'], r['same_tokens_fraction']) for r in rows] == [(2, 1.0)]
+
+
 @pytest.mark.parametrize(
   'arg', ['runlocal,decode=false', pytest.param('runlocal', marks=pytest.mark.slow)]
 )

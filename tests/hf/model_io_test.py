@@ -44,25 +44,29 @@ def test_logits_match_transformers(saved, family):
   model = model_io.load_model(folder)
   ref = reference.logits(hf, TOKENS)
   out = np.asarray(model(jnp.asarray(TOKENS))[0])
-  tol = 1e-4 if family in families.DENSE else 1e-3
-  assert np.abs(out - ref).max() <= tol
-  assert _kl(ref, out) < 1e-8
+  # float32 logits of size ~5 after 2 layers: measured <= 1.1e-5 on 3 seeds for every family
+  # (experiments/hf/README.md, configs/hf/parity.py), 10x below this bound.
+  assert np.abs(out - ref).max() <= 1e-4
+  assert _kl(ref, out) < 1e-10
 
 
-@pytest.mark.parametrize(
-  'family',
-  [
-    'llama',
-    *(pytest.param(f, marks=pytest.mark.slow) for f in families.FAMILIES if f != 'llama'),
-  ],
-)
+@pytest.mark.parametrize('family', families.FAMILIES)
 def test_greedy_generation_matches_transformers(saved, family):
+  """32 greedy tokens after 7 prompt tokens: kuaijax's compiled KV-cache decode loop vs
+  transformers' `generate` (float32, the same tokens exactly)."""
   folder, hf = saved(family)
   model = model_io.load_model(folder)
   prompts = TOKENS[:, :7]
   ref = reference.greedy(hf, prompts, 32)
   out = sampling.generate(model, prompts, [7, 7], max_new_tokens=32, greedy=True)
   np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+  if family == 'mistral':
+    # Window 5: from the prompt on, the cache (up to 38 positions) is longer than the window, and
+    # the same weights without the window generate other tokens, so the window is what matched.
+    assert hf.config.sliding_window == 5 < prompts.shape[1]
+    full = transformers.AutoModelForCausalLM.from_pretrained(folder, sliding_window=None).eval()
+    full.generation_config.eos_token_id = None
+    assert np.mean(reference.greedy(full, prompts, 32) != ref) > 0.5
 
 
 @pytest.mark.parametrize('family', ['llama', 'qwen3', 'qwen2_moe'])

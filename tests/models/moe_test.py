@@ -36,28 +36,50 @@ def make_inputs(seed=0, dtype=jnp.float32, router_scale=1.0, shared=False):
   return (x, router_w, w1, w3, w2), sh
 
 
-def numpy_reference(x, router_w, w1, w3, w2, *, routing, p=0.4, k=2, k_max=0, shared=None):
-  """Token by token: brute-force expert set, SwiGLU of each kept expert, raw-probability weights."""
+def numpy_reference(
+  x,
+  router_w,
+  w1,
+  w3,
+  w2,
+  *,
+  routing,
+  p=0.4,
+  k=2,
+  k_max=0,
+  renormalize=False,
+  shared=None,
+  bound=False,
+):
+  """Token by token: brute-force expert set, SwiGLU of each kept expert, raw-probability weights
+  (renormalised over the kept experts with `renormalize`). With `bound`, also returns S [T, d]: per
+  output element the sum of the absolute values of the terms that make it (weight x hidden unit x
+  w2 entry), the scale of its rounding error in a low-precision computation."""
   x, router_w, w1, w3, w2 = (np.asarray(a, np.float64) for a in (x, router_w, w1, w3, w2))
   logits = x @ router_w
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
-  y = np.zeros_like(x)
+  y, scale = np.zeros_like(x), np.zeros_like(x)
   for t in range(x.shape[0]):
     order = np.argsort(-probs[t], kind='stable')
     if routing == 'top_k':
       kept = order[:k]
     else:
       kept = [e for j, e in enumerate(order) if probs[t, order[:j]].sum() <= p]
-      kept = kept[: (k_max or E)]
-    for e in kept:
+      kept = kept[: (k_max or len(order))]
+    weights = probs[t, kept] / (np.sum(probs[t, kept]) if renormalize else 1.0)
+    for weight, e in zip(weights, kept):
       h = x[t] @ w1[e]
-      y[t] += probs[t, e] * ((h / (1 + np.exp(-h)) * (x[t] @ w3[e])) @ w2[e])
+      hidden = h / (1 + np.exp(-h)) * (x[t] @ w3[e])
+      y[t] += weight * (hidden @ w2[e])
+      scale[t] += weight * (np.abs(hidden) @ np.abs(w2[e]))
   if shared is not None:
     s1, s3, s2 = (np.asarray(a, np.float64) for a in shared)
     h = x @ s1
-    y += (h / (1 + np.exp(-h)) * (x @ s3)) @ s2
-  return y
+    hidden = h / (1 + np.exp(-h)) * (x @ s3)
+    y += hidden @ s2
+    scale += np.abs(hidden) @ np.abs(s2)
+  return (y, scale) if bound else y
 
 
 def cfg(**options):
@@ -81,7 +103,9 @@ def test_dense_dispatch_matches_numpy_reference(routing, k_max):
 
 
 CASES = [
-  # (routing, shared, dtype, extra options, strategies compared with 'dense')
+  # (routing, shared, dtype, extra options, strategies compared with 'dense'). The slow cases run
+  # every strategy at these sizes; their tiny versions (the fused router, bfloat16 Top-K / Top-P
+  # against float64) run in CI: test_fused_router_in_the_layer_..., test_bfloat16_strategy_...
   ('top_p', True, jnp.float32, {}, ('tiled', 'dropless', 'capacity')),  # uncapped (the default)
   ('top_k', False, jnp.float32, {}, ('tiled', 'dropless')),  # one bucket: the real gmm
   pytest.param(
@@ -143,6 +167,108 @@ def test_strategies_match_dense_forward_and_gradients(routing, shared, dtype, ex
         err_msg=f'{name}: d{arg}',
       )
     assert float(jnp.max(jnp.abs(grads[1]))) > 0  # the router learns
+
+
+# Tiny sizes for the fused-router and bfloat16 checks: compilation, not arithmetic, sets their time.
+TINY = (16, 8, 16, 4)  # tokens, d, expert d_ff, experts
+
+
+def tiny_inputs(seed, dtype=jnp.float32, router_scale=1.0, shared=False):
+  """`make_inputs` at the TINY sizes, drawn in numpy (eager jax.random compiles per shape: slow);
+  also a cotangent for y."""
+  t, d, f, e = TINY
+  rng = np.random.default_rng(seed)
+  draw = lambda *shape: jnp.asarray(np.asarray(0.3 * rng.standard_normal(shape), dtype))
+  x = jnp.asarray(np.asarray(rng.standard_normal((t, d)), dtype))
+  router_w = jnp.asarray(router_scale * rng.standard_normal((d, e)), jnp.float32)
+  args = (x, router_w, draw(e, d, f), draw(e, d, f), draw(e, f, d))
+  sh = (draw(d, 2 * f), draw(d, 2 * f), draw(2 * f, d)) if shared else None
+  return args, sh, jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+
+
+def _grads(routing, strategy, args, shared, cotangent, **options):
+  """jit(value_and_grad) of sum(y * cotangent) + balance + z-loss (the router learns through its
+  kept weights and through the probabilities / logits of the aux losses): (y, aux, grads)."""
+  fast = dict(gmm_implementation='ragged_dot') if routing == 'top_p' else {}
+  num_experts = args[1].shape[1]
+  c = moe.MoEConfig(
+    num_experts=num_experts,
+    routing=routing,
+    dispatch=strategy,
+    capacity_factor=float(num_experts),  # nothing can be dropped
+    **fast,
+    **options,
+  )
+
+  def loss(args):
+    y, aux = moe.moe_ffn(*args, c, shared=shared)
+    aux_loss = aux['balance_loss'] + aux['router_z_loss']
+    return jnp.sum(y.astype(jnp.float32) * cotangent) + aux_loss, (y, aux)
+
+  (_, (y, aux)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
+  return y, aux, grads
+
+
+def test_fused_router_in_the_layer_matches_reference_forward_and_gradients():
+  """router_impl='fused' (pallas_kernels.topp_router, custom VJP) inside moe_ffn with the exact
+  tiled dispatch (the layer's choice on CPU), capped Top-P: the output equals the per-token float64
+  reference, the gradients those of the unfused kuaijax.routing router over all experts."""
+  args, _, cotangent = tiny_inputs(0, router_scale=0.4)
+  options = dict(p=0.8, k_max=2)
+  ref = numpy_reference(*args, routing='top_p', **options)
+  _, _, g_ref = _grads('top_p', 'dense', args, None, cotangent, router_impl='jnp', **options)
+  y, aux, grads = _grads('top_p', 'tiled', args, None, cotangent, router_impl='fused', **options)
+  # float32 throughout (|y| <= 1.2, gradients <= 7): a few float32 ulps (measured <= 7e-7).
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=2e-6)
+  # k_max=2 cuts half of the Top-P sets; other tokens keep one expert: both paths are used.
+  assert float(aux['trunc_rate']) == 0.5 and float(aux['mean_k']) == 1.8125
+  for name, a, b in zip(['x', 'router_w', 'w1', 'w3', 'w2'], grads, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6, err_msg=f'd{name}')
+  assert float(jnp.max(jnp.abs(grads[1]))) > 0  # the router learns
+
+
+BF16_CASES = [
+  # (routing, shared expert, options, strategy); uncapped Top-P (p=0.4) is the default routing.
+  # 'dropless' (the layer's choice on GPU; for Top-K one bucket: the real gmm) and 'tiled' (its
+  # choice on CPU); the slow CASES above compare every strategy with 'dense' in bfloat16.
+  ('top_k', True, {'renormalize': True}, 'dropless'),
+  ('top_p', False, {}, 'tiled'),
+]
+
+
+@pytest.mark.parametrize('routing,shared,options,strategy', BF16_CASES)
+def test_bfloat16_strategy_matches_float64_reference(routing, shared, options, strategy):
+  """bfloat16 experts (router in float32) against the exact function of the same bfloat16 inputs:
+  the per-token float64 reference for y, float32 all-experts gradients for the gradients."""
+  # A soft router for Top-P: about 2 experts per token.
+  scale = 0.4 if routing == 'top_k' else 0.1
+  args, sh, cotangent = tiny_inputs(0, jnp.bfloat16, router_scale=scale, shared=shared)
+  up = lambda arrays: None if arrays is None else tuple(a.astype(jnp.float32) for a in arrays)
+  k = dict(routing=routing, shared=up(sh), bound=True, renormalize=bool(options))
+  ref, size = numpy_reference(*up(args), **k)
+  _, aux32, g32 = _grads(routing, 'dense', up(args), up(sh), cotangent, **options)
+  if routing == 'top_p':
+    assert 1.5 < float(aux32['mean_k']) < 3.0  # several experts per token are summed
+  slots = 2 if routing == 'top_k' else TINY[3]
+  # bfloat16 keeps 8 significant bits: every rounding of a stored value is off by at most
+  # u = 2^-8 (half its epsilon 2^-7) of it. The dot products accumulate in float32 on XLA:CPU
+  # (their D = 8 and F = 16 terms add ~16 * 2^-24: nothing), so the error of y comes from the
+  # bfloat16 roundings along each term's path: x @ w1, x @ w3, silu, the gate product, the w2
+  # product, the routing weight product (6), the additions over the slots and of the shared expert
+  # (slots), the final cast (1): |y - y64| <= n u S with n = 6 + slots + 1 and S the sum of |terms|
+  # of that output element (measured: <= 1.2 u S). A lost expert, a missing renormalisation or
+  # another p is off by 27 to 650 u S (measured).
+  n = 6 + slots + 1
+  u = 2.0**-8
+  y, aux, grads = _grads(routing, strategy, args, sh, cotangent, **options)
+  assert y.dtype == jnp.bfloat16 and float(aux['drop_rate']) == 0.0
+  np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - ref), n * u * size + 1e-30)
+  # A gradient entry is a float32 sum over tokens of products of bfloat16-rounded backward
+  # values, each with the same n roundings: within n u of the largest entry (measured <= 1.9 u).
+  for arg, a, b in zip(['x', 'router_w', 'w1', 'w3', 'w2'], grads, g32):
+    b = np.asarray(b, np.float32)
+    err = np.max(np.abs(np.asarray(a, np.float32) - b)) / np.max(np.abs(b))
+    assert err <= n * u, f'd{arg} off by {err:.4f} of its largest entry'
 
 
 def test_bucket_change_does_not_recompile():
