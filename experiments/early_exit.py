@@ -8,7 +8,9 @@ trained model is evaluated by the 'early_exit' evaluator (`kuaijax.evals.early_e
 - per exit setting (confidence thresholds, consecutive-layer agreement, a learned gate fitted on
   frozen features of TRAINING solutions): greedy early-exit decoding accuracy, average layers used,
   tokens/s against normal full-depth decoding measured side by side (batch 1 and one batch of
-  all problems), and the teacher-forced perplexity of the exit distribution.
+  all problems; `kuaijax.benchmarking`: the speed-up is the median (min-max) of per-round ratios
+  over `timing_rounds` interleaved rounds), and the teacher-forced perplexity of the exit
+  distribution.
 This file reads every seed's `stage.json['eval']` and writes results.json, results.md, layers.png,
 tradeoff.png and loss_curves.png. Everything is deterministic given the trained model (greedy
 decoding) except the timings; with several training seeds every number is the mean ± std over them.
@@ -23,13 +25,13 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
-from kuaijax import plotting
+from kuaijax import benchmarking, plotting
 from kuaijax.evals.early_exit import PREFIX, ROW_KEYS
 from kuaijax.results import write_results
 from kuaijax.stages import report, run_pipeline
 
 LAYER_KEYS = ('agreement', 'accuracy', 'loss', 'confidence')
-SPEED_KEYS = ('early_exit_s', 'normal_s', 'speedup')
+SPEED_KEYS = ('early_exit_s', 'normal_s', 'speedup', 'speedup_min', 'speedup_max')
 
 
 def summarise(evals: list[dict]) -> dict:
@@ -66,6 +68,15 @@ def _v(pair, fmt: str, scale: float = 1.0, n: int = 1) -> str:
   return format(scale * mean, fmt) + (f' ± {format(scale * std, fmt)}' if n > 1 else '')
 
 
+def _speedup(speed: dict, n: int) -> str:
+  """'1.23x (1.10-1.31)' (median of the per-round ratios, min-max) for one training seed; the
+  seeds' mean ± std of the medians for several."""
+  if n > 1:
+    return f'{_v(speed["speedup"], ".2f", n=n)}x'
+  low, high = speed['speedup_min'][0], speed['speedup_max'][0]
+  return f'{speed["speedup"][0]:.2f}x ({low:.2f}-{high:.2f})'
+
+
 def results_table(results: dict, config, n: int) -> str:
   s, L = results['summary'], results['summary']['num_layers']
   ev = next(iter(config.evals.values()))
@@ -86,8 +97,9 @@ def results_table(results: dict, config, n: int) -> str:
   lines += [
     '',
     f'## Early-exit decoding, {s["num_test_problems"]} held-out problems (greedy; {over}; '
-    'speed-up = normal full-depth decoding time / early-exit time, side by side, best of '
-    f'{ev.timing_repeats})',
+    'speed-up = normal full-depth decoding time / early-exit time, the median of per-round ratios '
+    f'over {ev.timing_rounds} interleaved rounds'
+    + (', min-max in brackets)' if n == 1 else ', per seed)'),
     '',
     '| setting | avg layers (decode) | accuracy | perplexity (TF) | avg layers (TF) | speed-up batch 1 '
     '| speed-up batch | tokens/s (batch) | normal tokens/s |',
@@ -98,7 +110,7 @@ def results_table(results: dict, config, n: int) -> str:
       f'| {r["setting"]} | {_v(r["avg_layers_decode"], ".2f", n=n)} / {L} | '
       f'{_v(r["accuracy"], ".1f", 100, n)}% | {_v(r["perplexity"], ".3f", n=n)} | '
       f'{_v(r["avg_layers_teacher_forced"], ".2f", n=n)} | '
-      f'{_v(r["batch1"]["speedup"], ".2f", n=n)}x | {_v(r["batch"]["speedup"], ".2f", n=n)}x | '
+      f'{_speedup(r["batch1"], n)} | {_speedup(r["batch"], n)} | '
       f'{_v(r["tokens_per_s_batch"], ".0f", n=n)} | {_v(r["tokens_per_s_normal_batch"], ".0f", n=n)} |'
     )
   train = results['train']
@@ -110,6 +122,8 @@ def results_table(results: dict, config, n: int) -> str:
   else:
     model = f'Model: stage {results["stage"]} ({train["type"]}), {train["wall_s"]:.0f} s'
   lines += [
+    '',
+    benchmarking.header('Speed-up timing', rounds=ev.timing_rounds, warmup=1).rstrip(),
     '',
     'TF = teacher forced on the gold solutions (every layer sees full-depth context there; the '
     f'decoding columns use the propagated exit states). {model}; total {results["wall_s"]:.0f} s.',

@@ -11,17 +11,16 @@
   clip(p_t - 0.5, 0, 0.5) for correct ones; imitation weights of the rewrite tokens come from
   `kuaijax.data.edits`.
 - GRM quality: `changed_tokens` (sample tokens a rewrite does not keep), `edit_distance`,
-  `reward_auc`; speed: `benchmark_scoring` (scoring vs a plain forward pass of the same batches).
+  `reward_auc`. (Scoring speed vs a plain forward pass is timed by `experiments/bench_rlmec.py`
+  through `kuaijax.benchmarking`.)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -145,17 +144,6 @@ class ModelTeacher:
     return result
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _score_batch(graphdef, state, *batch):
-  return sampling.score_completions(nnx.merge(graphdef, state), *batch)[0]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_rows(graphdef, state, tokens, segment_ids):
-  logits, _ = nnx.merge(graphdef, state)(tokens, segment_ids=segment_ids)
-  return logits
-
-
 def token_rewards(keep_probs: Sequence[np.ndarray], correct: Sequence[bool]) -> list[np.ndarray]:
   """RLMEC token rewards from the GRM's keep-probabilities p_t of each sample's tokens.
 
@@ -206,37 +194,3 @@ def reward_auc(rewards: Sequence[np.ndarray], bad: Sequence[np.ndarray]) -> floa
   upper = np.cumsum(counts)
   ranks = (upper - (counts - 1) / 2.0)[inverse]  # average 1-based ranks, ties shared
   return float((ranks[~y].sum() - n_good * (n_good + 1) / 2) / (n_good * n_bad))
-
-
-def benchmark_scoring(
-  model, prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray], *, batch_size: int
-) -> dict:
-  """Tokens/s of `sampling.score_completion_lists`' batches vs a plain forward pass (logits) of
-  the same batches (prompt and completion columns side by side).
-
-  Both jitted in this process and timed on a second pass (compilation excluded); tokens = all
-  padded positions processed. `ratio` = scoring tokens/s / forward tokens/s.
-  """
-  graphdef, state = nnx.split(model)
-  batches = [batch for _, *batch in sampling.completion_batches(prompts, completions, batch_size)]
-  rows = []
-  for p, p_len, c, c_len in batches:
-    slots = np.arange(p.shape[1] + c.shape[1])[None, :]
-    segments = (slots < (p_len + c_len)[:, None]).astype(np.int32)
-    rows.append((np.concatenate([p, c], axis=1), segments))
-  padded = sum(t.size for t, _ in rows)
-  runs = {
-    'score': lambda i: _score_batch(graphdef, state, *batches[i]),
-    'forward': lambda i: _forward_rows(graphdef, state, *rows[i]),
-  }
-  out = {'padded_tokens': padded, 'samples': len(prompts)}
-  for name, fn in runs.items():
-    for _ in range(2):  # the second pass is timed
-      start = time.perf_counter()
-      for i in range(len(batches)):
-        jax.block_until_ready(fn(i))
-    seconds = time.perf_counter() - start
-    out[f'{name}_tokens_per_s'] = padded / seconds
-    out[f'{name}_samples_per_s'] = len(prompts) / seconds
-  out['ratio'] = out['score_tokens_per_s'] / out['forward_tokens_per_s']
-  return out

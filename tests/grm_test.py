@@ -34,20 +34,6 @@ def test_token_rewards_formula():
   assert grm.token_rewards([], []) == []
 
 
-def test_benchmark_scoring_runs(model):
-  prompts = [np.r_[1, np.arange(3, 3 + n)].astype(np.int32) for n in (5, 12)]
-  out = grm.benchmark_scoring(model, prompts, [np.arange(3, 7, dtype=np.int32)] * 2, batch_size=2)
-  assert out['padded_tokens'] == 2 * (64 + 64) and out['samples'] == 2
-  # Both sides processed the same padded tokens and samples: rates of the same time per side, and
-  # the ratio is that of the two rates (the times themselves are not tested).
-  for side in ('score', 'forward'):
-    seconds = out['padded_tokens'] / out[f'{side}_tokens_per_s']
-    assert out[f'{side}_samples_per_s'] * seconds == pytest.approx(out['samples'], rel=1e-12)
-  ratio = out['score_tokens_per_s'] / out['forward_tokens_per_s']
-  assert out['ratio'] == ratio
-  assert out['score_samples_per_s'] / out['forward_samples_per_s'] == pytest.approx(ratio)
-
-
 def test_changed_tokens_and_edit_distance():
   np.testing.assert_array_equal(grm.changed_tokens([1, 2, 3, 4], [1, 3, 4]), [0, 1, 0, 0])
   np.testing.assert_array_equal(grm.changed_tokens([1, 2, 3], [1, 2, 3]), [0, 0, 0])

@@ -10,8 +10,10 @@ numbers).
 runlocal (6 layers, 1.2M parameters, 300 steps; recorded before the stage pipeline, one training
 seed, 2 CPU cores shared with ~8 other jobs (load average ~13): 223 CPU-s, 38 min wall; per-layer
 agreement with the last layer 47% at layer 1 -> 91% at layer 5; confidence 0.99 exits after 5.2 of
-6 layers at teacher-forced perplexity 1.93 vs 1.75 at full depth; speed-ups were within the timing
-noise of the shared machine; details in experiments/early_exit/README.md):
+6 layers at teacher-forced perplexity 1.93 vs 1.75 at full depth; speed-ups (then best of 2) were
+within the timing noise of the shared machine; details in experiments/early_exit/README.md; wall
+time not re-measured since 5 interleaved rounds with the median of per-round ratios replaced best of
+2, which adds about 3 early-exit and 3 full-depth decodes per setting and batch):
   python -m kuaijax.main --config=configs/early_exit/arith.py:runlocal --workdir=workdirs/early_exit
 full (one accelerator host; 12 layers, more steps; not run yet):
   python -m kuaijax.main --config=configs/early_exit/arith.py --workdir=workdirs/early_exit_full
@@ -94,7 +96,7 @@ def _evaluator():
       score_len=256,  # teacher-forced rows (prompt + gold solution)
       prompt_len=224,
       max_new_tokens=96,
-      timing_repeats=3,
+      timing_rounds=5,  # interleaved early-exit / full-depth rounds (kuaijax.benchmarking)
     )
   )
 
@@ -104,6 +106,4 @@ def _runlocal(config):
   config.models.policy.update(d_model=128, num_layers=6, num_heads=4, num_kv_heads=2, d_ff=384)
   config.stage.sft.train.update(steps=300, batch_size=4, log_every=20, checkpoint_every=300)
   config.stage.sft.optimizer.update(lr=3e-3, warmup_steps=30)
-  config.evals.early_exit.update(
-    per_group=12, gate_problems=32, max_new_tokens=64, timing_repeats=2
-  )
+  config.evals.early_exit.update(per_group=12, gate_problems=32, max_new_tokens=64, timing_rounds=5)

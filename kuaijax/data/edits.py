@@ -15,14 +15,13 @@ common prefix and suffix of each pair are handled in closed form, the DP of the 
 Myers' bit-parallel edit distance (32 rows per machine word) and the backtrace reads the tie-breaking
 decisions back from the DP's difference bits, vectorised over the batch in one XLA while loop (see the
 comment above `_as_tokens` for why each shortcut is exact; tests/data/edits_test.py checks it against
-a plain O(n m) transcription of the original). `python -m kuaijax.data.edits` prints pairs/s on
-512-token pairs.
+a plain O(n m) transcription of the original). Its pairs/s on 512-token pairs are timed by
+`experiments/bench_edits.py` (`configs/rlmec/bench_edits.py`) through `kuaijax.benchmarking`.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -32,7 +31,6 @@ import numpy as np
 
 __all__ = [
   'EditOp',
-  'benchmark',
   'edit_ops',
   'imitation_weights',
   'imitation_weights_batch',
@@ -315,33 +313,3 @@ def _dp_backtrace(pred, fix, core_pred, core_fix, start_i, start_j, prefix, m, *
   state = (start_i, start_j, w0, moves0, jnp.int32(0))
   i, j, w, moves, _ = jax.lax.while_loop(lambda s: jnp.any(active(s[0], s[1])), step, state)
   return w, jnp.stack([i, j], axis=1), moves
-
-
-def benchmark(num_pairs: int = 2048, length: int = 512, seed: int = 0, vocab: int = 64) -> dict:
-  """Pairs/s of `imitation_weights_batch` on RLMEC-like and on unrelated 512-token pairs.
-
-  RLMEC-like: the rewrite keeps the sample up to a random cut and continues differently (so the
-  core after the common prefix is random in size); unrelated: independent random token lists (the
-  worst case, no prefix to skip). Timed on a second call (compilation, once per shape bucket,
-  excluded), in wall-clock and in process CPU time (all threads; robust to a loaded machine).
-  """
-  rng = np.random.default_rng(seed)
-  samples = [rng.integers(0, vocab, length) for _ in range(num_pairs)]
-  rewrites = []
-  for x in samples:
-    cut = int(rng.integers(0, length))
-    rewrites.append(np.concatenate([x[:cut], rng.integers(0, vocab, length - cut)]))
-  unrelated = [rng.integers(0, vocab, length) for _ in range(num_pairs)]
-  out = {}
-  for name, pairs in (('rlmec_like', rewrites), ('unrelated', unrelated)):
-    imitation_weights_batch(samples, pairs)
-    wall, cpu = time.perf_counter(), time.process_time()
-    imitation_weights_batch(samples, pairs)
-    out[f'{name}_pairs_per_s'] = num_pairs / (time.perf_counter() - wall)
-    out[f'{name}_pairs_per_cpu_s'] = num_pairs / (time.process_time() - cpu)
-  return out
-
-
-if __name__ == '__main__':
-  for key, value in benchmark().items():
-    print(f'{key}: {value:.0f}')

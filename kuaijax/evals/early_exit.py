@@ -5,18 +5,22 @@ levels) of the config's task: per layer, agreement with the last layer, top-1 ac
 (teacher forced on the gold completions); per exit setting (confidence `thresholds`, `agreement`,
 a gate fitted on `gate_problems` TRAINING records of the config's `data.levels` and exiting at
 `gate_thresholds`), greedy early-exit decoding accuracy (the task's check), average layers used,
-teacher-forced perplexity and speed against normal full-depth decoding. Any kuaijax Transformer
-with a vanilla layer stack works, an imported Hugging Face model included.
+teacher-forced perplexity and speed against normal full-depth decoding (`timing_rounds`
+interleaved rounds through `kuaijax.benchmarking`, after one warm-up call of each). Any kuaijax
+Transformer with a vanilla layer stack works, an imported Hugging Face model included.
 
 Options (all required): split, groups, per_group, thresholds, agreement, gate_thresholds,
-gate_problems, score_len (teacher-forced rows), prompt_len, max_new_tokens, timing_repeats.
+gate_problems, score_len (teacher-forced rows), prompt_len, max_new_tokens, timing_rounds.
 
 Metrics: early_exit/num_layers, early_exit/tokens (scored solution tokens), early_exit/layers/
 {agreement, accuracy, loss, confidence} (lists over layers), early_exit/settings (the setting
 labels in order: 'full', 'conf_<t>', 'agreement', 'gate_<t>'), per setting early_exit/<label>/
 {accuracy, avg_layers_decode, avg_layers_teacher_forced, perplexity, tokens_per_s_batch,
-tokens_per_s_normal_batch, threshold} and early_exit/<label>/{batch1, batch}/{early_exit_s,
-normal_s, speedup}; early_exit/gate/w and early_exit/gate/b when a gate was fitted.
+tokens_per_s_normal_batch, threshold} (tokens/s at the median times) and
+early_exit/<label>/{batch1, batch}/{early_exit_s, normal_s (median seconds), speedup, speedup_min,
+speedup_max (median, min, max of the per-round ratios normal / early exit), early_exit_rounds_s,
+normal_rounds_s (every round's seconds)}; early_exit/gate/w and early_exit/gate/b when a gate was
+fitted.
 """
 
 from __future__ import annotations
@@ -110,5 +114,5 @@ def build(options: dict, ctx) -> EarlyExitEvaluator:
     score_len=options['score_len'],
     prompt_len=options['prompt_len'],
     max_new_tokens=options['max_new_tokens'],
-    timing_repeats=options['timing_repeats'],
+    timing_rounds=options['timing_rounds'],
   )

@@ -8,20 +8,22 @@
   gate fitted on frozen read-outs of `gate_records`): greedy early-exit decoding accuracy (checked
   by `is_correct(text, record)`), average layers used, the teacher-forced perplexity of the exit
   distribution, and tokens/s against normal full-depth decoding measured side by side (batch 1 and
-  one batch of all problems; best of `timing_repeats` after a compiling call).
+  one batch of all problems): through `kuaijax.benchmarking.interleaved`, one warm-up call of each
+  (compilation), then `timing_rounds` rounds of one early-exit and one full-depth decode in turn;
+  the times are the medians over the rounds and the speed-up is the median (min, max) of the
+  per-round ratios full-depth time / early-exit time (each round's two decodes share its load).
 Records are task records: `prompt` and the gold `completion`.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kuaijax import sampling
+from kuaijax import benchmarking, sampling
 from kuaijax.data import sequences
 from kuaijax.inference import early_exit
 
@@ -50,15 +52,21 @@ def teacher_batch(records: Sequence[dict], tokenizer, seq_len: int) -> dict:
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def timed(fn, repeats: int) -> float:
-  """Best wall time of `repeats` calls (after one warm-up call that compiles)."""
-  jax.block_until_ready(fn())
-  best = float('inf')
-  for _ in range(max(1, repeats)):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - t)
-  return best
+def speed_row(early: benchmarking.Timing, full: benchmarking.Timing) -> dict:
+  """Early-exit vs full-depth decoding timed over the same interleaved rounds: the median seconds
+  of each ('early_exit_s', 'normal_s'), the speed-up as the median of the per-round ratios
+  full / early ('speedup', with 'speedup_min', 'speedup_max') and every round's seconds
+  ('early_exit_rounds_s', 'normal_rounds_s')."""
+  ratio = benchmarking.ratio(full, early)
+  return {
+    'early_exit_s': early.median,
+    'normal_s': full.median,
+    'speedup': ratio.median,
+    'speedup_min': min(ratio.values),
+    'speedup_max': max(ratio.values),
+    'early_exit_rounds_s': list(early.seconds),
+    'normal_rounds_s': list(full.seconds),
+  }
 
 
 def exit_sweep(
@@ -72,10 +80,10 @@ def exit_sweep(
   score_len: int,
   prompt_len: int,
   max_new_tokens: int,
-  timing_repeats: int,
+  timing_rounds: int,
 ) -> dict:
   """{'num_layers', 'analysis', 'settings' (one row per setting), 'gate' (w, b)}; see the module
-  docstring."""
+  docstring. A row's 'speed' holds per batch ('batch1', 'batch') `speed_row`'s keys."""
   early_exit.check_shared_head(model)
   if not test_records:
     raise ValueError('exit_sweep: no test records')
@@ -116,10 +124,14 @@ def exit_sweep(
     exit_nll = jnp.take_along_axis(nll, (exits - 1)[None], axis=0)[0]
     speed = {}
     for name, (p, n) in {'batch1': (prompts[:1], lengths[:1]), 'batch': (prompts, lengths)}.items():
-      ee = lambda p=p, n=n, o=options: early_exit.early_exit_generate(model, p, n, **o, **common)
-      t_ee = timed(ee, timing_repeats)
-      t_full = timed(lambda p=p, n=n: normal(p, n), timing_repeats)
-      speed[name] = {'early_exit_s': t_ee, 'normal_s': t_full, 'speedup': t_full / t_ee}
+      sides = {
+        'early exit': lambda p=p, n=n, o=options: early_exit.early_exit_generate(
+          model, p, n, **o, **common
+        ),
+        'full depth': lambda p=p, n=n: normal(p, n),
+      }
+      times = benchmarking.interleaved(sides, rounds=timing_rounds, warmup=1)
+      speed[name] = speed_row(times['early exit'], times['full depth'])
     n_tokens = int(gen_lengths.sum())
     rows.append(
       {

@@ -3,6 +3,7 @@ and the runlocal run (slow)."""
 
 import json
 import os
+import statistics
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ def tiny_config(seeds='0'):
     per_group=2,
     gate_problems=2,
     max_new_tokens=6,
-    timing_repeats=1,
+    timing_rounds=2,  # two: the median of per-round ratios differs from the ratio of medians
   )
   return config
 
@@ -54,10 +55,24 @@ def test_tiny_run_over_two_training_seeds(tmp_path):
   for label, r in rows.items():
     head = f'early_exit/{label}'
     for batch in ('batch1', 'batch'):
-      # The speed-up is the ratio of the same two timings, per seed; the table's the seeds' mean.
-      ratios = [e[f'{head}/{batch}/normal_s'] / e[f'{head}/{batch}/early_exit_s'] for e in evals]
-      for e, ratio in zip(evals, ratios):
-        assert e[f'{head}/{batch}/speedup'] == pytest.approx(ratio, rel=1e-12)
+      # Per seed, the speed-up is the median (min, max) of the per-round ratios of the same two
+      # interleaved timings and the times are their medians; the table's the seeds' mean.
+      ratios = []
+      for e in evals:
+        normal, early = (
+          e[f'{head}/{batch}/normal_rounds_s'],
+          e[f'{head}/{batch}/early_exit_rounds_s'],
+        )
+        assert len(normal) == len(early) == 2
+        per_round = [a / b for a, b in zip(normal, early)]
+        assert e[f'{head}/{batch}/speedup'] == pytest.approx(
+          statistics.median(per_round), rel=1e-12
+        )
+        assert e[f'{head}/{batch}/speedup_min'] == min(per_round)
+        assert e[f'{head}/{batch}/speedup_max'] == max(per_round)
+        assert e[f'{head}/{batch}/normal_s'] == statistics.median(normal)
+        assert e[f'{head}/{batch}/early_exit_s'] == statistics.median(early)
+        ratios.append(statistics.median(per_round))
       assert r[batch]['speedup'] == pytest.approx(
         [np.mean(ratios), np.std(ratios, ddof=1)], rel=1e-9
       )
@@ -106,7 +121,10 @@ def test_one_seed_table_has_no_spread():
   config = tiny_config()
   table = ee.results_table(results, config, 1)
   assert '| 1 | 50.0% | 50.0% | 0.500 | 0.500 |' in table and '±' not in table
-  assert '| full | 0.25 / 1 | 25.0% | 0.250 | 0.25 | 2.00x | 2.00x | 0 | 0 |' in table
+  assert (
+    '| full | 0.25 / 1 | 25.0% | 0.250 | 0.25 | 2.00x (2.00-2.00) | 2.00x (2.00-2.00) | 0 | 0 |'
+    in table
+  )
 
 
 def test_bad_threshold(tmp_path):
