@@ -6,9 +6,8 @@ same padded batches scored vs a plain forward pass) through `kuaijax.benchmarkin
 results.md starts with the command and thread count and gives medians with min-max, the scoring /
 forward tokens/s ratio as the median (min-max) of per-round ratios.
 
-CPU (0.84M parameters, 32 samples; 2 shared CPU cores): scoring / plain forward tokens/s ratio
-0.96 in the earlier run timed on a second call (2 min 4 s wall; experiments/rlmec/README.md); not
-re-measured since (1 warm-up + 5 timed calls of each side instead of 1 + 1: expect a few minutes)
+CPU (0.84M parameters, 32 samples; 2 quiet CPU cores, 2026-12-07, 37 s wall): scoring / plain
+forward tokens/s 0.98x (0.95-1.00) per round; stage figures in experiments/rlmec/README.md
   python -m kuaijax.main --config=configs/rlmec/bench.py:runlocal --workdir=/tmp/kj_bench_rlmec
 GPU (a ~25M-parameter model, bf16): not recorded (on an H200 the Pallas token_logprobs kernel
 failed for this shape and the run did not finish in its slot; see the README)

@@ -6,9 +6,8 @@ first, then `bench.rounds` interleaved rounds); results.md starts with the comma
 count and gives paths/s (median, min-max) and the per-round time ratio single / batched as
 median (min-max).
 
-CPU (the runlocal model size of configs/self_agreement/toy.py, random weights; number in
-experiments/self_agreement/README.md; wall time not re-measured since 5 rounds replaced best of 3,
-which took 26 CPU-s):
+CPU (the runlocal model size of configs/self_agreement/toy.py, random weights; 2 quiet cores,
+2026-12-07, 24 s wall: 141 vs 91 paths/s, the batched call 1.55x faster; experiments/self_agreement/README.md):
   python -m kuaijax.main --config=configs/self_agreement/bench.py --workdir=/tmp/kj_bench_paths
 Seconds-long smoke run (tests):
   python -m kuaijax.main --config=configs/self_agreement/bench.py:runlocal --workdir=/tmp/kj_bench_paths_rl
