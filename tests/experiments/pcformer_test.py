@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from kuaijax.config_lib import load_config
@@ -115,3 +116,45 @@ def test_runlocal_experiment(tmp_path):
   for row in rows.values():
     assert row['eval']['loss'] < 3.0  # far below a uniform byte model (ln 259 = 5.6)
   assert len(results['retrieval']['harpe']['by_length']) == 4
+
+
+def _tiny_reproduction(setting: str, arg: str = ''):
+  config = load_config(f'{CONFIG}:{setting}{arg}')
+  config.parallel.num_devices = 1
+  config.data.update(seq_len=32, eval_batch_size=8, eval_batches=1)
+  for model in config.models.values():
+    model.update(d_model=16, d_ff=32, num_heads=2, num_kv_heads=2, num_layers=2)
+  config.train.update(steps=2, log_every=1, eval_every=2, checkpoint_every=2, progress=False)
+  config.train.async_checkpoint = False
+  return config
+
+
+def test_reproduction_setting_pairs_every_variant_with_vanilla_over_seeds(tmp_path):
+  """The repro setting: 3 training seeds, vanilla at equal parameters and at 3x the steps (which
+  follows an overridden train.steps), a paired difference table over the seeds."""
+  for setting in ('repro', 'gpu'):
+    full = load_config(f'{CONFIG}:{setting}')
+    assert full.seeds == (0, 1, 2) and full.models.pc_rk2.num_layers >= 6
+    assert full.stages.split(',') == ['vanilla', 'ode_rk2_gated', 'pc_rk2', 'vanilla_3x_steps']
+    assert full.stage.vanilla_3x_steps.train.steps == 3 * full.train.steps
+  config = _tiny_reproduction('repro', ',seeds=0+1,stages=vanilla+pc_rk2+vanilla_3x_steps')
+  assert config.stage.vanilla_3x_steps.train.steps == 6
+  results = run_experiment(config, str(tmp_path))
+  assert results['seeds']['training'] == [0, 1]
+  runs = results['runs']
+  for name in ('pc_rk2', 'vanilla_3x_steps'):
+    row = next(r for r in results['differences_to_vanilla'] if r['variant'] == name)
+    diffs = [runs[s][name]['eval']['loss'] - runs[s]['vanilla']['eval']['loss'] for s in runs]
+    assert row['mean'] == pytest.approx(np.mean(diffs), abs=1e-12)
+    assert row['std'] == pytest.approx(np.std(diffs, ddof=1), abs=1e-12)
+    assert row['lower'] == sum(d < 0 for d in diffs)
+  first = runs[next(iter(runs))]
+  steps = {name: first[name]['summary']['steps'] for name in first}
+  assert steps == {'vanilla': 2, 'pc_rk2': 2, 'vanilla_3x_steps': 6}
+  assert 'minus vanilla on the same training seed' in (tmp_path / 'results.md').read_text()
+
+
+def test_gpu_setting_builds_and_runs_a_few_steps_on_cpu(tmp_path):
+  config = _tiny_reproduction('gpu', ',seeds=0,stages=pc_rk2')
+  results = run_experiment(config, str(tmp_path))
+  assert results['variants'][0]['step'] == 2
