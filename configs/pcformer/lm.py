@@ -20,6 +20,13 @@ vanilla_deep 2.3288 < vanilla 2.4412 < harpe 2.4460 < pc_rk2 2.6248 < ode_rk2_ga
 2.7417, so the papers' ordering does not appear in this run; experiments/pcformer/README.md has the
 tables):
   python -m kuaijax.main --config=configs/pcformer/lm.py:runlocal --workdir=/tmp/kj_pcformer
+repro (6 layers, d_model 96, 800 steps, vanilla / pc_rk2 / vanilla at 3x steps, 3 training seeds;
+43 min 14 s on 2 quiet CPU cores, 2026-12-07: pc_rk2 - vanilla = +0.0324 ± 0.0154 nats (worse on 3 of 3
+seeds), vanilla_3x_steps - vanilla = -0.2508 ± 0.0079; experiments/pcformer/README.md):
+  python -m kuaijax.main --config=configs/pcformer/lm.py:repro --workdir=/tmp/kj_pc_repro
+gpu (the same comparison plus the ODE Transformer at d_model 256, 8 layers, batch 32, 4000 steps,
+for ~10 minutes of one H100; not run yet):
+  python -m kuaijax.main --config=configs/pcformer/lm.py:gpu --workdir=/tmp/kj_pc_gpu
 full scale (mirrors the released PCformer LM: the Llama decoder of pcformer_lm/configuration_llama.py,
 hidden 2048, 24 layers, 16 heads, FFN 5432, 2048 tokens, RK2 EMA predictor with alpha 0.5; one
 variant per command on a v5p-64 / 64 x H100 pod, ~1.3B parameters, about a day per 100B tokens (an
