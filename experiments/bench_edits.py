@@ -15,8 +15,6 @@ per-round ratios) into the workdir.
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 import numpy as np
 
@@ -41,7 +39,6 @@ def pairs(num_pairs: int, length: int, vocab: int, seed: int):
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   bc = config.bench
-  os.makedirs(workdir, exist_ok=True)
   samples, rewrites, unrelated = pairs(bc.num_pairs, bc.length, bc.vocab, bc.seed)
   sides = {
     'rlmec_like': lambda: edits.imitation_weights_batch(samples, rewrites),
@@ -63,13 +60,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     f'RLMEC imitation weights (edits.imitation_weights_batch), {bc.num_pairs} pairs of '
     f'{bc.length} tokens, host CPU'
   )
-  n = bc.num_pairs
-  rate = lambda t: f'{n / t.median:,.0f} | {n / t.high:,.0f}-{n / t.low:,.0f}'
   table = (
     benchmarking.header(what, rounds=bc.rounds, warmup=bc.warmup)
     + '| pairs | pairs/s (median) | min-max |\n|---|---:|---:|\n'
-    + f'| RLMEC-like (shared prefix up to a random cut) | {rate(times["rlmec_like"])} |\n'
-    + f'| unrelated (independent tokens) | {rate(times["unrelated"])} |\n\n'
+    + f'| RLMEC-like (shared prefix up to a random cut) | {times["rlmec_like"].rate_cells(bc.num_pairs)} |\n'
+    + f'| unrelated (independent tokens) | {times["unrelated"].rate_cells(bc.num_pairs)} |\n\n'
     + f'Ratio (time of the unrelated pairs / the RLMEC-like pairs, per round): {ratio.text()}\n'
   )
   write_results(workdir, results, table)

@@ -12,8 +12,6 @@ the median (min-max) of per-round ratios) into the workdir.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import ml_collections
 from flax import nnx
@@ -27,7 +25,6 @@ from kuaijax.results import write_results
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   bc = config.bench
-  os.makedirs(workdir, exist_ok=True)
   model = Transformer(TransformerConfig.from_config(config.model), rngs=nnx.Rngs(0))
   tokenizer = ByteTokenizer()
   prompts = [
@@ -61,12 +58,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     f'k={bc.k} paths for {bc.questions} questions ({bc.max_new_tokens} new tokens each, '
     f'{results["device"]})'
   )
-  rate = lambda t: f'{paths / t.median:.1f} | {paths / t.high:.1f}-{paths / t.low:.1f}'
   table = (
     benchmarking.header(what, rounds=bc.rounds, warmup=bc.warmup)
     + '| mode | paths/s (median) | min-max |\n|---|---:|---:|\n'
-    + f'| one batched call (num_samples=k) | {rate(batched)} |\n'
-    + f'| {bc.k} single calls | {rate(single)} |\n\n'
+    + f'| one batched call (num_samples=k) | {batched.rate_cells(paths, ".1f")} |\n'
+    + f'| {bc.k} single calls | {single.rate_cells(paths, ".1f")} |\n\n'
     + f'Ratio (time of the single calls / the batched call, per round): {ratio.text()}\n'
   )
   write_results(workdir, results, table)

@@ -157,12 +157,8 @@ def run(config, workdir: str) -> dict:
   ]
   for name, (n, t) in counts.items():
     timing = times[name]
-    lines.append(
-      f'| {name} | {n} | {t} | {n / timing.median:,.1f} | {t / timing.median:,.0f} | '
-      f'{t / timing.high:,.0f}-{t / timing.low:,.0f} |'
-    )
+    lines.append(f'| {name} | {n} | {t} | {n / timing.median:,.1f} | {timing.rate_cells(t)} |')
   v = results['scoring_vs_forward']
-  rate = lambda t: f'{padded / t.median:,.0f} | {padded / t.high:,.0f}-{padded / t.low:,.0f}'
   lines += [
     '',
     'Tokens: generated tokens for sampling and GRM rewriting (locate + rewrite outputs), all '
@@ -170,8 +166,8 @@ def run(config, workdir: str) -> dict:
     '',
     f'| same padded batches ({padded} tokens) | tokens/s (median) | min-max |',
     '|---|---:|---:|',
-    f'| reward scoring (token_logprobs) | {rate(times["scoring batches"])} |',
-    f'| plain forward (logits) | {rate(times["forward batches"])} |',
+    f'| reward scoring (token_logprobs) | {times["scoring batches"].rate_cells(padded)} |',
+    f'| plain forward (logits) | {times["forward batches"].rate_cells(padded)} |',
     '',
     f'Scoring tokens/s / forward tokens/s, per round: {ratio.text()} '
     f'({v["score_tokens_per_s"]:,.0f} vs {v["forward_tokens_per_s"]:,.0f} tokens/s at the medians).',

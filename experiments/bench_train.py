@@ -164,10 +164,7 @@ def run(config, workdir: str) -> dict:
       'ratio_to_kuaijax': benchmarking.ratio(t, times['kuaijax']).summary(),
     }
     results['sides'][name] = side
-    rows.append(
-      f'| {name} | {tokens_per_s:,.0f} | {tokens / t.high:,.0f}-{tokens / t.low:,.0f} | '
-      f'{side["utilisation"]:.1%} |'
-    )
+    rows.append(f'| {name} | {t.rate_cells(tokens)} | {side["utilisation"]:.1%} |')
   results['tokens_per_s'] = results['sides']['kuaijax']['tokens_per_s']
   results['utilisation'] = results['sides']['kuaijax']['utilisation']
   what = (

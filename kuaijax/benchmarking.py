@@ -43,6 +43,10 @@ class Timing:
   def summary(self) -> dict:
     return dict(median_s=self.median, min_s=self.low, max_s=self.high, rounds=list(self.seconds))
 
+  def rate_cells(self, count: float, spec: str = ',.0f') -> str:
+    """'median | slowest-fastest' of `count` per second: two markdown table cells."""
+    return f'{count / self.median:{spec}} | {count / self.high:{spec}}-{count / self.low:{spec}}'
+
 
 @dataclasses.dataclass(frozen=True)
 class Ratio:

@@ -160,15 +160,15 @@ def built_data():
     sources.get_data_source('kj_lm_mixture', split=split)
 
 
+def _run_helper(mode: str, devices: int, env: dict) -> int:
+  """`tests.launch_helper <mode>` on 2 processes sharing `devices` CPU devices; its exit status."""
+  cmd = [sys.executable, '-m', 'kuaijax.launch', '--processes=2', f'--devices={devices}']
+  cmd += ['--module=tests.launch_helper', '--', mode]
+  return subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, **env}, timeout=TIMEOUT_S).returncode
+
+
 def test_two_processes_run_cpu_collectives(tmp_path):
-  cmd = [sys.executable, '-m', 'kuaijax.launch', '--processes=2', '--devices=4']
-  out = subprocess.run(
-    [*cmd, '--module=tests.launch_helper', '--', 'sum'],
-    cwd=REPO_ROOT,
-    env={**os.environ, 'KJ_OUT': str(tmp_path)},
-    timeout=TIMEOUT_S,
-  )
-  assert out.returncode == 0
+  assert _run_helper('sum', 4, {'KJ_OUT': str(tmp_path)}) == 0
   for p in range(2):  # rows 0..3, two from each process, summed across the processes
     assert json.loads((tmp_path / f'{p}.json').read_text()) == [2, 4, 2, 6.0]
 
@@ -264,14 +264,7 @@ def test_params_restore_onto_two_processes_and_another_mesh(uninterrupted, tmp_p
     'KJ_MESH': 'fsdp=4,expert=2',
     'KJ_OUT': str(tmp_path),
   }
-  cmd = [sys.executable, '-m', 'kuaijax.launch', '--processes=2', '--devices=8']
-  out = subprocess.run(
-    [*cmd, '--module=tests.launch_helper', '--', 'params'],
-    cwd=REPO_ROOT,
-    env={**os.environ, **env},
-    timeout=TIMEOUT_S,
-  )
-  assert out.returncode == 0
+  assert _run_helper('params', 8, env) == 0
   params = jax.tree_util.tree_flatten_with_path(_final_params(uninterrupted))[0]
   expected = {jax.tree_util.keystr(k): float(np.sum(np.square(v))) for k, v in params}
   for p in range(2):
@@ -319,14 +312,7 @@ def test_moe_layer_with_experts_across_two_processes_matches_one_device(tmp_path
   every gradient equal the all-experts layer on one device of this process."""
   from tests.launch_helper import moe_grads
 
-  cmd = [sys.executable, '-m', 'kuaijax.launch', '--processes=2', '--devices=4']
-  status = subprocess.run(
-    [*cmd, '--module=tests.launch_helper', '--', 'moe'],
-    cwd=REPO_ROOT,
-    env={**os.environ, 'KJ_OUT': str(tmp_path)},
-    timeout=TIMEOUT_S,
-  )
-  assert status.returncode == 0
+  assert _run_helper('moe', 4, {'KJ_OUT': str(tmp_path)}) == 0
   got = np.load(tmp_path / 'moe.npz')
   assert bool(got['all_to_all'])  # the program exchanges tokens between devices
   y, grads, _ = moe_grads()

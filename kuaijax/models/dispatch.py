@@ -150,14 +150,6 @@ def _f32(*arrays):
   return tuple(a.astype(jnp.float32) for a in arrays)
 
 
-def _tile_sizes(m: int) -> tuple[int, ...]:
-  """Row tiles from the full tile down to the smallest, halving (see pallas_kernels.gmm.xla)."""
-  sizes = [min(gmm_xla.DEFAULT_TILE_M, m)]
-  while sizes[-1] // 2 >= min(gmm_xla.MIN_TILE_M, m):
-    sizes.append(sizes[-1] // 2)
-  return tuple(sizes)
-
-
 def _expert_loops(sizes, m: int, enter, tile_body, leave, carry):
   """Runs every expert's selected rows in row tiles, the expert's weights sliced once.
 
@@ -167,7 +159,7 @@ def _expert_loops(sizes, m: int, enter, tile_body, leave, carry):
   past `end` masked by the body), then `carry = leave(g, local, carry)`. Trip counts are traced:
   one program for every selection, and the loops run only the tiles the selection needs.
   """
-  tiles = _tile_sizes(m)
+  tiles = gmm_xla.tile_sizes(m, min(gmm_xla.DEFAULT_TILE_M, m), min(gmm_xla.MIN_TILE_M, m))
   starts = jnp.cumsum(sizes) - sizes
 
   def expert(g, carry):

@@ -52,14 +52,19 @@ def work_items(group_sizes: jax.Array, m: int, tm: int, *, tail: bool = False):
   return _enumerate(counts, starts, ends, tm, -(-m // tm) + starts.shape[0] - 1)
 
 
+def tile_sizes(m: int, tm: int, min_tm: int) -> list[int]:
+  """Row tiles of an m-row buffer: tm, then halving while >= min_tm (none larger than m)."""
+  sizes = [tm]
+  while sizes[-1] // 2 >= min_tm:
+    sizes.append(sizes[-1] // 2)
+  return [s for s in sizes if s <= m] or [m]
+
+
 def tile_levels(group_sizes: jax.Array, m: int, tm: int, min_tm: int):
   """[(tile_rows, work items)] for the full tiles, each binary digit of the remainder, and the last rows."""
   starts, ends = group_bounds(group_sizes, m)
   num_groups = starts.shape[0]
-  sizes = [tm]
-  while sizes[-1] // 2 >= min_tm:
-    sizes.append(sizes[-1] // 2)
-  sizes = [s for s in sizes if s <= m] or [m]
+  sizes = tile_sizes(m, tm, min_tm)
   full = (ends - starts) // sizes[0]
   levels = [(sizes[0], _enumerate(full, starts, ends, sizes[0], m // sizes[0]))]
   offset = starts + full * sizes[0]
