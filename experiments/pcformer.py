@@ -179,38 +179,6 @@ def variant_row(config, runs: dict, name: str) -> dict:
   }
 
 
-def paired_differences(runs: dict, names, baseline: str = 'vanilla') -> list[dict]:
-  """Per variant: its validation loss minus the baseline's trained on the same seed (same data order
-  and initialisation seed), mean ± std over training seeds, and on how many seeds it is lower."""
-  seeds = [s for s in runs if baseline in runs[s]]
-  rows = []
-  for name in names:
-    if name == baseline:
-      continue
-    diffs = [runs[s][name]['eval']['loss'] - runs[s][baseline]['eval']['loss'] for s in seeds]
-    mean, std = report.mean_std(diffs)
-    rows.append(
-      dict(variant=name, mean=mean, std=std, lower=sum(d < 0 for d in diffs), seeds=len(diffs))
-    )
-  return rows
-
-
-def differences_table(rows: list[dict], baseline: str) -> str:
-  """Markdown: the paired loss differences to the baseline."""
-  lines = [
-    f'## Validation loss minus {baseline} on the same training seed (mean ± std over seeds)',
-    '',
-    f'| variant | loss - {baseline} | lower than {baseline} on |',
-    '|---|---:|---:|',
-  ]
-  for r in rows:
-    spread = f' ± {r["std"]:.4f}' if r['seeds'] > 1 else ''
-    lines.append(
-      f'| {r["variant"]} | {r["mean"]:+.4f}{spread} | {r["lower"]} of {r["seeds"]} seeds |'
-    )
-  return '\n'.join(lines) + '\n'
-
-
 def run(config, workdir: str) -> dict:
   runs = run_pipeline(config, workdir)
   first = runs[config.seeds[0]]
@@ -242,9 +210,9 @@ def run(config, workdir: str) -> dict:
     f'Validation loss per task ({config.data.name}, {rows[0]["step"]} steps, seq_len {seq_len}; '
     f'{report.spread_note(runs)})',
   )
-  differences = paired_differences(runs, names) if 'vanilla' in names else []
+  differences = report.paired_differences(runs, names, 'vanilla') if 'vanilla' in names else []
   if differences:
-    table += '\n' + differences_table(differences, 'vanilla')
+    table += '\n' + report.differences_table(differences, 'vanilla')
   if retrieval:
     table += '\n' + retrieval_table(retrieval, seq_len, report.spread_note(runs))
   results = {

@@ -28,6 +28,8 @@ from matplotlib.figure import Figure
 from kuaijax.results import write_results
 from kuaijax.scaling_laws import (
   FLOPS_PER_PARAM_TOKEN,
+  dense_budgets,
+  difference_at_compute,
   equal_compute,
   fit_families,
   predict,
@@ -135,17 +137,50 @@ def _ci(fit, key):
   return f'{fit[key]:.3g} [{lo:.3g}, {hi:.3g}]'
 
 
-def table(records, fits, comparison, title) -> str:
+def per_seed_differences(config, done: dict, budgets, baseline: str = 'dense') -> dict:
+  """{budget: {family: {'mean', 'std', 'lower', 'seeds'}}}: L(C) fitted on each training seed's
+  runs alone, the family's minus the baseline's at each budget, over seeds; empty for one seed."""
+  if len(config.seeds) < 2:
+    return {}
+  per_seed = []
+  for i in range(len(config.seeds)):
+    records = [cell_record(config, cell, [infos[i]]) for cell, infos in done.items()]
+    families = list(dict.fromkeys(r['family'] for r in records))
+    fits = fit_families(records, families, intervals=False)
+    per_seed.append(
+      {
+        f'{c:.3g}': {
+          f: float(predict(fits[f]['L(C)'], c) - predict(fits[baseline]['L(C)'], c))
+          for f in families
+          if f != baseline
+        }
+        for c in budgets
+      }
+    )
+  out = {}
+  for budget, row in per_seed[0].items():
+    out[budget] = {}
+    for family in row:
+      diffs = [seed_row[budget][family] for seed_row in per_seed]
+      mean, std = report.mean_std(diffs)
+      out[budget][family] = dict(
+        mean=mean, std=std, lower=sum(d < 0 for d in diffs), seeds=len(diffs)
+      )
+  return out
+
+
+def table(records, fits, comparison, title, differences=None, seed_differences=None) -> str:
   lines = [
     f'## {title}',
     '',
-    '| family | d_model | layers | params | active non-emb. N | C (FLOPs) | loss |',
-    '|---|---:|---:|---:|---:|---:|---:|',
+    '| family | d_model | layers | params | active non-emb. N | tokens / N | C (FLOPs) | loss |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|',
   ]
   for r in records:
     lines.append(
       f'| {r["family"]} | {r["d_model"]} | {r["num_layers"]} | {r["params_total"]:,} | '
-      f'{r["active_non_embedding"]:,.0f} | {r["compute"]:.3g} | '
+      f'{r["active_non_embedding"]:,.0f} | {r["tokens"] / r["active_non_embedding"]:.1f} | '
+      f'{r["compute"]:.3g} | '
       f'{report.cell(r, {"loss": r["loss_std"]} if "loss_std" in r else {}, "loss")} |'
     )
   lines += ['', '| family | fit | E | A | alpha (95% CI) | R^2 |', '|---|---|---|---|---|---:|']
@@ -163,6 +198,37 @@ def table(records, fits, comparison, title) -> str:
   ]
   for c, row in comparison.items():
     lines.append(f'| {c} | ' + ' | '.join(f'{row[f]:.4f}' for f in families) + ' |')
+  others = [f for f in families if f != 'dense']
+  if differences and others:
+    lines += [
+      '',
+      'Equal compute, MoE minus dense: the fits above (95% interval from independent residual '
+      'bootstraps of both frontiers)'
+      + (
+        '; and L(C) fitted on each training seed alone (mean ± std over seeds, seeds where the MoE '
+        'is lower)'
+        if seed_differences
+        else ''
+      )
+      + ':',
+      '',
+      '| compute C | '
+      + ' | '.join(
+        f'{f} - dense (fit)' + (f' | {f} - dense (per seed)' if seed_differences else '')
+        for f in others
+      )
+      + ' |',
+      '|---:|' + '---:|' * (len(others) * (2 if seed_differences else 1)),
+    ]
+    for c, row in differences.items():
+      cells = []
+      for f in others:
+        point, low, high = row[f]
+        cells.append(f'{point:+.4f} [{low:+.4f}, {high:+.4f}]')
+        if seed_differences:
+          d = seed_differences[c][f]
+          cells.append(f'{d["mean"]:+.4f} ± {d["std"]:.4f} ({d["lower"]} of {d["seeds"]})')
+      lines.append(f'| {c} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 
@@ -176,19 +242,24 @@ def run(config, workdir: str) -> dict:
   records = [cell_record(config, cell, infos) for cell, infos in done.items()]
   families = list(dict.fromkeys(r['family'] for r in records))
   fits = fit_families(records, families)
-  comparison = equal_compute(fits, records) if 'dense' in fits else {}
+  budgets = dense_budgets(records)
+  comparison = equal_compute(fits, budgets) if 'dense' in fits else {}
+  differences = difference_at_compute(fits, budgets) if 'dense' in fits else {}
+  seed_differences = per_seed_differences(config, done, budgets) if 'dense' in fits else {}
   train, seq_len = config.train, config.data.seq_len
   title = (
     f'{config.data.name}: {len(records)} runs, {train.steps} steps x {train.batch_size} x '
     f'{seq_len} tokens each; {report.spread_note(runs)}'
   )
-  md = table(records, fits, comparison, title)
+  md = table(records, fits, comparison, title, differences, seed_differences)
   plots = plot(records, fits, workdir) if jax.process_index() == 0 else []
   results = {
     'runs': records,
     'fits': {f: {k: v for k, v in fit.items() if k != 'frontier'} for f, fit in fits.items()},
     'frontier': {f: fit['frontier'] for f, fit in fits.items()},
     'equal_compute': comparison,
+    'minus_dense_at_compute': differences,
+    'minus_dense_per_seed': seed_differences,
     'seeds': report.seeds_record(config),
     'train_seconds': times,
     'plots': [os.path.basename(p) for p in plots],

@@ -35,6 +35,13 @@ def _fmt(value, spec='.3f'):
   return '–' if value is None else format(value, spec)
 
 
+def _pm(value, std, spec):
+  """'value ± std' (the std over training seeds, when there is one), or '–'."""
+  if value is None:
+    return '–'
+  return format(value, spec) + ('' if std is None else f' ± {std:{spec}}')
+
+
 def results_tables(rows: dict, task_names, title: str) -> str:
   """Markdown: one row per variant (loss and experts per token per task), then mean k per layer
   and, when evaluated, multiple-choice accuracy per task (the paper's table)."""
@@ -73,11 +80,26 @@ def results_tables(rows: dict, task_names, title: str) -> str:
       '|---|' + '---:|' * (len(layers) + 1),
     ]
     for name, row in moe_rows.items():
+      mean_k, mean_k_std = row['layer_mean_k'], row['layer_mean_k_std']
       cells = [
-        f'{_fmt(row["layer_mean_k"].get(i), ".2f")} / {_fmt(row["layer_max_k"].get(i), ".0f")}'
+        f'{_pm(mean_k.get(i), mean_k_std.get(i), ".2f")} / {_fmt(row["layer_max_k"].get(i), ".0f")}'
         for i in layers
       ]
       lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {_fmt(row["trunc_rate"], ".3f")} |')
+    curves = {n: r['mean_k_curve'] for n, r in moe_rows.items() if r['mean_k_curve']}
+    if curves:
+      lines += [
+        '',
+        'Mean experts per token during training (all MoE layers, training batches):',
+        '',
+        '| variant | first logged step | last step |',
+        '|---|---:|---:|',
+      ]
+      for name, curve in curves.items():
+        (s0, k0, d0), (s1, k1, d1) = curve[0], curve[-1]
+        lines.append(
+          f'| {name} | {_pm(k0, d0, ".2f")} (step {s0}) | {_pm(k1, d1, ".2f")} (step {s1}) |'
+        )
     lines += [
       '',
       "Spearman rank correlation between a target token's loss and its number of experts, per "
@@ -88,7 +110,8 @@ def results_tables(rows: dict, task_names, title: str) -> str:
     ]
     for name, row in moe_rows.items():
       for task, rhos in row['layer_spearman'].items():
-        cells = [_fmt(rhos.get(i), '.3f') for i in layers]
+        spread = row['layer_spearman_std'][task]
+        cells = [_pm(rhos.get(i), spread.get(i), '.3f') for i in layers]
         lines.append(f'| {name} | {task} | ' + ' | '.join(cells) + ' |')
   mc_tasks = sorted(
     {k.removeprefix('acc/') for r in rows.values() for k in r['eval'] if k.startswith('acc/')}
@@ -133,8 +156,12 @@ def plot_mean_k(rows: dict, workdir: str) -> list[str]:
     layers = sorted(row['layer_mean_k'])
     axes['layer'].plot(layers, [row['layer_mean_k'][i] for i in layers], marker='o', label=name)
     axes['layer'].set_xticks(layers)
-    steps, values = zip(*row['mean_k_curve']) if row['mean_k_curve'] else ((), ())
+    steps, values, spread = zip(*row['mean_k_curve']) if row['mean_k_curve'] else ((), (), ())
     axes['steps'].plot(steps, values, marker='.', label=name)
+    if spread and spread[0] is not None:
+      low = [v - d for v, d in zip(values, spread)]
+      high = [v + d for v, d in zip(values, spread)]
+      axes['steps'].fill_between(steps, low, high, alpha=0.2)
     for task, rhos in row['layer_spearman'].items():
       if rhos:
         layers = sorted(rhos)
@@ -168,25 +195,41 @@ def plot_mean_k(rows: dict, workdir: str) -> list[str]:
   ]
 
 
+def mean_k_curve(infos: list[dict]) -> list[tuple[int, float, float | None]]:
+  """(step, mean, std) over training seeds of the logged training `aux/mean_k`, at every step all
+  seeds logged; std None for one seed."""
+  per_seed = [
+    {r['step']: r['aux/mean_k'] for r in read_metrics(info['dir']) if 'aux/mean_k' in r}
+    for info in infos
+  ]
+  steps = sorted(set.intersection(*(set(c) for c in per_seed)))
+  curve = []
+  for step in steps:
+    mean, std = report.mean_std([c[step] for c in per_seed])
+    curve.append((step, mean, std if len(per_seed) > 1 else None))
+  return curve
+
+
 def variant_row(config, runs: dict, name: str) -> dict:
   """One variant's row: its evaluation over training seeds (mean, std), experts per layer, the
-  Spearman correlations, its mean-k training curve (first seed) and parameter counts."""
+  Spearman correlations (mean and std per layer and task), its mean-k training curve (mean and std
+  over seeds) and parameter counts."""
   infos = [stages[name] for stages in runs.values()]
   ev, std = report.eval_over_seeds([info['eval'] for info in infos])
-  records = read_metrics(infos[0]['dir'])
-  train_records = [r for r in records if 'aux/mean_k' in r]
+  last = [r for r in read_metrics(infos[0]['dir']) if 'aux/mean_k' in r][-1:]
   actives = [info['summary']['params']['active'] for info in infos]
+  spearman_key = lambda task: 'loss_k_spearman' + ('' if task == 'all' else f'/{task}')
+  tasks = ('all', *config.data.task_names)
   return {
     'eval': ev,
     'eval_std': std,
     'layer_mean_k': layer_values(ev, 'mean_k'),
+    'layer_mean_k_std': layer_values(std, 'mean_k'),
     'layer_max_k': layer_values(ev, 'max_k'),
-    'layer_spearman': {
-      task: layer_values(ev, 'loss_k_spearman' + ('' if task == 'all' else f'/{task}'))
-      for task in ('all', *config.data.task_names)
-    },
-    'mean_k_curve': [(r['step'], r['aux/mean_k']) for r in train_records],
-    'trunc_rate': train_records[-1].get('aux/trunc_rate') if train_records else None,
+    'layer_spearman': {task: layer_values(ev, spearman_key(task)) for task in tasks},
+    'layer_spearman_std': {task: layer_values(std, spearman_key(task)) for task in tasks},
+    'mean_k_curve': mean_k_curve(infos),
+    'trunc_rate': last[0].get('aux/trunc_rate') if last else None,
     'params': {
       'total': infos[0]['summary']['params']['total'],
       'active': None if None in actives else report.mean_std(actives)[0],
@@ -213,12 +256,17 @@ def run(config, workdir: str) -> dict:
     f'{config.data.name}: {len(rows)} variants, {train.steps} steps x {train.batch_size} x '
     f'{config.data.seq_len} = {tokens:,} training tokens each; {report.spread_note(runs)}',
   )
+  differences = []
+  if REFERENCE_VARIANT in names:
+    differences = report.paired_differences(runs, names, REFERENCE_VARIANT)
+    table += '\n' + report.differences_table(differences, REFERENCE_VARIANT)
   plots = plot_mean_k(rows, workdir) if jax.process_index() == 0 else []
   plots += plotting.write_loss_curves(
     workdir, report.trained_stage_dirs(runs, workdir, ('pretrain',))
   )
   results = {
     'variants': rows,
+    'differences_to_top2': differences,
     'seeds': report.seeds_record(config),
     'tokens_per_variant': tokens,
     'task_names': list(config.data.task_names),

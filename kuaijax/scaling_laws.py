@@ -54,13 +54,19 @@ def predict(fit: dict, x):
   return fit['E'] + fit['A'] * np.asarray(x, np.float64) ** -fit['alpha']
 
 
-def bootstrap_ci(x, y, fit: dict, *, samples: int = 300, seed: int = 0) -> dict:
-  """95% intervals of E, A, alpha from refits to predictions plus resampled residuals."""
+def bootstrap_fits(x, y, fit: dict, *, samples: int = 300, seed: int = 0) -> list[dict]:
+  """Refits to the fit's predictions plus residuals resampled with replacement (residual
+  bootstrap)."""
   rng = np.random.default_rng(seed)
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
   mean = predict(fit, x)
   residuals = y - mean
-  draws = [fit_power_law(x, mean + rng.choice(residuals, len(x))) for _ in range(samples)]
+  return [fit_power_law(x, mean + rng.choice(residuals, len(x))) for _ in range(samples)]
+
+
+def bootstrap_ci(x, y, fit: dict, *, samples: int = 300, seed: int = 0) -> dict:
+  """95% intervals of E, A, alpha from `bootstrap_fits`."""
+  draws = bootstrap_fits(x, y, fit, samples=samples, seed=seed)
   return {
     k: [
       float(np.percentile([d[k] for d in draws], 2.5)),
@@ -81,7 +87,8 @@ def compute_frontier(points) -> tuple[list[float], list[float]]:
   return frontier_c, frontier_l
 
 
-def fit_families(records: list[dict], families: list[str]) -> dict:
+def fit_families(records: list[dict], families: list[str], *, intervals: bool = True) -> dict:
+  """{family: {'L(N)', 'L(C)' (each with 'ci95' when `intervals`), 'frontier'}}."""
   out = {}
   for family in families:
     rows = [r for r in records if r['family'] == family]
@@ -90,18 +97,43 @@ def fit_families(records: list[dict], families: list[str]) -> dict:
     frontier = compute_frontier([p for r in rows for p in r['curve']])
     fit_n = fit_power_law(n, loss)
     fit_c = fit_power_law(*frontier)
-    out[family] = {
-      'L(N)': {**fit_n, 'ci95': bootstrap_ci(n, loss, fit_n)},
-      'L(C)': {**fit_c, 'ci95': bootstrap_ci(*frontier, fit_c)},
-      'frontier': list(zip(*frontier)),
-    }
+    if intervals:
+      fit_n['ci95'] = bootstrap_ci(n, loss, fit_n)
+      fit_c['ci95'] = bootstrap_ci(*frontier, fit_c)
+    out[family] = {'L(N)': fit_n, 'L(C)': fit_c, 'frontier': list(zip(*frontier))}
   return out
 
 
-def equal_compute(fits: dict, records: list[dict]) -> dict:
-  """Fitted L(C) of every family at the compute of each dense run (inside the fitted ranges)."""
-  budgets = sorted(r['compute'] for r in records if r['family'] == 'dense')
+def dense_budgets(records: list[dict]) -> list[float]:
+  """The training compute of every dense run: where the families are compared."""
+  return sorted(r['compute'] for r in records if r['family'] == 'dense')
+
+
+def equal_compute(fits: dict, budgets) -> dict:
+  """Fitted L(C) of every family at each compute budget."""
   return {
     f'{c:.3g}': {family: float(predict(f['L(C)'], c)) for family, f in fits.items()}
     for c in budgets
   }
+
+
+def difference_at_compute(fits: dict, budgets, *, baseline: str = 'dense', seed: int = 0) -> dict:
+  """{budget: {family: [L_family(C) - L_baseline(C), 95% low, 95% high]}} from the fitted L(C) laws;
+  the interval refits both families' frontiers by residual bootstrap (independent draws) and takes
+  percentiles of the difference."""
+  draws = {
+    family: bootstrap_fits(*zip(*f['frontier']), f['L(C)'], seed=seed + i)
+    for i, (family, f) in enumerate(fits.items())
+  }
+  out = {}
+  for c in budgets:
+    base = np.array([predict(d, c) for d in draws[baseline]])
+    row = {}
+    for family, fit in fits.items():
+      if family == baseline:
+        continue
+      diffs = np.array([predict(d, c) for d in draws[family]]) - base
+      point = float(predict(fit['L(C)'], c) - predict(fits[baseline]['L(C)'], c))
+      row[family] = [point, float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]
+    out[f'{c:.3g}'] = row
+  return out

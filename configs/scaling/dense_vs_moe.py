@@ -39,6 +39,7 @@ from kuaijax.config_lib import (
 
 FAMILIES = ('dense', 'top2', 'topp')
 RUNLOCAL_D = (16, 24, 32, 48, 64)
+GPU_D = (32, 48, 64, 96, 128)
 FULL_SIZES = ((256, 4), (384, 6), (512, 8), (768, 12), (1024, 16), (1536, 24))
 
 
@@ -51,12 +52,15 @@ def _size(d_model: int, num_layers: int, head_dim: int) -> dict:
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, runlocal=False, cells='', seeds='0')
-  config, model, moe_layer = compare.moe_lm(args.runlocal)
+  args = parse_arg(arg, runlocal=False, repro=False, gpu=False, cells='', seeds='')
+  if args.runlocal + args.repro + args.gpu > 1:
+    raise ValueError(f'config arg {arg!r}: runlocal, repro and gpu are alternatives; pick one')
+  reproduction = args.repro or args.gpu
+  config, model, moe_layer = compare.moe_lm(args.runlocal or reproduction)
   config.experiment = 'scaling'
-  config.seeds = parse_seeds(args.seeds)
-  if args.runlocal:
-    sizes = [_size(d, 2, 8) for d in RUNLOCAL_D]
+  config.seeds = parse_seeds(args.seeds or ('0+1+2' if reproduction else '0'))
+  if args.runlocal or reproduction:
+    sizes = [_size(d, 2, 8) for d in (GPU_D if args.gpu else RUNLOCAL_D)]
     moe_layer.update(num_experts=8)
     config.data.update(eval_batch_size=16, eval_batches=2)
     config.train.update(
@@ -68,6 +72,19 @@ def get_config(arg=None):
     # 10B tokens per cell: 4768 steps x 1024 x 2048.
     config.train.update(steps=4768, batch_size=1024, eval_every=596, checkpoint_every=596)
     config.optimizer.update(warmup_steps=400)
+  if reproduction:
+    # Every cell trained to >= 20 tokens per activated non-embedding parameter of the largest dense
+    # model (1.64M tokens on CPU, 9.8M on one H100), evaluated 8 times for the compute frontier.
+    steps = 600 if args.gpu else 800
+    config.data.update(seq_len=256 if args.gpu else 128, eval_batch_size=32, eval_batches=4)
+    config.train.update(
+      steps=steps,
+      batch_size=64 if args.gpu else 16,
+      eval_every=steps // 8,
+      log_every=steps // 8,
+      checkpoint_every=steps // 2,
+    )
+    config.optimizer.update(warmup_steps=50)
   routing = moe_routings()
   models, stages = {}, {}
   for family in FAMILIES:

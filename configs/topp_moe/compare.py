@@ -7,8 +7,23 @@ a training seed starts from the same init seed and sees the same batches; the Mo
 (balance 1e-2, router entropy 1e-4, averaged over layers) are each stage's `aux_loss`. The shared
 setup (data, base model, optimizer, evaluators) is `moe_lm` below (scaling shares it).
 
-Args: `runlocal` (laptop size on the embedded kj_lm_mixture), `suite=table|p_sweep` (the paper's
-comparison, or Top-P at p = 0.1 .. 0.7 next to Top-2) and `seeds=0+1+2` (training seeds; default 0).
+Args: `runlocal` (laptop size on the embedded kj_lm_mixture), `repro` / `gpu` (the reproduction
+setting below), `suite=table|p_sweep|entropy` (the paper's comparison; Top-P at p = 0.1 .. 0.7 next
+to Top-2; Top-P with and without the dynamic (entropy) loss) and `seeds=0+1+2` (training seeds;
+default 0+1+2 for the repro / gpu table, else 0).
+
+repro (designed before the comparison: the runlocal decoder, 4 layers x 96 with 8 experts of width
+192, trained 1200 steps x 16 x 128 = 2.46M tokens per variant, past the phase where Top-P's router
+still buys experts; dense / Top-2 / Top-P, 3 training seeds; Top-P minus Top-2 paired over seeds;
+experiments/topp_moe/README.md has the tables and the measured wall time):
+  python -m kuaijax.main --config=configs/topp_moe/compare.py:repro --workdir=/tmp/kj_topp_repro
+  python -m kuaijax.main --config=configs/topp_moe/compare.py:repro,suite=p_sweep \
+    --workdir=/tmp/kj_topp_repro_sweep
+  python -m kuaijax.main --config=configs/topp_moe/compare.py:repro,suite=entropy \
+    --workdir=/tmp/kj_topp_repro_entropy
+gpu (the same comparison on one H100, about 10 minutes for the table: 8 layers x 256, 16 experts
+of width 704, 2000 steps x 32 x 256 = 16.4M tokens per variant; sized, not yet run on a device):
+  python -m kuaijax.main --config=configs/topp_moe/compare.py:gpu --workdir=/tmp/kj_topp_gpu
 
 runlocal comparison (2 CPU cores shared by other jobs, load 14-16: 41 min wall; the table shows
 validation loss and experts per token per task, mean / max experts per layer, the Spearman rank
@@ -54,37 +69,78 @@ CD = ml_collections.ConfigDict
 SWEEP_P = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
-def variants(suite: str, *, wide: dict) -> dict[str, dict]:
+# The reproduction table (`repro` / `gpu`): Top-P against Top-2 at its active-parameter ratio, and
+# dense (Top-1's active parameters) to show what the experts add at all.
+REPRO_TABLE = ('dense', 'top2', 'topp')
+NO_ENTROPY = 'topp_no_entropy'  # suite=entropy: Top-P trained without the dynamic loss
+
+
+def variants(suite: str, *, wide: dict, reproduction: bool = False) -> dict[str, dict]:
   """Variant name -> overrides of the base model section, in run order."""
   routing = moe_routings(p=0.4)
   if suite == 'table':
+    if reproduction:
+      return {name: routing[name] for name in REPRO_TABLE}
     # Dense-wide: 1.25x the width (the paper's Dense-570M).
     return {
       'dense': routing['dense'],
       'dense_wide': dict(mlp='swiglu', **wide),
       **{name: routing[name] for name in ('top1', 'top2', 'topp')},
     }
+  if suite == 'entropy':
+    return {'topp': routing['topp'], NO_ENTROPY: routing['topp']}
   sweep = {f'topp_p{round(p * 10):02d}': moe_routings(p=p)['topp'] for p in SWEEP_P}
   return {'top2': routing['top2'], **sweep}
 
 
+def reproduction_setting(config, model: dict, moe_layer: dict, *, gpu: bool) -> None:
+  """The repro (2 CPU cores, <= 45 minutes for the table) / gpu (one H100, ~10 minutes) sizes, in
+  place: enough tokens per variant that the Top-P router's expert count settles (2.46M on CPU,
+  16.4M on a GPU), evaluated on 8 batches for the token-level correlations."""
+  config.data.update(eval_batch_size=32, eval_batches=8)
+  if gpu:
+    config.data.seq_len = 256
+    model.update(d_model=256, num_layers=8, num_heads=8, num_kv_heads=4, d_ff=704)
+    moe_layer.update(num_experts=16, expert_d_ff=704)
+  steps = 2000 if gpu else 1200
+  config.train.update(
+    steps=steps,
+    batch_size=32 if gpu else 16,
+    log_every=50,
+    eval_every=steps // 6,
+    checkpoint_every=steps // 2,
+  )
+  config.optimizer.update(lr=3e-3, min_lr_ratio=0.1, warmup_steps=100)
+
+
 def get_config(arg=None):
-  args = parse_arg(arg, runlocal=False, suite='table', seeds='0')
-  check_choice('suite', args.suite, ('table', 'p_sweep'))
-  config, model, moe_layer = moe_lm(args.runlocal)
+  args = parse_arg(arg, runlocal=False, repro=False, gpu=False, suite='table', seeds='')
+  check_choice('suite', args.suite, ('table', 'p_sweep', 'entropy'))
+  if args.runlocal + args.repro + args.gpu > 1:
+    raise ValueError(f'config arg {arg!r}: runlocal, repro and gpu are alternatives; pick one')
+  reproduction = args.repro or args.gpu
+  config, model, moe_layer = moe_lm(args.runlocal or reproduction)
+  if reproduction:
+    reproduction_setting(config, model, moe_layer, gpu=args.gpu)
   config.experiment = 'topp_moe'
-  config.seeds = parse_seeds(args.seeds)
+  multi_seed = reproduction and args.suite == 'table'
+  config.seeds = parse_seeds(args.seeds or ('0+1+2' if multi_seed else '0'))
   # Dense-570M of the paper: hidden 1280 (20 heads x 64); d_ff 3584 gives its 570M parameters.
   # runlocal scales width the same way (x1.25).
   wide = dict(d_model=1280, num_heads=20, num_kv_heads=20, d_ff=3584)
   if args.runlocal:
     wide = dict(d_model=120, num_heads=5, num_kv_heads=5, d_ff=240)
-  chosen = variants(args.suite, wide=wide)
+  chosen = variants(args.suite, wide=wide, reproduction=reproduction)
   config.models = ml_collections.ConfigDict(
     {name: moe_model(model, v, moe_layer, name=f'variant {name}') for name, v in chosen.items()}
   )
   config.stage = ml_collections.ConfigDict(
-    {name: pretrain_stage(name, aux_loss=moe_aux_loss()) for name in chosen}
+    {
+      name: pretrain_stage(
+        name, aux_loss=moe_aux_loss(entropy_weight=0.0) if name == NO_ENTROPY else moe_aux_loss()
+      )
+      for name in chosen
+    }
   )
   config.stages = ','.join(chosen)
   return config

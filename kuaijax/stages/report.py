@@ -76,3 +76,38 @@ def cell(mean: dict, std: dict, key: str, spec: str = '.4f', missing: str = '–
   if key in std:
     return f'{mean[key]:{spec}} ± {std[key]:{spec}}'
   return format(mean[key], spec)
+
+
+def paired_differences(runs: dict, names, baseline: str, key: str = 'loss') -> list[dict]:
+  """Per variant of `names` but the baseline: its final `eval[key]` minus the baseline's trained on
+  the same seed (same data order and initialisation seed), mean ± std over training seeds, and on
+  how many seeds it is lower."""
+  seeds = [s for s in runs if baseline in runs[s]]
+  rows = []
+  for name in names:
+    if name == baseline:
+      continue
+    diffs = [runs[s][name]['eval'][key] - runs[s][baseline]['eval'][key] for s in seeds]
+    mean, std = mean_std(diffs)
+    rows.append(
+      dict(variant=name, mean=mean, std=std, lower=sum(d < 0 for d in diffs), seeds=len(diffs))
+    )
+  return rows
+
+
+def differences_table(rows: list[dict], baseline: str, key: str = 'loss') -> str:
+  """Markdown: the paired differences of `paired_differences` to the baseline."""
+  seeds = max((r['seeds'] for r in rows), default=1)
+  over = 'mean ± std over seeds' if seeds > 1 else '1 training seed'
+  lines = [
+    f'## Validation {key} minus {baseline} on the same training seed ({over})',
+    '',
+    f'| variant | {key} - {baseline} | lower than {baseline} on |',
+    '|---|---:|---:|',
+  ]
+  for r in rows:
+    spread = f' ± {r["std"]:.4f}' if r['seeds'] > 1 else ''
+    lines.append(
+      f'| {r["variant"]} | {r["mean"]:+.4f}{spread} | {r["lower"]} of {r["seeds"]} seeds |'
+    )
+  return '\n'.join(lines) + '\n'

@@ -67,10 +67,13 @@ def test_grid_has_five_sizes_per_family_as_roles_and_stages():
 
 
 def test_tiny_grid_trains_the_picked_cells_then_fits_every_family(tmp_path):
+  """The (shrunk) gpu setting over two training seeds: picked cells first, the fits once the grid is
+  done; the per-seed MoE-minus-dense differences at equal compute are the single-seed fits'
+  differences (re-run on the finished cells)."""
   config = load_config(CONFIG + ':runlocal,cells=dense_s1+nope')
   with pytest.raises(ValueError, match="stage 'nope' has no block"):
     run_experiment(config, str(tmp_path))
-  config = load_config(CONFIG + ':runlocal,cells=dense_s1')
+  config = load_config(CONFIG + ':gpu,cells=dense_s1,seeds=0+1')
   config.parallel.num_devices = 1
   config.data.update(seq_len=32, eval_batch_size=8, eval_batches=1)
   config.train.update(steps=2, batch_size=2, log_every=1, eval_every=1, checkpoint_every=2)
@@ -92,12 +95,30 @@ def test_tiny_grid_trains_the_picked_cells_then_fits_every_family(tmp_path):
   results = run_experiment(config, str(tmp_path))
   assert [r['family'] for r in results['runs']] == ['dense'] * 3 + ['top2'] * 3
   assert set(results['fits']) == {'dense', 'top2'} and results['equal_compute']
-  stage = json.loads((tmp_path / 'seed_0' / 'top2_s2' / 'stage.json').read_text())
-  top2 = results['runs'][4]
-  assert top2['loss'] == stage['eval']['loss'] and len(top2['curve']) == 2
+  stages = [
+    json.loads((tmp_path / f'seed_{s}' / 'top2_s2' / 'stage.json').read_text()) for s in (0, 1)
+  ]
+  stage, top2 = stages[0], results['runs'][4]
+  assert top2['loss'] == pytest.approx(np.mean([s['eval']['loss'] for s in stages]))
+  assert len(top2['curve']) == 2
   assert top2['params_total'] == stage['summary']['params']['total'] > top2['active_non_embedding']
-  assert results['seeds'] == {'training': [0], 'sampling': []}
+  assert results['seeds'] == {'training': [0, 1], 'sampling': []}
+  table = (tmp_path / 'results.md').read_text()
+  assert 'mean ± std over 2 training seeds' in table and 'top2 - dense (per seed)' in table
+  per_seed = results['minus_dense_per_seed']
+  assert len(per_seed) == 3
+  single = []
+  for seed in (0, 1):
+    config.seeds = (seed,)
+    alone = run_experiment(config, str(tmp_path))  # finished cells: fits only
+    assert alone['minus_dense_per_seed'] == {}
+    single.append(alone['minus_dense_at_compute'])
   assert '1 training seed' in (tmp_path / 'results.md').read_text()
+  for budget, row in per_seed.items():
+    diffs = [s[budget]['top2'][0] for s in single]
+    assert row['top2']['mean'] == pytest.approx(np.mean(diffs), abs=1e-9)
+    assert row['top2']['std'] == pytest.approx(np.std(diffs, ddof=1), abs=1e-9)
+    assert row['top2']['lower'] == sum(d < 0 for d in diffs)
 
 
 def test_fits_table_and_plots_from_records(tmp_path):
@@ -115,16 +136,36 @@ def test_fits_table_and_plots_from_records(tmp_path):
           active_non_embedding=n,
           loss=loss,
           compute=curve[-1][0],
+          tokens=4.0,
           curve=curve,
         )
       )
   fits = scaling_laws.fit_families(records, ['dense', 'top2'])
   assert fits['dense']['L(N)']['alpha'] == pytest.approx(0.4, abs=2e-3)
-  comparison = scaling_laws.equal_compute(fits, records)
+  budgets = scaling_laws.dense_budgets(records)
+  comparison = scaling_laws.equal_compute(fits, budgets)
   assert len(comparison) == 5
   assert all(row['top2'] < row['dense'] for row in comparison.values())
-  md = scaling.table(records, fits, comparison, 'synthetic')
-  assert '| dense | L(N) | 2 [' in md and 'L_top2(C)' in md
+  differences = scaling_laws.difference_at_compute(fits, budgets)
+  for c, row in comparison.items():
+    point, low, high = differences[c]['top2']
+    assert point == pytest.approx(row['top2'] - row['dense'])
+    assert low <= point <= high < 0  # the frontiers differ by a constant 0.2: the interval says so
+  md = scaling.table(records, fits, comparison, 'synthetic', differences)
+  assert '| dense | L(N) | 2 [' in md and 'L_top2(C)' in md and 'top2 - dense (fit)' in md
   paths = scaling.plot(records, fits, str(tmp_path))
   assert [os.path.basename(p) for p in paths] == ['loss_vs_params.png', 'loss_vs_compute.png']
   assert all(os.path.getsize(p) > 1000 for p in paths)
+
+
+def test_reproduction_settings():
+  """repro / gpu: 3 training seeds, >= 20 training tokens per activated parameter of the largest
+  dense cell."""
+  for setting in ('repro', 'gpu'):
+    full = load_config(f'{CONFIG}:{setting}')
+    assert full.seeds == (0, 1, 2) and len(scaling.grid(full)) == 15
+    largest = full.models.dense_s5
+    n = largest.num_layers * (4 * largest.d_model**2 + 3 * largest.d_model * largest.d_ff)
+    assert full.train.steps * full.train.batch_size * full.data.seq_len >= 20 * n
+  with pytest.raises(ValueError, match='alternatives'):
+    load_config(CONFIG + ':repro,runlocal')

@@ -162,6 +162,62 @@ def test_variants_are_model_roles_and_pretrain_stages():
     load_config(CONFIG + ':suite=top3')
 
 
+def test_reproduction_settings():
+  """repro / gpu: 3 training seeds of dense / Top-2 / Top-P with >= 2M tokens per variant; the p
+  sweep and the entropy ablation at one seed; the ablation differs only in the entropy weight."""
+  for setting, min_tokens in (('repro', 2e6), ('gpu', 1.6e7)):
+    config = load_config(f'{CONFIG}:{setting}')
+    assert config.stages == 'dense,top2,topp' and config.seeds == (0, 1, 2)
+    tokens = config.train.steps * config.train.batch_size * config.data.seq_len
+    assert tokens >= min_tokens
+    assert config.models.topp.mlp_options.k_max == 0 and config.models.topp.mlp_options.p == 0.4
+  ablation = load_config(CONFIG + ':repro,suite=entropy')
+  assert ablation.stages == 'topp,topp_no_entropy' and ablation.seeds == (0,)
+  assert ablation.models.topp.to_dict() == ablation.models.topp_no_entropy.to_dict()
+  weights = {name: ablation.stage[name].aux_loss.to_dict() for name in ('topp', 'topp_no_entropy')}
+  assert weights['topp'] == {**weights['topp_no_entropy'], 'entropy_weight': 1e-4}
+  assert weights['topp_no_entropy']['entropy_weight'] == 0.0
+  assert load_config(CONFIG + ':repro,suite=p_sweep').stages.split(',')[0] == 'top2'
+  with pytest.raises(ValueError, match='alternatives'):
+    load_config(CONFIG + ':repro,gpu')
+
+
+def test_reproduction_report_pairs_topp_with_top2_over_seeds(tmp_path):
+  """Two training seeds of the (shrunk) gpu setting: the paired Top-P - Top-2 differences, the
+  Spearman and per-layer expert counts with their spread over seeds, the mean-k curve over seeds."""
+  config = load_config(CONFIG + ':gpu,seeds=0+1')
+  config.parallel.num_devices = 1
+  config.stages = 'top2,topp'
+  config.data.update(seq_len=64, eval_batch_size=8, eval_batches=1)
+  shrink(config)
+  config.train.update(
+    steps=2, log_every=1, eval_every=2, checkpoint_every=2, progress=False, batch_size=4
+  )
+  config.train.async_checkpoint = False
+  results = run_experiment(config, str(tmp_path))
+  runs, rows = results['runs'], results['variants']
+  assert results['seeds']['training'] == [0, 1]
+  (row,) = results['differences_to_top2']
+  diffs = [runs[s]['topp']['eval']['loss'] - runs[s]['top2']['eval']['loss'] for s in runs]
+  assert row['mean'] == pytest.approx(np.mean(diffs), abs=1e-12)
+  assert row['std'] == pytest.approx(np.std(diffs, ddof=1), abs=1e-12)
+  per_seed = [runs[s]['topp']['eval']['moe/layer0/mean_k'] for s in runs]
+  assert rows['topp']['layer_mean_k_std'][0] == pytest.approx(np.std(per_seed, ddof=1))
+  curves = [
+    {
+      r['step']: r['aux/mean_k']
+      for r in read_metrics(str(tmp_path / f'seed_{s}' / 'topp'))
+      if 'aux/mean_k' in r
+    }
+    for s in (0, 1)
+  ]
+  for step, mean, std in rows['topp']['mean_k_curve']:
+    assert mean == pytest.approx((curves[0][step] + curves[1][step]) / 2)
+    assert std == pytest.approx(np.std([curves[0][step], curves[1][step]], ddof=1))
+  table = (tmp_path / 'results.md').read_text()
+  assert 'mean ± std over 2 training seeds' in table and 'lower than top2 on' in table
+
+
 def test_unknown_variant_is_named(tmp_path):
   config = tiny_config(variants='dense,top3')
   with pytest.raises(ValueError, match="stage 'top3' has no block"):
@@ -247,7 +303,13 @@ def test_tiny_experiment_writes_table_plots_and_stats(tmp_path):
   assert not any('k_hist' in k for r in train for k in r)
   last_eval = [r for r in records if 'eval/loss' in r][-1]
   assert len(last_eval['eval/moe/layer0/k_hist']) == 5  # k = 0..k_max (4)
-  assert rows['topp']['mean_k_curve'] == [[r['step'], r['aux/mean_k']] for r in train]
+  assert rows['topp']['mean_k_curve'] == [[r['step'], r['aux/mean_k'], None] for r in train]
+  assert 'Mean experts per token during training' in table
+  (difference,) = saved['differences_to_top2']
+  loss = {name: rows[name]['eval']['loss'] for name in rows}
+  assert difference['variant'] == 'topp' and difference['seeds'] == 1
+  assert difference['mean'] == pytest.approx(loss['topp'] - loss['top2'], abs=1e-12)
+  assert 'loss minus top2 on the same training seed' in table
   for layer in ('0', '1'):
     assert 1 <= rows['topp']['layer_max_k'][layer] <= 4
     # Left out where undefined (a near-uniform router at init gives every token the same k).
