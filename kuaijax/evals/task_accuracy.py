@@ -51,6 +51,19 @@ def summarise_seeds(per_seed: Sequence[dict]) -> dict:
   return out
 
 
+def multi_run(per_seed_correct: Sequence[Sequence[bool]]) -> dict:
+  """Per problem over n sampling runs (one completion each): 'runs/solved_any' (pass@n),
+  'runs/solved_all', and 'runs/uncertain' = solved in some runs but not all (the GRPO analysis's
+  multi-run evaluation: problems the policy has not settled). Rows are runs, columns problems."""
+  hits = np.asarray(per_seed_correct, bool).sum(axis=0)
+  n = len(per_seed_correct)
+  return {
+    'runs/solved_any': float((hits > 0).mean()),
+    'runs/solved_all': float((hits == n).mean()),
+    'runs/uncertain': float(((hits > 0) & (hits < n)).mean()),
+  }
+
+
 def load_eval_records(task: tasks.Task, split: str, *, per_group: int, groups=(), data_dir=''):
   """`per_group` records for each value in `groups` (kj_arith levels), or `per_group` in all."""
   if not groups:
@@ -65,7 +78,8 @@ class TaskAccuracyEvaluator(Evaluator):
   """Accuracy of sampled completions (mean ± std over `seeds`) and, optionally, greedy ones.
 
   Metrics: accuracy, accuracy/std (and per group: accuracy/level_1, accuracy/level_1/std, ...),
-  num_seeds, count; with greedy, the same under greedy/ (one decode).
+  num_seeds, count; with several seeds the multi-run counts per problem (`multi_run`); with
+  greedy, the accuracies under greedy/ (one decode).
   """
 
   def __init__(
@@ -89,19 +103,26 @@ class TaskAccuracyEvaluator(Evaluator):
     self.prompts = [r['prompt'] for r in self.records]
     self.groups = [r.get(task.group, 0) for r in self.records] if task.group else [0] * len(records)
 
+  def correct(self, samples: Sequence[Sample]) -> list[bool]:
+    """Per record (one sample each, in record order): the task's check of its completion."""
+    return [self.task.is_correct(s.text, self.records[s.index]) for s in samples]
+
   def score(self, samples: Sequence[Sample]) -> dict:
-    correct = [self.task.is_correct(s.text, self.records[s.index]) for s in samples]
-    return accuracy_by_group(correct, self.groups, self.task.group)
+    return accuracy_by_group(self.correct(samples), self.groups, self.task.group)
 
   def evaluate(self, graphdef, params, step=None) -> dict:
     del step
     model = nnx.merge(graphdef, params)
-    run = lambda **kw: self.score(
+    run = lambda **kw: self.correct(
       sample_completions(model, self.tokenizer, self.prompts, **self.options, **kw)
     )
-    out = summarise_seeds([run(seed=s, temperature=self.temperature) for s in self.seeds])
+    runs = [run(seed=s, temperature=self.temperature) for s in self.seeds]
+    score = lambda correct: accuracy_by_group(correct, self.groups, self.task.group)
+    out = summarise_seeds([score(c) for c in runs])
+    if len(runs) > 1:
+      out.update(multi_run(runs))
     if self.greedy:
-      out.update({f'greedy/{k}': v for k, v in run(greedy=True).items()})
+      out.update({f'greedy/{k}': v for k, v in score(run(greedy=True)).items()})
     return out
 
 

@@ -518,6 +518,13 @@ def test_accuracy_by_group_on_hand_made_results():
   samples = [sampling.Sample(i, np.zeros(0), np.zeros(0), t) for i, t in enumerate(texts)]
   evaluator = task_accuracy.TaskAccuracyEvaluator(task, rs, TOK)
   assert evaluator.score(samples)['accuracy/level_1'] == 1.0
+  # 4 problems over 3 runs: always, never, 1 of 3, 2 of 3 solved.
+  runs = [[1, 0, 1, 1], [1, 0, 0, 1], [1, 0, 0, 0]]
+  assert task_accuracy.multi_run(runs) == {
+    'runs/solved_any': 0.75,
+    'runs/solved_all': 0.25,
+    'runs/uncertain': 0.5,
+  }
 
 
 def test_sampled_evaluation_is_reproducible_per_seed():
@@ -535,6 +542,7 @@ def test_sampled_evaluation_is_reproducible_per_seed():
   )
   result = evaluator(model)
   assert result['num_seeds'] == 2 and result['accuracy'] == 0.0
+  assert result['runs/solved_any'] == result['runs/uncertain'] == 0.0
   assert result['greedy/accuracy'] == 0.0 and 'accuracy/level_1/std' in result
 
 
