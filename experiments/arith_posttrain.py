@@ -21,7 +21,7 @@ from kuaijax.results import write_results
 from kuaijax.stages import report, run_pipeline
 
 
-def _cell(evals: list[dict], key: str, *, sampled: bool = True) -> str:
+def accuracy_cell(evals: list[dict], key: str, *, sampled: bool = True) -> str:
   """Accuracy (%) of one policy: mean ± std over training seeds when there are several; with one
   seed, a sampled accuracy's mean ± std over its sampling seeds, or the greedy accuracy alone."""
   if not evals or any(key not in e for e in evals):
@@ -68,8 +68,10 @@ def results_table(runs: dict, config) -> str:
     if 'eval' not in info:
       continue
     evals = [stages[name]['eval'] for stages in runs.values()]
-    cells = [_cell(evals, f'accuracy/level_{k}') for k in groups] + [_cell(evals, 'accuracy')]
-    greedy = _cell(evals, 'greedy/accuracy', sampled=False)
+    cells = [accuracy_cell(evals, f'accuracy/level_{k}') for k in groups] + [
+      accuracy_cell(evals, 'accuracy')
+    ]
+    greedy = accuracy_cell(evals, 'greedy/accuracy', sampled=False)
     lines.append(f'| {_label(info["block"])} | ' + ' | '.join(cells) + f' | {greedy} |')
   lines += ['', '| stage | type | steps | wall time (s) | data |', '|---|---|---:|---:|---|']
   for name, info in first.items():

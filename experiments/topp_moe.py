@@ -110,6 +110,8 @@ def results_tables(rows: dict, task_names, title: str) -> str:
     ]
     for name, row in moe_rows.items():
       for task, rhos in row['layer_spearman'].items():
+        if not rhos:  # undefined in every layer: k is constant
+          continue
         spread = row['layer_spearman_std'][task]
         cells = [_pm(rhos.get(i), spread.get(i), '.3f') for i in layers]
         lines.append(f'| {name} | {task} | ' + ' | '.join(cells) + ' |')

@@ -147,11 +147,13 @@ def _stages(args) -> CD:
     optimizer=frozen_lr(5e-6),
     loss=dict(eps=0.3, lam=1.0),
   )
-  stage.grpo = _grpo_stage(args.reward)
+  stage.grpo = grpo_stage(args.reward)
   return stage
 
 
-def _grpo_stage(reward: str) -> CD:
+def grpo_stage(reward: str) -> CD:
+  """The online GRPO block on kj_arith training prompts, from the SFT policy (rewards by name:
+  `exact_answer` or `relative_length`)."""
   return _train(
     'grpo',
     'GRPO',
@@ -169,6 +171,7 @@ def _grpo_stage(reward: str) -> CD:
       sample_filter='all',  # or 'negative_only' / 'positive_only'
       advantage_scale='auto',  # 'auto' (the loss type's own) | 'group' | 'batch' | 'none'
       offline_injection=False,
+      injection_max_accuracy=0.125,  # groups at or below this accuracy get a gold solution
     ),
     # GRPO family (kuaijax.losses.rl.GRPO_LOSS_TYPES): grpo | bnpo | dr_grpo | dapo | cispo;
     # clip_eps_high < 0 takes the loss type's default (dapo 0.28, cispo 4.0, else clip_eps).

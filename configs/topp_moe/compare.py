@@ -8,8 +8,9 @@ a training seed starts from the same init seed and sees the same batches; the Mo
 setup (data, base model, optimizer, evaluators) is `moe_lm` below (scaling shares it).
 
 Args: `runlocal` (laptop size on the embedded kj_lm_mixture), `repro` / `gpu` (the reproduction
-setting below), `suite=table|p_sweep|entropy` (the paper's comparison; Top-P at p = 0.1 .. 0.7 next
-to Top-2; Top-P with and without the dynamic (entropy) loss) and `seeds=0+1+2` (training seeds;
+setting below), `suite=table|p_sweep|ablation` (the paper's comparison; Top-P at p = 0.1 .. 0.7 next
+to Top-2; Top-P without the dynamic (entropy) loss, and with its kept weights renormalised as
+Top-2's are) and `seeds=0+1+2` (training seeds;
 default 0+1+2 for the repro / gpu table, else 0).
 
 repro (designed before the comparison: the runlocal decoder, 4 layers x 96 with 8 experts of width
@@ -19,8 +20,8 @@ experiments/topp_moe/README.md has the tables and the measured wall time):
   python -m kuaijax.main --config=configs/topp_moe/compare.py:repro --workdir=/tmp/kj_topp_repro
   python -m kuaijax.main --config=configs/topp_moe/compare.py:repro,suite=p_sweep \
     --workdir=/tmp/kj_topp_repro_sweep
-  python -m kuaijax.main --config=configs/topp_moe/compare.py:repro,suite=entropy \
-    --workdir=/tmp/kj_topp_repro_entropy
+  python -m kuaijax.main --config=configs/topp_moe/compare.py:repro,suite=ablation \
+    --workdir=/tmp/kj_topp_repro_ablation
 gpu (the same comparison on one H100, about 10 minutes for the table: 8 layers x 256, 16 experts
 of width 704, 2000 steps x 32 x 256 = 16.4M tokens per variant; sized, not yet run on a device):
   python -m kuaijax.main --config=configs/topp_moe/compare.py:gpu --workdir=/tmp/kj_topp_gpu
@@ -72,7 +73,7 @@ SWEEP_P = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 # The reproduction table (`repro` / `gpu`): Top-P against Top-2 at its active-parameter ratio, and
 # dense (Top-1's active parameters) to show what the experts add at all.
 REPRO_TABLE = ('dense', 'top2', 'topp')
-NO_ENTROPY = 'topp_no_entropy'  # suite=entropy: Top-P trained without the dynamic loss
+NO_ENTROPY = 'topp_no_entropy'  # suite=ablation: Top-P trained without the dynamic loss
 
 
 def variants(suite: str, *, wide: dict, reproduction: bool = False) -> dict[str, dict]:
@@ -87,8 +88,12 @@ def variants(suite: str, *, wide: dict, reproduction: bool = False) -> dict[str,
       'dense_wide': dict(mlp='swiglu', **wide),
       **{name: routing[name] for name in ('top1', 'top2', 'topp')},
     }
-  if suite == 'entropy':
-    return {'topp': routing['topp'], NO_ENTROPY: routing['topp']}
+  if suite == 'ablation':
+    # Renormalised: the kept weights sum to 1 as Top-2's do (the paper keeps raw probabilities).
+    renormalized = dict(
+      routing['topp'], mlp_options=dict(routing['topp']['mlp_options'], renormalize=True)
+    )
+    return {'topp': routing['topp'], NO_ENTROPY: routing['topp'], 'topp_renormalized': renormalized}
   sweep = {f'topp_p{round(p * 10):02d}': moe_routings(p=p)['topp'] for p in SWEEP_P}
   return {'top2': routing['top2'], **sweep}
 
@@ -115,7 +120,7 @@ def reproduction_setting(config, model: dict, moe_layer: dict, *, gpu: bool) -> 
 
 def get_config(arg=None):
   args = parse_arg(arg, runlocal=False, repro=False, gpu=False, suite='table', seeds='')
-  check_choice('suite', args.suite, ('table', 'p_sweep', 'entropy'))
+  check_choice('suite', args.suite, ('table', 'p_sweep', 'ablation'))
   if args.runlocal + args.repro + args.gpu > 1:
     raise ValueError(f'config arg {arg!r}: runlocal, repro and gpu are alternatives; pick one')
   reproduction = args.repro or args.gpu

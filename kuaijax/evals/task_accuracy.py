@@ -37,10 +37,11 @@ def accuracy_by_group(correct: Sequence[bool], groups: Sequence, name: str = '')
 
 
 def summarise_seeds(per_seed: Sequence[dict]) -> dict:
-  """Mean, sample std (ddof 1; 0 for one seed), min and max of every accuracy key over seeds."""
+  """Mean, sample std (ddof 1; 0 for one seed), min and max over seeds of every measured key (all
+  but the counts, which every seed shares)."""
   out = {}
   for key in per_seed[0]:
-    if not key.startswith('accuracy'):
+    if key.startswith('count'):
       out[key] = per_seed[0][key]
       continue
     values = np.array([r[key] for r in per_seed], np.float64)
@@ -78,8 +79,8 @@ class TaskAccuracyEvaluator(Evaluator):
   """Accuracy of sampled completions (mean ± std over `seeds`) and, optionally, greedy ones.
 
   Metrics: accuracy, accuracy/std (and per group: accuracy/level_1, accuracy/level_1/std, ...),
-  num_seeds, count; with several seeds the multi-run counts per problem (`multi_run`); with
-  greedy, the accuracies under greedy/ (one decode).
+  completion_length (mean generated tokens), num_seeds, count; with several seeds the multi-run
+  counts per problem (`multi_run`); with greedy, the same under greedy/ (one decode).
   """
 
   def __init__(
@@ -108,21 +109,20 @@ class TaskAccuracyEvaluator(Evaluator):
     return [self.task.is_correct(s.text, self.records[s.index]) for s in samples]
 
   def score(self, samples: Sequence[Sample]) -> dict:
-    return accuracy_by_group(self.correct(samples), self.groups, self.task.group)
+    out = accuracy_by_group(self.correct(samples), self.groups, self.task.group)
+    out['completion_length'] = float(np.mean([len(s.tokens) for s in samples]))
+    return out
 
   def evaluate(self, graphdef, params, step=None) -> dict:
     del step
     model = nnx.merge(graphdef, params)
-    run = lambda **kw: self.correct(
-      sample_completions(model, self.tokenizer, self.prompts, **self.options, **kw)
-    )
+    run = lambda **kw: sample_completions(model, self.tokenizer, self.prompts, **self.options, **kw)
     runs = [run(seed=s, temperature=self.temperature) for s in self.seeds]
-    score = lambda correct: accuracy_by_group(correct, self.groups, self.task.group)
-    out = summarise_seeds([score(c) for c in runs])
+    out = summarise_seeds([self.score(samples) for samples in runs])
     if len(runs) > 1:
-      out.update(multi_run(runs))
+      out.update(multi_run([self.correct(samples) for samples in runs]))
     if self.greedy:
-      out.update({f'greedy/{k}': v for k, v in score(run(greedy=True)).items()})
+      out.update({f'greedy/{k}': v for k, v in self.score(run(greedy=True)).items()})
     return out
 
 

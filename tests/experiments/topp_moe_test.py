@@ -164,16 +164,19 @@ def test_variants_are_model_roles_and_pretrain_stages():
 
 def test_reproduction_settings():
   """repro / gpu: 3 training seeds of dense / Top-2 / Top-P with >= 2M tokens per variant; the p
-  sweep and the entropy ablation at one seed; the ablation differs only in the entropy weight."""
+  sweep and the ablations at one seed, each differing from Top-P in one thing."""
   for setting, min_tokens in (('repro', 2e6), ('gpu', 1.6e7)):
     config = load_config(f'{CONFIG}:{setting}')
     assert config.stages == 'dense,top2,topp' and config.seeds == (0, 1, 2)
     tokens = config.train.steps * config.train.batch_size * config.data.seq_len
     assert tokens >= min_tokens
     assert config.models.topp.mlp_options.k_max == 0 and config.models.topp.mlp_options.p == 0.4
-  ablation = load_config(CONFIG + ':repro,suite=entropy')
-  assert ablation.stages == 'topp,topp_no_entropy' and ablation.seeds == (0,)
+  ablation = load_config(CONFIG + ':repro,suite=ablation')
+  assert ablation.stages == 'topp,topp_no_entropy,topp_renormalized' and ablation.seeds == (0,)
   assert ablation.models.topp.to_dict() == ablation.models.topp_no_entropy.to_dict()
+  renormalized = ablation.models.topp_renormalized.to_dict()
+  assert renormalized['mlp_options'].pop('renormalize') is True
+  assert renormalized == ablation.models.topp.to_dict()
   weights = {name: ablation.stage[name].aux_loss.to_dict() for name in ('topp', 'topp_no_entropy')}
   assert weights['topp'] == {**weights['topp_no_entropy'], 'entropy_weight': 1e-4}
   assert weights['topp_no_entropy']['entropy_weight'] == 0.0

@@ -1,0 +1,80 @@
+"""The GRPO analysis table on kj_arith ("Dissecting Long Reasoning Models", arXiv 2506.04913): which
+samples GRPO learns from, the relative length reward and offline injection, one change per row.
+
+Stages (the pipeline of configs/arith/posttrain.py, per training seed in `<workdir>/seed_<s>/`):
+`sft` (the starting policy, trained on levels 1-2), then one online GRPO stage per row, each from
+that SFT policy with the same prompts, group size, steps and optimizer:
+
+| row | what differs from `grpo_all` |
+|---|---|
+| `grpo_all` | nothing: every sample of a group, exact-answer reward |
+| `grpo_negative` | negative-only: the correct samples are masked out of the loss |
+| `grpo_positive` | positive-only: the wrong samples are masked out |
+| `grpo_length` | the relative length reward (shorter correct answers in a group get a bonus) |
+| `grpo_injection` | offline injection: a gold solution replaces one wrong sample of a group that is almost all wrong |
+
+The table (experiments/grpo_analysis.py): held-out accuracy per trained level (sampled, mean ± std
+over training seeds), greedy accuracy, mean completion length at evaluation, the multi-run fraction
+of problems solved in some but not all sampling runs ("uncertain"), and during training the fraction
+of groups whose advantages are all zero and the injected fraction; then every row's accuracy minus
+`grpo_all`'s on the same training seed.
+
+Args: `runlocal` (the posttrain runlocal policy: 0.84M parameters, byte tokens), `repro` (the same
+policy, GRPO long enough to move the accuracy, 3 training seeds), `stages=` rows (`sft` is added),
+`seeds=0+1+2`.
+  python -m kuaijax.main --config=configs/grpo/analysis.py:repro --workdir=/tmp/kj_grpo_analysis
+"""
+
+import ml_collections
+
+from configs.arith import posttrain
+from kuaijax.config_lib import parse_arg, parse_seeds, stage_steps
+
+CD = ml_collections.ConfigDict
+
+# Row -> the GRPO options that differ from the reference row, grpo_all.
+VARIANTS = {
+  'grpo_all': {},
+  'grpo_negative': dict(sample_filter='negative_only'),
+  'grpo_positive': dict(sample_filter='positive_only'),
+  'grpo_length': dict(reward='relative_length'),
+  'grpo_injection': dict(offline_injection=True),
+}
+LABELS = {
+  'grpo_all': 'GRPO, all samples',
+  'grpo_negative': 'GRPO, negative-only',
+  'grpo_positive': 'GRPO, positive-only',
+  'grpo_length': 'GRPO + relative length reward',
+  'grpo_injection': 'GRPO + offline injection',
+}
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, runlocal=False, repro=False, stages='', seeds='')
+  if args.runlocal and args.repro:
+    raise ValueError(f'config arg {arg!r}: runlocal and repro are alternatives; pick one')
+  small = args.runlocal or args.repro
+  config = posttrain.get_config('runlocal' if small else None)
+  config.experiment = 'grpo_analysis'
+  config.seeds = parse_seeds(args.seeds or ('0+1+2' if args.repro else '0'))
+  rows = [r for r in args.stages.replace('+', ',').split(',') if r] or list(VARIANTS)
+  unknown = sorted(set(rows) - set(VARIANTS) - {'sft'})
+  if unknown:
+    raise ValueError(f'stages={args.stages!r}: unknown rows {unknown}; rows: {list(VARIANTS)}')
+  stage = CD(dict(sft=config.stage.sft))
+  for name, change in VARIANTS.items():
+    block = posttrain.grpo_stage(change.get('reward', 'exact_answer'))
+    block.label = LABELS[name]
+    block.options.update({k: v for k, v in change.items() if k != 'reward'})
+    if small:
+      block.train.update(stage_steps(20, 8))
+      block.optimizer.update(lr=2e-5, warmup_steps=2)
+    stage[name] = block
+  if args.repro:
+    for name in VARIANTS:
+      stage[name].train.update(stage_steps(60, 16))
+  config.stage = stage
+  config.stages = ','.join(['sft'] + [r for r in rows if r != 'sft'])
+  if small:
+    config.evals.arith.update(groups=(1, 2), per_group=100, seeds=(0, 1, 2, 3), batch_size=100)
+  return config
