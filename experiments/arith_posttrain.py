@@ -21,20 +21,6 @@ from kuaijax.results import write_results
 from kuaijax.stages import report, run_pipeline
 
 
-def accuracy_cell(evals: list[dict], key: str, *, sampled: bool = True) -> str:
-  """Accuracy (%) of one policy: mean ± std over training seeds when there are several; with one
-  seed, a sampled accuracy's mean ± std over its sampling seeds, or the greedy accuracy alone."""
-  if not evals or any(key not in e for e in evals):
-    return '-'
-  if len(evals) > 1:
-    mean, std = report.mean_std([e[key] for e in evals])
-  elif sampled:
-    mean, std = evals[0][key], evals[0][key + '/std']
-  else:
-    return f'{100 * evals[0][key]:.1f}'
-  return f'{100 * mean:.1f} ± {100 * std:.1f}'
-
-
 def _label(block: dict) -> str:
   """A stage's row name; a GRPO stage names its loss type and advantage scaling."""
   if block.get('method') != 'grpo':
@@ -68,10 +54,10 @@ def results_table(runs: dict, config) -> str:
     if 'eval' not in info:
       continue
     evals = [stages[name]['eval'] for stages in runs.values()]
-    cells = [accuracy_cell(evals, f'accuracy/level_{k}') for k in groups] + [
-      accuracy_cell(evals, 'accuracy')
+    cells = [report.accuracy_cell(evals, f'accuracy/level_{k}') for k in groups] + [
+      report.accuracy_cell(evals, 'accuracy')
     ]
-    greedy = accuracy_cell(evals, 'greedy/accuracy', sampled=False)
+    greedy = report.accuracy_cell(evals, 'greedy/accuracy', sampled=False)
     lines.append(f'| {_label(info["block"])} | ' + ' | '.join(cells) + f' | {greedy} |')
   lines += ['', '| stage | type | steps | wall time (s) | data |', '|---|---|---:|---:|---|']
   for name, info in first.items():

@@ -16,7 +16,6 @@ import os
 import jax
 import numpy as np
 
-from experiments.arith_posttrain import accuracy_cell
 from kuaijax import plotting
 from kuaijax.results import write_results
 from kuaijax.stages import report, run_pipeline
@@ -85,10 +84,10 @@ def results_table(runs: dict, config) -> str:
     infos = [stages[name] for stages in runs.values()]
     evals = [i['eval'] for i in infos]
     train = training_summary(infos) if info['type'] == 'train' else {}
-    cells = [accuracy_cell(evals, f'accuracy/level_{k}') for k in groups]
+    cells = [report.accuracy_cell(evals, f'accuracy/level_{k}') for k in groups]
     cells += [
-      accuracy_cell(evals, 'accuracy'),
-      accuracy_cell(evals, 'greedy/accuracy', sampled=False),
+      report.accuracy_cell(evals, 'accuracy'),
+      report.accuracy_cell(evals, 'greedy/accuracy', sampled=False),
       _number(evals, 'completion_length'),
       _number(evals, 'runs/uncertain', scale=100.0),
       _logged(train, 'zero_advantage_fraction', len(infos)),

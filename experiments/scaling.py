@@ -37,7 +37,6 @@ from kuaijax.scaling_laws import (
 from kuaijax.stages import report, roles, run_pipeline
 from kuaijax.stages.base import STAGE_FILE
 from kuaijax.stages.runner import seed_dir
-from kuaijax.train.metrics import read_metrics
 
 
 def grid(config) -> list[str]:
@@ -62,15 +61,6 @@ def finished_cells(config, workdir: str) -> tuple[dict, list[str]]:
   return done, missing
 
 
-def _eval_curve(infos: list[dict]) -> list[tuple[int, float]]:
-  """(step, eval loss averaged over training seeds) at every evaluation all seeds logged."""
-  per_seed = [
-    {r['step']: r['eval/loss'] for r in read_metrics(i['dir']) if 'eval/loss' in r} for i in infos
-  ]
-  steps = sorted(set.intersection(*(set(c) for c in per_seed)))
-  return [(s, report.mean_std([c[s] for c in per_seed])[0]) for s in steps]
-
-
 def cell_record(config, cell: str, infos: list[dict]) -> dict:
   """One cell's row: sizes, activated non-embedding parameters, loss (over seeds), compute and
   eval curve."""
@@ -91,7 +81,7 @@ def cell_record(config, cell: str, infos: list[dict]) -> dict:
     'loss': loss,
     'tokens': train['steps'] * tokens_per_step,
     'compute': flops(train['steps']),
-    'curve': [(flops(s), value) for s, value in _eval_curve(infos)],
+    'curve': [(flops(s), loss) for s, loss, _ in report.logged_over_seeds(infos, 'eval/loss')],
   }
   if len(infos) > 1:
     record['loss_std'] = loss_std

@@ -197,21 +197,6 @@ def plot_mean_k(rows: dict, workdir: str) -> list[str]:
   ]
 
 
-def mean_k_curve(infos: list[dict]) -> list[tuple[int, float, float | None]]:
-  """(step, mean, std) over training seeds of the logged training `aux/mean_k`, at every step all
-  seeds logged; std None for one seed."""
-  per_seed = [
-    {r['step']: r['aux/mean_k'] for r in read_metrics(info['dir']) if 'aux/mean_k' in r}
-    for info in infos
-  ]
-  steps = sorted(set.intersection(*(set(c) for c in per_seed)))
-  curve = []
-  for step in steps:
-    mean, std = report.mean_std([c[step] for c in per_seed])
-    curve.append((step, mean, std if len(per_seed) > 1 else None))
-  return curve
-
-
 def variant_row(config, runs: dict, name: str) -> dict:
   """One variant's row: its evaluation over training seeds (mean, std), experts per layer, the
   Spearman correlations (mean and std per layer and task), its mean-k training curve (mean and std
@@ -230,7 +215,7 @@ def variant_row(config, runs: dict, name: str) -> dict:
     'layer_max_k': layer_values(ev, 'max_k'),
     'layer_spearman': {task: layer_values(ev, spearman_key(task)) for task in tasks},
     'layer_spearman_std': {task: layer_values(std, spearman_key(task)) for task in tasks},
-    'mean_k_curve': mean_k_curve(infos),
+    'mean_k_curve': report.logged_over_seeds(infos, 'aux/mean_k'),
     'trunc_rate': last[0].get('aux/trunc_rate') if last else None,
     'params': {
       'total': infos[0]['summary']['params']['total'],

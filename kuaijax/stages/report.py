@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from kuaijax.train.metrics import read_metrics
+
 
 def seeds_record(config) -> dict[str, list[int]]:
   """results.json's `"seeds"`: the training seeds of the pipeline and the sampling seeds of its
@@ -47,6 +49,18 @@ def without_blocks(runs: dict) -> dict:
     }
     for seed, stages in runs.items()
   }
+
+
+def logged_over_seeds(infos: list[dict], key: str) -> list[tuple[int, float, float | None]]:
+  """(step, mean, std) over training seeds of the metrics.jsonl value `key` of each stage in
+  `infos` (one per seed), at every step all of them logged; std None for one seed."""
+  per_seed = [{r['step']: r[key] for r in read_metrics(i['dir']) if key in r} for i in infos]
+  steps = sorted(set.intersection(*(set(c) for c in per_seed)))
+  out = []
+  for step in steps:
+    mean, std = mean_std([c[step] for c in per_seed])
+    out.append((step, mean, std if len(per_seed) > 1 else None))
+  return out
 
 
 def eval_over_seeds(evals: list[dict]) -> tuple[dict, dict]:
@@ -111,3 +125,17 @@ def differences_table(rows: list[dict], baseline: str, key: str = 'loss') -> str
       f'| {r["variant"]} | {r["mean"]:+.4f}{spread} | {r["lower"]} of {r["seeds"]} seeds |'
     )
   return '\n'.join(lines) + '\n'
+
+
+def accuracy_cell(evals: list[dict], key: str, *, sampled: bool = True) -> str:
+  """Accuracy (%) of one policy: mean ± std over training seeds when there are several; with one
+  seed, a sampled accuracy's mean ± std over its sampling seeds, or the greedy accuracy alone."""
+  if not evals or any(key not in e for e in evals):
+    return '-'
+  if len(evals) > 1:
+    mean, std = mean_std([e[key] for e in evals])
+  elif sampled:
+    mean, std = evals[0][key], evals[0][key + '/std']
+  else:
+    return f'{100 * evals[0][key]:.1f}'
+  return f'{100 * mean:.1f} ± {100 * std:.1f}'
