@@ -3,8 +3,13 @@
 Every stage (SFT, sampling, pairs, DPO, RFT, RLMEC rewrites, RLMEC, GRPO) runs through
 `kuaijax.stages.run_pipeline`, once per training seed of `config.seeds`, each in
 `<workdir>/seed_<s>/<stage>/` and resumable; every stage that produces a policy is evaluated by
-`config.evals` (held-out accuracy by level, sampled over several sampling seeds, plus greedy). This file only builds the table (results.md / results.json) and the loss curves
-(loss_curves.png).
+`config.evals` (held-out accuracy by level, sampled over several sampling seeds, plus greedy).
+This file only builds the tables (results.md / results.json) and the loss curves (loss_curves.png):
+accuracy per level, greedy accuracy, mean completion length at evaluation and the multi-run fraction
+of problems solved in some but not all sampling runs ("uncertain"); for online GRPO stages the
+training statistics from their logs (zero-advantage groups, injected samples, completion length);
+with `config.reference_row` (configs/grpo/analysis.py) every row's accuracy minus that row's on the
+same training seed; then each stage's steps, wall time and data summary.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ import os
 import time
 
 import jax
+import numpy as np
 
 from kuaijax import plotting
 from kuaijax.losses import rl
 from kuaijax.results import write_results
 from kuaijax.stages import report, run_pipeline
+from kuaijax.train.metrics import read_metrics
 
 
 def _label(block: dict) -> str:
@@ -32,9 +39,53 @@ def _label(block: dict) -> str:
   return f'{block["label"]} ({loss_type}, {scale})'
 
 
-def results_table(runs: dict, config) -> str:
-  """Markdown: sampled accuracy (%) by level per policy, and greedy; then each stage's steps, wall
-  time and data summary (first seed)."""
+def grpo_training(infos: list[dict]) -> dict:
+  """{key: [mean, std] over training seeds} of an online GRPO stage's logs (one info per seed): the
+  zero-advantage group and injected fractions averaged over steps, the completion length at the
+  last step; empty for other stages."""
+  per_seed = []
+  for info in infos:
+    records = [r for r in read_metrics(info['dir']) if 'zero_advantage_fraction' in r]
+    if not records:
+      return {}
+    per_seed.append(
+      {
+        'zero_advantage_fraction': np.mean([r['zero_advantage_fraction'] for r in records]),
+        'injected': np.mean([r['injected'] for r in records]),
+        'completion_length': records[-1]['completion_length'],
+      }
+    )
+  return {key: report.mean_std([s[key] for s in per_seed]) for key in per_seed[0]}
+
+
+def _mean_cell(values: list[float]) -> str:
+  """Mean ± std over training seeds (the value alone for one seed), one decimal."""
+  mean, std = report.mean_std(values)
+  return f'{mean:.1f}' + (f' ± {std:.1f}' if len(values) > 1 else '')
+
+
+def grpo_table(training: dict, labels: dict) -> str:
+  """Markdown: the GRPO stages' training statistics (`grpo_training`), or '' when there are none."""
+  rows = {name: stats for name, stats in training.items() if stats}
+  if not rows:
+    return ''
+  lines = [
+    'Online GRPO during training (per step, averaged over steps; mean ± std over training seeds):',
+    '',
+    '| policy | zero-advantage groups % | injected samples % | completion length (last step) |',
+    '|---|---:|---:|---:|',
+  ]
+  scales = dict(zero_advantage_fraction=100, injected=100, completion_length=1)
+  for name, stats in rows.items():
+    cells = [f'{s * stats[k][0]:.1f} ± {s * stats[k][1]:.1f}' for k, s in scales.items()]
+    lines.append(f'| {labels[name]} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def results_table(runs: dict, config, training: dict | None = None) -> str:
+  """Markdown: sampled accuracy (%) by level per policy, greedy, completion length and uncertain
+  fraction at evaluation; the GRPO training statistics; the paired differences to
+  `config.reference_row`; then each stage's steps, wall time and data summary (first seed)."""
   ev = next(iter(config.evals.values()))
   groups = list(ev.groups)
   spread = (
@@ -46,19 +97,34 @@ def results_table(runs: dict, config) -> str:
     f'## kj_arith held-out accuracy (%), {ev.split} split, {ev.per_group} problems per level; '
     f'sampled at T={ev.temperature}: {spread}',
     '',
-    '| policy | ' + ' | '.join(f'level {k}' for k in groups) + ' | all | greedy all |',
-    '|---|' + '---:|' * (len(groups) + 2),
+    '| policy | '
+    + ' | '.join(f'level {k}' for k in groups)
+    + ' | all | greedy all | length (eval) | uncertain % |',
+    '|---|' + '---:|' * (len(groups) + 4),
   ]
   first = runs[next(iter(runs))]
+  labels = {name: _label(info['block']) for name, info in first.items() if 'eval' in info}
   for name, info in first.items():
     if 'eval' not in info:
       continue
     evals = [stages[name]['eval'] for stages in runs.values()]
     cells = [report.accuracy_cell(evals, f'accuracy/level_{k}') for k in groups] + [
-      report.accuracy_cell(evals, 'accuracy')
+      report.accuracy_cell(evals, 'accuracy'),
+      report.accuracy_cell(evals, 'greedy/accuracy', sampled=False),
     ]
-    greedy = report.accuracy_cell(evals, 'greedy/accuracy', sampled=False)
-    lines.append(f'| {_label(info["block"])} | ' + ' | '.join(cells) + f' | {greedy} |')
+    for key, scale in (('completion_length', 1), ('runs/uncertain', 100)):
+      present = all(key in e for e in evals)
+      cells.append(_mean_cell([scale * e[key] for e in evals]) if present else '-')
+    lines.append(f'| {labels[name]} | ' + ' | '.join(cells) + ' |')
+  grpo = grpo_table({n: t for n, t in (training or {}).items() if n in labels}, labels)
+  lines += ['', grpo] if grpo else []
+  reference = config.get('reference_row', '')
+  evaluated = [n for n, i in first.items() if 'eval' in i and n != 'sft']
+  if reference in evaluated:
+    rows = report.paired_differences(runs, evaluated, reference, 'accuracy')
+    for r in rows:
+      r.update(mean=100 * r['mean'], std=100 * r['std'])
+    lines += ['', report.differences_table(rows, reference, 'accuracy (points)')]
   lines += ['', '| stage | type | steps | wall time (s) | data |', '|---|---|---:|---:|---|']
   for name, info in first.items():
     summary = {k: v for k, v in info['summary'].items() if k not in ('steps', 'last_train_metrics')}
@@ -72,13 +138,20 @@ def run(config, workdir: str) -> dict:
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
   runs = run_pipeline(config, workdir)
+  first = runs[config.seeds[0]]
+  training = {
+    name: grpo_training([stages[name] for stages in runs.values()])
+    for name, info in first.items()
+    if info['type'] == 'train'
+  }
   results = {
     'runs': report.without_blocks(runs),
-    'order': list(runs[config.seeds[0]]),
+    'order': list(first),
+    'grpo_training': {name: stats for name, stats in training.items() if stats},
     'seeds': report.seeds_record(config),
     'wall_s': time.time() - start,
   }
-  table = results_table(runs, config)
+  table = results_table(runs, config, training)
   if jax.process_index() == 0:
     plots = plotting.write_loss_curves(workdir, report.trained_stage_dirs(runs, workdir))
     results['plots'] = [os.path.basename(p) for p in plots]

@@ -13,11 +13,12 @@ that SFT policy with the same prompts, group size, steps and optimizer:
 | `grpo_length` | the relative length reward (shorter correct answers in a group get a bonus) |
 | `grpo_injection` | offline injection: a gold solution replaces one wrong sample of a group that is almost all wrong |
 
-The table (experiments/grpo_analysis.py): held-out accuracy per trained level (sampled, mean ± std
-over training seeds), greedy accuracy, mean completion length at evaluation, the multi-run fraction
-of problems solved in some but not all sampling runs ("uncertain"), and during training the fraction
-of groups whose advantages are all zero and the injected fraction; then every row's accuracy minus
-`grpo_all`'s on the same training seed.
+The tables (experiments/arith_posttrain.py, the post-training experiment): held-out accuracy per
+trained level (sampled, mean ± std over training seeds), greedy accuracy, mean completion length at
+evaluation, the multi-run fraction of problems solved in some but not all sampling runs
+("uncertain"); during training the fraction of groups whose advantages are all zero, the injected
+fraction and the completion length; then every row's accuracy minus `grpo_all`'s on the same
+training seed (`config.reference_row`).
 
 Args: `runlocal` (the posttrain runlocal policy: 0.84M parameters, byte tokens), `repro` (the same
 policy, GRPO long enough to move the accuracy, 3 training seeds), `stages=` rows (`sft` is added),
@@ -55,7 +56,7 @@ def get_config(arg=None):
     raise ValueError(f'config arg {arg!r}: runlocal and repro are alternatives; pick one')
   small = args.runlocal or args.repro
   config = posttrain.get_config('runlocal' if small else None)
-  config.experiment = 'grpo_analysis'
+  config.reference_row = 'grpo_all'  # the paired differences of the table are to this row
   config.seeds = parse_seeds(args.seeds or ('0+1+2' if args.repro else '0'))
   rows = [r for r in args.stages.replace('+', ',').split(',') if r] or list(VARIANTS)
   unknown = sorted(set(rows) - set(VARIANTS) - {'sft'})

@@ -1,13 +1,13 @@
-"""The GRPO analysis experiment: rows differ from grpo_all in one option each, and a tiny run over
-two training seeds gives the table, the training statistics from the logs and the paired accuracy
-differences."""
+"""The GRPO analysis (configs/grpo/analysis.py through the post-training experiment): rows differ
+from grpo_all in one option each, and a tiny run over two training seeds gives the table, the
+training statistics from the logs and the paired accuracy differences."""
 
 import os
 
 import numpy as np
 import pytest
 
-from experiments import grpo_analysis
+from experiments import arith_posttrain
 from kuaijax.config_lib import load_config
 from kuaijax.train.metrics import read_metrics
 from tests.conftest import REPO_ROOT
@@ -65,7 +65,7 @@ def test_tiny_run_over_two_seeds(tmp_path):
       config.stage[name].options.group_size = 2
   config.stage.grpo_injection.options.injection_max_accuracy = 1.0  # every group gets one
   config.evals.arith.update(groups=(1, 2), per_group=3, seeds=(0, 1), batch_size=6)
-  results = grpo_analysis.run(config, str(tmp_path))
+  results = arith_posttrain.run(config, str(tmp_path))
   assert results['seeds'] == {'training': [0, 1], 'sampling': [0, 1]}
   for name in ('grpo_all', 'grpo_injection'):
     logs = [
@@ -77,22 +77,23 @@ def test_tiny_run_over_two_seeds(tmp_path):
       for s in (0, 1)
     ]
     zero = [np.mean([r['zero_advantage_fraction'] for r in log]) for log in logs]
-    summary = results['training'][name]
+    summary = results['grpo_training'][name]
     assert summary['zero_advantage_fraction'] == pytest.approx(
       [np.mean(zero), np.std(zero, ddof=1)]
     )
     assert summary['completion_length'][0] == pytest.approx(
       np.mean([log[-1]['completion_length'] for log in logs])
     )
-  assert results['training']['grpo_all']['injected'][0] == 0.0
-  assert results['training']['grpo_injection']['injected'][0] > 0.0
+  assert results['grpo_training']['grpo_all']['injected'][0] == 0.0
+  assert results['grpo_training']['grpo_injection']['injected'][0] > 0.0
+  assert 'sft' not in results['grpo_training']
   runs = results['runs']
   for stages in runs.values():
     ev = stages['grpo_negative']['eval']
     assert 0.0 <= ev['runs/uncertain'] <= ev['runs/solved_any'] <= 1.0
     assert ev['completion_length'] > 0
   table = (tmp_path / 'results.md').read_text()
-  for text in ('| SFT |', '| GRPO, negative-only |', '| GRPO + offline injection |', '±'):
+  for text in ('| SFT |', '| GRPO, negative-only (bnpo, group) |', 'zero-advantage groups %', '±'):
     assert text in table
   diffs = [
     runs[s]['grpo_negative']['eval']['accuracy'] - runs[s]['grpo_all']['eval']['accuracy']
