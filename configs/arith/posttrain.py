@@ -86,7 +86,7 @@ def accuracy_eval(*, seeds) -> CD:
   )
 
 
-def _dpo_stage(loss_name):
+def dpo_stage(loss_name):
   """DPO-family block: `dpo` with its loss_type, or the capo / d2po objectives."""
   if loss_name in DPO_LOSS_TYPES:
     method, loss = 'dpo', dict(loss_type=loss_name, beta=0.1, label_smoothing=0.0, simpo_gamma=0.5)
@@ -124,7 +124,7 @@ def _stages(args) -> CD:
     stage.sft = CD(dict(type='params', label='SFT (imported)', path=args.sft_from))
   stage.samples = sample_stage(limit=8000, offset=0, num_samples=8, temperature=1.0)
   stage.pairs = CD(dict(type='pairs', data='samples', max_pairs_per_prompt=2, gold_fallback=False))
-  stage.dpo = _dpo_stage(args.dpo_loss)
+  stage.dpo = dpo_stage(args.dpo_loss)
   post = dict(init_from='sft', steps=1000, batch_size=32)
   frozen_lr = lambda lr, warmup=30, floor=0.0: dict(  # noqa: E731
     lr=lr, warmup_steps=warmup, weight_decay=0.0, min_lr_ratio=floor

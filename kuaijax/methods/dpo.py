@@ -187,7 +187,9 @@ def pair_records(
   For each prompt with at least one correct and one wrong distinct sample, the first
   `max_pairs_per_prompt` correct and wrong samples are zipped into pairs. With `gold_fallback`, a
   prompt with wrong samples only pairs them with its gold completion (`gold` text) as the chosen
-  side (for policies too weak to produce correct samples). Returns (pair records, stats).
+  side (for policies too weak to produce correct samples). Returns (pair records, stats); the stats
+  include the mean chosen and rejected lengths (tokens) and the fraction of sampled pairs whose
+  chosen side is longer.
   """
   by_prompt: dict[int, list] = {}
   for s in samples:
@@ -216,4 +218,13 @@ def pair_records(
     'gold_chosen_prompts': gold,
     'pairs': len(pairs),
   }
+  sampled = [p for p in pairs if 'chosen_tokens' in p]  # the length bias a DPO-family loss sees
+  if sampled:
+    chosen = np.array([len(p['chosen_tokens']) for p in sampled], np.float64)
+    rejected = np.array([len(p['rejected_tokens']) for p in sampled], np.float64)
+    stats.update(
+      chosen_length=float(chosen.mean()),
+      rejected_length=float(rejected.mean()),
+      chosen_longer=float((chosen > rejected).mean()),
+    )
   return pairs, stats

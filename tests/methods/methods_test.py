@@ -260,7 +260,16 @@ def test_pair_records_from_samples():
     sample_record(2, rs[2], rs[2]['solution'], True),  # no wrong sample
   ]
   pairs, stats = dpo_lib.pair_records(samples)
-  assert stats == {'prompts': 3, 'mixed_prompts': 1, 'gold_chosen_prompts': 0, 'pairs': 1}
+  chosen, rejected = (len(pairs[0][f'{side}_tokens']) for side in ('chosen', 'rejected'))
+  assert stats == {
+    'prompts': 3,
+    'mixed_prompts': 1,
+    'gold_chosen_prompts': 0,
+    'pairs': 1,
+    'chosen_length': chosen,
+    'rejected_length': rejected,
+    'chosen_longer': float(chosen > rejected),
+  }
   example = method('dpo').examples(pairs)[0][0]
   mask = example['chosen_mask'] > 0
   assert TOK.decode(np.roll(example['chosen_tokens'], -1)[mask]) == rs[0]['solution']

@@ -1,0 +1,60 @@
+"""D2PO vs DPO on kj_arith (arXiv 2502.14340, "earlier tokens contribute more"): a gamma sweep of the
+temporally decayed DPO against sigmoid DPO on the same pairs, with the length bias measured.
+
+Stages (the pipeline of configs/arith/posttrain.py, per training seed in `<workdir>/seed_<s>/`):
+`sft` -> `samples` (the SFT policy's own samples of training problems) -> `pairs` ((correct, wrong)
+pairs of the same problem; the stage summary reports the mean chosen and rejected lengths and how
+often the chosen side is longer) -> `dpo` (sigmoid, beta 0.1) and one `d2po_g<gamma>` stage per
+gamma of `GAMMAS` (D2PO weights completion token t by gamma^t, so gamma = 1 is DPO), every one from
+the SFT policy on the same pairs with the same steps, batch and optimizer.
+
+The table (experiments/arith_posttrain.py): held-out accuracy per level, greedy accuracy, mean
+completion length at evaluation (the length bias: DPO-family training lengthens or shortens the
+policy's answers), the multi-run uncertain fraction, every row's accuracy minus DPO's on the same
+training seed (`config.reference_row`), and the pairs' length statistics in the stage table.
+
+Args: `runlocal` (the posttrain runlocal policy), `repro` (the same policy, 4x the sampled
+problems, 160 updates of 16 pairs, evaluated on the trained levels 1-2; 3 training seeds; sized,
+not yet run), `seeds=0+1+2`.
+  python -m kuaijax.main --config=configs/d2po/arith.py:repro --workdir=/tmp/kj_d2po
+"""
+
+import ml_collections
+
+from configs.arith import posttrain
+from kuaijax.config_lib import parse_arg, parse_seeds, stage_steps
+
+GAMMAS = (0.9, 0.95, 0.98, 0.99)
+
+
+def row_name(gamma: float) -> str:
+  """'d2po_g098' for gamma 0.98."""
+  return f'd2po_g{round(gamma * 100):03d}'
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, runlocal=False, repro=False, seeds='')
+  if args.runlocal and args.repro:
+    raise ValueError(f'config arg {arg!r}: runlocal and repro are alternatives; pick one')
+  config = posttrain.get_config('runlocal' if args.runlocal or args.repro else None)
+  config.seeds = parse_seeds(args.seeds or ('0+1+2' if args.repro else '0'))
+  config.reference_row = 'dpo'  # the paired differences of the table are to this row
+  stage = config.stage
+  dpo = stage.dpo
+  if args.repro:  # more pairs and updates than runlocal, evaluated on the trained levels
+    stage.samples.update(limit=768, num_samples=4)
+    dpo.train.update(stage_steps(160, 16))
+    config.evals.arith.update(groups=(1, 2), per_group=100, seeds=(0, 1, 2, 3), batch_size=100)
+  rows = {}
+  for gamma in GAMMAS:  # the same steps, batch, optimizer and beta as DPO
+    block = posttrain.dpo_stage('d2po')
+    block.label = f'D2PO, gamma {gamma}'
+    block.train = ml_collections.ConfigDict(dpo.train.to_dict())
+    block.optimizer = ml_collections.ConfigDict(dpo.optimizer.to_dict())
+    block.loss.update(beta=dpo.loss.beta, gamma=gamma)
+    rows[row_name(gamma)] = block
+  config.stage = ml_collections.ConfigDict(
+    {name: stage[name] for name in ('sft', 'samples', 'pairs', 'dpo')} | rows
+  )
+  config.stages = ','.join(['sft', 'samples', 'pairs', 'dpo', *rows])
+  return config
