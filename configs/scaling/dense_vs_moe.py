@@ -7,7 +7,8 @@ configs/topp_moe/compare.py). Every family trains the same sizes on the same tok
 8 (runlocal) / 16 (full) experts of width d_model, dense layers a SwiGLU of width 2 d_model, so Top-2
 activates the dense FFN's parameters while holding four (eight) times as many. Args: `cells=` picks
 the cells this call trains ('top2_s3+topp_s3'; default all), `seeds=0+1+2` the training seeds
-(default 0). See experiments/scaling.py.
+(default 0; 0+1+2 for repro / gpu), `repro` / `gpu` the reproduction settings below. See
+experiments/scaling.py.
 
 runlocal (3 families x 5 sizes, d_model 16..64, 2 layers, 120 steps of 8 x 128 tokens each; recorded
 with one training seed on 2 CPU cores shared with other jobs (load average 12-15): 22 min of
@@ -15,6 +16,14 @@ training + 18 s of fits; power laws fit every family (R^2 0.96-0.99), Top-2 with
 at equal compute, Top-P 0.02-0.22 above; tables and which claims hold in
 experiments/scaling/README.md):
   python -m kuaijax.main --config=configs/scaling/dense_vs_moe.py:runlocal --workdir=/tmp/kj_scaling
+repro (the runlocal grid trained 800 steps x 16 x 128 = 1.64M tokens per cell, 20 tokens per
+activated parameter of the largest dense cell, 3 training seeds; measured 2026-12-07 on 2 CPU cores:
+29 min 37 s wall; at equal compute Top-2 is 0.05-0.08 and Top-P 0.04-0.07 below dense, 3 of 3 seeds,
+95% intervals excluding 0; experiments/scaling/README.md):
+  python -m kuaijax.main --config=configs/scaling/dense_vs_moe.py:repro --workdir=/tmp/kj_scaling_repro
+gpu (d_model 32..128, 600 steps x 64 x 256 = 9.8M tokens per cell, 3 seeds; sized for ~10 minutes on
+one H100, not yet run on a device):
+  python -m kuaijax.main --config=configs/scaling/dense_vs_moe.py:gpu --workdir=/tmp/kj_scaling_gpu
 full scale (6 sizes, d_model 256..1536 and 4..24 layers, 10B tokens each on the paper's corpus; one
 cluster job per cell with the same shared workdir, then one more call that finds every cell finished
 and only fits; not run here; the SentencePiece tokenizer is trained once into <workdir>/shared/, so
