@@ -64,20 +64,24 @@ def _mean_cell(values: list[float]) -> str:
   return f'{mean:.1f}' + (f' ± {std:.1f}' if len(values) > 1 else '')
 
 
-def grpo_table(training: dict, labels: dict) -> str:
-  """Markdown: the GRPO stages' training statistics (`grpo_training`), or '' when there are none."""
+def grpo_table(training: dict, labels: dict, seeds: int) -> str:
+  """Markdown: the GRPO stages' training statistics (`grpo_training`, ± over `seeds` training
+  seeds when there are several), or '' when there are none."""
   rows = {name: stats for name, stats in training.items() if stats}
   if not rows:
     return ''
   lines = [
-    'Online GRPO during training (per step, averaged over steps; mean ± std over training seeds):',
+    'Online GRPO during training (per step, averaged over steps):',
     '',
     '| policy | zero-advantage groups % | injected samples % | completion length (last step) |',
     '|---|---:|---:|---:|',
   ]
   scales = dict(zero_advantage_fraction=100, injected=100, completion_length=1)
   for name, stats in rows.items():
-    cells = [f'{s * stats[k][0]:.1f} ± {s * stats[k][1]:.1f}' for k, s in scales.items()]
+    cells = [
+      f'{s * stats[k][0]:.1f}' + (f' ± {s * stats[k][1]:.1f}' if seeds > 1 else '')
+      for k, s in scales.items()
+    ]
     lines.append(f'| {labels[name]} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -116,11 +120,11 @@ def results_table(runs: dict, config, training: dict | None = None) -> str:
       present = all(key in e for e in evals)
       cells.append(_mean_cell([scale * e[key] for e in evals]) if present else '-')
     lines.append(f'| {labels[name]} | ' + ' | '.join(cells) + ' |')
-  grpo = grpo_table({n: t for n, t in (training or {}).items() if n in labels}, labels)
+  grpo = grpo_table({n: t for n, t in (training or {}).items() if n in labels}, labels, len(runs))
   lines += ['', grpo] if grpo else []
   reference = config.get('reference_row', '')
   evaluated = [n for n, i in first.items() if 'eval' in i and n != 'sft']
-  if reference in evaluated:
+  if reference in evaluated and len(evaluated) > 1:
     rows = report.paired_differences(runs, evaluated, reference, 'accuracy')
     for r in rows:
       r.update(mean=100 * r['mean'], std=100 * r['std'])

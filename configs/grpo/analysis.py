@@ -21,9 +21,19 @@ fraction and the completion length; then every row's accuracy minus `grpo_all`'s
 training seed (`config.reference_row`).
 
 Args: `runlocal` (the posttrain runlocal policy: 0.84M parameters, byte tokens), `repro` (the same
-policy, GRPO long enough to move the accuracy, 3 training seeds), `stages=` rows (`sft` is added),
-`seeds=0+1+2`.
+policy; every GRPO row 60 steps of 16 prompts x 8 samples; 3 training seeds), `stages=` rows (`sft`
+is added), `seeds=0+1+2`.
   python -m kuaijax.main --config=configs/grpo/analysis.py:repro --workdir=/tmp/kj_grpo_analysis
+
+Headroom, measured on the baseline before any comparison (2026-12-07, seed 0, `repro,seeds=0,
+stages=grpo_all`, 2 CPU cores shared with two other jobs: SFT 723 s, grpo_all 565 s): the SFT
+policy's sampled accuracy on the trained levels is 27.0 ± 2.5% (level 1 44.8%, level 2 9.2%; ± over 4
+sampling seeds), greedy 29.5%, and 32.5% of the problems are solved in some but not all of the 4
+runs: inside the 20-80% range, with room to improve and something to keep. grpo_all after 60 steps:
+29.0 ± 1.5% (+2.0 points, within the sampling spread), with 59% of its groups all right or all wrong
+(zero advantage). The full 3-seed table has not been run yet: at ~5 s per GRPO step on a quiet
+machine its 15 GRPO runs take longer than the 45-minute budget, so the step count is still to be
+sized (or the SFT policy shared across training seeds).
 """
 
 import ml_collections
