@@ -16,18 +16,24 @@ CONFIG = os.path.join(REPO_ROOT, 'configs/arith/posttrain.py')
 TRAINED = ('sft', 'dpo', 'rft', 'rlmec', 'grpo')
 
 
-def tiny_config(arg):
-  config = load_config(f'{CONFIG}:runlocal,{arg}')
+def shrink(config, trained, *, max_new_tokens=48):
+  """A kj_arith post-training config (posttrain, GRPO analysis, D2PO) at seconds size: a 1-layer
+  policy, 4 SFT steps and 2 steps of every other stage in `trained`."""
   config.parallel.num_devices = 1
   config.train.update(progress=False, async_checkpoint=False)
   config.models.policy.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=64)
-  config.data.update(limit=64, max_new_tokens=48)
-  for name in TRAINED:
+  config.data.update(limit=64, max_new_tokens=max_new_tokens)
+  for name in trained:
     if config.stage[name].type == 'train':
       steps = 4 if name == 'sft' else 2
       config.stage[name].train.update(
         steps=steps, batch_size=2, log_every=1, checkpoint_every=steps, eval_every=steps
       )
+  return config
+
+
+def tiny_config(arg):
+  config = shrink(load_config(f'{CONFIG}:runlocal,{arg}'), TRAINED)
   config.stage.pairs.gold_fallback = True
   config.stage.samples.update(limit=4, batch_size=4)
   config.stage.rlmec_samples.update(limit=2, num_samples=2, batch_size=2)

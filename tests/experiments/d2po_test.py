@@ -10,6 +10,7 @@ from configs.d2po import arith
 from experiments import arith_posttrain
 from kuaijax.config_lib import load_config
 from tests.conftest import REPO_ROOT
+from tests.experiments.arith_posttrain_test import shrink
 
 CONFIG = os.path.join(REPO_ROOT, 'configs/d2po/arith.py')
 
@@ -30,17 +31,8 @@ def test_gamma_rows_differ_from_dpo_only_in_the_loss():
 
 
 def test_tiny_run_reports_lengths_and_the_difference_to_dpo(tmp_path):
-  config = load_config(CONFIG + ':runlocal')
-  config.parallel.num_devices = 1
-  config.train.update(progress=False, async_checkpoint=False)
-  config.models.policy.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=64)
-  config.data.update(limit=64, max_new_tokens=48)
+  config = shrink(load_config(CONFIG + ':runlocal'), ('sft', 'dpo', 'd2po_g098'))
   config.stages = 'sft,samples,pairs,dpo,d2po_g098'
-  for name in ('sft', 'dpo', 'd2po_g098'):
-    steps = 4 if name == 'sft' else 2
-    config.stage[name].train.update(
-      steps=steps, batch_size=2, log_every=1, checkpoint_every=steps, eval_every=steps
-    )
   config.stage.pairs.gold_fallback = True
   config.stage.samples.update(limit=4, batch_size=4)
   config.evals.arith.update(groups=(1, 2), per_group=3, seeds=(0, 1), batch_size=6)

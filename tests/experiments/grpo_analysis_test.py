@@ -11,6 +11,7 @@ from experiments import arith_posttrain
 from kuaijax.config_lib import load_config
 from kuaijax.train.metrics import read_metrics
 from tests.conftest import REPO_ROOT
+from tests.experiments.arith_posttrain_test import shrink
 
 CONFIG = os.path.join(REPO_ROOT, 'configs/grpo/analysis.py')
 
@@ -52,17 +53,10 @@ def test_rows_change_one_option_each():
 
 def test_tiny_run_over_two_seeds(tmp_path):
   config = load_config(CONFIG + ':runlocal,seeds=0+1,stages=grpo_all+grpo_negative+grpo_injection')
-  config.parallel.num_devices = 1
-  config.train.update(progress=False, async_checkpoint=False)
-  config.models.policy.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=64)
-  config.data.update(limit=64, max_new_tokens=56)  # every gold solution fits (injection)
-  for name in config.stages.split(','):
-    steps = 4 if name == 'sft' else 2
-    config.stage[name].train.update(
-      steps=steps, batch_size=2, log_every=1, checkpoint_every=steps, eval_every=steps
-    )
-    if name != 'sft':
-      config.stage[name].options.group_size = 2
+  rows = config.stages.split(',')
+  shrink(config, rows, max_new_tokens=56)  # every gold solution fits (injection)
+  for name in rows[1:]:
+    config.stage[name].options.group_size = 2
   config.stage.grpo_injection.options.injection_max_accuracy = 1.0  # every group gets one
   config.evals.arith.update(groups=(1, 2), per_group=3, seeds=(0, 1), batch_size=6)
   results = arith_posttrain.run(config, str(tmp_path))
