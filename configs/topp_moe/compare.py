@@ -20,6 +20,9 @@ Measured 2026-12-07 on 2 CPU cores: 29 min 53 s wall (about 26 min quiet); Top-P
 1.71 ± 0.07, 0.91x Top-2's active parameters, loss Top-P - Top-2 = +0.033 ± 0.019 (worse on 3 of 3
 seeds), dense - Top-2 = +0.040 ± 0.016; experiments/topp_moe/README.md has the tables):
   python -m kuaijax.main --config=configs/topp_moe/compare.py:repro --workdir=/tmp/kj_topp_repro
+p sweep and ablations at seed 0 (46 and 19 min wall with other jobs running; Top-P never reaches
+Top-2 below 1.5x its active parameters; renormalised weights recover 0.022 of the 0.054 gap; no
+dynamic loss: +0.004, mean k unchanged):
   python -m kuaijax.main --config=configs/topp_moe/compare.py:repro,suite=p_sweep \
     --workdir=/tmp/kj_topp_repro_sweep
   python -m kuaijax.main --config=configs/topp_moe/compare.py:repro,suite=ablation \
