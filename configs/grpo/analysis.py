@@ -22,7 +22,8 @@ training seed (`config.reference_row`).
 
 Args: `runlocal` (the posttrain runlocal policy: 0.84M parameters, byte tokens), `repro` (the same
 policy; every GRPO row 60 steps of 16 prompts x 8 samples; 3 training seeds), `stages=` rows (`sft`
-is added), `seeds=0+1+2`.
+is added), `seeds=0+1+2`, `sft_from=<workdir>/seed_0/sft` (one finished SFT policy shared by every
+training seed, imported once: the seeds then vary the GRPO runs only).
   python -m kuaijax.main --config=configs/grpo/analysis.py:repro --workdir=/tmp/kj_grpo_analysis
 
 Headroom, measured on the baseline before any comparison (2026-12-07, seed 0, `repro,seeds=0,
@@ -61,11 +62,14 @@ LABELS = {
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, runlocal=False, repro=False, stages='', seeds='')
+  args = parse_arg(arg, runlocal=False, repro=False, stages='', seeds='', sft_from='')
   if args.runlocal and args.repro:
     raise ValueError(f'config arg {arg!r}: runlocal and repro are alternatives; pick one')
   small = args.runlocal or args.repro
-  config = posttrain.get_config('runlocal' if small else None)
+  base = ['runlocal'] if small else []
+  config = posttrain.get_config(
+    ','.join(base + ([f'sft_from={args.sft_from}'] if args.sft_from else [])) or None
+  )
   config.reference_row = 'grpo_all'  # the paired differences of the table are to this row
   config.seeds = parse_seeds(args.seeds or ('0+1+2' if args.repro else '0'))
   rows = [r for r in args.stages.replace('+', ',').split(',') if r] or list(VARIANTS)

@@ -49,6 +49,13 @@ def test_rows_change_one_option_each():
   assert picked.stages == 'sft,grpo_all,grpo_negative' and picked.seeds == (0,)
   with pytest.raises(ValueError, match='unknown rows'):
     load_config(CONFIG + ':runlocal,stages=grpo_sideways')
+  shared = load_config(CONFIG + ':repro,sft_from=/tmp/policy/sft')
+  assert shared.stage.sft.to_dict() == {
+    'type': 'params',
+    'label': 'SFT (imported)',
+    'path': '/tmp/policy/sft',
+  }
+  assert shared.stage.grpo_all.to_dict() == config.stage.grpo_all.to_dict()
 
 
 def test_tiny_run_over_two_seeds(tmp_path):
