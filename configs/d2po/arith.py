@@ -15,7 +15,8 @@ training seed (`config.reference_row`), and the pairs' length statistics in the 
 
 Args: `runlocal` (the posttrain runlocal policy), `repro` (the same policy, 4x the sampled
 problems, 160 updates of 16 pairs, evaluated on the trained levels 1-2; 3 training seeds; sized,
-not yet run), `seeds=0+1+2`.
+not yet run), `seeds=0+1+2`, `sft_from=<workdir>/seed_0/sft` (one finished SFT policy for every
+training seed).
   python -m kuaijax.main --config=configs/d2po/arith.py:repro --workdir=/tmp/kj_d2po
 """
 
@@ -33,10 +34,12 @@ def row_name(gamma: float) -> str:
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, runlocal=False, repro=False, seeds='')
+  args = parse_arg(arg, runlocal=False, repro=False, seeds='', sft_from='')
   if args.runlocal and args.repro:
     raise ValueError(f'config arg {arg!r}: runlocal and repro are alternatives; pick one')
-  config = posttrain.get_config('runlocal' if args.runlocal or args.repro else None)
+  base = ['runlocal'] if args.runlocal or args.repro else []
+  base += [f'sft_from={args.sft_from}'] if args.sft_from else []
+  config = posttrain.get_config(','.join(base) or None)
   config.seeds = parse_seeds(args.seeds or ('0+1+2' if args.repro else '0'))
   config.reference_row = 'dpo'  # the paired differences of the table are to this row
   stage = config.stage
