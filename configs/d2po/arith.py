@@ -14,10 +14,17 @@ policy's answers), the multi-run uncertain fraction, every row's accuracy minus 
 training seed (`config.reference_row`), and the pairs' length statistics in the stage table.
 
 Args: `runlocal` (the posttrain runlocal policy), `repro` (the same policy, 4x the sampled
-problems, 160 updates of 16 pairs, evaluated on the trained levels 1-2; 3 training seeds; sized,
-not yet run), `seeds=0+1+2`, `sft_from=<workdir>/seed_0/sft` (one finished SFT policy for every
+problems, 160 updates of 16 pairs, evaluated on the trained levels 1-2; 3 training seeds), `seeds=0+1+2`, `sft_from=<workdir>/seed_0/sft` (one finished SFT policy for every
 training seed).
   python -m kuaijax.main --config=configs/d2po/arith.py:repro --workdir=/tmp/kj_d2po
+
+First measurement (2026-12-07, `repro,seeds=0,sft_from=` the GRPO analysis probe's SFT policy, one
+training seed, ± over 4 sampling seeds; 24 min 55 s on 2 CPU cores): the SFT policy samples 27.0 ±
+2.5% on levels 1-2; its 768 x 4 samples give only 229 (correct, wrong) pairs, with equal mean lengths
+(37.5 vs 37.8 tokens: no length bias to exploit on kj_arith). 160 steps of 16 pairs (11 epochs of
+them) at lr 5e-5 over-fit: DPO 20.6 ± 1.9%, D2PO gamma 0.9 / 0.95 / 0.98 / 0.99 20.0 / 18.1 / 19.5
+/ 20.1% (within the sampling spread of DPO), evaluation lengths 38.8-40.1 vs SFT 40.6. The setting
+needs more pairs or fewer updates before the rows can be compared; not yet the 3-seed table.
 """
 
 import ml_collections
