@@ -58,10 +58,14 @@ def grpo_training(infos: list[dict]) -> dict:
   return {key: report.mean_std([s[key] for s in per_seed]) for key in per_seed[0]}
 
 
+def _pm(mean: float, std: float, seeds: int) -> str:
+  """'mean ± std' over training seeds (the mean alone for one seed), one decimal."""
+  return f'{mean:.1f}' + (f' ± {std:.1f}' if seeds > 1 else '')
+
+
 def _mean_cell(values: list[float]) -> str:
-  """Mean ± std over training seeds (the value alone for one seed), one decimal."""
-  mean, std = report.mean_std(values)
-  return f'{mean:.1f}' + (f' ± {std:.1f}' if len(values) > 1 else '')
+  """Mean ± std over training seeds of one value per seed."""
+  return _pm(*report.mean_std(values), len(values))
 
 
 def grpo_table(training: dict, labels: dict, seeds: int) -> str:
@@ -78,10 +82,7 @@ def grpo_table(training: dict, labels: dict, seeds: int) -> str:
   ]
   scales = dict(zero_advantage_fraction=100, injected=100, completion_length=1)
   for name, stats in rows.items():
-    cells = [
-      f'{s * stats[k][0]:.1f}' + (f' ± {s * stats[k][1]:.1f}' if seeds > 1 else '')
-      for k, s in scales.items()
-    ]
+    cells = [_pm(s * stats[k][0], s * stats[k][1], seeds) for k, s in scales.items()]
     lines.append(f'| {labels[name]} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 

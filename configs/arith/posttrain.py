@@ -225,3 +225,23 @@ def get_config(arg=None):
   if args.runlocal:
     _runlocal(config, sft_from=args.sft_from)
   return config
+
+
+def comparison_config(arg, args, *, reference_row: str) -> CD:
+  """The base of a row-comparison config on this pipeline (configs/grpo/analysis.py,
+  configs/d2po/arith.py), from its parsed `args` (runlocal, repro, seeds, sft_from): the runlocal
+  sizes for `runlocal` and `repro`, an imported SFT policy for `sft_from`, 3 training seeds by default
+  for `repro`, `config.reference_row` (the table's paired differences are to that row)."""
+  if args.runlocal and args.repro:
+    raise ValueError(f'config arg {arg!r}: runlocal and repro are alternatives; pick one')
+  base = ['runlocal'] if args.runlocal or args.repro else []
+  base += [f'sft_from={args.sft_from}'] if args.sft_from else []
+  config = get_config(','.join(base) or None)
+  config.seeds = parse_seeds(args.seeds or ('0+1+2' if args.repro else '0'))
+  config.reference_row = reference_row
+  return config
+
+
+def trained_levels_eval(config) -> None:
+  """Evaluate on the trained levels 1-2 only: 100 problems each, 4 sampling runs (in place)."""
+  config.evals.arith.update(groups=(1, 2), per_group=100, seeds=(0, 1, 2, 3), batch_size=100)

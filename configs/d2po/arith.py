@@ -30,7 +30,7 @@ needs more pairs or fewer updates before the rows can be compared; not yet the 3
 import ml_collections
 
 from configs.arith import posttrain
-from kuaijax.config_lib import parse_arg, parse_seeds, stage_steps
+from kuaijax.config_lib import parse_arg, stage_steps
 
 GAMMAS = (0.9, 0.95, 0.98, 0.99)
 
@@ -42,19 +42,13 @@ def row_name(gamma: float) -> str:
 
 def get_config(arg=None):
   args = parse_arg(arg, runlocal=False, repro=False, seeds='', sft_from='')
-  if args.runlocal and args.repro:
-    raise ValueError(f'config arg {arg!r}: runlocal and repro are alternatives; pick one')
-  base = ['runlocal'] if args.runlocal or args.repro else []
-  base += [f'sft_from={args.sft_from}'] if args.sft_from else []
-  config = posttrain.get_config(','.join(base) or None)
-  config.seeds = parse_seeds(args.seeds or ('0+1+2' if args.repro else '0'))
-  config.reference_row = 'dpo'  # the paired differences of the table are to this row
+  config = posttrain.comparison_config(arg, args, reference_row='dpo')
   stage = config.stage
   dpo = stage.dpo
   if args.repro:  # more pairs and updates than runlocal, evaluated on the trained levels
     stage.samples.update(limit=768, num_samples=4)
     dpo.train.update(stage_steps(160, 16))
-    config.evals.arith.update(groups=(1, 2), per_group=100, seeds=(0, 1, 2, 3), batch_size=100)
+    posttrain.trained_levels_eval(config)
   rows = {}
   for gamma in GAMMAS:  # the same steps, batch, optimizer and beta as DPO
     block = posttrain.dpo_stage('d2po')
