@@ -68,6 +68,7 @@ class _Settings:
   top_k: int | None
   use_top_p: bool
   num_samples: int
+  prompt_width: int  # the last columns of the left-aligned prompts that are prefilled and cached
   axis_rules: Any  # (mesh, rules items) of the enclosing `parallel.axis_rules`, or None
 
 
@@ -118,6 +119,17 @@ def _stop_array(stop_tokens: tuple[int, ...]) -> jax.Array:
   """Stop ids padded with -1 (never sampled) to a multiple of 8, to share compiled programs."""
   size = 8 * max(1, -(-len(stop_tokens) // 8))
   return jnp.asarray(stop_tokens + (-1,) * (size - len(stop_tokens)), jnp.int32)
+
+
+def _prompt_width(prompt_lengths, width: int) -> int:
+  """The prompt columns worth prefilling and caching: the longest prompt rounded up to a power of
+  two (>= 16, few distinct compiled programs), at most `width`. Decoding attends over the whole
+  cache, so a cache sized for the padded width costs time in proportion to the padding. Lengths
+  spread over processes keep the full width (every process must compile the same program)."""
+  if isinstance(prompt_lengths, jax.Array) and not prompt_lengths.is_fully_addressable:
+    return width
+  longest = int(np.max(_concrete(prompt_lengths)))
+  return min(width, max(16, 1 << (longest - 1).bit_length()))
 
 
 def _left_align(prompts, lengths, left, pad_id):
@@ -223,6 +235,7 @@ def generate(
     top_k=None if greedy or top_k is None or top_k >= vocab else int(top_k),
     use_top_p=not greedy and top_p is not None and top_p < 1,
     num_samples=int(num_samples),
+    prompt_width=_prompt_width(prompt_lengths, width),
     axis_rules=_current_axis_rules(),
   )
   graphdef, state = nnx.split(model)
@@ -252,6 +265,9 @@ def _generate_impl(
   steps = s.max_new_tokens
   prompts = constrain(prompts, ('batch', 'length'))
   tokens, positions, segments = _left_align(prompts, prompt_lengths, left, pad_id)
+  keep = slice(width - s.prompt_width, width)  # left-aligned: the real tokens are the last columns
+  tokens, positions, segments = tokens[:, keep], positions[:, keep], segments[:, keep]
+  width = s.prompt_width
   head = model.output_head()
 
   def logits_of(hidden):  # [N, 1, d] -> [N, V] float32, as the model's own head computes them

@@ -133,6 +133,24 @@ def test_left_and_right_padding_give_the_same_completions(model):
   assert_generation_equal(right, left)
 
 
+def test_wide_padding_is_trimmed_and_changes_nothing(model):
+  """Prompts padded far past their longest row are prefilled and cached at the longest length
+  rounded up to a power of two (16 here), with the same completions as a tight padding."""
+  prompts = right_padded()
+  wide = np.concatenate([prompts, np.full((len(prompts), 57), 5, np.int32)], axis=1)
+  assert sampling._prompt_width(PROMPT_LENGTHS, wide.shape[1]) == 16
+  assert sampling._prompt_width(np.array([17, 3]), 64) == 32
+  assert sampling._prompt_width(np.array([17, 3]), 20) == 20
+  run = functools.partial(sampling.generate, model, rng=3, max_new_tokens=T, num_samples=2)
+  assert_generation_equal(
+    run(prompts, PROMPT_LENGTHS, **SAMPLED), run(wide, PROMPT_LENGTHS, **SAMPLED)
+  )
+  left = to_left(wide, PROMPT_LENGTHS, pad=11)
+  assert_generation_equal(
+    run(prompts, PROMPT_LENGTHS, **SAMPLED), run(left, PROMPT_LENGTHS, padding='left', **SAMPLED)
+  )
+
+
 def test_stop_tokens_lengths_and_padding_after_stop(model):
   prompts = right_padded()
   run = functools.partial(sampling.generate, model, max_new_tokens=T, greedy=True, num_samples=2)

@@ -103,6 +103,22 @@ def test_attention_matches_naive_reference():
   np.testing.assert_allclose(got, naive_attention(q, k, v, mask), atol=1e-5)
 
 
+@pytest.mark.parametrize('heads,kv_heads', [(4, 2), (3, 3), (4, 1)])
+def test_decode_attention_matches_naive_reference(heads, kv_heads):
+  """One query per row against a cache with holes (unfilled slots, another segment)."""
+  rng = np.random.default_rng(2)
+  q = rng.normal(size=(3, 1, heads, 8)).astype(np.float32)
+  k = rng.normal(size=(3, 9, kv_heads, 8)).astype(np.float32)
+  v = rng.normal(size=(3, 9, kv_heads, 8)).astype(np.float32)
+  mask = rng.random((3, 1, 1, 9)) < 0.6
+  mask[:, 0, 0, 4] = True  # every row sees at least one slot
+  got = attention.decode_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask)
+  np.testing.assert_allclose(got, naive_attention(q, k, v, mask), atol=1e-5)
+  half = attention.decode_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), mask)
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(half.astype(np.float32), got, atol=0.05)
+
+
 def test_rope_preserves_norm_and_is_relative():
   x = jax.random.normal(jax.random.key(0), (1, 1, 1, 16))
   y = jax.random.normal(jax.random.key(1), (1, 1, 1, 16))
