@@ -109,10 +109,15 @@ def results_table(runs: dict, config, training: dict | None = None) -> str:
   ]
   first = runs[next(iter(runs))]
   labels = {name: _label(info['block']) for name, info in first.items() if 'eval' in info}
+  shared = False
   for name, info in first.items():
     if 'eval' not in info:
       continue
-    evals = [stages[name]['eval'] for stages in runs.values()]
+    infos = [stages[name] for stages in runs.values()]
+    if len(runs) > 1 and len({i['dir'] for i in infos}) == 1:  # one run shared by every seed
+      infos, shared = infos[:1], True
+      labels[name] += ' †'
+    evals = [i['eval'] for i in infos]
     cells = [report.accuracy_cell(evals, f'accuracy/level_{k}') for k in groups] + [
       report.accuracy_cell(evals, 'accuracy'),
       report.accuracy_cell(evals, 'greedy/accuracy', sampled=False),
@@ -121,6 +126,8 @@ def results_table(runs: dict, config, training: dict | None = None) -> str:
       present = all(key in e for e in evals)
       cells.append(_mean_cell([scale * e[key] for e in evals]) if present else '-')
     lines.append(f'| {labels[name]} | ' + ' | '.join(cells) + ' |')
+  if shared:
+    lines += ['', '† trained once and shared by every training seed: ± over its sampling seeds.']
   grpo = grpo_table({n: t for n, t in (training or {}).items() if n in labels}, labels, len(runs))
   lines += ['', grpo] if grpo else []
   reference = config.get('reference_row', '')

@@ -294,6 +294,31 @@ def test_seed_free_stages_run_once_and_seeded_stages_per_seed(tmp_path):
     runner.run_pipeline(config, str(tmp_path / 'bad'))
 
 
+def test_shared_seed_runs_a_seeded_stage_once_with_that_seed(tmp_path):
+  """`shared_seed: 5` runs a seeded stage once (pipeline seed 5, in shared/), and every training
+  seed's later stages read it; a shared stage over per-seed refs is refused by name."""
+  config = tiny_config('after')
+  with config.unlocked():
+    config.seeds = (3, 7)
+    config.stage.const = CD(dict(type='test_const'))
+    config.stage.first = CD(dict(type='test_seed_echo', data='const', shared_seed=5))
+    config.stage.after = CD(dict(type='test_seed_echo', data='first'))
+  runs = runner.run_pipeline(config, str(tmp_path))
+  first = str(tmp_path / 'shared' / 'first')
+  assert runs[3]['first']['dir'] == runs[7]['first']['dir'] == first
+  assert runs[3]['first']['summary'] == {'pipeline_seed': 5}
+  assert records_lib.read_records(first + '/data.jsonl') == [
+    {'seed': stage_seed(5, 'first'), 'n': 3}
+  ]
+  assert [runs[s]['after']['summary']['pipeline_seed'] for s in (3, 7)] == [3, 7]
+  assert not (tmp_path / 'seed_3' / 'first').exists()
+  with config.unlocked():
+    config.stage.first.update(shared_seed=None)
+    config.stage.after.update(shared_seed=0)
+  with pytest.raises(ValueError, match=r"stage.after.shared_seed: .* per-seed stages \['first'\]"):
+    runner.run_pipeline(config, str(tmp_path / 'bad'))
+
+
 # ----------------------------------------------------------------------------- imported models
 
 

@@ -41,7 +41,7 @@ def row_name(gamma: float) -> str:
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, runlocal=False, repro=False, seeds='', sft_from='')
+  args = parse_arg(arg, runlocal=False, repro=False, seeds='', sft_from='', sft_per_seed=False)
   config = posttrain.comparison_config(arg, args, reference_row='dpo')
   stage = config.stage
   dpo = stage.dpo

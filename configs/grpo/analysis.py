@@ -43,6 +43,7 @@ from configs.arith import posttrain
 from kuaijax.config_lib import parse_arg, stage_steps
 
 CD = ml_collections.ConfigDict
+REPRO_STEPS = 40  # GRPO steps of 16 prompts x 8 samples per row in `repro`
 
 # Row -> the GRPO options that differ from the reference row, grpo_all.
 VARIANTS = {
@@ -62,7 +63,9 @@ LABELS = {
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, runlocal=False, repro=False, stages='', seeds='', sft_from='')
+  args = parse_arg(
+    arg, runlocal=False, repro=False, stages='', seeds='', sft_from='', sft_per_seed=False
+  )
   config = posttrain.comparison_config(arg, args, reference_row='grpo_all')
   small = args.runlocal or args.repro
   rows = [r for r in args.stages.replace('+', ',').split(',') if r] or list(VARIANTS)
@@ -74,8 +77,11 @@ def get_config(arg=None):
     block = posttrain.grpo_stage(change.get('reward', 'exact_answer'))
     block.label = LABELS[name]
     block.options.update({k: v for k, v in change.items() if k != 'reward'})
-    if small:
-      block.train.update(stage_steps(60, 16) if args.repro else stage_steps(20, 8))
+    if args.repro:
+      block.train.update(stage_steps(REPRO_STEPS, 16))
+      block.optimizer.update(lr=2e-4, warmup_steps=2)
+    elif small:
+      block.train.update(stage_steps(20, 8))
       block.optimizer.update(lr=2e-5, warmup_steps=2)
     stage[name] = block
   config.stage = stage

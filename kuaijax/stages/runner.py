@@ -10,8 +10,11 @@ Config:
   config.seeds         training seeds, e.g. (0, 1, 2): the pipeline runs once per seed in
                        `<workdir>/seed_<s>/<stage>/`; seed-free stages (a type registered with
                        seeded=False whose refs are seed-free too) run once in
-                       `<workdir>/shared/<stage>/`. Each stage's seeds are derived from the
-                       pipeline seed and its name (`kuaijax.stages.base.stage_seed`).
+                       `<workdir>/shared/<stage>/`, and so does a seeded stage whose block sets
+                       `shared_seed: s` (e.g. one SFT policy for every post-training seed: it
+                       trains once with pipeline seed s; its refs must be shared too). Each
+                       stage's seeds are derived from the pipeline seed and its name
+                       (`kuaijax.stages.base.stage_seed`).
   config.evals         evaluators by name (`kuaijax.evals.registry`), run on every stage that
                        produces parameters unless its block says `evaluate=False`; results in that
                        stage's `stage.json`.
@@ -84,12 +87,23 @@ def stage_order(config) -> list[str]:
 
 
 def shared_stages(config, order: list[str]) -> set[str]:
-  """The stages that run once for every seed: seed-free types whose refs are all seed-free."""
+  """The stages that run once for every seed: seed-free types, and blocks with a `shared_seed`,
+  whose refs all run once too."""
   shared = set()
   for name in order:  # refs come first in `order`
-    if not get_stage_type(config.stage[name].type).seeded and all(
-      r in shared for r in stage_refs(config, name)
-    ):
+    block = config.stage[name]
+    refs_shared = all(r in shared for r in stage_refs(config, name))
+    if block.get('shared_seed') is not None:
+      if not isinstance(block.shared_seed, int):
+        raise ValueError(f'stage.{name}.shared_seed={block.shared_seed!r} must be an int seed')
+      if not refs_shared:
+        per_seed = sorted(r for r in stage_refs(config, name) if r not in shared)
+        raise ValueError(
+          f'stage.{name}.shared_seed: the stage runs once for every seed, but it refers to '
+          f'per-seed stages {per_seed}'
+        )
+      shared.add(name)
+    elif not get_stage_type(block.type).seeded and refs_shared:
       shared.add(name)
   return shared
 
@@ -221,7 +235,7 @@ def run_pipeline(config, workdir: str) -> dict[int, dict[str, dict]]:
       if name in shared:
         if name not in once:
           folder = os.path.join(workdir, SHARED_DIR, name)
-          once[name] = _run_stage(pipe, name, folder, None, done)
+          once[name] = _run_stage(pipe, name, folder, config.stage[name].get('shared_seed'), done)
         done[name] = once[name]
       else:
         done[name] = _run_stage(pipe, name, os.path.join(seed_dir(workdir, seed), name), seed, done)

@@ -19,6 +19,8 @@ CONFIG = os.path.join(REPO_ROOT, 'configs/grpo/analysis.py')
 def test_rows_change_one_option_each():
   config = load_config(CONFIG + ':repro')
   assert config.seeds == (0, 1, 2)
+  assert config.stage.sft.shared_seed == 0  # one SFT policy, post-trained by every seed
+  assert 'shared_seed' not in load_config(CONFIG + ':repro,sft_per_seed=True').stage.sft
   rows = config.stages.split(',')
   assert rows == [
     'sft',
@@ -65,6 +67,8 @@ def test_tiny_run_over_two_seeds(tmp_path):
   for name in rows[1:]:
     config.stage[name].options.group_size = 2
   config.stage.grpo_injection.options.injection_max_accuracy = 1.0  # every group gets one
+  with config.unlocked():
+    config.stage.sft.shared_seed = 0  # as in `repro`: one SFT policy for both seeds
   config.evals.arith.update(groups=(1, 2), per_group=3, seeds=(0, 1), batch_size=6)
   results = arith_posttrain.run(config, str(tmp_path))
   assert results['seeds'] == {'training': [0, 1], 'sampling': [0, 1]}
@@ -89,13 +93,19 @@ def test_tiny_run_over_two_seeds(tmp_path):
   assert results['grpo_training']['grpo_injection']['injected'][0] > 0.0
   assert 'sft' not in results['grpo_training']
   runs = results['runs']
+  assert runs['0']['sft']['seed'] == runs['1']['sft']['seed'] == 0
+  assert not (tmp_path / 'seed_1' / 'sft').exists()
   for stages in runs.values():
     ev = stages['grpo_negative']['eval']
     assert 0.0 <= ev['runs/uncertain'] <= ev['runs/solved_any'] <= 1.0
     assert ev['completion_length'] > 0
   table = (tmp_path / 'results.md').read_text()
-  for text in ('| SFT |', '| GRPO, negative-only (bnpo, group) |', 'zero-advantage groups %', '±'):
+  for text in ('| GRPO, negative-only (bnpo, group) |', 'zero-advantage groups %', '±'):
     assert text in table
+  sft = runs['0']['sft']['eval']  # shared: its ± is over its sampling seeds
+  sft_all = f'{100 * sft["accuracy"]:.1f} ± {100 * sft["accuracy/std"]:.1f}'
+  assert '| SFT † | ' in table and sft_all in table.split('| SFT † |')[1].split('\n')[0]
+  assert '† trained once and shared by every training seed' in table
   diffs = [
     runs[s]['grpo_negative']['eval']['accuracy'] - runs[s]['grpo_all']['eval']['accuracy']
     for s in runs
