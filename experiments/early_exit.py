@@ -77,6 +77,37 @@ def _speedup(speed: dict, n: int) -> str:
   return f'{speed["speedup"][0]:.2f}x ({low:.2f}-{high:.2f})'
 
 
+def cost_breakdown(summary: dict, n: int) -> str:
+  """Markdown: each setting's speed-up split into the cost of decoding layer by layer (the 'full'
+  setting never exits, so its speed-up is that overhead alone) and the layers it saves (speed-up /
+  'full''s speed-up, each against normal decoding in its own interleaved rounds), next to the
+  ideal saving num_layers / average layers used. On means over training seeds when n > 1."""
+  rows = {r['setting']: r for r in summary['settings']}
+  if 'full' not in rows:
+    return ''
+  L = summary['num_layers']
+  lines = [
+    '## Where the speed goes: speed-up = (layer-by-layer decoding vs normal) x (layers saved)',
+    '',
+    "The 'full' setting runs the early-exit decoder without ever exiting: its speed-up is the "
+    'overhead of deciding per layer (read-out, rule, per-layer cache updates) alone.'
+    + (f' Means over {n} training seeds.' if n > 1 else ''),
+    '',
+    '| setting | batch | speed-up | layer-by-layer vs normal | layers saved (measured) '
+    '| layers saved (ideal: layers / avg layers) |',
+    '|---|---|---:|---:|---:|---:|',
+  ]
+  for label, r in rows.items():
+    for batch in ('batch1', 'batch'):
+      speedup, overhead = r[batch]['speedup'][0], rows['full'][batch]['speedup'][0]
+      ideal = L / r['avg_layers_decode'][0]
+      lines.append(
+        f'| {label} | {batch} | {speedup:.2f}x | {overhead:.2f}x | {speedup / overhead:.2f}x '
+        f'| {ideal:.2f}x |'
+      )
+  return '\n'.join(lines) + '\n'
+
+
 def results_table(results: dict, config, n: int) -> str:
   s, L = results['summary'], results['summary']['num_layers']
   ev = next(iter(config.evals.values()))
@@ -113,6 +144,7 @@ def results_table(results: dict, config, n: int) -> str:
       f'{_speedup(r["batch1"], n)} | {_speedup(r["batch"], n)} | '
       f'{_v(r["tokens_per_s_batch"], ".0f", n=n)} | {_v(r["tokens_per_s_normal_batch"], ".0f", n=n)} |'
     )
+  lines += ['', cost_breakdown(s, n)]
   train = results['train']
   if train['type'] == 'train':
     model = (

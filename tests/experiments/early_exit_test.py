@@ -127,6 +127,21 @@ def test_one_seed_table_has_no_spread():
   )
 
 
+def test_cost_breakdown_splits_the_speedup():
+  """speed-up 1.2x at 3 of 6 layers with a 0.6x never-exiting decoder: 2.0x measured saving (the
+  ideal 2.0x), the rest lost to deciding layer by layer."""
+  row = lambda label, speedup, layers: {
+    'setting': label,
+    'avg_layers_decode': [layers, 0.0],
+    **{b: {'speedup': [speedup, 0.0]} for b in ('batch1', 'batch')},
+  }
+  summary = {'num_layers': 6, 'settings': [row('full', 0.6, 6.0), row('conf_0.9', 1.2, 3.0)]}
+  table = ee.cost_breakdown(summary, 1)
+  assert '| full | batch1 | 0.60x | 0.60x | 1.00x | 1.00x |' in table
+  assert '| conf_0.9 | batch | 1.20x | 0.60x | 2.00x | 2.00x |' in table
+  assert ee.cost_breakdown({'num_layers': 6, 'settings': [row('agreement', 1.0, 5.0)]}, 1) == ''
+
+
 def test_bad_threshold(tmp_path):
   config = tiny_config()
   config.evals.early_exit.thresholds = (1.5,)
