@@ -229,24 +229,26 @@ def get_config(arg=None):
 
 def comparison_config(arg, args, *, reference_row: str) -> CD:
   """The base of a row-comparison config on this pipeline (configs/grpo/analysis.py,
-  configs/d2po/arith.py), from its parsed `args` (runlocal, repro, seeds, sft_from, sft_per_seed):
-  the runlocal sizes for `runlocal` and `repro`, an imported SFT policy for `sft_from`, 3 training
-  seeds by default for `repro`, `config.reference_row` (the table's paired differences are to that
-  row).
+  configs/d2po/arith.py), from its parsed `args` (runlocal, repro, gpu, seeds, sft_from,
+  sft_per_seed): the runlocal sizes for `runlocal`, `repro` and `gpu`, an imported SFT policy for
+  `sft_from`, 3 training seeds by default for `repro` / `gpu`, `config.reference_row` (the table's
+  paired differences are to that row).
 
-  `repro` trains the SFT policy once (seed 0, in `<workdir>/shared/sft`) and every training seed
-  post-trains it: the seeds vary the compared runs, not their common start (`sft_per_seed=True`
-  trains one SFT policy per seed instead). Its widths fit the trained levels 1-2 (prompts up to 178
-  byte tokens, solutions up to 61 with the stop token), which cuts the padded rows of the post-
-  training steps by a fifth."""
-  if args.runlocal and args.repro:
-    raise ValueError(f'config arg {arg!r}: runlocal and repro are alternatives; pick one')
-  base = ['runlocal'] if args.runlocal or args.repro else []
+  `repro` / `gpu` train the SFT policy once (seed 0, in `<workdir>/shared/sft`) and every training
+  seed post-trains it: the seeds vary the compared runs, not their common start (`sft_per_seed=True`
+  trains one SFT policy per seed instead). Their widths fit the trained levels 1-2 (prompts up to
+  178 byte tokens, solutions up to 61 with the stop token), which cuts the padded rows of the
+  post-training steps by a fifth. `gpu` keeps repro's SFT policy (its measured headroom) and spends
+  the accelerator on longer post-training (set by each config)."""
+  if args.runlocal + args.repro + args.gpu > 1:
+    raise ValueError(f'config arg {arg!r}: runlocal, repro and gpu are alternatives; pick one')
+  reproduction = args.repro or args.gpu
+  base = ['runlocal'] if args.runlocal or reproduction else []
   base += [f'sft_from={args.sft_from}'] if args.sft_from else []
   config = get_config(','.join(base) or None)
-  config.seeds = parse_seeds(args.seeds or ('0+1+2' if args.repro else '0'))
+  config.seeds = parse_seeds(args.seeds or ('0+1+2' if reproduction else '0'))
   config.reference_row = reference_row
-  if args.repro:
+  if reproduction:
     config.data.update(prompt_len=192, max_new_tokens=64)
     if not args.sft_from and not args.sft_per_seed:
       config.stage.sft.shared_seed = 0

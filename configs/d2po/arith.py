@@ -41,13 +41,16 @@ def row_name(gamma: float) -> str:
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, runlocal=False, repro=False, seeds='', sft_from='', sft_per_seed=False)
+  args = parse_arg(
+    arg, runlocal=False, repro=False, gpu=False, seeds='', sft_from='', sft_per_seed=False
+  )
   config = posttrain.comparison_config(arg, args, reference_row='dpo')
   stage = config.stage
   dpo = stage.dpo
-  if args.repro:  # more pairs and updates than runlocal, evaluated on the trained levels
-    stage.samples.update(limit=768, num_samples=4)
-    dpo.train.update(stage_steps(160, 16))
+  if args.repro or args.gpu:  # the pairs seen about once, evaluated on the trained levels
+    # repro ~900 pairs (2 CPU cores); gpu ~3000 (one H100, ~10 minutes for the table)
+    stage.samples.update(limit=10_000 if args.gpu else 3000, num_samples=4)
+    dpo.train.update(stage_steps(200 if args.gpu else 60, 16))
     posttrain.trained_levels_eval(config)
   rows = {}
   for gamma in GAMMAS:  # the same steps, batch, optimizer and beta as DPO

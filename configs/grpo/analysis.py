@@ -43,7 +43,10 @@ from configs.arith import posttrain
 from kuaijax.config_lib import parse_arg, stage_steps
 
 CD = ml_collections.ConfigDict
-REPRO_STEPS = 40  # GRPO steps of 16 prompts x 8 samples per row in `repro`
+# (steps, prompts per step) of every GRPO row, 8 samples per prompt: `repro` (2 CPU cores) and
+# `gpu` (one H100, ~10 minutes for the table: 6x the rollouts per row).
+REPRO_STEPS = (40, 16)
+GPU_STEPS = (120, 32)
 
 # Row -> the GRPO options that differ from the reference row, grpo_all.
 VARIANTS = {
@@ -64,10 +67,17 @@ LABELS = {
 
 def get_config(arg=None):
   args = parse_arg(
-    arg, runlocal=False, repro=False, stages='', seeds='', sft_from='', sft_per_seed=False
+    arg,
+    runlocal=False,
+    repro=False,
+    gpu=False,
+    stages='',
+    seeds='',
+    sft_from='',
+    sft_per_seed=False,
   )
   config = posttrain.comparison_config(arg, args, reference_row='grpo_all')
-  small = args.runlocal or args.repro
+  small = args.runlocal or args.repro or args.gpu
   rows = [r for r in args.stages.replace('+', ',').split(',') if r] or list(VARIANTS)
   unknown = sorted(set(rows) - set(VARIANTS) - {'sft'})
   if unknown:
@@ -77,8 +87,8 @@ def get_config(arg=None):
     block = posttrain.grpo_stage(change.get('reward', 'exact_answer'))
     block.label = LABELS[name]
     block.options.update({k: v for k, v in change.items() if k != 'reward'})
-    if args.repro:
-      block.train.update(stage_steps(REPRO_STEPS, 16))
+    if args.repro or args.gpu:
+      block.train.update(stage_steps(*(GPU_STEPS if args.gpu else REPRO_STEPS)))
       block.optimizer.update(lr=2e-4, warmup_steps=2)
     elif small:
       block.train.update(stage_steps(20, 8))

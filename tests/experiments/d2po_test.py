@@ -28,6 +28,9 @@ def test_gamma_rows_differ_from_dpo_only_in_the_loss():
     assert block == {k: v for k, v in dpo.items() if k not in ('loss', 'method', 'label')}
   with pytest.raises(ValueError, match='alternatives'):
     load_config(CONFIG + ':repro,runlocal')
+  gpu = load_config(CONFIG + ':gpu')  # the same SFT policy, more pairs and updates
+  assert gpu.stage.sft.to_dict() == config.stage.sft.to_dict() and gpu.stage.samples.limit == 10_000
+  assert gpu.stage.d2po_g090.train.steps == gpu.stage.dpo.train.steps == 200
   shared = load_config(CONFIG + ':repro,sft_from=/tmp/policy/sft')
   assert shared.stage.sft.type == 'params' and shared.stage.sft.path == '/tmp/policy/sft'
   assert shared.stage.d2po_g098.to_dict() == config.stage.d2po_g098.to_dict()

@@ -21,6 +21,11 @@ def test_rows_change_one_option_each():
   assert config.seeds == (0, 1, 2)
   assert config.stage.sft.shared_seed == 0  # one SFT policy, post-trained by every seed
   assert 'shared_seed' not in load_config(CONFIG + ':repro,sft_per_seed=True').stage.sft
+  gpu = load_config(CONFIG + ':gpu')  # the same rows and SFT policy, longer GRPO
+  assert gpu.stages == config.stages and gpu.stage.sft.to_dict() == config.stage.sft.to_dict()
+  assert (gpu.stage.grpo_length.train.steps, gpu.stage.grpo_length.train.batch_size) == (120, 32)
+  with pytest.raises(ValueError, match='alternatives'):
+    load_config(CONFIG + ':gpu,repro')
   rows = config.stages.split(',')
   assert rows == [
     'sft',
