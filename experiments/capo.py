@@ -1,6 +1,7 @@
 """Parrot / CaPO on kj_dialog: the stage pipeline of `configs/capo/parrot.py` once per seed, then the
-table (kj_dialog-8 accuracy per turn and on context-dependent turns, context sensitivity; mean ± std
-over seeds), the accuracy-by-turn plot and the loss curves.
+tables (kj_dialog-8 accuracy per turn and on context-dependent turns, context sensitivity; on
+held-out CaPO pairs, preference and implicit-reward accuracy per negative kind; mean ± std over
+seeds), the accuracy-by-turn plot and the loss curves.
 """
 
 from __future__ import annotations
@@ -47,9 +48,44 @@ def _cell(values, scale=100.0, digits=1) -> str:
   return f'{v.mean():.{digits}f} ± {std:.{digits}f}'
 
 
+def pairs_table(runs: dict, config) -> list[str]:
+  """Markdown lines: per policy and negative kind (and all kinds), the preference accuracy and the
+  implicit-reward accuracy (%) on the held-out pairs of `kj_dialog_pairs`; [] without that
+  evaluation."""
+  ev = config.evals.get('kj_dialog_pairs')
+  rows = policy_rows(runs)
+  if ev is None or not any('pairs/all/count' in row for row in rows.values()):
+    return []
+  kinds = (*ev.kinds, 'all')
+  counts = next(row for row in rows.values() if 'pairs/all/count' in row)
+  sizes = ', '.join(f'{k} {int(counts[f"pairs/{k}/count"][0])}' for k in kinds)
+  ref = ev.reference
+  ref_label = config.stage[ref].get('label', ref) if ref in config.stage else ref
+  lines = [
+    f'## Held-out CaPO pairs ({ev.split} split, {ev.sessions} sessions; pairs: {sizes}): '
+    f'preference / implicit-reward accuracy (%), {report.spread_note(runs)}',
+    '',
+    'pref. = log pi(chosen) > log pi(rejected), the summed log-probs of the final answer as the '
+    f'CaPO loss scores them; reward = beta (log pi - log ref)(chosen) > the same for rejected, '
+    f'beta {ev.beta}, ref = {ref_label} ({ref_label} itself: 0 by definition; - = no reference '
+    'available when the policy was evaluated).',
+    '',
+    '| policy | ' + ' | '.join(f'{k} pref. | {k} reward' for k in kinds) + ' |',
+    '|---|' + '---:|' * (2 * len(kinds)),
+  ]
+  for label, row in rows.items():
+    cells = []
+    for k in kinds:
+      cells += [_cell(row.get(f'pairs/{k}/preference_accuracy'))]
+      cells += [_cell(row.get(f'pairs/{k}/reward_accuracy'))]
+    lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  return ['', *lines]
+
+
 def results_table(runs: dict, config) -> str:
   """Markdown: per policy, accuracy (%) per turn, on context-dependent / self-contained turns, and
-  the context-sensitivity measure (nats), mean ± std over seeds; then the Parrot-Ask statistics."""
+  the context-sensitivity measure (nats), mean ± std over seeds; then `pairs_table` and the
+  Parrot-Ask statistics."""
   ev = config.evals.kj_dialog8
   turns = range(1, ev.num_turns + 1)
   lines = [
@@ -66,6 +102,7 @@ def results_table(runs: dict, config) -> str:
     cells += [_cell(row.get('accuracy/self_contained'))]
     cells += [_cell(row.get('context_sensitivity'), scale=1.0, digits=2)]
     lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  lines += pairs_table(runs, config)
   ask = [s['sessions']['summary'] for s in runs.values() if 'sessions' in s]
   if ask:
     lines += [

@@ -562,6 +562,7 @@ CAPO_OVERRIDES = {
   **{f'stage.sessions.{k}': v for k, v in dict(num_sessions=4, num_turns=3, batch_size=4).items()},
   'stage.sessions.max_new_tokens': 16,
   **{f'evals.kj_dialog8.{k}': v for k, v in dict(sessions=2, num_turns=2, batch_size=2).items()},
+  **{f'evals.kj_dialog_pairs.{k}': v for k, v in dict(sessions=2, batch_size=4).items()},
 }
 
 

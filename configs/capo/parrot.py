@@ -8,20 +8,25 @@ Stages (`kuaijax.stages`; methods in `kuaijax.methods.parrot`, stage types in `k
   pairs_<kind>  context-aware pairs from the Parrot-Ask sessions (neglect, hallucination,
                 misunderstanding, all = the three together)
   capo_<kind>   CaPO (sigmoid DPO, beta 0.1, final answer scored) from sft_long, sft_long the reference
-Every policy is evaluated on kj_dialog-8 (own history, exact match per turn, context sensitivity);
-`experiments/capo.py` runs the pipeline once per seed and writes the table and plots.
+Every policy is evaluated on kj_dialog-8 (own history, exact match per turn, context sensitivity)
+and on held-out CaPO pairs of each negative kind (`kj_dialog_pairs`, validation sessions: how often
+the policy's answer log-prob prefers the chosen answer, and its implicit reward against sft_long,
+which therefore runs before the other policies); `experiments/capo.py` runs the pipeline once per
+seed and writes the tables and plots.
 
 runlocal (2 CPU cores; a ~0.1M-parameter byte-level model; the ask model is too weak at this size to
 write well-formed queries, so sft_long and the pairs use the kj_dialog train sessions instead of the
 Parrot-Ask ones): 26 min wall for 3 training seeds on 2 CPU cores shared with other jobs (load
-average 13-23); every policy reached 0% exact match
-on kj_dialog-8 at this size (table in experiments/capo/README.md):
+average 13-23), measured before the kj_dialog_pairs evaluation (32 validation sessions here) was
+added; every policy reached 0% exact match on kj_dialog-8 at this size (table in
+experiments/capo/README.md):
   python -m kuaijax.main --config=configs/capo/parrot.py:runlocal --workdir=workdirs/capo
 full scale (one GPU host; ~25M parameters; not run yet):
   python -m kuaijax.main --config=configs/capo/parrot.py --workdir=workdirs/capo_full
 Args: `seeds=0+1+2` (training seeds, one pipeline each), `kinds=neglect+hallucination+misunderstanding+all`
 (the CaPO rows; `none` runs no CaPO stage), `stages=sft_short` (run only these stages and those they
-need, instead of the rows `kinds` implies).
+need, instead of the rows `kinds` implies; without sft_long before them, their implicit-reward
+metrics are left out).
 """
 
 import functools
@@ -41,6 +46,7 @@ from kuaijax.data.dialog import NEGATIVE_KINDS
 
 CD = ml_collections.ConfigDict
 KIND_ROWS = (*NEGATIVE_KINDS, 'all')
+CAPO_BETA = 0.1
 
 
 # One log line in 10 and a single checkpoint per stage (the stages are short).
@@ -95,7 +101,7 @@ def _stages() -> CD:
       batch_size=32,
       optimizer=capo_opt,
       options=dict(reference='precomputed'),
-      loss=dict(beta=0.1, label_smoothing=0.0),
+      loss=dict(beta=CAPO_BETA, label_smoothing=0.0),
     )
   return stage
 
@@ -117,6 +123,7 @@ def _runlocal(config) -> None:
     stage[f'capo_{kind}'].optimizer.update(lr=1e-4, warmup_steps=2)
     stage[f'pairs_{kind}'].limit = 32
   config.evals.kj_dialog8.update(sessions=8, batch_size=8)
+  config.evals.kj_dialog_pairs.update(sessions=32, batch_size=32)
   # At this size the ask model writes no well-formed query yet (0% in our runs), so the long-session
   # SFT and the CaPO pairs use the kj_dialog train sessions themselves (8-12 turns); the ask model
   # and its sessions still run for their statistics.
@@ -153,10 +160,22 @@ def get_config(arg=None):
   )
   config.models = CD(dict(policy=policy))
   config.stage = _stages()
-  # '' (the default): both SFT rows and the CaPO rows of `kinds`.
-  config.stages = args.stages or '+'.join(['sft_short', 'sft_long', *(f'capo_{k}' for k in kinds)])
+  # '' (the default): both SFT rows and the CaPO rows of `kinds`; sft_long first, so that every
+  # later policy is evaluated against it (the kj_dialog_pairs reference).
+  config.stages = args.stages or '+'.join(['sft_long', 'sft_short', *(f'capo_{k}' for k in kinds)])
   kj_dialog8 = dict(type='kj_dialog8', split='test', sessions=250, num_turns=8, history='own')
-  config.evals = CD(dict(kj_dialog8=CD(dict(kj_dialog8, batch_size=128))))
+  pairs = dict(
+    type='kj_dialog_pairs',
+    split='validation',  # held out: CaPO pairs come from train sessions, kj_dialog-8 from test
+    sessions=250,
+    kinds=NEGATIVE_KINDS,
+    reference='sft_long',
+    beta=CAPO_BETA,
+    batch_size=64,
+  )
+  config.evals = CD(
+    dict(kj_dialog8=CD(dict(kj_dialog8, batch_size=128)), kj_dialog_pairs=CD(pairs))
+  )
   if args.runlocal:
     _runlocal(config)
     if not args.stages:

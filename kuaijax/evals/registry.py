@@ -6,14 +6,21 @@ leave nothing to evaluate, e.g. multiple_choice with no tasks), registered where
 defined with `@register_evaluator('name')`; its docstring lists the options. No central list
 imports them: a kind not registered yet is found by importing every module of `kuaijax.evals`
 (the built-in kinds: lm_loss, moe_stats, multiple_choice, task_accuracy, passkey, kj_dialog8,
-mt_bench, ...) or, for a dotted kind 'mylab.evals.score', the module 'mylab.evals'. Evaluator
-modules import `register_evaluator` from here; this module imports none of them.
+kj_dialog_pairs, mt_bench, ...) or, for a dotted kind 'mylab.evals.score', the module
+'mylab.evals'. Evaluator modules import `register_evaluator` from here; this module imports none
+of them.
+
+An evaluator that names another stage of the pipeline (a reference policy) finds it through
+`current_stage()`: the pipeline's 'train' stages set it (`stage_scope`) around their evaluations to
+the stage's name and the parameters of the stages of the same run (seed) finished before it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from kuaijax.evals.base import Evaluators
 from kuaijax.registry import Registry
@@ -31,7 +38,7 @@ class EvalContext:
   lm_batches: Sequence[dict] | None = None  # lm_loss, moe_stats
   task_names: Sequence[str] = ()
   # (a checkpoint path or Hugging Face folder, model role) -> (graphdef, params) on the mesh: how
-  # an evaluator loads another model (a judge); given by the stage pipeline
+  # an evaluator loads another model (a judge, a reference policy); given by the stage pipeline
   load_model: Callable[[str, str], tuple] | None = None
 
   def require_lm_batches(self, kind: str) -> Sequence[dict]:
@@ -39,6 +46,37 @@ class EvalContext:
     if not self.lm_batches:
       raise ValueError(f'evaluator {kind!r} needs LM evaluation batches (an LM data section)')
     return self.lm_batches
+
+
+@dataclasses.dataclass(frozen=True)
+class StageScope:
+  """The pipeline stage whose model is being evaluated: its name, and per stage of the same run
+  finished before it that recorded parameters, (path, model role) as `EvalContext.load_model`
+  takes them."""
+
+  name: str
+  params: Mapping[str, tuple[str, str]]
+
+
+_STAGE_SCOPE: contextvars.ContextVar[StageScope | None] = contextvars.ContextVar(
+  'kuaijax_eval_stage_scope', default=None
+)
+
+
+@contextlib.contextmanager
+def stage_scope(name: str, params: Mapping[str, tuple[str, str]]):
+  """Evaluations inside this block evaluate stage `name`; `params`: {finished stage: (path,
+  role)}."""
+  token = _STAGE_SCOPE.set(StageScope(name, dict(params)))
+  try:
+    yield
+  finally:
+    _STAGE_SCOPE.reset(token)
+
+
+def current_stage() -> StageScope | None:
+  """The `stage_scope` of the evaluation in progress (None outside the pipeline's stages)."""
+  return _STAGE_SCOPE.get()
 
 
 # kind -> builder(options: dict, ctx: EvalContext) -> Evaluator | None

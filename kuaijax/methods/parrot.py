@@ -71,16 +71,23 @@ class ChatCaPO(CaPO):
   """CaPO on chat records: prompt = history + query in the chat layout, final answer scored."""
 
   def examples(self, records):
-    tok, seq_len = self.ctx.tokenizer, self.ctx.seq_len
     out, too_long, truncated = [], 0, 0
     for record in records:
-      sides = [chat.answer_ids(tok, record[side]) for side in ('chosen', 'rejected')]
-      room = seq_len - max(len(side) for side in sides)
-      prompt = chat.encode_prompt(record['messages'], tok, next_role='assistant', max_len=room)
-      example = None if prompt is None else pair_example(prompt[0], *sides, seq_len, tok.pad_id)
+      example, dropped = chat_pair_example(record, self.ctx.tokenizer, self.ctx.seq_len)
       if example is None:
         too_long += 1
         continue
-      truncated += prompt[1] > 0
+      truncated += dropped > 0
       out.append(example)
     return out, {'pairs': len(out), 'too_long': too_long, 'truncated_from_oldest': truncated}
+
+
+def chat_pair_example(record: dict, tokenizer, seq_len: int) -> tuple[dict | None, int]:
+  """(pair example, exchanges dropped from the oldest) of a CaPO chat record in the `chat_capo`
+  layout: history + query as the prompt, each answer (`chat.answer_ids`) the scored completion;
+  (None, 0) when even the query and the longer answer alone do not fit in seq_len."""
+  sides = [chat.answer_ids(tokenizer, record[side]) for side in ('chosen', 'rejected')]
+  room = seq_len - max(len(side) for side in sides)
+  prompt = chat.encode_prompt(record['messages'], tokenizer, next_role='assistant', max_len=room)
+  example = None if prompt is None else pair_example(prompt[0], *sides, seq_len, tokenizer.pad_id)
+  return example, (0 if example is None else prompt[1])

@@ -8,10 +8,11 @@ from flax import nnx
 
 from kuaijax import parallel
 from kuaijax.data import sequences
+from kuaijax.evals import registry as eval_registry
 from kuaijax.methods import MethodContext, get_method
 from kuaijax.sampling import sample_completions
 from kuaijax.stages import roles
-from kuaijax.stages.base import Stage, cycle, register_stage_type
+from kuaijax.stages.base import Stage, cycle, params_of, register_stage_type
 from kuaijax.train import lm_task
 from kuaijax.train.trainer import check_batch_config, param_layout, train
 
@@ -48,6 +49,15 @@ def stage_train_config(stage: Stage, *, seed: int):
   return out
 
 
+def eval_scope(stage: Stage):
+  """`kuaijax.evals.registry.stage_scope` for the evaluations of `stage`: its name and the
+  parameters of the stages finished before it (an evaluator's reference policy, e.g. CaPO pairs)."""
+  finished = {name: params_of(info) for name, info in stage.done.items() if 'params' in info}
+  return eval_registry.stage_scope(
+    stage.name, {name: (src.path, src.role) for name, src in finished.items()}
+  )
+
+
 @register_stage_type('train', refs=('init_from', 'reference', 'data'))
 def train_stage(stage: Stage) -> dict:
   """Trains the role `model` (default 'policy') with `method` (a name in
@@ -77,17 +87,18 @@ def train_stage(stage: Stage) -> dict:
     examples, batch_size=micro, seed=stage.seed('data'), **parallel.this_process()
   )
   evaluators = stage.pipeline.evaluators()
-  result = train(
-    cfg,
-    stage.dir,
-    model_factory=lm_task.model_factory(cfg.model),
-    loss_fn=method.loss_fn,
-    train_dataset=dataset,
-    evaluate=evaluators.evaluate if evaluators.evaluators and b.get('evaluate', True) else None,
-    frozen=frozen,
-    prepare_batch=method.rollout,
-    count_tokens=method.count_tokens,
-  )
+  with eval_scope(stage):
+    result = train(
+      cfg,
+      stage.dir,
+      model_factory=lm_task.model_factory(cfg.model),
+      loss_fn=method.loss_fn,
+      train_dataset=dataset,
+      evaluate=evaluators.evaluate if evaluators.evaluators and b.get('evaluate', True) else None,
+      frozen=frozen,
+      prepare_batch=method.rollout,
+      count_tokens=method.count_tokens,
+    )
   stage.set_params(stage.dir)
   stage.outputs['eval'] = result.last_eval
   last = result.history[-1] if result.history else {}

@@ -27,6 +27,7 @@ def tiny_config(arg):
       block.update(data='task:train', limit=4)  # a 2-step ask model writes no usable query yet
   config.stage.sessions.update(num_sessions=4, num_turns=3, max_new_tokens=16, batch_size=4)
   config.evals.kj_dialog8.update(sessions=2, num_turns=2, batch_size=2)
+  config.evals.kj_dialog_pairs.update(sessions=2, batch_size=4)
   return config
 
 
@@ -36,6 +37,14 @@ def _check_outputs(workdir, results, labels, seeds):
   assert set(results['rows']) == set(labels)
   for row in results['rows'].values():
     assert len(row['accuracy/turn_1']) == seeds and 'context_sensitivity' in row
+    for kind in ('neglect', 'hallucination', 'misunderstanding', 'all'):
+      for metric in ('preference_accuracy', 'reward_accuracy', 'margin', 'reward_margin'):
+        assert len(row[f'pairs/{kind}/{metric}']) == seeds
+  assert '## Held-out CaPO pairs (validation split, 2 sessions;' in table
+  # sft_long is the implicit-reward reference: against itself every reward is 0.
+  long_sft = results['rows']['SFT, long sessions']
+  assert long_sft['pairs/all/reward_accuracy'] == [0.0] * seeds
+  assert long_sft['pairs/all/reward_margin'] == [0.0] * seeds
   saved = json.loads((workdir / 'results.json').read_text())
   assert saved['rows'] == results['rows']
   for name in ('accuracy_by_turn.png', 'loss_curves.png'):
@@ -43,9 +52,12 @@ def _check_outputs(workdir, results, labels, seeds):
 
 
 def test_tiny_pipeline_writes_the_table(tmp_path):
-  """One SFT row (the other stages: the slow test and tests/methods/parrot_test.py)."""
-  results = capo.run(tiny_config('seeds=0,stages=sft_short'), str(tmp_path))
-  _check_outputs(tmp_path, results, ['SFT, short sessions (1-2 turns)'], seeds=1)
+  """The two SFT rows (the other stages: the slow test and tests/methods/parrot_test.py)."""
+  results = capo.run(tiny_config('seeds=0,stages=sft_long+sft_short'), str(tmp_path))
+  labels = ['SFT, long sessions', 'SFT, short sessions (1-2 turns)']
+  _check_outputs(tmp_path, results, labels, seeds=1)
+  short = results['rows']['SFT, short sessions (1-2 turns)']
+  assert short['pairs/all/reward_margin'][0] != 0.0  # scored against sft_long, another model
 
 
 @pytest.mark.slow
@@ -65,11 +77,15 @@ def test_every_row_over_two_seeds(tmp_path):
 
 def test_config_args():
   config = load_config(f'{CONFIG}:runlocal,kinds=neglect+all,seeds=0+1')
-  assert config.stages == 'sessions+sft_short+sft_long+capo_neglect+capo_all' and config.seeds == (
+  # sft_long first: it is the reference of every later policy's kj_dialog_pairs evaluation.
+  assert config.stages == 'sessions+sft_long+sft_short+capo_neglect+capo_all' and config.seeds == (
     0,
     1,
   )
   assert load_config(f'{CONFIG}:stages=sft_short').stages == 'sft_short'
-  assert load_config(f'{CONFIG}:kinds=none').stages == 'sft_short+sft_long'
+  assert load_config(f'{CONFIG}:kinds=none').stages == 'sft_long+sft_short'
+  pairs = config.evals.kj_dialog_pairs
+  assert (pairs.type, pairs.split, pairs.reference) == ('kj_dialog_pairs', 'validation', 'sft_long')
+  assert pairs.beta == config.stage.capo_all.loss.beta
   with pytest.raises(ValueError, match='random'):
     load_config(f'{CONFIG}:kinds=random')
