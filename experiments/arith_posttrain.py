@@ -6,7 +6,8 @@ Every stage (SFT, sampling, pairs, DPO, RFT, RLMEC rewrites, RLMEC, GRPO) runs t
 `config.evals` (held-out accuracy by level, sampled over several sampling seeds, plus greedy).
 This file only builds the tables (results.md / results.json) and the loss curves (loss_curves.png):
 accuracy per level, greedy accuracy, mean completion length at evaluation and the multi-run fraction
-of problems solved in some but not all sampling runs ("uncertain"); for online GRPO stages the
+of problems solved in some but not all sampling runs ("uncertain") and in at least one ("solved in
+any run": pass@n over the n sampling runs); for online GRPO stages the
 training statistics from their logs (zero-advantage groups, injected samples, completion length);
 with `config.reference_row` (configs/grpo/analysis.py) every row's accuracy minus that row's on the
 same training seed; then each stage's steps, wall time and data summary.
@@ -88,8 +89,8 @@ def grpo_table(training: dict, labels: dict, seeds: int) -> str:
 
 
 def results_table(runs: dict, config, training: dict | None = None) -> str:
-  """Markdown: sampled accuracy (%) by level per policy, greedy, completion length and uncertain
-  fraction at evaluation; the GRPO training statistics; the paired differences to
+  """Markdown: sampled accuracy (%) by level per policy, greedy, completion length, solved-in-any-run
+  and uncertain fractions at evaluation; the GRPO training statistics; the paired differences to
   `config.reference_row`; then each stage's steps, wall time and data summary (first seed)."""
   ev = next(iter(config.evals.values()))
   groups = list(ev.groups)
@@ -104,8 +105,8 @@ def results_table(runs: dict, config, training: dict | None = None) -> str:
     '',
     '| policy | '
     + ' | '.join(f'level {k}' for k in groups)
-    + ' | all | greedy all | length (eval) | uncertain % |',
-    '|---|' + '---:|' * (len(groups) + 4),
+    + ' | all | greedy all | length (eval) | solved in any run % | uncertain % |',
+    '|---|' + '---:|' * (len(groups) + 5),
   ]
   first = runs[next(iter(runs))]
   labels = {name: _label(info['block']) for name, info in first.items() if 'eval' in info}
@@ -122,7 +123,7 @@ def results_table(runs: dict, config, training: dict | None = None) -> str:
       report.accuracy_cell(evals, 'accuracy'),
       report.accuracy_cell(evals, 'greedy/accuracy', sampled=False),
     ]
-    for key, scale in (('completion_length', 1), ('runs/uncertain', 100)):
+    for key, scale in (('completion_length', 1), ('runs/solved_any', 100), ('runs/uncertain', 100)):
       present = all(key in e for e in evals)
       cells.append(_mean_cell([scale * e[key] for e in evals]) if present else '-')
     lines.append(f'| {labels[name]} | ' + ' | '.join(cells) + ' |')

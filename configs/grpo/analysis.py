@@ -15,26 +15,33 @@ that SFT policy with the same prompts, group size, steps and optimizer:
 
 The tables (experiments/arith_posttrain.py, the post-training experiment): held-out accuracy per
 trained level (sampled, mean ± std over training seeds), greedy accuracy, mean completion length at
-evaluation, the multi-run fraction of problems solved in some but not all sampling runs
-("uncertain"); during training the fraction of groups whose advantages are all zero, the injected
-fraction and the completion length; then every row's accuracy minus `grpo_all`'s on the same
-training seed (`config.reference_row`).
+evaluation, the multi-run fractions of problems solved in any sampling run (pass@4) and in some but
+not all ("uncertain"); during training the fraction of groups whose advantages are all zero, the
+injected fraction and the completion length; then every row's accuracy minus `grpo_all`'s on the
+same training seed (`config.reference_row`).
 
 Args: `runlocal` (the posttrain runlocal policy: 0.84M parameters, byte tokens), `repro` (the same
-policy; every GRPO row 60 steps of 16 prompts x 8 samples; 3 training seeds), `stages=` rows (`sft`
-is added), `seeds=0+1+2`, `sft_from=<workdir>/seed_0/sft` (one finished SFT policy shared by every
-training seed, imported once: the seeds then vary the GRPO runs only).
+policy, SFT trained once (seed 0) and post-trained by 3 training seeds; every GRPO row 40 steps of
+16 prompts x 8 samples at lr 2e-4), `gpu` (the same SFT policy; 120 steps of 32 prompts x 8 per
+row, sized for ~10 minutes on one H100; never run on a device yet), `stages=` rows (`sft` is
+added), `seeds=0+1+2`, `sft_from=<workdir>/shared/sft` (import a finished SFT policy),
+`sft_per_seed=True` (one SFT policy per training seed instead of a shared one).
   python -m kuaijax.main --config=configs/grpo/analysis.py:repro --workdir=/tmp/kj_grpo_analysis
+  python -m kuaijax.main --config=configs/grpo/analysis.py:gpu --workdir=/tmp/kj_grpo_analysis_gpu
 
-Headroom, measured on the baseline before any comparison (2026-12-07, seed 0, `repro,seeds=0,
-stages=grpo_all`, 2 CPU cores shared with two other jobs: SFT 723 s, grpo_all 565 s): the SFT
-policy's sampled accuracy on the trained levels is 27.0 ± 2.5% (level 1 44.8%, level 2 9.2%; ± over 4
-sampling seeds), greedy 29.5%, and 32.5% of the problems are solved in some but not all of the 4
-runs: inside the 20-80% range, with room to improve and something to keep. grpo_all after 60 steps:
-29.0 ± 1.5% (+2.0 points, within the sampling spread), with 59% of its groups all right or all wrong
-(zero advantage). The full 3-seed table has not been run yet: at ~5 s per GRPO step on a quiet
-machine its 15 GRPO runs take longer than the 45-minute budget, so the step count is still to be
-sized (`sft_from=` already saves the three SFT runs).
+Headroom, measured on the baseline alone before any comparison (2026-12-07): the SFT policy samples
+27.0 ± 2.5% on the trained levels (level 1 44.8%, level 2 9.2%; ± over 4 sampling seeds), greedy
+29.5%; 46.0% of the problems are solved in some run, 32.5% in some but not all: inside the 20-80%
+range. The GRPO learning rate was chosen on grpo_all alone: 60 steps at 1e-4 moved nothing (28.0%).
+
+repro measured 2026-12-07 on 2 CPU cores (46 min 32 s wall, part of it next to short test runs;
+stage times: SFT 479 s, each GRPO row 135-163 s with its evaluation), ± over 3 training seeds:
+grpo_all 27.5 ± 0.8%; minus grpo_all on the same seed: negative-only -7.1 ± 2.0 points (lower on 3
+of 3 seeds), positive-only -3.0 ± 0.4 (3 of 3), length reward -0.3 ± 0.7, offline injection +1.0 ±
+1.0. GRPO sharpens rather than improves at this budget: solved-in-any-run falls from 46.0% to 39.8
+± 1.0 (all samples) and 31.7 ± 1.8 (negative-only), the uncertain fraction from 32.5% to ~20%;
+only injection keeps pass@4 (44.8 ± 1.0) while it turns 62% zero-advantage groups into 9%.
+experiments/arith/README.md has the table and what it shows.
 """
 
 import ml_collections
