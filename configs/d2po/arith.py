@@ -13,18 +13,26 @@ completion length at evaluation (the length bias: DPO-family training lengthens 
 policy's answers), the multi-run uncertain fraction, every row's accuracy minus DPO's on the same
 training seed (`config.reference_row`), and the pairs' length statistics in the stage table.
 
-Args: `runlocal` (the posttrain runlocal policy), `repro` (the same policy, 4x the sampled
-problems, 160 updates of 16 pairs, evaluated on the trained levels 1-2; 3 training seeds), `seeds=0+1+2`, `sft_from=<workdir>/seed_0/sft` (one finished SFT policy for every
-training seed).
+Args: `runlocal` (the posttrain runlocal policy), `repro` (the same policy, SFT trained once (seed
+0) and post-trained by 3 training seeds; 3000 sampled problems x 4 samples per seed, ~870 pairs seen
+about once: 60 updates of 16 pairs at lr 5e-5; evaluated on the trained levels 1-2), `gpu` (the same
+SFT policy; 10000 problems, 200 updates; sized for ~10 minutes on one H100, never run on a device
+yet), `seeds=0+1+2`, `sft_from=<workdir>/shared/sft` (import a finished SFT policy),
+`sft_per_seed=True` (one SFT policy per training seed).
   python -m kuaijax.main --config=configs/d2po/arith.py:repro --workdir=/tmp/kj_d2po
 
-First measurement (2026-12-07, `repro,seeds=0,sft_from=` the GRPO analysis probe's SFT policy, one
-training seed, ± over 4 sampling seeds; 24 min 55 s on 2 CPU cores): the SFT policy samples 27.0 ±
-2.5% on levels 1-2; its 768 x 4 samples give only 229 (correct, wrong) pairs, with equal mean lengths
-(37.5 vs 37.8 tokens: no length bias to exploit on kj_arith). 160 steps of 16 pairs (11 epochs of
-them) at lr 5e-5 over-fit: DPO 20.6 ± 1.9%, D2PO gamma 0.9 / 0.95 / 0.98 / 0.99 20.0 / 18.1 / 19.5
-/ 20.1% (within the sampling spread of DPO), evaluation lengths 38.8-40.1 vs SFT 40.6. The setting
-needs more pairs or fewer updates before the rows can be compared; not yet the 3-seed table.
+Sizing (chosen on DPO alone, one seed): 229 pairs for 11 epochs over-fit DPO to 20.6% from SFT's
+27.0%; the same pairs for one epoch (15 updates) left it at 26.9% with a loss still at ln 2.
+
+repro measured 2026-12-07 on 2 CPU cores: 39 min 44 s wall with the SFT stage copied from the GRPO
+analysis run (the same block; trained there in 479 s, so ~48 min from scratch), ± over 3 training
+seeds: DPO 27.6 ± 0.9%, D2PO gamma 0.9 / 0.95 / 0.98 / 0.99 27.4 ± 1.4 / 27.3 ± 1.4 / 28.3 ± 0.8 /
+28.4 ± 0.7%; paired minus DPO -0.2 ± 2.3 / -0.3 ± 2.0 / +0.7 ± 1.3 / +0.8 ± 1.3 points: no row
+separates. No length bias to remove: chosen and rejected are 37.5 and 37.7 tokens, evaluation
+lengths 40.6-40.7 for every row. Measured cause of gamma's small effect: a correct and a wrong
+solution of the same problem share their first 18 tokens (median), where the log-ratios cancel, so
+gamma^t only scales the differing tokens down (0.15 at gamma 0.9): D2PO 0.9 ends with 3-8x smaller
+reward margins than DPO. experiments/arith/README.md has the table and what it shows.
 """
 
 import ml_collections
