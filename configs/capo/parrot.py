@@ -16,10 +16,12 @@ seed and writes the tables and plots.
 
 runlocal (2 CPU cores; a ~0.1M-parameter byte-level model; the ask model is too weak at this size to
 write well-formed queries, so sft_long and the pairs use the kj_dialog train sessions instead of the
-Parrot-Ask ones): 26 min wall for 3 training seeds on 2 CPU cores shared with other jobs (load
-average 13-23), measured before the kj_dialog_pairs evaluation (32 validation sessions here) was
-added; every policy reached 0% exact match on kj_dialog-8 at this size (table in
-experiments/capo/README.md):
+Parrot-Ask ones): 16 min 54 s wall for 3 training seeds with the kj_dialog_pairs evaluation (32
+validation sessions) on 2 CPU cores shared with the test suite (2026-12-07); every policy reaches 0%
+exact match on kj_dialog-8 at this size, but on held-out pairs CaPO (neglect) moves the implicit
+reward to prefer the chosen answer on 92.4 ± 4.0% of neglect pairs, while CaPO on hallucination /
+misunderstanding stays at chance on its own kind (± over 3 training seeds; tables and what they
+show in experiments/capo/README.md):
   python -m kuaijax.main --config=configs/capo/parrot.py:runlocal --workdir=workdirs/capo
 full scale (one GPU host; ~25M parameters; not run yet):
   python -m kuaijax.main --config=configs/capo/parrot.py --workdir=workdirs/capo_full
