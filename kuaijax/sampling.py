@@ -631,3 +631,11 @@ def score_completion_lists(
     for r, k in enumerate(idx):
       out[k] = logps[r, : len(completions[k])].astype(np.float32)
   return out
+
+
+def pair_token_logps(model, batch):
+  """Per-token log-probs of both sides in one forward: (chosen [B, L], rejected [B, L])."""
+  tokens = jnp.concatenate([batch['chosen_tokens'], batch['rejected_tokens']])
+  mask = jnp.concatenate([batch['chosen_mask'], batch['rejected_mask']])
+  token_logps, _ = score(model, tokens, loss_mask=mask)
+  return jnp.split(token_logps, 2)

@@ -275,3 +275,16 @@ def corrupted_context(
     raise ValueError('misunderstanding needs at least two earlier exchanges')
   chosen = exchanges[int(rng.integers(len(exchanges) - 1))]
   return [*(dict(messages[i]) for i in range(start)), *(dict(messages[i]) for i in chosen), query]
+
+
+def chat_pair_example(record: dict, tokenizer, seq_len: int) -> tuple[dict | None, int]:
+  """(pair example, exchanges dropped from the oldest) of a CaPO chat record in the `chat_capo`
+  layout: history + query as the prompt, each answer (`answer_ids`) the scored completion;
+  (None, 0) when even the query and the longer answer alone do not fit in seq_len."""
+  sides = [answer_ids(tokenizer, record[side]) for side in ('chosen', 'rejected')]
+  room = seq_len - max(len(side) for side in sides)
+  prompt = encode_prompt(record['messages'], tokenizer, next_role='assistant', max_len=room)
+  example = (
+    None if prompt is None else sequences.pair_example(prompt[0], *sides, seq_len, tokenizer.pad_id)
+  )
+  return example, (0 if example is None else prompt[1])

@@ -258,3 +258,21 @@ class _LockstepDataset(grain.IterDataset):
 def stack(examples: Sequence[dict]) -> dict:
   """One batch dict of equally-shaped examples."""
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+# The layout of a preference pair (DPO family, CaPO): both sides as full rows with their loss masks.
+PAIR_FIELDS = ('chosen_tokens', 'chosen_mask', 'rejected_tokens', 'rejected_mask')
+
+
+def pair_example(prompt, chosen, rejected, seq_len: int, pad_id: int) -> dict | None:
+  """One pair in the shared layout, or None when either side does not fit in seq_len."""
+  c = encode_sequence(prompt, chosen, seq_len, pad_id)
+  r = encode_sequence(prompt, rejected, seq_len, pad_id)
+  if c is None or r is None:
+    return None
+  return {
+    'chosen_tokens': c[0],
+    'chosen_mask': c[1],
+    'rejected_tokens': r[0],
+    'rejected_mask': r[1],
+  }

@@ -6,7 +6,7 @@ generation (where kj_dialog-8 exact match is 0% for every policy, accuracy canno
 the sessions of a held-out kj_dialog split ('validation' by default; CaPO trains on pairs from train
 sessions or from Parrot-Ask sessions that continue train openings, and kj_dialog-8 evaluates on
 'test'; 'train' is refused). Each pair is laid out and scored as the `chat_capo` method scores it in
-training (`methods.parrot.chat_pair_example`, `methods.dpo.pair_token_logps`): the history and the
+training (`data.chat.chat_pair_example`, `sampling.pair_token_logps`): the history and the
 query as the prompt (cut from the oldest exchanges to seq_len), and the summed log-prob of the final
 answer's tokens (its content, turn ending and eos), not length-normalised, as `capo_loss` (sigmoid
 DPO) takes it. With m = log pi(chosen) - log pi(rejected) and, against the reference policy, the
@@ -39,22 +39,20 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from absl import logging
 
-from kuaijax import parallel
-from kuaijax.data import dialog, sequences, tasks
+from kuaijax import parallel, sampling
+from kuaijax.data import chat, dialog, sequences, tasks
 from kuaijax.evals import registry
 from kuaijax.evals.base import Evaluator
 from kuaijax.evals.registry import register_evaluator
 from kuaijax.jit_cache import ParamsJit
 from kuaijax.losses import preference as pref
-from kuaijax.methods.dpo import PAIR_FIELDS, pair_token_logps
-from kuaijax.methods.parrot import chat_pair_example
 
 ALL = 'all'
 
 
 def _pair_logps(model, batch):
   """Summed log-probs of both sides of every pair, exactly as the CaPO loss sums them."""
-  chosen, rejected = pair_token_logps(model, batch)
+  chosen, rejected = sampling.pair_token_logps(model, batch)
   return (
     pref.sequence_logps(chosen, batch['chosen_mask'])[0],
     pref.sequence_logps(rejected, batch['rejected_mask'])[0],
@@ -144,12 +142,12 @@ class PairsEvaluator(Evaluator):
     for record in pairs:
       if record['negative'] not in kinds:
         continue
-      example, dropped = chat_pair_example(record, tokenizer, seq_len)
+      example, dropped = chat.chat_pair_example(record, tokenizer, seq_len)
       if example is None:
         too_long += 1
         continue
       truncated += dropped > 0
-      self.examples.append({k: example[k] for k in PAIR_FIELDS})
+      self.examples.append({k: example[k] for k in sequences.PAIR_FIELDS})
       negative.append(record['negative'])
     if not self.examples:
       raise ValueError(f'kj_dialog_pairs: no pair to score ({too_long} too long for seq_len)')

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -30,34 +29,9 @@ from kuaijax.data import sequences
 from kuaijax.jit_cache import ParamsJit
 from kuaijax.losses import preference as pref
 from kuaijax.methods.base import Method, register_method, tokens_or_text
-from kuaijax.sampling import score
+from kuaijax.sampling import pair_token_logps
 
 REFERENCE_SOURCES = ('precomputed', 'model')
-PAIR_FIELDS = ('chosen_tokens', 'chosen_mask', 'rejected_tokens', 'rejected_mask')
-
-
-def pair_example(prompt, chosen, rejected, seq_len: int, pad_id: int) -> dict | None:
-  """One pair in the shared layout, or None when either side does not fit in seq_len."""
-  c = sequences.encode_sequence(prompt, chosen, seq_len, pad_id)
-  r = sequences.encode_sequence(prompt, rejected, seq_len, pad_id)
-  if c is None or r is None:
-    return None
-  return {
-    'chosen_tokens': c[0],
-    'chosen_mask': c[1],
-    'rejected_tokens': r[0],
-    'rejected_mask': r[1],
-  }
-
-
-def pair_token_logps(model, batch):
-  """Per-token log-probs of both sides in one forward: (chosen [B, L], rejected [B, L])."""
-  tokens = jnp.concatenate([batch['chosen_tokens'], batch['rejected_tokens']])
-  mask = jnp.concatenate([batch['chosen_mask'], batch['rejected_mask']])
-  token_logps, _ = score(model, tokens, loss_mask=mask)
-  return jnp.split(token_logps, 2)
-
-
 _reference_logps = ParamsJit(pair_token_logps)
 
 
@@ -85,7 +59,7 @@ class _Pairwise(Method):
     for r in records:
       prompt = sequences.prompt_ids(tok, r['prompt'])
       chosen, rejected = (tokens_or_text(r, side, tok) for side in ('chosen', 'rejected'))
-      example = pair_example(prompt, chosen, rejected, self.ctx.seq_len, tok.pad_id)
+      example = sequences.pair_example(prompt, chosen, rejected, self.ctx.seq_len, tok.pad_id)
       if example is None:
         too_long += 1
         continue
@@ -102,7 +76,7 @@ class _Pairwise(Method):
     for start in range(0, len(examples), batch_size):
       chunk = examples[start : start + batch_size]
       padded = chunk + [chunk[0]] * (batch_size - len(chunk))
-      batch = sequences.stack([{k: e[k] for k in PAIR_FIELDS} for e in padded])
+      batch = sequences.stack([{k: e[k] for k in sequences.PAIR_FIELDS} for e in padded])
       chosen, rejected = parallel.host_value(_reference_logps(graphdef, params, batch))
       for i, e in enumerate(chunk):
         out.append({**e, 'ref_chosen_logps': chosen[i], 'ref_rejected_logps': rejected[i]})

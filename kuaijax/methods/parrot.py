@@ -17,7 +17,7 @@ from __future__ import annotations
 from kuaijax.config_lib import check_choice
 from kuaijax.data import chat, sequences
 from kuaijax.methods.base import Method, register_method
-from kuaijax.methods.dpo import CaPO, pair_example
+from kuaijax.methods.dpo import CaPO
 from kuaijax.train import lm_task
 
 
@@ -73,21 +73,10 @@ class ChatCaPO(CaPO):
   def examples(self, records):
     out, too_long, truncated = [], 0, 0
     for record in records:
-      example, dropped = chat_pair_example(record, self.ctx.tokenizer, self.ctx.seq_len)
+      example, dropped = chat.chat_pair_example(record, self.ctx.tokenizer, self.ctx.seq_len)
       if example is None:
         too_long += 1
         continue
       truncated += dropped > 0
       out.append(example)
     return out, {'pairs': len(out), 'too_long': too_long, 'truncated_from_oldest': truncated}
-
-
-def chat_pair_example(record: dict, tokenizer, seq_len: int) -> tuple[dict | None, int]:
-  """(pair example, exchanges dropped from the oldest) of a CaPO chat record in the `chat_capo`
-  layout: history + query as the prompt, each answer (`chat.answer_ids`) the scored completion;
-  (None, 0) when even the query and the longer answer alone do not fit in seq_len."""
-  sides = [chat.answer_ids(tokenizer, record[side]) for side in ('chosen', 'rejected')]
-  room = seq_len - max(len(side) for side in sides)
-  prompt = chat.encode_prompt(record['messages'], tokenizer, next_role='assistant', max_len=room)
-  example = None if prompt is None else pair_example(prompt[0], *sides, seq_len, tokenizer.pad_id)
-  return example, (0 if example is None else prompt[1])
