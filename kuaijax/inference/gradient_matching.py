@@ -305,8 +305,7 @@ def example_gradient_features(
   Returns:
     features [N, p] float32, or (features, mean [p]) with `return_mean`.
   """
-  if not isinstance(batch_size, int | np.integer) or batch_size < 1:
-    raise ValueError(f'batch_size must be an int >= 1, got {batch_size!r}')
+  # batch_size is checked by gradient_features_from_batches before it draws the first batch.
   return gradient_features_from_batches(
     model,
     _array_batches(tokens, loss_mask, batch_size),
