@@ -147,10 +147,8 @@ def results_table(runs: dict, config, training: dict | None = None) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def run(config, workdir: str) -> dict:
-  start = time.time()
-  os.makedirs(workdir, exist_ok=True)
-  runs = run_pipeline(config, workdir)
+def summarise(runs: dict, config) -> tuple[dict, str]:
+  """(results, markdown table) of a finished pipeline's `runs` ({seed: {stage: info}})."""
   first = runs[config.seeds[0]]
   training = {
     name: grpo_training([stages[name] for stages in runs.values()])
@@ -162,9 +160,16 @@ def run(config, workdir: str) -> dict:
     'order': list(first),
     'grpo_training': {name: stats for name, stats in training.items() if stats},
     'seeds': report.seeds_record(config),
-    'wall_s': time.time() - start,
   }
-  table = results_table(runs, config, training)
+  return results, results_table(runs, config, training)
+
+
+def run(config, workdir: str) -> dict:
+  start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  runs = run_pipeline(config, workdir)
+  results, table = summarise(runs, config)
+  results['wall_s'] = time.time() - start
   if jax.process_index() == 0:
     plots = plotting.write_loss_curves(workdir, report.trained_stage_dirs(runs, workdir))
     results['plots'] = [os.path.basename(p) for p in plots]

@@ -1,11 +1,13 @@
 """RLMEC on kj_arith end to end, beside its baselines, over several seeds: the table and the plots.
 
 The stages of the config (`configs/rlmec/arith.py`) run through `kuaijax.stages.run_pipeline` once
-per training seed of `config.seeds`, in `<workdir>/seed_<s>/`: every seed trains its own SFT policy,
-GRM and post-trained policies, so the spread over seeds is that of whole training runs. Re-running
-the command resumes (finished stages are kept). This file only builds results.md / results.json
-(accuracy per level, mean ± std over seeds; GRM quality; stage speeds), loss_curves.png,
-token_rewards.png and worked_example.md (one sample through every stage).
+per training seed of `config.seeds`, in `<workdir>/seed_<s>/` (stages with a `shared_seed`, e.g. the
+repro setting's SFT policy and GRM, once in `<workdir>/shared/`). Re-running the command resumes
+(finished stages are kept). This file only builds results.md / results.json (the post-training
+table of `experiments/arith_posttrain.py`: accuracy per level, greedy, length, multi-run fractions,
+paired differences to `config.reference_row`; then the GRM quality against the program teacher and
+the stage speeds), loss_curves.png, token_rewards.png and worked_example.md (one sample through
+every stage).
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
+from experiments import arith_posttrain
 from kuaijax import plotting
 from kuaijax.data import records as records_lib
 from kuaijax.data import tokenizers
 from kuaijax.results import write_results
 from kuaijax.stages import report, run_pipeline
-from kuaijax.stages.runner import parse_stage_list
 
 QUALITY_KEYS = ('locate_accuracy', 'rewrite_success', 'edit_distance_ratio')
 SPEED_KEYS = (
@@ -36,38 +38,26 @@ SPEED_KEYS = (
 )
 
 
-def summarise(per_seed: dict, config) -> dict:
-  """Rows (policies in `config.stages` order): eval keys as [mean, std] over seeds; GRM quality."""
-  groups = next(iter(config.evals.values())).groups
-  keys = [f'accuracy/level_{g}' for g in groups] + ['accuracy', 'greedy/accuracy']
-  rows = {}
-  for name in parse_stage_list(config.stages):
-    evals = [stages[name].get('eval') or {} for stages in per_seed.values() if name in stages]
-    row = {
-      k: report.mean_std([e[k] for e in evals])
-      for k in keys
-      if evals and all(k in e for e in evals)
-    }
-    if row:
-      rows[name] = {'label': config.stage[name].label, **row}
+def grm_summary(runs: dict) -> dict:
+  """GRM quality against the program teacher per training seed and [mean, std] over seeds, and the
+  stage speeds."""
   quality = {}
-  for seed, stages in per_seed.items():
+  for seed, stages in runs.items():
     q = {}
     if 'grm_rewrite' in stages:
       q.update({k: stages['grm_rewrite']['summary']['quality'][k] for k in QUALITY_KEYS})
     for name, key in (('rewards', 'reward_auc'), ('prog_rewards', 'programmatic_reward_auc')):
       if name in stages:
         q[key] = stages[name]['summary'].get('reward_auc', float('nan'))
-    quality[seed] = q
+    quality[str(seed)] = q
   keys = sorted(set.intersection(*(set(q) for q in quality.values()))) if quality else []
   return {
-    'rows': rows,
     'grm_quality': quality,
     'grm_quality_mean': {k: report.mean_std([q[k] for q in quality.values()]) for k in keys},
     'speed': {
-      f'{stage}/{key}': report.mean_std([s[stage]['summary'][key] for s in per_seed.values()])
+      f'{stage}/{key}': report.mean_std([s[stage]['summary'][key] for s in runs.values()])
       for stage, key in SPEED_KEYS
-      if all(stage in s for s in per_seed.values())
+      if all(stage in s for s in runs.values())
     },
   }
 
@@ -76,33 +66,16 @@ def _pct(pair) -> str:
   return f'{100 * pair[0]:.1f} ± {100 * pair[1]:.1f}'
 
 
-def results_table(results: dict, config) -> str:
-  ev = next(iter(config.evals.values()))
-  trained = set(config.data.levels)
-  head = [f'level {g}' + ('' if g in trained else ' (not trained)') for g in ev.groups]
-  n = len(config.seeds)
-  lines = [
-    f'## kj_arith held-out accuracy (%), {ev.split} split, {ev.per_group} problems per level',
-    '',
-    f'Mean ± std over {n} seeds of the accuracy sampled at T={ev.temperature} (each itself the '
-    f'mean over {len(ev.seeds)} sampling seeds); last column greedy. Each training seed trains '
-    'its own SFT policy, GRM and post-trained policies.',
-    '',
-    '| policy | ' + ' | '.join(head) + ' | all | greedy all |',
-    '|---|' + '---:|' * (len(head) + 2),
-  ]
-  for row in results['rows'].values():
-    keys = [f'accuracy/level_{g}' for g in ev.groups] + ['accuracy', 'greedy/accuracy']
-    cells = [_pct(row[k]) if k in row else '-' for k in keys]
-    lines.append(f'| {row["label"]} | ' + ' | '.join(cells) + ' |')
-  q = results['grm_quality_mean']
+def grm_table(summary: dict, seeds: int) -> str:
+  """Markdown: the GRM quality (mean ± std over `seeds` training seeds) and the stage speeds."""
+  lines = []
+  q = summary['grm_quality_mean']
   if q:
     cell = lambda k, pct: (
       (_pct(q[k]) if pct else f'{q[k][0]:.2f} ± {q[k][1]:.2f}') if k in q else '-'
     )
     lines += [
-      '',
-      f'## GRM quality on the policy samples (mean ± std over {n} seeds)',
+      f'## GRM quality on the policy samples (mean ± std over {seeds} training seeds)',
       '',
       "locate: the GRM names the program teacher's first wrong step; rewrite: the GRM's rewrite "
       'reaches the gold answer; edit ratio: token edit distance sample -> GRM rewrite over sample -> '
@@ -115,10 +88,11 @@ def results_table(results: dict, config) -> str:
       f'| {cell("locate_accuracy", True)} | {cell("rewrite_success", True)} | '
       f'{cell("edit_distance_ratio", False)} | {cell("reward_auc", False)} | '
       f'{cell("programmatic_reward_auc", False)} |',
+      '',
     ]
-  if results['speed']:
-    lines += ['', '| stage metric | mean ± std over seeds |', '|---|---:|']
-    for key, (mean, std) in results['speed'].items():
+  if summary['speed']:
+    lines += ['| stage metric | mean ± std over seeds |', '|---|---:|']
+    for key, (mean, std) in summary['speed'].items():
       lines.append(f'| {key} | {mean:,.3g} ± {std:,.2g} |')
   return '\n'.join(lines) + '\n'
 
@@ -214,17 +188,16 @@ def worked_example(stages: dict, tokenizer) -> str:
 def run(config, workdir: str) -> dict:
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
-  per_seed = run_pipeline(config, workdir)
-  results = {**summarise(per_seed, config), 'wall_s': time.time() - start}
-  results['per_seed'] = report.without_blocks(per_seed)
-  results['seeds'] = report.seeds_record(config)
-  table = results_table(results, config)
+  runs = run_pipeline(config, workdir)
+  results, table = arith_posttrain.summarise(runs, config)
+  results.update(grm_summary(runs), wall_s=time.time() - start)
+  table += '\n' + grm_table(results, len(runs))
   if jax.process_index() == 0:
-    first = per_seed[config.seeds[0]]
+    first = runs[config.seeds[0]]
     tokenizer = tokenizers.get_tokenizer(
       config.data.tokenizer, spm_model_path=config.data.spm_model_path or None
     )
-    plots = plotting.write_loss_curves(workdir, report.trained_stage_dirs(per_seed, workdir))
+    plots = plotting.write_loss_curves(workdir, report.trained_stage_dirs(runs, workdir))
     if 'rewards' in first:
       examples = _wrong_examples(first, 4)
       plots.append(

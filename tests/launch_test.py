@@ -510,6 +510,10 @@ RLMEC_OVERRIDES = {
   'stage.samples.limit': 4,
   'stage.samples.num_samples': 2,
   'stage.samples.batch_size': 4,
+  'stage.grm_samples.limit': 4,
+  'stage.grm_samples.offset': 4,
+  'stage.grm_samples.num_samples': 2,
+  'stage.grm_samples.batch_size': 4,
   'stage.grm_rewrite.batch_size': 8,
   'stage.rewards.batch_size': 8,
   'evals.arith.groups': (1, 3),
@@ -534,7 +538,16 @@ def test_rlmec_grm_pipeline_on_two_processes_matches_one_process(tmp_path):
   assert _launch(one, processes=1, devices=2, **common) == 0
   assert _launch(two, processes=2, devices=1, **common) == 0
   one, two = one / 'seed_0', two / 'seed_0'
-  for stage in ('samples', 'teacher', 'grm_data', 'grm_rewrite', 'rewards'):
+  judged = (
+    'samples',
+    'teacher',
+    'grm_samples',
+    'grm_teacher',
+    'grm_data',
+    'grm_rewrite',
+    'rewards',
+  )
+  for stage in judged:
     _assert_same_records(one / stage, two / stage)
   for stage in ('sft', 'grm', 'rlmec_prog', 'rlmec'):
     _assert_same_losses(one / stage, two / stage, steps=2)

@@ -62,17 +62,25 @@ def _train(method, label, data, *, steps, batch_size, lr, init_from='sft', **fie
 
 
 def _grm_stages() -> dict:
-  """Program teacher -> GRM data -> GRM (its own model role) -> GRM rewrites -> token rewards, and
-  the programmatic rewards beside them."""
-  teacher = dict(type='teacher', data='samples', batch_size=128)
+  """The GRM's own training data (the SFT policy's samples of other problems, judged by the program
+  teacher) -> the GRM (its own model role) -> its verdicts on the policy samples beside the program
+  teacher's -> token rewards; and the programmatic rewards. The GRM never sees the problems it
+  judges, so its locate accuracy is a held-out one."""
+  teacher = dict(type='teacher', teacher='program', compare='', max_prompt_len=0, batch_size=128)
   rewards = dict(type='rewards', auc_data='teacher', batch_size=128, max_len=2048)
   return dict(
-    teacher=CD(dict(teacher, teacher='program', compare='', max_prompt_len=0)),
-    grm_data=CD(dict(type='grm_data', data='teacher')),
+    teacher=CD(dict(teacher, data='samples')),
+    grm_samples=posttrain.sample_stage(
+      limit=8000, offset=8000, num_samples=5, temperature=0.7, top_p=0.95, batch_size=128
+    ),
+    grm_teacher=CD(dict(teacher, data='grm_samples')),
+    grm_data=CD(dict(type='grm_data', data='grm_teacher')),
     grm=_train(
       'sft', 'GRM', 'grm_data', steps=3000, batch_size=32, lr=2e-5, evaluate=False, model='grm'
     ),
-    grm_rewrite=CD(dict(teacher, teacher='grm', compare='teacher', max_prompt_len=1024)),
+    grm_rewrite=CD(
+      dict(teacher, data='samples', teacher='grm', compare='teacher', max_prompt_len=1024)
+    ),
     rewards=CD(dict(rewards, data='grm_rewrite', grm='grm')),
     prog_rewards=CD(dict(rewards, data='teacher', grm='')),
   )
@@ -132,56 +140,106 @@ def _stages() -> CD:
   return s
 
 
-def _small(config, *, gpu: bool) -> None:
-  """The gpu (one GPU; seed 0 took 5 min 51 s on an H200) and runlocal (2 CPU cores) sizes: levels
-  1-2 trained, level 3 held out, a small policy, short stages."""
+POST_ROWS = ('sft_more', 'rft', 'dpo', 'rlmec', 'rlmec_prog', 'grpo')
+JUDGES = ('teacher', 'grm_teacher', 'grm_rewrite', 'rewards', 'prog_rewards')
+GRM_STAGES = ('grm_samples', 'grm_teacher', 'grm_data', 'grm')
+
+
+def _resize(config, *, grm, post, judge_batch, max_len) -> None:
+  """Sizes in place: `grm` (steps, batch, lr) of the GRM, `post` (steps, sequences per step, lr) of
+  every post-training row (GRPO: sequences / 8 prompts x 8 samples), the judging stages' batch and
+  prompt (+ sample) width."""
+  s = config.stage
+  for name in JUDGES:
+    s[name].batch_size = judge_batch
+  for name in ('grm_rewrite', 'rewards', 'prog_rewards'):
+    s[name]['max_len' if 'rewards' in name else 'max_prompt_len'] = max_len
+  steps, batch_size, lr = grm
+  s.grm.train.update(_steps(steps, batch_size))
+  s.grm.optimizer.update(lr=lr, warmup_steps=max(1, steps // 30))
+  steps, batch_size, lr = post
+  for name in POST_ROWS:
+    s[name].train.update(_steps(steps, batch_size // 8 if name == 'grpo' else batch_size))
+    s[name].optimizer.update(lr=lr, warmup_steps=max(1, steps // 10))
+
+
+def _runlocal(config) -> None:
+  """runlocal (2 CPU cores): a 0.2M-parameter policy, levels 1-2 trained, level 3 held out, every
+  stage at toy size (the pipeline runs; the policy learns little)."""
   s = config.stage
   config.data.update(levels=(1, 2), seq_len=768, prompt_len=224, max_new_tokens=96)
-  config.evals.arith.update(groups=(1, 2, 3))
-  s.teacher.max_prompt_len = 640
-  s.grm_rewrite.max_prompt_len = 640
-  for name in ('rewards', 'prog_rewards'):
-    s[name].max_len = 768
-  if gpu:
-    policy = dict(d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=768)
-    sizes = dict(sft=(2000, 32, 2e-3), grm=(1000, 32, 1e-3))
-    post_steps, post_bs, post_lr, judge_batch = 100, 32, 5e-5, 250
-    s.samples.update(limit=1000, offset=0, batch_size=250)
-    config.evals.arith.update(per_group=100, batch_size=150)
-  else:
-    policy = dict(d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, d_ff=192)
-    sizes = dict(sft=(300, 8, 3e-3), grm=(120, 8, 2e-3))
-    post_steps, post_bs, post_lr, judge_batch = 20, 8, 5e-5, 32
-    s.samples.update(limit=48, num_samples=4, batch_size=48)
-    config.evals.arith.update(per_group=30, seeds=(0,), batch_size=90)
-  config.models.policy.update(dtype='float32', **policy)
-  for name in ('teacher', 'grm_rewrite', 'rewards', 'prog_rewards'):
-    s[name].batch_size = judge_batch
-  for name, (steps, batch_size, stage_lr) in sizes.items():
-    s[name].train.update(_steps(steps, batch_size))
-    s[name].optimizer.update(lr=stage_lr, warmup_steps=max(1, steps // 30))
-  for name in ('sft_more', 'rft', 'dpo', 'rlmec', 'rlmec_prog', 'grpo'):
-    batch = post_bs // 8 if name == 'grpo' else post_bs
-    s[name].train.update(_steps(post_steps, batch))
-    s[name].optimizer.update(lr=post_lr, warmup_steps=max(1, post_steps // 10))
+  config.evals.arith.update(groups=(1, 2, 3), per_group=30, seeds=(0,), batch_size=90)
+  config.models.policy.update(
+    dtype='float32', d_model=64, num_layers=3, num_heads=4, num_kv_heads=2, d_ff=192
+  )
+  s.sft.train.update(_steps(300, 8))
+  s.sft.optimizer.update(lr=3e-3, warmup_steps=10)
+  s.samples.update(limit=48, num_samples=4, batch_size=48)
+  s.grm_samples.update(limit=48, offset=48, num_samples=4, batch_size=48)
+  _resize(config, grm=(120, 8, 2e-3), post=(20, 8, 5e-5), judge_batch=32, max_len=768)
   config.train.update(progress=False)
 
 
-def get_config(arg=None):
-  args = parse_arg(arg, runlocal=False, gpu=False, stages=ROWS, seeds='0+1+2')
-  config = trainer_config(progress=True)
+def _reproduction(arg, args) -> CD:
+  """repro / gpu: the post-training comparison's SFT policy (configs/arith/posttrain.py, trained
+  once and shared by the training seeds; its sampled accuracy on levels 1-2 is ~27%), a GRM trained
+  once on that policy's samples of other problems, and per training seed: new samples, both
+  teachers, the rewards and every post-training row, evaluated on the trained levels 1-2."""
+  config = posttrain.comparison_config(arg, args, reference_row='sft_more')
+  sft = config.stage.sft
   config.experiment = 'rlmec'
-  config.seeds = parse_seeds(args.seeds)  # training seeds: one pipeline each, seed_<s>/
-  config.stages = args.stages.replace('+', ',')
-  config.data = posttrain.arith_data(seq_len=2048)
-  policy = lm_model(
-    vocab_size=384, d_model=768, num_layers=12, num_heads=12, num_kv_heads=4, d_ff=2048
-  )
-  config.models = CD(dict(policy=policy))
   config.stage = _stages()
-  config.evals = CD(dict(arith=posttrain.accuracy_eval(seeds=(0, 1, 2))))
-  if args.runlocal or args.gpu:
-    _small(config, gpu=args.gpu)
+  config.stage.sft = sft
+  config.stages = args.stages.replace('+', ',')
+  s = config.stage
+  for name in GRM_STAGES:
+    s[name].shared_seed = 0
+  sampled = dict(num_samples=4, batch_size=60)
+  if args.gpu:
+    s.samples.update(limit=4000, offset=0, **sampled)
+    s.grm_samples.update(limit=8000, offset=4000, **sampled)
+    _resize(config, grm=(3000, 32, 1e-3), post=(100, 64, 1e-4), judge_batch=250, max_len=512)
+  else:
+    s.samples.update(limit=1000, offset=0, **sampled)
+    s.grm_samples.update(limit=2000, offset=1000, **sampled)
+    _resize(config, grm=(800, 16, 1e-3), post=(30, 32, 1e-4), judge_batch=100, max_len=512)
+  posttrain.trained_levels_eval(config)
+  config.train.update(progress=False)
+  return config
+
+
+def get_config(arg=None):
+  args = parse_arg(
+    arg,
+    runlocal=False,
+    repro=False,
+    gpu=False,
+    stages=ROWS,
+    seeds='',
+    sft_from='',
+    sft_per_seed=False,
+  )
+  if args.repro or args.gpu:
+    config = _reproduction(arg, args)
+  else:
+    if args.sft_from or args.sft_per_seed:
+      raise ValueError(f'config arg {arg!r}: sft_from / sft_per_seed go with repro or gpu')
+    config = trainer_config(progress=True)
+    config.experiment = 'rlmec'
+    config.seeds = parse_seeds(args.seeds or '0+1+2')  # training seeds: one pipeline each
+    config.stages = args.stages.replace('+', ',')
+    config.data = posttrain.arith_data(seq_len=2048)
+    config.models = CD(
+      dict(
+        policy=lm_model(
+          vocab_size=384, d_model=768, num_layers=12, num_heads=12, num_kv_heads=4, d_ff=2048
+        )
+      )
+    )
+    config.stage = _stages()
+    config.evals = CD(dict(arith=posttrain.accuracy_eval(seeds=(0, 1, 2))))
+    if args.runlocal:
+      _runlocal(config)
   # The GRM is a model role of its own (the paper: the same architecture as the policy).
   config.models.grm = CD(config.models.policy.to_dict())
   return config

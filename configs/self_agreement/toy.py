@@ -32,6 +32,7 @@ from kuaijax.config_lib import (
   lm_model,
   parse_arg,
   parse_seeds,
+  stage_steps,
   train_stage,
   trainer_config,
 )
@@ -40,10 +41,12 @@ CD = ml_collections.ConfigDict
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, runlocal=False, hf='', stages='', seeds='0')
+  args = parse_arg(arg, runlocal=False, repro=False, gpu=False, hf='', stages='', seeds='')
+  if args.runlocal + args.repro + args.gpu > 1:
+    raise ValueError(f'config arg {arg!r}: runlocal, repro and gpu are alternatives; pick one')
   config = trainer_config()
   config.experiment = 'self_agreement'
-  config.seeds = parse_seeds(args.seeds)
+  config.seeds = parse_seeds(args.seeds or ('0+1+2' if args.repro or args.gpu else '0'))
   config.data = data_section(
     task='',  # the toy data comes from the toy_data stage, the questions from the evaluator
     tokenizer='hf' if args.hf else 'byte',
@@ -61,6 +64,8 @@ def get_config(arg=None):
   config.train.update(progress=True)
   if args.runlocal:
     _runlocal(config)
+  if args.repro or args.gpu:
+    _reproduction(config, gpu=args.gpu)
   return config
 
 
@@ -136,3 +141,23 @@ def _runlocal(config):
     config.models.policy.update(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=384)
   config.stage.sft.train.update(steps=300, batch_size=4, log_every=20, checkpoint_every=300)
   config.stage.sft.optimizer.update(lr=3e-3, warmup_steps=30)
+
+
+def _reproduction(config, *, gpu: bool) -> None:
+  """repro (2 CPU cores) / gpu (one GPU): the runlocal model trained long enough to solve some
+  held-out problems and to aggregate (the arithmetic seen about as often as by the post-training
+  comparison's SFT policy, ~27% sampled on levels 1-2), 3 training seeds, 50 test problems per
+  level, 50 word questions, 3 sampling seeds."""
+  _runlocal(config)
+  config.stage.toy_data.update(limit=4000, word_examples=1000, sets=1000)
+  config.evals.self_agreement.update(
+    train_word_examples=1000, problems_per_level=50, word_questions=50, seeds=(0, 1, 2)
+  )
+  steps, batch_size = (3000, 32) if gpu else (700, 8)
+  if gpu:  # a wider, deeper model on the full toy data
+    config.stage.toy_data.update(limit=0, word_examples=2000, sets=6000)
+    config.evals.self_agreement.update(train_word_examples=2000, seeds=(0, 1, 2, 3, 4))
+    config.models.policy.update(d_model=256, num_layers=6, num_heads=4, num_kv_heads=2, d_ff=768)
+  config.stage.sft.train.update(stage_steps(steps, batch_size))
+  config.stage.sft.optimizer.update(lr=3e-3 if not gpu else 1e-3, warmup_steps=30)
+  config.train.update(progress=False)

@@ -35,6 +35,7 @@ def tiny_config(seeds=(0,)):
       steps=2, batch_size=2, log_every=1, checkpoint_every=2, eval_every=2
     )
   config.stage.samples.update(limit=4, num_samples=2, batch_size=4)
+  config.stage.grm_samples.update(limit=4, offset=4, num_samples=2, batch_size=4)
   for name in ('grm_rewrite', 'rewards', 'prog_rewards'):
     config.stage[name].batch_size = 8
   config.evals.arith.update(groups=(1, 3), per_group=2, seeds=(0,), batch_size=4)
@@ -51,10 +52,12 @@ def test_pipeline_end_to_end(tmp_path):
   config = tiny_config(seeds=(0, 1))
   results = rlmec_exp.run(config, str(tmp_path))
   # every training seed trains its own SFT policy and GRM (the GRM as its own model role)
-  assert [results['per_seed'][s]['sft']['type'] for s in ('0', '1')] == ['train', 'train']
-  assert results['per_seed']['1']['grm']['model'] == 'grm'
+  runs = results['runs']
+  assert [runs[s]['sft']['type'] for s in ('0', '1')] == ['train', 'train']
+  assert runs['1']['grm']['model'] == 'grm'
   assert results['seeds'] == {'training': [0, 1], 'sampling': [0]}
-  assert list(results['rows']) == ['sft', 'rlmec_prog', 'rlmec']
+  assert {n for n in results['order'] if 'eval' in runs['0'][n]} == {'sft', 'rlmec_prog', 'rlmec'}
+  assert set(results['grm_quality']['1']) >= {'locate_accuracy', 'reward_auc'}
   assert os.path.exists(tmp_path / 'results.md') and os.path.exists(tmp_path / 'token_rewards.png')
   samples, teacher = read(tmp_path, 'samples'), read(tmp_path, 'teacher')
   assert len(samples) == len(teacher) == 8
@@ -65,11 +68,14 @@ def test_pipeline_end_to_end(tmp_path):
       t['error_step'], t['rewrite'], t['note']
     )
     assert t['reaches_gold']
-  # grm_data: 2 examples per usable wrong sample, plus copies
-  grm_data = read(tmp_path, 'grm_data')
-  wrong = sum(t['error_step'] > 0 for t in teacher)
+  # grm_data: 2 examples per wrong sample of the GRM's own samples, plus copies
+  grm_teacher, grm_data = read(tmp_path, 'grm_teacher'), read(tmp_path, 'grm_data')
+  assert {s['question'] for s in grm_teacher}.isdisjoint(s['question'] for s in samples)
   tasks = [r['task'] for r in grm_data]
-  assert tasks.count('locate') == tasks.count('rewrite') == wrong
+  assert (
+    tasks.count('locate') == tasks.count('rewrite') == sum(t['error_step'] > 0 for t in grm_teacher)
+  )
+  wrong = sum(t['error_step'] > 0 for t in teacher)
   # programmatic rewards: keep = alignment matches; rewards by the formula
   for r in read(tmp_path, 'prog_rewards'):
     sample, rewrite = np.asarray(r['completion_tokens']), np.asarray(r['rewrite_tokens'])
@@ -95,3 +101,30 @@ def test_pipeline_end_to_end(tmp_path):
       rl.rlmec_token_rewards(p[None], np.array([r['correct']]), np.ones((1, len(p))))[0],
       atol=1e-6,
     )
+
+
+def test_reproduction_settings_share_the_sft_policy_and_the_grm_and_equalise_the_rows():
+  config = load_config(os.path.join(REPO_ROOT, 'configs/rlmec/arith.py') + ':repro')
+  stage = config.stage
+  assert config.seeds == (0, 1, 2) and config.reference_row == 'sft_more'
+  for name in ('sft', 'grm_samples', 'grm_teacher', 'grm_data', 'grm'):
+    assert stage[name].shared_seed == 0, name
+  for name in ('samples', 'teacher', 'grm_rewrite', 'rewards', 'rlmec', 'grpo'):
+    assert stage[name].get('shared_seed') is None, name
+  # the GRM is trained on other problems than the ones it judges
+  assert stage.grm_samples.offset >= stage.samples.offset + stage.samples.limit
+  # every row: the same updates, sequences per update (GRPO: prompts x group) and learning rate
+  budgets = {
+    (
+      stage[n].train.steps,
+      stage[n].train.batch_size * (stage[n].options.group_size if n == 'grpo' else 1),
+      stage[n].optimizer.lr,
+    )
+    for n in ('sft_more', 'rft', 'dpo', 'grpo', 'rlmec_prog', 'rlmec')
+  }
+  assert len(budgets) == 1
+  gpu = load_config(os.path.join(REPO_ROOT, 'configs/rlmec/arith.py') + ':gpu')
+  assert gpu.stage.sft.to_dict() == stage.sft.to_dict()
+  assert gpu.stage.rlmec.train.steps > stage.rlmec.train.steps
+  with pytest.raises(ValueError, match='sft_from'):
+    load_config(os.path.join(REPO_ROOT, 'configs/rlmec/arith.py') + ':runlocal,sft_from=/x')

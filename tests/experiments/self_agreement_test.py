@@ -221,3 +221,19 @@ def test_a_pretrained_model_is_evaluated_as_imported_and_fine_tuned(tmp_path, mo
   sft = results['runs']['0']['sft']
   assert sft['summary']['steps'] == 2 and sft['model'] == 'policy'
   assert 'Training (sft, seed 0): 2 steps' in (tmp_path / 'run' / 'results.md').read_text()
+
+
+def test_reproduction_settings():
+  repro = load_config(CONFIG + ':repro')
+  runlocal = load_config(CONFIG + ':runlocal')
+  assert repro.seeds == (0, 1, 2) and runlocal.seeds == (0,)
+  assert repro.models.policy.to_dict() == runlocal.models.policy.to_dict()
+  assert repro.stage.sft.train.steps > runlocal.stage.sft.train.steps
+  ev, data = repro.evals.self_agreement, repro.stage.toy_data
+  # held-out word questions are the ones after the training ones
+  assert ev.train_word_examples == data.word_examples and len(ev.seeds) >= 3
+  gpu = load_config(CONFIG + ':gpu')
+  assert gpu.models.policy.d_model > repro.models.policy.d_model and gpu.seeds == (0, 1, 2)
+  assert gpu.evals.self_agreement.train_word_examples == gpu.stage.toy_data.word_examples
+  with pytest.raises(ValueError, match='alternatives'):
+    load_config(CONFIG + ':repro,gpu')

@@ -1,0 +1,117 @@
+"""A toy family of in-context tasks where the demonstrations carry the answer: hidden lookup tables.
+
+A task maps `num_keys` random 3-letter keys to labels (a label set per data set), and draws keys
+from a Zipf distribution: a few keys are frequent, most are rare. An example is one line
+`key -> label`. A model cannot know a task's table in advance: it answers a query `key ->` from the
+demonstrations in its prompt (copy the label of a demonstration with the same key), else it can only
+guess. So accuracy measures how much of the test distribution the chosen demonstrations cover, and
+demonstration selection matters: k random demonstrations repeat the frequent keys and miss others.
+
+- `LOOKUP_SETS`: the evaluation "data sets" (label words, number of keys, Zipf exponent);
+- `lookup_task` / `draw_examples`: a task's table and examples (optionally with label noise);
+- `meta_training_texts`: rows of many fresh tasks, each a run of `key -> label` lines, for training
+  a model to read a table in context (every label after the first occurrence of its key is
+  predictable from the context);
+- `icl_prompt`: k demonstrations then the query (any records with `prompt` and `completion`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import string
+
+SEPARATOR = ' -> '
+
+
+@dataclasses.dataclass(frozen=True)
+class LookupSet:
+  """An evaluation data set: label words (distinct first letters), keys per task, Zipf exponent."""
+
+  labels: tuple[str, ...]
+  num_keys: int
+  zipf: float
+
+
+LOOKUP_SETS = {
+  'colors': LookupSet(('red', 'blue', 'green', 'yellow', 'pink'), num_keys=48, zipf=1.0),
+  'yes_no': LookupSet(('yes', 'no'), num_keys=48, zipf=1.0),
+  'digits': LookupSet(tuple('0123456789'), num_keys=64, zipf=0.8),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LookupTask:
+  """A table key -> label and the key distribution (`weights`, summing to 1)."""
+
+  keys: tuple[str, ...]
+  labels: tuple[str, ...]
+  weights: tuple[float, ...]
+
+
+def _keys(rng: random.Random, n: int) -> tuple[str, ...]:
+  out: set[str] = set()
+  while len(out) < n:
+    out.add(''.join(rng.choice(string.ascii_lowercase) for _ in range(3)))
+  return tuple(sorted(out))
+
+
+def lookup_task(rng: random.Random, spec: LookupSet) -> LookupTask:
+  """A fresh task: random keys, a random label per key, Zipf weights over a random key order."""
+  if spec.num_keys < 1 or not spec.labels:
+    raise ValueError(f'a lookup task needs keys and labels, got {spec}')
+  keys = list(_keys(rng, spec.num_keys))
+  rng.shuffle(keys)  # rank order of the Zipf weights
+  raw = [1.0 / (rank + 1) ** spec.zipf for rank in range(len(keys))]
+  total = sum(raw)
+  return LookupTask(
+    keys=tuple(keys),
+    labels=tuple(rng.choice(spec.labels) for _ in keys),
+    weights=tuple(w / total for w in raw),
+  )
+
+
+def draw_examples(
+  task: LookupTask, n: int, rng: random.Random, *, label_words=(), noise: float = 0.0
+) -> list[dict]:
+  """n examples {key, label, clean} with keys drawn by the task's weights; with probability `noise`
+  the label is replaced by another word of `label_words` (clean=False)."""
+  if not 0.0 <= noise < 1.0:
+    raise ValueError(f'noise must be in [0, 1), got {noise}')
+  if noise and len(label_words) < 2:
+    raise ValueError('label noise needs at least two label_words')
+  index = rng.choices(range(len(task.keys)), weights=task.weights, k=n)
+  out = []
+  for i in index:
+    label, clean = task.labels[i], True
+    if noise and rng.random() < noise:
+      label, clean = rng.choice([w for w in label_words if w != label]), False
+    out.append({'key': task.keys[i], 'label': label, 'clean': clean})
+  return out
+
+
+def line(key: str, label: str) -> str:
+  return f'{key}{SEPARATOR}{label}'
+
+
+def query(key: str) -> str:
+  """The prompt line of a query; the answer follows as ' ' + label."""
+  return f'{key}{SEPARATOR.rstrip()}'
+
+
+def icl_prompt(demonstrations: list[dict], query_prompt: str) -> str:
+  """k demonstrations (their `prompt` + `completion`, one per line), then the query's prompt."""
+  return ''.join(d['prompt'] + d['completion'] + '\n' for d in demonstrations) + query_prompt
+
+
+def meta_training_texts(rng: random.Random, rows: int, *, lines: int) -> list[str]:
+  """`rows` texts of `lines` examples each, every row a fresh task of a random data set kind
+  (labels, keys and Zipf exponent of one of `LOOKUP_SETS`, new keys and table)."""
+  specs = list(LOOKUP_SETS.values())
+  texts = []
+  for _ in range(rows):
+    spec = rng.choice(specs)
+    task = lookup_task(rng, spec)
+    examples = draw_examples(task, lines, rng)
+    texts.append('\n'.join(line(e['key'], e['label']) for e in examples))
+  return texts

@@ -1,0 +1,112 @@
+"""Many-shot ICL by gradient matching end to end on tiny models, and the toy tasks' properties."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+from experiments import icl as icl_exp
+from kuaijax.config_lib import load_config
+from kuaijax.data import icl_toy
+from kuaijax.data import records as records_lib
+from kuaijax.inference import gradient_matching as gm
+from tests.conftest import REPO_ROOT
+
+CONFIG = os.path.join(REPO_ROOT, 'configs/icl/gradient_matching.py')
+TINY = dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=64)
+
+
+def tiny_config(arg='runlocal,seeds=0+1,ks=2+4'):
+  config = load_config(f'{CONFIG}:{arg}')
+  config.unlock()
+  config.parallel.num_devices = 1
+  config.train.update(progress=False, async_checkpoint=False)
+  stage = config.stage
+  stage.tasks.update(train=24, dev=6, test=6)
+  if 'meta_data' in stage:
+    stage.meta_data.update(rows=40, lines=8)
+    for role in ('policy', 'proxy'):
+      config.models[role].update(**TINY)
+    for name in ('proxy', 'target'):
+      stage[name].train.update(steps=2, batch_size=2, log_every=1, checkpoint_every=2, eval_every=2)
+      stage[name].optimizer.warmup_steps = 1
+  stage.features.update(projection_dim=64, batch_size=8)
+  stage.select.update(draws=2, best_of_n=2)
+  stage.icl_eval.batch_size = 6
+  config.data.prompt_len = 40  # the 4-shot prompts do not fit: the earliest demonstrations drop
+  config.lock()
+  return config
+
+
+def test_lookup_tasks_follow_their_table_and_zipf_weights():
+  rng = random.Random(0)
+  spec = icl_toy.LOOKUP_SETS['colors']
+  task = icl_toy.lookup_task(rng, spec)
+  assert len(set(task.keys)) == spec.num_keys and set(task.labels) <= set(spec.labels)
+  assert np.isclose(sum(task.weights), 1.0) and task.weights[0] / task.weights[1] == pytest.approx(
+    2.0
+  )
+  examples = icl_toy.draw_examples(task, 4000, rng)
+  table = dict(zip(task.keys, task.labels))
+  assert all(e['label'] == table[e['key']] and e['clean'] for e in examples)
+  top = sum(e['key'] == task.keys[0] for e in examples) / len(examples)
+  assert top == pytest.approx(task.weights[0], abs=0.02)
+  noisy = icl_toy.draw_examples(task, 4000, rng, label_words=spec.labels, noise=0.3)
+  wrong = [e for e in noisy if e['label'] != table[e['key']]]
+  assert len(wrong) / len(noisy) == pytest.approx(0.3, abs=0.03)
+  assert all(not e['clean'] for e in wrong)
+  demos = [{'prompt': 'abc ->', 'completion': ' red'}, {'prompt': 'xyz ->', 'completion': ' blue'}]
+  assert icl_toy.icl_prompt(demos, 'abc ->') == 'abc -> red\nxyz -> blue\nabc ->'
+  with pytest.raises(ValueError, match='noise'):
+    icl_toy.draw_examples(task, 3, rng, noise=1.0)
+
+
+def test_gradient_matching_represents_the_keys_in_proportion():
+  """With one feature direction per key (as the gradients of identical examples are), greedy
+  matching of the pool's mean is a largest-deficit rounding: after k picks every key appears within
+  one of k times its share of the pool."""
+  rng = random.Random(1)
+  task = icl_toy.lookup_task(rng, icl_toy.LookupSet(('a', 'b'), num_keys=8, zipf=1.0))
+  pool = icl_toy.draw_examples(task, 400, rng)
+  keys = sorted({e['key'] for e in pool})
+  features = np.eye(len(keys))[[keys.index(e['key']) for e in pool]]
+  share = features.mean(axis=0)
+  order, _ = gm.select_gradient_matching(features, 12)
+  for k in (4, 8, 12):
+    counts = features[order[:k]].sum(axis=0)
+    assert np.all(np.abs(counts - k * share) < 1), (k, counts, k * share)
+
+
+def test_tiny_pipeline_writes_the_table(tmp_path):
+  config = tiny_config()
+  results = icl_exp.run(config, str(tmp_path))
+  assert results['seeds']['training'] == [0, 1]
+  assert set(results['table']) == {'random', 'best_of_n', 'bm25', 'kmeans', 'gradient_matching'}
+  assert set(results['table']['random']) == {'2', '4'}
+  # one proxy for every seed, a target per seed
+  shared = tmp_path / 'shared' / 'proxy' / 'stage.json'
+  assert shared.exists() and (tmp_path / 'seed_1' / 'target' / 'stage.json').exists()
+  evals = records_lib.read_records(str(tmp_path / 'seed_0' / 'icl_eval' / 'data.jsonl'))
+  sel = records_lib.read_records(str(tmp_path / 'seed_0' / 'select' / 'data.jsonl'))
+  # prefixes: gradient matching's k=2 selection is the start of its k=4 one
+  gm2, gm4 = (
+    next(
+      s['indices']
+      for s in sel
+      if s['method'] == 'gradient_matching' and s['k'] == k and s['set'] == 'colors'
+    )
+    for k in (2, 4)
+  )
+  assert gm4[:2] == gm2
+  best = [r for r in evals if r['method'] == 'best_of_n']
+  assert best and all(r['candidates'] == 2 and 0 <= r['dev_accuracy'] <= 1 for r in best)
+  # the 4-shot prompts exceed prompt_len=40 tokens: demonstrations were dropped and counted
+  assert any(r['dropped_demonstrations'] > 0 for r in evals if r['k'] == 4)
+  assert all(r['dropped_demonstrations'] == 0 for r in evals if r['k'] == 2)
+  features = np.load(tmp_path / 'seed_0' / 'features' / 'features_colors.npy')
+  assert features.shape == (24, 64) and np.isfinite(features).all()
+  table = (tmp_path / 'results.md').read_text()
+  assert '| gradient matching |' in table and (tmp_path / 'accuracy_vs_k.png').exists()
+  json.loads((tmp_path / 'results.json').read_text())
