@@ -88,7 +88,7 @@ class ModelTeacher:
   tokenizer: object
   prompts: minimum_edit.GrmPrompts = dataclasses.field(default_factory=minimum_edit.GrmPrompts)
   max_prompt_len: int = 1024
-  locate_tokens: int = 16
+  locate_tokens: int | None = None  # None: the tokens of a locate answer naming step 999, + eos
   max_new_tokens: int = 256
   batch_size: int = 32
   stats: dict = dataclasses.field(default_factory=dict)
@@ -116,8 +116,11 @@ class ModelTeacher:
       minimum_edit.Edit(0, c.prediction, 'correct') if c.correct else None for c in cases
     ]
     wrong = [i for i, e in enumerate(result) if e is None]
+    locate_tokens = self.locate_tokens or (
+      len(self.tokenizer.encode(minimum_edit.locate_target(999))) + 1
+    )
     located = self._run(
-      [self.prompts.locate_prompt(cases[i]) for i in wrong], self.locate_tokens, 'locate'
+      [self.prompts.locate_prompt(cases[i]) for i in wrong], locate_tokens, 'locate'
     )
     plan = []  # (case index, k, note, copied prefix)
     for i, answer in zip(wrong, located):

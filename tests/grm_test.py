@@ -86,7 +86,10 @@ def test_model_teacher_logic_on_scripted_outputs(monkeypatch):
     texts = [tokenizer.decode(p) for p in prompts]
     phase = 'locate' if texts[0].startswith('Locate') else 'rewrite'
     seen[phase] = texts
-    outs = [np.asarray(tokenizer.encode(o) + [tokenizer.eos_id]) for o in script[phase]]
+    # cut at max_new_tokens as generation does: with byte tokens a whole locate answer is 28
+    outs = [
+      np.asarray(tokenizer.encode(o) + [tokenizer.eos_id])[:max_new_tokens] for o in script[phase]
+    ]
     return outs[: len(prompts)], {'samples': len(prompts)}
 
   monkeypatch.setattr(grm, 'greedy_continue', fake)
