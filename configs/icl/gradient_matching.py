@@ -22,7 +22,7 @@ Imported models and task files (Hugging Face folders; jsonl files of prompt / co
 per set and split, e.g. /data/icl/sst2/train.jsonl): no training, the proxy and target as they are
   python -m kuaijax.main --config=configs/icl/gradient_matching.py:proxy_hf=/models/Qwen2.5-0.5B,\
 target_hf=/models/Qwen2.5-3B,files=/data/icl/{set}/{split}.jsonl,sets=sst2+agnews --workdir=...
-Args: `seeds=0+1+2` (target training seeds), `ks=4+8+16+32+64`, `sets=` (toy set names or the
+Args: `seeds=0+1+2` (target training seeds), `ks=4+8+16+32+64+128`, `sets=` (toy set names or the
 file sets), `files=`, `proxy_hf=`, `target_hf=`.
 """
 
@@ -80,7 +80,7 @@ def get_config(arg=None):
     runlocal=False,
     gpu=False,
     seeds='0+1+2',
-    ks='4+8+16+32+64',
+    ks='4+8+16+32+64+128',
     sets='colors+yes_no+digits',
     files='',
     proxy_hf='',
@@ -97,7 +97,7 @@ def get_config(arg=None):
   config.data = data_section(
     task='',  # the sets come from the icl_tasks stage
     tokenizer='hf' if imported else 'byte',
-    seq_len=1024,  # meta-training rows (64 lines of at most 14 bytes)
+    seq_len=1024,  # meta-training rows (120 lines of at most 8 bytes)
     prompt_len=1024,  # the target's context for k-shot prompts (longer: earliest demos dropped)
     max_new_tokens=8,
   )
@@ -120,7 +120,7 @@ def get_config(arg=None):
     stage.target = CD(dict(type='params', label='target (imported)', model='policy'))
   else:
     config.models = CD(dict(policy=_model(128, 4), proxy=_model(64, 2)))
-    stage.meta_data = CD(dict(type='icl_meta_data', rows=20_000, lines=64, seed=1))
+    stage.meta_data = CD(dict(type='icl_meta_data', rows=20_000, lines=120, seed=1))
     stage.proxy = _meta_train('proxy', 'proxy', steps=2000, batch_size=16, lr=2e-3)
     stage.proxy.shared_seed = 0  # one selector; the training seeds vary the target
     stage.target = _meta_train('target', 'policy', steps=4000, batch_size=16, lr=1e-3)
@@ -161,8 +161,9 @@ def get_config(arg=None):
   config.evals = CD()  # the icl_eval stage is the evaluation
   config.stages = 'icl_eval'
   config.train.update(progress=False)
-  if args.runlocal:
-    stage.meta_data.rows = 6000
+  if args.runlocal:  # a 512-token context: k=128 prompts keep their last ~64 demonstrations
+    config.data.update(seq_len=512, prompt_len=512)
+    stage.meta_data.update(rows=6000, lines=60)
     stage.proxy.train.update(
       steps=400, batch_size=8, log_every=20, checkpoint_every=200, eval_every=400
     )

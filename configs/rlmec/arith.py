@@ -1,27 +1,32 @@
 """RLMEC on kj_arith end to end: a trained generative reward model (GRM) vs SFT / RFT / DPO / GRPO /
-RLMEC with the programmatic reward. The default runs 3 training seeds (`seeds=0+1+2`); the recorded
-runs have fewer: runlocal 2 training seeds, gpu 1 (experiments/rlmec/README.md has the numbers).
+RLMEC with the programmatic reward, at the same number of policy updates and sequences.
 
 Stages (`config.stage`, run through the stage pipeline, per-seed folders `<workdir>/seed_<s>/`):
-sft -> samples -> teacher (program) -> grm_data -> grm (SFT on locate/rewrite/copy targets, from the
-SFT policy) -> grm_rewrite (the GRM as teacher, compared with the program teacher) -> rewards (GRM
-keep-probabilities) -> rlmec; baselines on the same SFT policy and samples with the same number of
-update steps and batch size: sft_more (SFT continued), rft, pairs -> dpo, grpo (online),
-prog_rewards -> rlmec_prog. Every training seed trains its own SFT policy and GRM (in the recorded
-runlocal run, which predates this, seed 1 reused seed 0's SFT policy).
+sft -> samples -> teacher (program; the first wrong step and the minimal rewrite of every sample);
+the GRM's own data: grm_samples (the SFT policy's samples of OTHER problems) -> grm_teacher ->
+grm_data (locate / rewrite / copy targets) -> grm (SFT from the SFT policy, model role `grm`);
+grm_rewrite (the GRM judges the policy samples, compared with the program teacher: its locate
+accuracy is on problems it never saw) -> rewards (GRM keep-probabilities) -> rlmec; baselines from
+the same SFT policy and samples with the same updates, sequences per update and learning rate:
+sft_more (SFT continued), rft, pairs -> dpo, grpo (online), prog_rewards -> rlmec_prog.
 
-runlocal (2 CPU cores; byte tokens, 0.2M-parameter policy, levels 1-2 trained, level 3 held out;
-one sampling seed; seed 0 took 35.5 min of stage wall time on 2 cores shared with ~8 other jobs
-(load average 10-18), SFT 994 s of it; over 2 training seeds the rows reach 0-7% on level 1, so the
-table only shows that every stage runs; see the README):
+repro (2 CPU cores): the post-training comparison's SFT policy (configs/arith/posttrain.py, 0.84M
+parameters, levels 1-2; its sampled accuracy on levels 1-2 is ~27%: room to improve and something
+to keep), trained once (`<workdir>/shared/sft`) like the GRM (2000 problems x 4 samples, 800 steps
+x 16 rows); per training seed (3 by default) 1000 problems x 4 samples at T=0.7, both teachers, the
+rewards and every row (30 updates x 32 sequences at lr 1e-4; GRPO 4 prompts x 8), evaluated on
+100 test problems per trained level, 4 sampling runs + greedy; the table's paired differences are
+to `sft_more`. experiments/rlmec/README.md has the numbers.
+  python -m kuaijax.main --config=configs/rlmec/arith.py:repro --workdir=workdirs/rlmec_repro
+gpu (one GPU, ~10 minutes, never run on a device): repro's SFT policy; a GRM trained on 8000 problems
+for 3000 steps x 32; 4000 problems per seed; 100 updates x 64 sequences per row.
+runlocal (2 CPU cores; a 0.2M-parameter policy, every stage at toy size: the pipeline runs, the
+policy learns little):
   python -m kuaijax.main --config=configs/rlmec/arith.py:runlocal --workdir=workdirs/rlmec_arith
-gpu (one GPU; 3.2M parameters; 1 training seed recorded, seed 0 on an H200: 5 min 51 s wall, every
-row 65-67% over levels 1-3 (100 / 89-93 / 7-8%), ± over 3 sampling seeds; RLMEC within about two
-points of SFT at every level, which one training seed cannot rank; see the README):
-  python -m kuaijax.main --config=configs/rlmec/arith.py:gpu --workdir=workdirs/rlmec_arith_gpu
 full scale (the paper's hyper-parameters on a ~76M model, levels 1-4 trained; not run):
   python -m kuaijax.main --config=configs/rlmec/arith.py --workdir=gs://.../rlmec_arith
-Args: `stages=` the rows to run (their inputs are added), `seeds=0+1+2`.
+Args: `stages=` the rows to run (their inputs are added), `seeds=0+1+2`; with repro / gpu:
+`sft_from=<workdir>/shared/sft` (import a finished SFT policy), `sft_per_seed=True`.
 """
 
 import ml_collections

@@ -1,8 +1,8 @@
 """A toy family of in-context tasks where the demonstrations carry the answer: hidden lookup tables.
 
-A task maps `num_keys` random 3-letter keys to labels (a label set per data set), and draws keys
-from a Zipf distribution: a few keys are frequent, most are rare. An example is one line
-`key -> label`. A model cannot know a task's table in advance: it answers a query `key ->` from the
+A task maps `num_keys` random one-letter keys (a-z, A-Z) to labels (a label set per data set), and
+draws keys from a Zipf distribution: a few keys are frequent, most are rare. An example is one line
+`key:label`. A model cannot know a task's table in advance: it answers a query `key ->` from the
 demonstrations in its prompt (copy the label of a demonstration with the same key), else it can only
 guess. So accuracy measures how much of the test distribution the chosen demonstrations cover, and
 demonstration selection matters: k random demonstrations repeat the frequent keys and miss others.
@@ -11,7 +11,7 @@ demonstration selection matters: k random demonstrations repeat the frequent key
 - `lookup_task` / `draw_examples`: a task's table and examples (optionally with label noise);
 - `meta_training_texts`: rows of many fresh tasks, each a run of `key -> label` lines, for training
   a model to read a table in context (every label after the first occurrence of its key is
-  predictable from the context);
+  predictable from the context: the one-token keys make this an induction-head copy);
 - `icl_prompt`: k demonstrations then the query (any records with `prompt` and `completion`).
 """
 
@@ -21,7 +21,8 @@ import dataclasses
 import random
 import string
 
-SEPARATOR = ' -> '
+SEPARATOR = ':'
+KEY_ALPHABET = string.ascii_letters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +35,9 @@ class LookupSet:
 
 
 LOOKUP_SETS = {
-  'colors': LookupSet(('red', 'blue', 'green', 'yellow', 'pink'), num_keys=48, zipf=1.0),
+  'colors': LookupSet(('red', 'blue', 'green', 'gold', 'pink'), num_keys=48, zipf=1.0),
   'yes_no': LookupSet(('yes', 'no'), num_keys=48, zipf=1.0),
-  'digits': LookupSet(tuple('0123456789'), num_keys=64, zipf=0.8),
+  'digits': LookupSet(tuple('0123456789'), num_keys=48, zipf=0.8),
 }
 
 
@@ -49,19 +50,11 @@ class LookupTask:
   weights: tuple[float, ...]
 
 
-def _keys(rng: random.Random, n: int) -> tuple[str, ...]:
-  out: set[str] = set()
-  while len(out) < n:
-    out.add(''.join(rng.choice(string.ascii_lowercase) for _ in range(3)))
-  return tuple(sorted(out))
-
-
 def lookup_task(rng: random.Random, spec: LookupSet) -> LookupTask:
   """A fresh task: random keys, a random label per key, Zipf weights over a random key order."""
-  if spec.num_keys < 1 or not spec.labels:
-    raise ValueError(f'a lookup task needs keys and labels, got {spec}')
-  keys = list(_keys(rng, spec.num_keys))
-  rng.shuffle(keys)  # rank order of the Zipf weights
+  if not 1 <= spec.num_keys <= len(KEY_ALPHABET) or not spec.labels:
+    raise ValueError(f'a lookup task needs 1..{len(KEY_ALPHABET)} keys and labels, got {spec}')
+  keys = rng.sample(KEY_ALPHABET, spec.num_keys)  # in rank order of the Zipf weights
   raw = [1.0 / (rank + 1) ** spec.zipf for rank in range(len(keys))]
   total = sum(raw)
   return LookupTask(
@@ -95,8 +88,8 @@ def line(key: str, label: str) -> str:
 
 
 def query(key: str) -> str:
-  """The prompt line of a query; the answer follows as ' ' + label."""
-  return f'{key}{SEPARATOR.rstrip()}'
+  """The prompt line of a query; the label follows."""
+  return f'{key}{SEPARATOR}'
 
 
 def icl_prompt(demonstrations: list[dict], query_prompt: str) -> str:

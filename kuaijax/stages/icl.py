@@ -59,8 +59,8 @@ def _task_file(path: str, limit: int) -> list[dict]:
 def icl_tasks_stage(stage: Stage) -> dict:
   """Options: sets, train / dev / test (examples per split), noise (label noise of the training
   pool), seed, files. With files '' the sets are toy lookup tasks (names of `icl_toy.LOOKUP_SETS`):
-  one record per example with set, split, key, label, clean, prompt (the query line) and
-  completion (' ' + label). With files a pattern such as '/data/icl/{set}/{split}.jsonl', each
+  one record per example with set, split, key, label, clean, prompt (the query line `key:`) and
+  completion (the label). With files a pattern such as '/data/icl/{set}/{split}.jsonl', each
   set's splits are read from jsonl files of `prompt` / `completion` records (the first
   train / dev / test of each; 0 = all); a demonstration is its prompt + completion on one line, and
   an answer is right when the first generated line equals the completion, stripped."""
@@ -88,7 +88,7 @@ def icl_tasks_stage(stage: Stage) -> dict:
             'split': split,
             **e,
             'prompt': icl_toy.query(e['key']),
-            'completion': ' ' + e['label'],
+            'completion': e['label'],
           }
         )
   stage.write_data(out)

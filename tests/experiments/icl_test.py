@@ -18,7 +18,7 @@ CONFIG = os.path.join(REPO_ROOT, 'configs/icl/gradient_matching.py')
 TINY = dict(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=64)
 
 
-def tiny_config(arg='runlocal,seeds=0+1,ks=2+4'):
+def tiny_config(arg='runlocal,seeds=0+1,ks=2+8'):
   config = load_config(f'{CONFIG}:{arg}')
   config.unlock()
   config.parallel.num_devices = 1
@@ -35,7 +35,7 @@ def tiny_config(arg='runlocal,seeds=0+1,ks=2+4'):
   stage.features.update(projection_dim=64, batch_size=8)
   stage.select.update(draws=2, best_of_n=2)
   stage.icl_eval.batch_size = 6
-  config.data.prompt_len = 40  # the 4-shot prompts do not fit: the earliest demonstrations drop
+  config.data.prompt_len = 24  # the 8-shot prompts do not fit: the earliest demonstrations drop
   config.lock()
   return config
 
@@ -57,8 +57,8 @@ def test_lookup_tasks_follow_their_table_and_zipf_weights():
   wrong = [e for e in noisy if e['label'] != table[e['key']]]
   assert len(wrong) / len(noisy) == pytest.approx(0.3, abs=0.03)
   assert all(not e['clean'] for e in wrong)
-  demos = [{'prompt': 'abc ->', 'completion': ' red'}, {'prompt': 'xyz ->', 'completion': ' blue'}]
-  assert icl_toy.icl_prompt(demos, 'abc ->') == 'abc -> red\nxyz -> blue\nabc ->'
+  demos = [{'prompt': 'a:', 'completion': 'red'}, {'prompt': 'B:', 'completion': 'blue'}]
+  assert icl_toy.icl_prompt(demos, icl_toy.query('a')) == 'a:red\nB:blue\na:'
   with pytest.raises(ValueError, match='noise'):
     icl_toy.draw_examples(task, 3, rng, noise=1.0)
 
@@ -84,26 +84,26 @@ def test_tiny_pipeline_writes_the_table(tmp_path):
   results = icl_exp.run(config, str(tmp_path))
   assert results['seeds']['training'] == [0, 1]
   assert set(results['table']) == {'random', 'best_of_n', 'bm25', 'kmeans', 'gradient_matching'}
-  assert set(results['table']['random']) == {'2', '4'}
+  assert set(results['table']['random']) == {'2', '8'}
   # one proxy for every seed, a target per seed
   shared = tmp_path / 'shared' / 'proxy' / 'stage.json'
   assert shared.exists() and (tmp_path / 'seed_1' / 'target' / 'stage.json').exists()
   evals = records_lib.read_records(str(tmp_path / 'seed_0' / 'icl_eval' / 'data.jsonl'))
   sel = records_lib.read_records(str(tmp_path / 'seed_0' / 'select' / 'data.jsonl'))
-  # prefixes: gradient matching's k=2 selection is the start of its k=4 one
-  gm2, gm4 = (
+  # prefixes: gradient matching's k=2 selection is the start of its k=8 one
+  gm2, gm8 = (
     next(
       s['indices']
       for s in sel
       if s['method'] == 'gradient_matching' and s['k'] == k and s['set'] == 'colors'
     )
-    for k in (2, 4)
+    for k in (2, 8)
   )
-  assert gm4[:2] == gm2
+  assert gm8[:2] == gm2
   best = [r for r in evals if r['method'] == 'best_of_n']
   assert best and all(r['candidates'] == 2 and 0 <= r['dev_accuracy'] <= 1 for r in best)
-  # the 4-shot prompts exceed prompt_len=40 tokens: demonstrations were dropped and counted
-  assert any(r['dropped_demonstrations'] > 0 for r in evals if r['k'] == 4)
+  # the 8-shot prompts exceed prompt_len=24 tokens: demonstrations were dropped and counted
+  assert any(r['dropped_demonstrations'] > 0 for r in evals if r['k'] == 8)
   assert all(r['dropped_demonstrations'] == 0 for r in evals if r['k'] == 2)
   features = np.load(tmp_path / 'seed_0' / 'features' / 'features_colors.npy')
   assert features.shape == (24, 64) and np.isfinite(features).all()
