@@ -245,13 +245,14 @@ def _accuracy(stage, model, pool, demos, items, batch_size, max_new_tokens) -> t
   prompt_len = stage.config.data.prompt_len
   lines = [pool[i] for i in demos]
   dropped = 0
-  longest = max(items, key=lambda r: len(r['key']))['key']
-  while (
-    lines
-    and len(sequences.prompt_ids(stage.tokenizer, icl_toy.icl_prompt(lines, longest))) > prompt_len
-  ):
+  longest = max((r['prompt'] for r in items), key=lambda p: len(stage.tokenizer.encode(p)))
+
+  def width(demonstrations):
+    return len(sequences.prompt_ids(stage.tokenizer, icl_toy.icl_prompt(demonstrations, longest)))
+
+  while lines and width(lines) > prompt_len:
     lines, dropped = lines[1:], dropped + 1
-  prompts = [icl_toy.icl_prompt(lines, r['key']) for r in items]
+  prompts = [icl_toy.icl_prompt(lines, r['prompt']) for r in items]
   samples = sample_completions(
     model,
     stage.tokenizer,

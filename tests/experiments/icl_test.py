@@ -110,3 +110,91 @@ def test_tiny_pipeline_writes_the_table(tmp_path):
   table = (tmp_path / 'results.md').read_text()
   assert '| gradient matching |' in table and (tmp_path / 'accuracy_vs_k.png').exists()
   json.loads((tmp_path / 'results.json').read_text())
+
+
+def test_imported_proxy_and_target_with_task_files(tmp_path):
+  """The full setting: two Hugging Face folders (a smaller proxy, a larger target; no training) and
+  jsonl task files per set and split; a missing field is an error naming the file and line."""
+  pytest.importorskip('tokenizers')
+  from experiments.bench_hf import write_random_llama
+  from kuaijax.hf.tokenizer import train_bpe
+
+  rng = random.Random(0)
+  files = tmp_path / 'tasks'
+  for name in ('alpha', 'beta'):
+    (files / name).mkdir(parents=True)
+    for split, n in (('train', 12), ('dev', 3), ('test', 4)):
+      rows = [
+        {'prompt': f'{rng.choice("abcdef")} =', 'completion': f' {rng.choice("xyz")}'}
+        for _ in range(n)
+      ]
+      (files / name / f'{split}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  folders = {}
+  for role, layers in (('proxy', 1), ('target', 2)):
+    folder = str(tmp_path / role)
+    train_bpe(['a = x', 'b = y', 'c = z d e f'] * 5, folder, vocab_size=280)
+    shape = dict(
+      vocab_size=300, d_model=32, num_layers=layers, d_ff=64, num_heads=2, num_kv_heads=1
+    )
+    write_random_llama(folder, {**shape, 'tie_embeddings': False})
+    folders[role] = folder
+  arg = (
+    f'proxy_hf={folders["proxy"]},target_hf={folders["target"]},'
+    f'files={files}/{{set}}/{{split}}.jsonl,sets=alpha+beta,ks=2+4'
+  )
+  config = load_config(f'{CONFIG}:{arg}')
+  assert config.stage.proxy.type == config.stage.target.type == 'params' and config.seeds == (0,)
+  config.unlock()
+  config.parallel.num_devices = 1
+  config.stage.tasks.update(train=0, dev=0, test=0)  # every record of the files
+  config.stage.features.update(projection_dim=32, batch_size=4)
+  config.stage.select.update(draws=2, best_of_n=2)
+  config.lock()
+  results = icl_exp.run(config, str(tmp_path / 'run'))
+  assert set(results['per_set']) == {'alpha', 'beta'}
+  features = np.load(tmp_path / 'run' / 'seed_0' / 'features' / 'features_alpha.npy')
+  assert features.shape == (12, 32)
+  (files / 'beta' / 'test.jsonl').write_text('{"prompt": "a ="}\n')
+  with pytest.raises(ValueError, match=r'test.jsonl:1: .*completion'):
+    icl_exp.run(config, str(tmp_path / 'again'))
+
+
+def test_accuracy_of_a_copying_model_is_the_coverage_of_the_demonstrations(monkeypatch):
+  """A model that answers from the demonstration with the query's key (else 'none') scores exactly
+  the share of test items whose key is demonstrated; demonstrations that do not fit the context
+  are dropped from the front and counted."""
+  from types import SimpleNamespace
+
+  from kuaijax.data import tokenizers
+  from kuaijax.stages import icl
+
+  def copying(model, tokenizer, prompts, **options):
+    out = []
+    for p in prompts:
+      *demos, query = p.split('\n')
+      table = dict(d.split(':') for d in demos)
+      out.append(SimpleNamespace(text=table.get(query[:-1], 'none') + '\nb:'))
+    return out
+
+  monkeypatch.setattr(icl, 'sample_completions', copying)
+  rng = random.Random(3)
+  task = icl_toy.lookup_task(rng, icl_toy.LOOKUP_SETS['colors'])
+  rows = lambda n: [  # noqa: E731
+    {**e, 'prompt': icl_toy.query(e['key']), 'completion': e['label']}
+    for e in icl_toy.draw_examples(task, n, rng)
+  ]
+  pool, test = rows(40), rows(30)
+  stage = SimpleNamespace(
+    config=SimpleNamespace(data=SimpleNamespace(prompt_len=1000)),
+    tokenizer=tokenizers.ByteTokenizer(),
+  )
+  demos = list(range(10))
+  accuracy, dropped = icl._accuracy(stage, None, pool, demos, test, 8, 4)
+  shown = {pool[i]['key'] for i in demos}
+  assert dropped == 0 and accuracy == np.mean([r['key'] in shown for r in test])
+  stage.config.data.prompt_len = (
+    1 + 2 + sum(len(pool[i]['prompt'] + pool[i]['completion']) + 1 for i in demos[4:])
+  )
+  accuracy, dropped = icl._accuracy(stage, None, pool, demos, test, 8, 4)
+  shown = {pool[i]['key'] for i in demos[4:]}
+  assert dropped == 4 and accuracy == np.mean([r['key'] in shown for r in test])

@@ -311,3 +311,39 @@ def test_bad_input(model, data):
     gm.example_embeddings(model, tokens, np.zeros_like(mask))
   with pytest.raises(ValueError, match='need one leaf id per leaf'):
     gm.random_projection([jnp.ones((2, 3))], [0, 1], projection_dim=4, seed=0)
+
+
+def test_per_example_gradients_match_torch_on_an_imported_model(tmp_path):
+  """On a Llama checkpoint loaded by kuaijax and by transformers, the per-example gradients of the
+  mean answer-token NLL have the same norms and pairwise inner products (invariant to how the two
+  libraries name, order and transpose their parameters)."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  from experiments.bench_hf import write_random_llama
+  from kuaijax.hf import model_io
+
+  folder = str(tmp_path / 'llama')
+  shape = dict(vocab_size=64, d_model=32, num_layers=2, d_ff=64, num_heads=4, num_kv_heads=2)
+  write_random_llama(folder, {**shape, 'tie_embeddings': False}, seed=3)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 64, (3, 10)).astype(np.int32)
+  mask = np.zeros((3, 10), np.float32)
+  mask[0, 4:9], mask[1, 6:9], mask[2, 2:5] = 1, 1, 1
+  ours = gm.example_gradient_features(
+    model_io.load_model(folder), tokens, mask, projection_dim=None
+  )
+  hf = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+  theirs = []
+  for row, m in zip(tokens, mask):
+    hf.zero_grad()
+    logits = hf(torch.tensor(row[None], dtype=torch.long)).logits[0, :-1]
+    nll = torch.nn.functional.cross_entropy(
+      logits, torch.tensor(row[1:], dtype=torch.long), reduction='none'
+    )
+    weight = torch.tensor(m[:-1])
+    ((nll * weight).sum() / weight.sum()).backward()
+    theirs.append(torch.cat([p.grad.flatten() for p in hf.parameters()]).numpy())
+  theirs = np.stack(theirs).astype(np.float64)
+  assert ours.shape == theirs.shape
+  gram_ours, gram_theirs = ours.astype(np.float64) @ ours.T, theirs @ theirs.T
+  np.testing.assert_allclose(gram_ours, gram_theirs, rtol=1e-4)
