@@ -94,16 +94,8 @@ def _grm_stages() -> dict:
 def _post_stages(post: int, bs: int, lr: float) -> dict:
   """The rows post-trained from the SFT policy: RLMEC (GRM / programmatic) and the baselines."""
   rlmec_loss = dict(eps=0.3, lam=1.0)
-  grpo_options = dict(
-    group_size=8,
-    reward='exact_answer',
-    reward_options=dict(tau=0.5, l_base=100.0, low=-0.5, high=0.5),
-    temperature=1.0,
-    sample_filter='all',
-    offline_injection=False,
-  )
   common = dict(steps=post, batch_size=bs, lr=lr)
-  return dict(
+  rows = dict(
     rlmec=_train('rlmec', 'RLMEC (GRM)', 'rewards', **common, loss=rlmec_loss),
     rlmec_prog=_train('rlmec', 'RLMEC (programmatic)', 'prog_rewards', **common, loss=rlmec_loss),
     sft_more=_train('sft', 'SFT (continued)', 'task:train', **common),
@@ -118,18 +110,19 @@ def _post_stages(post: int, bs: int, lr: float) -> dict:
       options=dict(reference='precomputed'),
       loss=dict(loss_type='sigmoid', beta=0.1, label_smoothing=0.0, simpo_gamma=0.5),
     ),
-    grpo=_train(
-      'grpo',
-      'GRPO (exact-answer reward)',
-      'task:train',
-      steps=post,
-      batch_size=bs // 8,  # prompts per step; x group_size 8 = bs sequences
-      lr=lr,
-      reference='sft',
-      options=grpo_options,
-      loss=dict(kl_coef=0.0, clip_eps=0.2, aggregation='token_mean'),
-    ),
   )
+  rows['grpo'] = _grpo(post, bs, lr)
+  return rows
+
+
+def _grpo(post: int, bs: int, lr: float) -> CD:
+  """The post-training comparison's online GRPO block (exact-answer reward, group 8, no KL), with
+  the rows' steps and learning rate: bs / 8 prompts x 8 samples = bs sequences per update."""
+  block = posttrain.grpo_stage('exact_answer')
+  block.label = 'GRPO (exact-answer reward)'
+  block.train.update(_steps(post, bs // block.options.group_size))
+  block.optimizer.update(lr=lr, warmup_steps=max(1, post // 30), min_lr_ratio=0.0)
+  return block
 
 
 def _stages() -> CD:

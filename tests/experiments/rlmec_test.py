@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from configs.arith import posttrain
 from experiments import rlmec as rlmec_exp
 from kuaijax import grm
 from kuaijax.config_lib import load_config
@@ -123,6 +124,10 @@ def test_reproduction_settings_share_the_sft_policy_and_the_grm_and_equalise_the
     for n in ('sft_more', 'rft', 'dpo', 'grpo', 'rlmec_prog', 'rlmec')
   }
   assert len(budgets) == 1
+  # the GRPO row is the post-training comparison's block (its loss options are the loss's own)
+  reference = posttrain.grpo_stage('exact_answer')
+  assert stage.grpo.loss.to_dict() == reference.loss.to_dict()
+  assert stage.grpo.options.to_dict() == reference.options.to_dict()
   gpu = load_config(os.path.join(REPO_ROOT, 'configs/rlmec/arith.py') + ':gpu')
   assert gpu.stage.sft.to_dict() == stage.sft.to_dict()
   assert gpu.stage.rlmec.train.steps > stage.rlmec.train.steps
