@@ -168,10 +168,10 @@ def get_config(arg=None):
       steps=400, batch_size=8, log_every=20, checkpoint_every=200, eval_every=400
     )
     stage.target.train.update(
-      steps=1000, batch_size=8, log_every=50, checkpoint_every=500, eval_every=1000
+      steps=1500, batch_size=8, log_every=50, checkpoint_every=500, eval_every=1500
     )
     stage.proxy.optimizer.update(lr=3e-3, warmup_steps=20)
-    stage.target.optimizer.update(lr=2e-3, warmup_steps=50)
+    stage.target.optimizer.update(lr=3e-3, warmup_steps=50)
   if args.gpu:
     config.models.policy = _model(256, 6)
     stage.tasks.update(train=1000, dev=100, test=300)

@@ -97,14 +97,19 @@ def icl_prompt(demonstrations: list[dict], query_prompt: str) -> str:
   return ''.join(d['prompt'] + d['completion'] + '\n' for d in demonstrations) + query_prompt
 
 
-def meta_training_texts(rng: random.Random, rows: int, *, lines: int) -> list[str]:
-  """`rows` texts of `lines` examples each, every row a fresh task of a random data set kind
-  (labels, keys and Zipf exponent of one of `LOOKUP_SETS`, new keys and table)."""
+def meta_training_texts(
+  rng: random.Random, rows: int, *, lines: int, min_keys: int = 4
+) -> list[str]:
+  """`rows` texts of `lines` examples each, every row a fresh task of a random data set kind (the
+  labels and Zipf exponent of one of `LOOKUP_SETS`, new keys and table) with between `min_keys`
+  and that set's number of keys: rows with few keys repeat them often, a dense signal for learning
+  to copy a label from an earlier line with the same key."""
   specs = list(LOOKUP_SETS.values())
   texts = []
   for _ in range(rows):
     spec = rng.choice(specs)
-    task = lookup_task(rng, spec)
+    num_keys = rng.randint(min(min_keys, spec.num_keys), spec.num_keys)
+    task = lookup_task(rng, dataclasses.replace(spec, num_keys=num_keys))
     examples = draw_examples(task, lines, rng)
     texts.append('\n'.join(line(e['key'], e['label']) for e in examples))
   return texts
