@@ -14,7 +14,8 @@ The toy sets (`kuaijax.data.icl_toy`): hidden lookup tables key -> label with Zi
 ('colors' 5 labels, 'yes_no' 2, 'digits' 10); a model answers a query from demonstrations with the
 same key, so accuracy follows the share of the test distribution the demonstrations cover.
 
-runlocal (2 CPU cores):
+runlocal (2 CPU cores; no table yet: at this size the target had not learned to copy a label from
+its context after 500-1000 steps, see experiments/icl/README.md):
   python -m kuaijax.main --config=configs/icl/gradient_matching.py:runlocal --workdir=workdirs/icl_gm
 gpu (one GPU, ~10 minutes; not run on a device yet): a larger target, more sets examples and seeds
   python -m kuaijax.main --config=configs/icl/gradient_matching.py:gpu --workdir=workdirs/icl_gm_gpu
