@@ -109,10 +109,11 @@ def results_table(runs: dict, config, training: dict | None = None) -> str:
     '|---|' + '---:|' * (len(groups) + 5),
   ]
   first = runs[next(iter(runs))]
-  labels = {name: _label(info['block']) for name, info in first.items() if 'eval' in info}
+  # the policies evaluated (a stage trained with evaluate=False, e.g. a reward model, has none)
+  labels = {name: _label(info['block']) for name, info in first.items() if info.get('eval')}
   shared = False
   for name, info in first.items():
-    if 'eval' not in info:
+    if name not in labels:
       continue
     infos = [stages[name] for stages in runs.values()]
     if len(runs) > 1 and len({i['dir'] for i in infos}) == 1:  # one run shared by every seed
@@ -132,7 +133,7 @@ def results_table(runs: dict, config, training: dict | None = None) -> str:
   grpo = grpo_table({n: t for n, t in (training or {}).items() if n in labels}, labels, len(runs))
   lines += ['', grpo] if grpo else []
   reference = config.get('reference_row', '')
-  evaluated = [n for n, i in first.items() if 'eval' in i and n != 'sft']
+  evaluated = [n for n in labels if n != 'sft']
   if reference in evaluated and len(evaluated) > 1:
     rows = report.paired_differences(runs, evaluated, reference, 'accuracy')
     for r in rows:
