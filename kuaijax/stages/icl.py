@@ -278,7 +278,7 @@ def icl_eval_stage(stage: Stage) -> dict:
   graphdef, params = stage.load_model(b.policy)
   model = nnx.merge(graphdef, params)
   selections = stage.records(b.selection)
-  out, start = [], time.time()
+  out = []
   evaluate = lambda pool, sel, items: _accuracy(  # noqa: E731
     stage, model, pool, sel['indices'], items, b.batch_size, b.max_new_tokens
   )
@@ -314,5 +314,4 @@ def icl_eval_stage(stage: Stage) -> dict:
   return {
     'accuracy': {m: {k: float(np.mean(v)) for k, v in ks.items()} for m, ks in table.items()},
     'truncated_selections': sum(r['dropped_demonstrations'] > 0 for r in out),
-    'wall_s': time.time() - start,
   }
