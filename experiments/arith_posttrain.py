@@ -112,9 +112,7 @@ def results_table(runs: dict, config, training: dict | None = None) -> str:
   # the policies evaluated (a stage trained with evaluate=False, e.g. a reward model, has none)
   labels = {name: _label(info['block']) for name, info in first.items() if info.get('eval')}
   shared = False
-  for name, info in first.items():
-    if name not in labels:
-      continue
+  for name in labels:
     infos = [stages[name] for stages in runs.values()]
     if len(runs) > 1 and len({i['dir'] for i in infos}) == 1:  # one run shared by every seed
       infos, shared = infos[:1], True
