@@ -4,7 +4,7 @@ The stages of the config (`configs/rlmec/arith.py`) run through `kuaijax.stages.
 per training seed of `config.seeds`, in `<workdir>/seed_<s>/` (stages with a `shared_seed`, e.g. the
 repro setting's SFT policy and GRM, once in `<workdir>/shared/`). Re-running the command resumes
 (finished stages are kept). This file only builds results.md / results.json (the post-training
-table of `experiments/arith_posttrain.py`: accuracy per level, greedy, length, multi-run fractions,
+table of `kuaijax.stages.posttrain_table`: accuracy per level, greedy, length, multi-run fractions,
 paired differences to `config.reference_row`; then the GRM quality against the program teacher and
 the stage speeds), loss_curves.png, token_rewards.png and worked_example.md (one sample through
 every stage).
@@ -20,12 +20,11 @@ import jax
 import numpy as np
 from matplotlib.figure import Figure
 
-from experiments import arith_posttrain
 from kuaijax import plotting
 from kuaijax.data import records as records_lib
 from kuaijax.data import tokenizers
 from kuaijax.results import write_results
-from kuaijax.stages import report, run_pipeline
+from kuaijax.stages import posttrain_table, report, run_pipeline
 
 QUALITY_KEYS = ('locate_accuracy', 'rewrite_success', 'edit_distance_ratio')
 SPEED_KEYS = (
@@ -189,7 +188,7 @@ def run(config, workdir: str) -> dict:
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
   runs = run_pipeline(config, workdir)
-  results, table = arith_posttrain.summarise(runs, config)
+  results, table = posttrain_table.summarise(runs, config)
   results.update(grm_summary(runs), wall_s=time.time() - start)
   table += '\n' + grm_table(results, len(runs))
   if jax.process_index() == 0:
