@@ -14,6 +14,13 @@ wall; the toy stays weak: greedy 8.3% on the trigger scenario, SC / USC / SA 0-4
 the paper's claims are neither confirmed nor refuted; details in
 experiments/self_agreement/README.md):
   python -m kuaijax.main --config=configs/self_agreement/toy.py:runlocal --workdir=workdirs/self_agreement
+repro (2 CPU cores, 3 training seeds): the runlocal model trained 700 steps x 8 x 1024 tokens on
+4000 problems (two formats), 1000 word questions and 1000 + 1000 aggregation sets; 50 test problems
+per level, 50 word questions, 3 sampling seeds (experiments/self_agreement/README.md has the table):
+  python -m kuaijax.main --config=configs/self_agreement/toy.py:repro --workdir=workdirs/sa_repro
+gpu (one GPU, ~10 minutes; never run on a device): d_model 256, 6 layers, the full toy data, 3000
+steps x 32, 5 sampling seeds:
+  python -m kuaijax.main --config=configs/self_agreement/toy.py:gpu --workdir=workdirs/sa_gpu
 full (one accelerator host; larger model, more steps and problems; not run yet):
   python -m kuaijax.main --config=configs/self_agreement/toy.py --workdir=workdirs/self_agreement_full
 A pretrained causal LM (a Hugging Face folder: config.json, safetensors, tokenizer.json) instead of
@@ -22,7 +29,7 @@ SA / USC instructions, whole solutions in the aggregation prompts); `hf=<folder>
 fine-tunes it on the toy data first (`--config.stage.sft.train.steps=N`):
   python -m kuaijax.main --config=configs/self_agreement/toy.py:hf=/models/Qwen2.5-0.5B \
     --workdir=workdirs/self_agreement_qwen
-Args: `seeds=0+1+2` the training seeds (default 0), `stages=` the stages to run.
+Args: `seeds=0+1+2` the training seeds (default 0; repro / gpu: 0+1+2), `stages=` the stages to run.
 """
 
 import ml_collections
