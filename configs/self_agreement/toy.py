@@ -16,7 +16,9 @@ experiments/self_agreement/README.md):
   python -m kuaijax.main --config=configs/self_agreement/toy.py:runlocal --workdir=workdirs/self_agreement
 repro (2 CPU cores, 3 training seeds): the runlocal model trained 700 steps x 8 x 1024 tokens on
 4000 problems (two formats), 1000 word questions and 1000 + 1000 aggregation sets; 50 test problems
-per level, 50 word questions, 3 sampling seeds (experiments/self_agreement/README.md has the table):
+per level, 50 word questions, 3 sampling seeds. Measured 2026-12-07: greedy 16.3 ± 9.1% (trigger;
+seeds 20 / 23 / 6%), SC 13.3 -> 16.0% from k=1 to 20, SA and USC flat at ~13%; ~26 min per seed
+alone on 2 cores (experiments/self_agreement/README.md has the table):
   python -m kuaijax.main --config=configs/self_agreement/toy.py:repro --workdir=workdirs/sa_repro
 gpu (one GPU, ~10 minutes; never run on a device): d_model 256, 6 layers, the full toy data, 3000
 steps x 32, 5 sampling seeds:
