@@ -18,10 +18,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from kuaijax import plotting
-from kuaijax.data import records as records_lib
 from kuaijax.results import write_results
 from kuaijax.stages import report, run_pipeline
-from kuaijax.stages.icl import METHODS
+from kuaijax.stages.base import data_of
+from kuaijax.stages.icl import METHODS, accuracy_by_method
 
 LABELS = {
   'random': 'random',
@@ -32,24 +32,9 @@ LABELS = {
 }
 
 
-def _records(info: dict) -> list[dict]:
-  return records_lib.read_records(os.path.join(info['dir'], info['data']))
-
-
-def seed_cells(records: list[dict]) -> dict:
-  """{method: {k: accuracy averaged over sets, and over draws within a set}} of one seed."""
-  by_set: dict = {}
-  for r in records:
-    by_set.setdefault((r['method'], r['k']), {}).setdefault(r['set'], []).append(r['accuracy'])
-  cells: dict = {}
-  for (method, k), sets in by_set.items():
-    cells.setdefault(method, {})[k] = float(np.mean([np.mean(v) for v in sets.values()]))
-  return cells
-
-
 def summarise(per_seed_records: dict) -> dict:
   """{method: {k: [mean, std] over seeds}} and per set {set: {method: {k: mean over seeds}}}."""
-  cells = {seed: seed_cells(recs) for seed, recs in per_seed_records.items()}
+  cells = {seed: accuracy_by_method(recs) for seed, recs in per_seed_records.items()}
   methods = [m for m in METHODS if all(m in c for c in cells.values())]
   table = {}
   for m in methods:
@@ -134,7 +119,7 @@ def run(config, workdir: str) -> dict:
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
   runs = run_pipeline(config, workdir)
-  per_seed = {seed: _records(stages['icl_eval']) for seed, stages in runs.items()}
+  per_seed = {seed: data_of(stages['icl_eval']) for seed, stages in runs.items()}
   summary = summarise(per_seed)
   results = {
     'table': {m: {str(k): v for k, v in row.items()} for m, row in summary['table'].items()},

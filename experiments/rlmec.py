@@ -21,10 +21,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from kuaijax import plotting
-from kuaijax.data import records as records_lib
 from kuaijax.data import tokenizers
 from kuaijax.results import write_results
 from kuaijax.stages import posttrain_table, report, run_pipeline
+from kuaijax.stages.base import data_of
 
 QUALITY_KEYS = ('locate_accuracy', 'rewrite_success', 'edit_distance_ratio')
 SPEED_KEYS = (
@@ -115,11 +115,8 @@ def render_rewards(pieces, rewards, threshold: float = -0.05) -> str:
 def _wrong_examples(stages: dict, count: int) -> list[tuple[dict, dict, dict]]:
   """(teacher record, GRM record, reward record) of the first wrong samples with GRM rewards, in
   one seed's stages."""
-  read = lambda name: records_lib.read_records(
-    os.path.join(stages[name]['dir'], stages[name]['data'])
-  )
-  teacher, grm_rewrite = read('teacher'), read('grm_rewrite')
-  rewards = {(r['index'], r['completion']): r for r in read('rewards')}
+  teacher, grm_rewrite = data_of(stages['teacher']), data_of(stages['grm_rewrite'])
+  rewards = {(r['index'], r['completion']): r for r in data_of(stages['rewards'])}
   out = []
   for t, g in zip(teacher, grm_rewrite):
     r = rewards.get((t['index'], t['completion']))

@@ -51,15 +51,20 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(values, type_safe=True).lock()
 
 
+def parse_ints(text: str, arg: str) -> tuple[int, ...]:
+  """'0+1+2' (or '0,1,2') -> (0, 1, 2): distinct ints of the config arg named `arg`."""
+  try:
+    values = tuple(int(s) for s in text.replace(',', '+').split('+') if s.strip())
+  except ValueError:
+    raise ValueError(f'config arg {arg}={text!r}: expected ints joined by +, e.g. 0+1+2') from None
+  if not values or len(set(values)) != len(values):
+    raise ValueError(f'config arg {arg}={text!r}: expected distinct ints, at least one')
+  return values
+
+
 def parse_seeds(text: str) -> tuple[int, ...]:
   """'0+1+2' (or '0,1,2') -> (0, 1, 2): the `config.seeds` of a pipeline config."""
-  try:
-    seeds = tuple(int(s) for s in text.replace(',', '+').split('+') if s.strip())
-  except ValueError:
-    raise ValueError(f'config arg seeds={text!r}: expected ints joined by +, e.g. 0+1+2') from None
-  if not seeds or len(set(seeds)) != len(seeds):
-    raise ValueError(f'config arg seeds={text!r}: expected distinct ints, at least one')
-  return seeds
+  return parse_ints(text, 'seeds')
 
 
 def check_choice(name: str, value, allowed) -> None:

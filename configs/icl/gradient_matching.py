@@ -33,10 +33,13 @@ from kuaijax.config_lib import (
   data_section,
   lm_model,
   parse_arg,
+  parse_ints,
   parse_seeds,
+  stage_steps,
   train_stage,
   trainer_config,
 )
+from kuaijax.stages.icl import METHODS
 
 CD = ml_collections.ConfigDict
 
@@ -68,13 +71,6 @@ def _meta_train(label: str, model: str, steps: int, batch_size: int, lr: float) 
   )
 
 
-def _ints(text: str, what: str) -> tuple[int, ...]:
-  try:
-    return tuple(int(k) for k in text.replace(',', '+').split('+') if k)
-  except ValueError:
-    raise ValueError(f'config arg {what}={text!r}: expected ints joined by +') from None
-
-
 def get_config(arg=None):
   args = parse_arg(
     arg,
@@ -102,7 +98,7 @@ def get_config(arg=None):
     prompt_len=1024,  # the target's context for k-shot prompts (longer: earliest demos dropped)
     max_new_tokens=8,
   )
-  ks = _ints(args.ks, 'ks')
+  ks = parse_ints(args.ks, 'ks')
   sets = tuple(s for s in args.sets.replace(',', '+').split('+') if s)
   stage = CD()
   stage.tasks = CD(
@@ -140,7 +136,7 @@ def get_config(arg=None):
       type='icl_select',
       data='tasks',
       features='features',
-      methods=('random', 'best_of_n', 'bm25', 'kmeans', 'gradient_matching'),
+      methods=METHODS,
       ks=ks,
       draws=3,  # random selections per k (the random row's spread)
       best_of_n=4,  # candidates of best-of-n per k, judged on dev
@@ -165,12 +161,8 @@ def get_config(arg=None):
   if args.runlocal:  # a 512-token context: k=128 prompts keep their last ~64 demonstrations
     config.data.update(seq_len=512, prompt_len=512)
     stage.meta_data.update(rows=6000, lines=60)
-    stage.proxy.train.update(
-      steps=400, batch_size=8, log_every=20, checkpoint_every=200, eval_every=400
-    )
-    stage.target.train.update(
-      steps=1500, batch_size=8, log_every=50, checkpoint_every=500, eval_every=1500
-    )
+    stage.proxy.train.update(stage_steps(400, 8, logs=20, checkpoints=2))
+    stage.target.train.update(stage_steps(1500, 8, logs=30, checkpoints=3))
     stage.proxy.optimizer.update(lr=3e-3, warmup_steps=20)
     stage.target.optimizer.update(lr=3e-3, warmup_steps=50)
   if args.gpu:

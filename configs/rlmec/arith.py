@@ -148,19 +148,21 @@ GRM_STAGES = ('grm_samples', 'grm_teacher', 'grm_data', 'grm')
 
 def _resize(config, *, grm, post, judge_batch, max_len) -> None:
   """Sizes in place: `grm` (steps, batch, lr) of the GRM, `post` (steps, sequences per step, lr) of
-  every post-training row (GRPO: sequences / 8 prompts x 8 samples), the judging stages' batch and
+  every post-training row (GRPO: sequences / group_size prompts x group_size samples), the judging stages' batch and
   prompt (+ sample) width."""
   s = config.stage
   for name in JUDGES:
     s[name].batch_size = judge_batch
-  for name in ('grm_rewrite', 'rewards', 'prog_rewards'):
-    s[name]['max_len' if 'rewards' in name else 'max_prompt_len'] = max_len
+  s.grm_rewrite.max_prompt_len = max_len
+  for name in ('rewards', 'prog_rewards'):
+    s[name].max_len = max_len
   steps, batch_size, lr = grm
   s.grm.train.update(_steps(steps, batch_size))
   s.grm.optimizer.update(lr=lr, warmup_steps=max(1, steps // 30))
   steps, batch_size, lr = post
   for name in POST_ROWS:
-    s[name].train.update(_steps(steps, batch_size // 8 if name == 'grpo' else batch_size))
+    group = s[name].options.group_size if name == 'grpo' else 1
+    s[name].train.update(_steps(steps, batch_size // group))
     s[name].optimizer.update(lr=lr, warmup_steps=max(1, steps // 10))
 
 

@@ -113,7 +113,9 @@ class Stage:
     base = 0 if self.pipeline_seed is None else self.pipeline_seed
     return stage_seed(base, f'{self.name}/{purpose}' if purpose else self.name)
 
-  def _finished(self, ref: str, what: str) -> dict:
+  def finished(self, ref: str, what: str) -> dict:
+    """The info (stage.json + 'dir') of the finished stage `ref`; `what` names the use in the
+    error when it is not one."""
     if ref not in self.done:
       raise ValueError(f'stage {self.name}: {what} {ref!r} is not a finished stage of this run')
     return self.done[ref]
@@ -128,10 +130,10 @@ class Stage:
       return self.task.load(
         ref.removeprefix(TASK_PREFIX), data_dir=dc.data_dir, limit=dc.limit, levels=dc.levels
       )
-    info = self._finished(ref, 'data')
+    info = self.finished(ref, 'data')
     if 'data' not in info:
       raise ValueError(f'stage {self.name}: stage {ref!r} wrote no data set')
-    return records_lib.read_records(os.path.join(info['dir'], info['data']))
+    return data_of(info)
 
   def write_data(self, records, filename: str = DATA_FILE) -> int:
     """Writes this stage's data set (what `records(<this stage>)` returns later).
@@ -149,7 +151,7 @@ class Stage:
     """Where the parameters named by `ref` are: a finished stage's (as the role it recorded), or
     a checkpoint path (as `role`, default this stage's)."""
     if ref in self.config.stage:
-      info = self._finished(ref, 'params source')
+      info = self.finished(ref, 'params source')
       if 'params' not in info:
         raise ValueError(f'stage {self.name}: stage {ref!r} has no parameters')
       return params_of(info)
@@ -182,6 +184,11 @@ def params_of(info: dict) -> roles.ParamsSource:
   if params_format == 'kuaijax':
     path = os.path.join(info['dir'], path)  # relative paths are relative to that stage's folder
   return roles.ParamsSource(path, info.get('model', DEFAULT_ROLE), params_format)
+
+
+def data_of(info: dict) -> list[dict]:
+  """The data set a stage wrote (`info`: its stage.json content plus 'dir', its folder)."""
+  return records_lib.read_records(os.path.join(info['dir'], info['data']))
 
 
 def cycle(records: list[dict], offset: int, limit: int) -> list[dict]:

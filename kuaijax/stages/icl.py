@@ -163,9 +163,7 @@ def grad_features_stage(stage: Stage) -> dict:
 
 
 def _features(stage: Stage, ref: str, name: str, what: str) -> np.ndarray:
-  info = stage.done.get(ref)
-  if info is None:
-    raise ValueError(f'stage {stage.name}: features {ref!r} is not a finished stage of this run')
+  info = stage.finished(ref, 'features')
   return np.load(os.path.join(info['dir'], f'{what}_{name}.npy'))
 
 
@@ -233,6 +231,18 @@ def icl_select_stage(stage: Stage) -> dict:
     out += selected
   stage.write_data(out)
   return {'selections': len(out), 'gradient_matching_objective': objective}
+
+
+def accuracy_by_method(records: list[dict]) -> dict:
+  """{method: {k: test accuracy averaged over the sets, and over the draws within a set}} of one
+  icl_eval data set."""
+  by_set: dict = {}
+  for r in records:
+    by_set.setdefault((r['method'], r['k']), {}).setdefault(r['set'], []).append(r['accuracy'])
+  cells: dict = {}
+  for (method, k), sets in by_set.items():
+    cells.setdefault(method, {})[k] = float(np.mean([np.mean(v) for v in sets.values()]))
+  return cells
 
 
 def _answer(text: str) -> str:
@@ -308,10 +318,9 @@ def icl_eval_stage(stage: Stage) -> dict:
           }
         )
   stage.write_data(out)
-  table: dict = {}
-  for r in out:
-    table.setdefault(r['method'], {}).setdefault(str(r['k']), []).append(r['accuracy'])
   return {
-    'accuracy': {m: {k: float(np.mean(v)) for k, v in ks.items()} for m, ks in table.items()},
+    'accuracy': {
+      m: {str(k): v for k, v in row.items()} for m, row in accuracy_by_method(out).items()
+    },
     'truncated_selections': sum(r['dropped_demonstrations'] > 0 for r in out),
   }
