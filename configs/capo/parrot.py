@@ -49,6 +49,7 @@ from kuaijax.data.dialog import NEGATIVE_KINDS
 CD = ml_collections.ConfigDict
 KIND_ROWS = (*NEGATIVE_KINDS, 'all')
 CAPO_BETA = 0.1
+REPRO_SFT_STEPS = 1500
 
 
 # One log line in 10 and a single checkpoint per stage (the stages are short).
@@ -134,10 +135,35 @@ def _runlocal(config) -> None:
     stage[f'pairs_{kind}'].data = 'task:train'
 
 
+def _reproduction(config, *, gpu: bool) -> None:
+  """repro (2 CPU cores) / gpu (one GPU): a model trained long enough on the whole kj_dialog train
+  split to answer some held-out first turns (the headroom: something to fix and something to keep),
+  then CaPO with enough pairs and updates to move it. The runlocal fallback to the kj_dialog train
+  sessions for sft_long and the pairs is kept unless the ask model writes well-formed queries."""
+  stage = config.stage
+  config.data.update(limit=0)
+  d_model = 256 if gpu else 128
+  config.models.policy.update(d_model=d_model, num_layers=6 if gpu else 4, d_ff=3 * d_model)
+  sft_steps, batch = (4000, 32) if gpu else (REPRO_SFT_STEPS, 8)
+  for name in ('sft_short', 'sft_long'):
+    stage[name].train.update(_steps(sft_steps, batch))
+    stage[name].optimizer.update(lr=3e-3 if not gpu else 1e-3, warmup_steps=50)
+  stage.ask.train.update(_steps(sft_steps // 4, batch))  # only for the Parrot-Ask statistics
+  stage.sessions.update(num_sessions=64)
+  for kind in KIND_ROWS:
+    stage[f'capo_{kind}'].train.update(_steps(100, 16))
+    stage[f'capo_{kind}'].optimizer.update(lr=1e-4, warmup_steps=10)
+    stage[f'pairs_{kind}'].limit = 400
+  config.evals.kj_dialog8.update(sessions=250 if gpu else 40, batch_size=40)
+  config.evals.kj_dialog_pairs.update(sessions=250 if gpu else 64, batch_size=32)
+
+
 def get_config(arg=None):
   args = parse_arg(
     arg,
     runlocal=False,
+    repro=False,
+    gpu=False,
     seeds='0+1+2',
     kinds='neglect+hallucination+misunderstanding+all',
     stages='',
@@ -178,8 +204,12 @@ def get_config(arg=None):
   config.evals = CD(
     dict(kj_dialog8=CD(dict(kj_dialog8, batch_size=128)), kj_dialog_pairs=CD(pairs))
   )
-  if args.runlocal:
+  if args.runlocal + args.repro + args.gpu > 1:
+    raise ValueError(f'config arg {arg!r}: runlocal, repro and gpu are alternatives; pick one')
+  if args.runlocal or args.repro or args.gpu:
     _runlocal(config)
+    if args.repro or args.gpu:
+      _reproduction(config, gpu=args.gpu)
     if not args.stages:
       config.stages = 'sessions+' + config.stages
   return config

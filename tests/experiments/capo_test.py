@@ -89,3 +89,21 @@ def test_config_args():
   assert pairs.beta == config.stage.capo_all.loss.beta
   with pytest.raises(ValueError, match='random'):
     load_config(f'{CONFIG}:kinds=random')
+
+
+def test_reproduction_settings():
+  """repro / gpu: a larger policy trained on the whole train split, every CaPO row at the same
+  budget, held-out evaluation sets larger than runlocal's."""
+  runlocal, repro, gpu = (load_config(f'{CONFIG}:{arg}') for arg in ('runlocal', 'repro', 'gpu'))
+  assert repro.data.limit == 0 and runlocal.data.limit > 0
+  assert repro.models.policy.d_model > runlocal.models.policy.d_model
+  assert gpu.models.policy.d_model > repro.models.policy.d_model
+  for config in (repro, gpu):
+    stage = config.stage
+    assert stage.sft_long.train.to_dict() == stage.sft_short.train.to_dict()
+    assert stage.sft_long.train.steps > runlocal.stage.sft_long.train.steps
+    capo_rows = [block.train for name, block in stage.items() if name.startswith('capo_')]
+    assert len(capo_rows) == 4 and len({(t.steps, t.batch_size) for t in capo_rows}) == 1
+    assert config.evals.kj_dialog8.sessions > runlocal.evals.kj_dialog8.sessions
+  with pytest.raises(ValueError, match='alternatives'):
+    load_config(CONFIG + ':repro,gpu')
