@@ -46,14 +46,15 @@ setup(
     ],
     'gpu': ['jax[cuda12]>=0.10.2'],
     'tpu': ['jax[tpu]>=0.10.2'],
-    # Hugging Face tokenizers / chat templates at run time; torch + transformers only as the
-    # reference of the parity tests and benchmarks.
+    # Hugging Face tokenizers / chat templates at run time; torch + transformers (+ peft) only as
+    # the reference of the parity tests and benchmarks.
     'hf': [
       'tokenizers>=0.20',
       'jinja2>=3.1',
       'safetensors>=0.4',
       'torch>=2.4,<3',
       'transformers>=4.56',
+      'peft>=0.17',  # the reference of the LoRA adapter parity tests
     ],
   },
 )

@@ -351,6 +351,83 @@ def _generate_impl(
 _generate_jit = jax.jit(_generate_impl, static_argnames=('graphdef', 'settings'))
 
 
+class TokenSample(NamedTuple):
+  """One sampled completion of token prompt `index`: tokens (the stop token included when it
+  stopped), raw per-token log-probs under the sampling model (temperature 1), and whether it ended
+  with a stop token (False: cut at max_new_tokens)."""
+
+  index: int
+  tokens: np.ndarray
+  logprobs: np.ndarray
+  stopped: bool
+
+
+def sample_token_prompts(
+  model,
+  prompts: Sequence[np.ndarray],
+  *,
+  rng,
+  stop_tokens: Sequence[int],
+  pad_id: int,
+  prompt_len: int,
+  num_samples: int = 1,
+  greedy: bool = False,
+  temperature: float = 1.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  max_new_tokens: int = 128,
+  batch_size: int = 64,
+) -> list[TokenSample]:
+  """`num_samples` completions of each ragged token prompt (bos included), rows of prompt i
+  consecutive; each prompt is prefilled once and its cache copied for its samples (`generate`).
+
+  Batches of `batch_size` prompts have a fixed shape [batch_size, prompt_len] (the last is padded
+  with copies of its first prompt) so one compiled program serves every call; batch b samples with
+  `fold_in(rng, b)`.
+  """
+  if num_samples < 1:
+    raise ValueError(f'num_samples must be >= 1, got {num_samples}')
+  too_long = [len(p) for p in prompts if not 1 <= len(p) <= prompt_len]
+  if too_long:
+    raise ValueError(f'prompts must hold 1..prompt_len={prompt_len} tokens, got {too_long[:5]}')
+  rng = _as_key(rng)
+  out = []
+  for start in range(0, len(prompts), batch_size):
+    chunk = list(prompts[start : start + batch_size])
+    chunk += [chunk[0]] * (batch_size - len(chunk))
+    rows = np.full((batch_size, prompt_len), pad_id, np.int32)
+    for i, p in enumerate(chunk):
+      rows[i, : len(p)] = p
+    gen = generate(
+      model,
+      rows,
+      np.array([len(p) for p in chunk], np.int32),
+      rng=jax.random.fold_in(rng, start // batch_size),
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+      greedy=greedy,
+      stop_tokens=stop_tokens,
+      num_samples=num_samples,
+      pad_id=pad_id,
+    )
+    tokens, logprobs, lengths, stopped = parallel.host_value(
+      (gen.tokens, gen.logprobs, gen.lengths, gen.stopped)
+    )
+    for row in range(min(batch_size, len(prompts) - start) * num_samples):
+      n = int(lengths[row])
+      out.append(
+        TokenSample(
+          start + row // num_samples,
+          np.asarray(tokens[row, :n], np.int32),
+          np.asarray(logprobs[row, :n], np.float32),
+          bool(stopped[row]),
+        )
+      )
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Sample:
   """One sampled completion of prompt `index`: tokens (stop token included when it stopped), raw
@@ -377,46 +454,37 @@ def sample_completions(
   prompt_len: int = 320,
   batch_size: int = 64,
 ) -> list[Sample]:
-  """`num_samples` completions per prompt (rows of prompt i are consecutive).
+  """`num_samples` completions per prompt text (rows of prompt i are consecutive), stopping at eos:
+  `sample_token_prompts` of `[bos] + tokens(prompt)` with rng `key(seed)`, decoded."""
+  samples = sample_token_prompts(
+    model,
+    [sequences.prompt_ids(tokenizer, text) for text in prompts],
+    rng=jax.random.key(seed),
+    stop_tokens=(tokenizer.eos_id,),
+    pad_id=tokenizer.pad_id,
+    prompt_len=prompt_len,
+    num_samples=num_samples,
+    greedy=greedy,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    max_new_tokens=max_new_tokens,
+    batch_size=batch_size,
+  )
+  return [Sample(s.index, s.tokens, s.logprobs, tokenizer.decode(s.tokens)) for s in samples]
 
-  Batches of `batch_size` prompts have a fixed shape (the last is padded with copies) so one
-  compiled program serves every call; batch b samples with `fold_in(key(seed), b)`.
-  """
-  if num_samples < 1:
-    raise ValueError(f'num_samples must be >= 1, got {num_samples}')
-  out = []
-  for start in range(0, len(prompts), batch_size):
-    chunk = list(prompts[start : start + batch_size])
-    rows, lengths = sequences.prompt_batch(
-      tokenizer, chunk + [chunk[0]] * (batch_size - len(chunk)), prompt_len
-    )
-    gen = generate(
-      model,
-      rows,
-      lengths,
-      rng=jax.random.fold_in(jax.random.key(seed), start // batch_size),
-      max_new_tokens=max_new_tokens,
-      temperature=temperature,
-      top_k=top_k,
-      top_p=top_p,
-      greedy=greedy,
-      stop_tokens=(tokenizer.eos_id,),
-      num_samples=num_samples,
-      pad_id=tokenizer.pad_id,
-    )
-    tokens, logprobs, gen_lengths = parallel.host_value((gen.tokens, gen.logprobs, gen.lengths))
-    texts = sequences.decode_completions(tokenizer, tokens, gen_lengths)
-    for row in range(len(chunk) * num_samples):
-      n = int(gen_lengths[row])
-      out.append(
-        Sample(
-          start + row // num_samples,
-          np.asarray(tokens[row, :n], np.int32),
-          np.asarray(logprobs[row, :n], np.float32),
-          texts[row],
-        )
-      )
-  return out
+
+def best_of_n(samples: Sequence, scores: Sequence[float]) -> list:
+  """The highest-scoring of each prompt's samples (anything with an `index`, e.g. `Sample`), in
+  prompt order; ties go to the earlier sample. A reranker: the scores may come from a reward model
+  (e.g. `kuaijax.methods.prm.solution_scores`)."""
+  if len(samples) != len(scores):
+    raise ValueError(f'best_of_n: {len(samples)} samples but {len(scores)} scores')
+  best: dict[int, int] = {}
+  for k, s in enumerate(samples):
+    if s.index not in best or scores[k] > scores[best[s.index]]:
+      best[s.index] = k
+  return [samples[best[i]] for i in sorted(best)]
 
 
 def filter_logits(logits, *, temperature: float = 1.0, top_k=None, top_p=None) -> jax.Array:

@@ -10,6 +10,10 @@ and nll_by_position.png; each stage's numbers are in WD/shared/<stage>/stage.jso
   python -m kuaijax.main --config=configs/hf/eval.py:path=/models/Qwen2.5-0.5B \
     --workdir=/tmp/kj_hf_eval --config.eval_file=texts.jsonl
 
+A PEFT LoRA adapter of the folder (`adapter_config.json` + `adapter_model.safetensors`, e.g. from
+`peft`'s `save_pretrained` or `kuaijax.hf.peft_io.save_adapter`) is scored merged into the base with
+`--config.lora=ADAPTER_DIR` (every role of the pipeline then carries it).
+
 MoE models: `:path=...,top_p_sweep=0.2+0.4+0.6+0.8+1.0` also imports the model with dynamic Top-P
 routing (k_max = all experts) at each p (one model role and 'params' stage each) and reports mean
 experts per token and perplexity per p (top_p_sweep.png). Large models: `:dtype=bfloat16` and a mesh
@@ -42,7 +46,8 @@ def get_config(arg=None):
   config.seeds = (0,)  # nothing is trained or sampled: one pipeline run
   config.data = data_section(tokenizer='hf')  # the policy folder's tokenizer.json
   # parameter and compute dtype: float32 | bfloat16
-  policy = dict(hf=args.path, dtype=args.dtype, param_dtype=args.dtype)
+  config.lora = ''  # a PEFT adapter folder of the model, merged in when set
+  policy = dict(hf=args.path, dtype=args.dtype, param_dtype=args.dtype, peft=config.get_ref('lora'))
   config.models = CD(dict(policy=policy))
   config.stage = CD(dict(base=dict(type='params', model='policy')))
   stages = ['base']

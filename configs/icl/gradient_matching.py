@@ -117,7 +117,9 @@ def get_config(arg=None):
     stage.target = CD(dict(type='params', label='target (imported)', model='policy'))
   else:
     config.models = CD(dict(policy=_model(128, 4), proxy=_model(64, 2)))
-    stage.meta_data = CD(dict(type='icl_meta_data', rows=20_000, lines=120, seed=1))
+    stage.meta_data = CD(
+      dict(type='icl_meta_data', rows=20_000, lines=120, repeat_share=0.5, seed=1)
+    )
     stage.proxy = _meta_train('proxy', 'proxy', steps=2000, batch_size=16, lr=2e-3)
     stage.proxy.shared_seed = 0  # one selector; the training seeds vary the target
     stage.target = _meta_train('target', 'policy', steps=4000, batch_size=16, lr=1e-3)

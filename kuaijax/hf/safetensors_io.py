@@ -84,12 +84,13 @@ def read_header(path: str) -> dict[str, TensorInfo]:
 
 
 class Checkpoint:
-  """All tensors of a HF model folder (single file or sharded with an index), memory-mapped."""
+  """All tensors of a HF model folder (single file or sharded with an index), memory-mapped;
+  `single_file` names the unsharded file (a PEFT adapter's is adapter_model.safetensors)."""
 
-  def __init__(self, folder: str):
+  def __init__(self, folder: str, single_file: str = SINGLE_FILE):
     self.folder = folder
     index_path = os.path.join(folder, INDEX_FILE)
-    single = os.path.join(folder, SINGLE_FILE)
+    single = os.path.join(folder, single_file)
     if os.path.isfile(index_path):
       try:
         with open(index_path) as f:
@@ -101,9 +102,9 @@ class Checkpoint:
         if not os.path.isfile(os.path.join(folder, name)):
           raise FileNotFoundError(f'{index_path} points to a missing shard {name}')
     elif os.path.isfile(single):
-      weight_map, files = None, [SINGLE_FILE]
+      weight_map, files = None, [single_file]
     else:
-      raise FileNotFoundError(f'{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found')
+      raise FileNotFoundError(f'{folder}: neither {single_file} nor {INDEX_FILE} found')
     self.tensors: dict[str, TensorInfo] = {}
     for name in files:
       path = os.path.join(folder, name)

@@ -6,7 +6,8 @@ stage of the pipeline (`kuaijax.stages.builtin`) builds it as `cls(ctx, loss=<st
   1. `examples, stats = method.examples(records)`: the stage's input records (task records or a
      previous stage's data set) -> fixed-shape example dicts of numpy arrays;
   2. if `method.needs_reference`: `examples = method.prepare(examples, ref_graphdef, ref_params)`
-     (e.g. precompute reference log-probs), and `frozen = ref_params if method.frozen_reference`;
+     (e.g. precompute reference log-probs), and `frozen = ref_params if method.frozen_reference`
+     (a role with LoRA adapters passes no params: its reference is the base, see `reference_model`);
   3. trains with `loss_fn(model, batch, rng, frozen)` (frozen is None without a reference) and, when
      the method defines `rollout(model, batch, rng) -> batch`, runs it on every host batch with the
      current policy first (online methods such as GRPO).
@@ -19,9 +20,11 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from flax import nnx
 
 from kuaijax.data.sequences import completion_ids
 from kuaijax.data.tasks import Task
+from kuaijax.models import lora
 from kuaijax.registry import Registry
 
 
@@ -91,6 +94,14 @@ def register_method(name: str):
     return METHODS.register(name)(cls)
 
   return register
+
+
+def reference_model(model, frozen):
+  """The frozen reference inside `loss_fn`: the `frozen` params in the model's graph, or, when the
+  model trains LoRA adapters, the model with its adapters off (the base, sharing its arrays)."""
+  if lora.adapters(model):
+    return lora.without_adapters(model)
+  return nnx.merge(nnx.graphdef(model), frozen)
 
 
 def tokens_or_text(record: dict, key: str, tokenizer) -> np.ndarray:

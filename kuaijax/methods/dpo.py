@@ -1,8 +1,9 @@
 """The pairwise preference family: DPO (six loss types), CaPO, D2PO and SPPD.
 
 Records (one per pair): `prompt` text; `chosen` / `rejected` as stored tokens (`chosen_tokens`, a
-model's own sample) or text; SPPD also `chosen_value` / `rejected_value` (the values of the states
-after each step). Each side becomes a row in the shared layout (`kuaijax.data.sequences`); the
+model's own sample) or text; optional `prefix_tokens`, completion tokens both sides share after the
+prompt (SPPD's step pairs: the steps before the two sibling steps); SPPD also `chosen_value` /
+`rejected_value` (the values of the states after each step). Each side becomes a row in the shared layout (`kuaijax.data.sequences`); the
 objective is the method's name and `<stage>.loss` is forwarded to its loss function in
 `kuaijax.losses.preference` (dpo: loss_type, beta, label_smoothing, simpo_gamma; capo: beta,
 label_smoothing; d2po: gamma, beta; sppd: beta, gamma).
@@ -21,14 +22,13 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 
 from kuaijax import parallel
 from kuaijax.config_lib import check_choice
 from kuaijax.data import sequences
 from kuaijax.jit_cache import ParamsJit
 from kuaijax.losses import preference as pref
-from kuaijax.methods.base import Method, register_method, tokens_or_text
+from kuaijax.methods.base import Method, reference_model, register_method, tokens_or_text
 from kuaijax.sampling import pair_token_logps
 
 REFERENCE_SOURCES = ('precomputed', 'model')
@@ -58,6 +58,8 @@ class _Pairwise(Method):
     tok, out, too_long = self.ctx.tokenizer, [], 0
     for r in records:
       prompt = sequences.prompt_ids(tok, r['prompt'])
+      if 'prefix_tokens' in r:
+        prompt = np.concatenate([prompt, r['prefix_tokens']]).astype(np.int32)
       chosen, rejected = (tokens_or_text(r, side, tok) for side in ('chosen', 'rejected'))
       example = sequences.pair_example(prompt, chosen, rejected, self.ctx.seq_len, tok.pad_id)
       if example is None:
@@ -91,7 +93,7 @@ class _Pairwise(Method):
     if not self.needs_reference:
       ref_chosen = ref_rejected = None
     elif self.frozen_reference:
-      ref_model = nnx.merge(nnx.graphdef(model), frozen)
+      ref_model = reference_model(model, frozen)
       ref_chosen, ref_rejected = jax.lax.stop_gradient(pair_token_logps(ref_model, batch))
     else:
       ref_chosen, ref_rejected = batch['ref_chosen_logps'], batch['ref_rejected_logps']

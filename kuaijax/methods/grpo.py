@@ -33,7 +33,7 @@ from kuaijax.config_lib import check_choice
 from kuaijax.data import sequences
 from kuaijax.jit_cache import ParamsJit
 from kuaijax.losses import rl
-from kuaijax.methods.base import Method, register_method
+from kuaijax.methods.base import Method, reference_model, register_method
 from kuaijax.sampling import generate, score_completions
 
 
@@ -219,7 +219,7 @@ class GRPO(Method):
     del rng
     ref_logps = None
     if self.needs_reference:
-      ref_model = nnx.merge(nnx.graphdef(model), frozen)
+      ref_model = reference_model(model, frozen)
       ref_logps = jax.lax.stop_gradient(self._logps(ref_model, batch))
     width = batch['completions'].shape[1]
     mask = jnp.arange(width)[None, :] < batch['completion_lengths'][:, None]

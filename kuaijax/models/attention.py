@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kuaijax.models.layers import RMSNorm, dense, param
+from kuaijax.models.layers import RMSNorm, linear, param
 from kuaijax.parallel import constrain
 
 
@@ -180,6 +180,8 @@ def causal_block_attention(q, k, v, mask, num_blocks: int) -> jax.Array:
 class Attention(nnx.Module):
   """Multi-head causal self-attention with GQA (num_heads % num_kv_heads == 0) and RoPE."""
 
+  LINEAR_WEIGHTS = {'wq': 1, 'wk': 1, 'wv': 1, 'wo': 2}
+
   def __init__(self, config, *, rngs: nnx.Rngs):
     c = config
     self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
@@ -221,8 +223,7 @@ class Attention(nnx.Module):
   def project_kv(self, x, positions) -> tuple[jax.Array, jax.Array]:
     """The keys (rotated) and values [b, l, kv_heads, head_dim] that x [b, l, d] writes to a cache."""
     dt = self.dtype
-    k = dense(x, self.wk[...].astype(dt))
-    v = dense(x, self.wv[...].astype(dt))
+    k, v = linear(self, 'wk', x, dt), linear(self, 'wv', x, dt)
     if hasattr(self, 'bk'):
       k, v = k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     if hasattr(self, 'k_norm'):
@@ -240,7 +241,7 @@ class Attention(nnx.Module):
     unchanged (the predictor stages of a PC layer read the cache without writing it).
     """
     dt = self.dtype
-    q = dense(x, self.wq[...].astype(dt))
+    q = linear(self, 'wq', x, dt)
     if hasattr(self, 'bq'):
       q = q + self.bq[...].astype(dt)
     if hasattr(self, 'q_norm'):
@@ -272,4 +273,4 @@ class Attention(nnx.Module):
       if not commit:
         cache = past
     out = constrain(out, ('batch', 'length', 'heads', 'kv'))
-    return dense(out, self.wo[...].astype(dt), contract_dims=2), cache
+    return linear(self, 'wo', out, dt, contract_dims=2), cache

@@ -1,5 +1,10 @@
 """Basic NNX layers with logical axis names: parameter helper, RMSNorm, embedding, SwiGLU MLP.
 
+Linear weights are read through `linear` (x @ W) or `adapted` (W as an array): both apply the LoRA
+adapter a weight may carry (`kuaijax.models.lora`, attached as the attribute `<name>_lora`), so a
+module adapts any of the weights it lists in `LINEAR_WEIGHTS` ({name: number of input dims})
+without code of its own.
+
 The feed-forward block sits behind a tiny registry (`register_mlp` / `make_mlp`): a feed-forward
 module is called as `y, aux = mlp(x)` where `aux` is a dict of scalars (empty for dense MLPs,
 auxiliary losses and routing statistics for MoE layers), so an MoE layer can replace the dense MLP
@@ -52,6 +57,32 @@ def dense(x: jax.Array, w: jax.Array, contract_dims: int = 1) -> jax.Array:
   return y.reshape(*lead, *out_shape)
 
 
+ADAPTER_SUFFIX = '_lora'  # the LoRA adapter of weight `w` is the attribute `w_lora`
+
+
+def _adapter(module: nnx.Module, name: str):
+  adapter = getattr(module, name + ADAPTER_SUFFIX, None)
+  return adapter if adapter is not None and adapter.enabled else None
+
+
+def linear(module: nnx.Module, name: str, x: jax.Array, dtype, contract_dims: int = 1) -> jax.Array:
+  """x @ module.<name> (cast to `dtype`), plus its LoRA adapter's low-rank path when it has one."""
+  y = dense(x, getattr(module, name)[...].astype(dtype), contract_dims)
+  adapter = _adapter(module, name)
+  return y if adapter is None else y + adapter(x, dtype)
+
+
+def adapted(module: nnx.Module, name: str) -> jax.Array:
+  """module.<name> as an array, with its LoRA update merged in (W + scale A B) when it has one:
+  the form for weights consumed whole, such as stacked experts fed to an MoE dispatch."""
+  w = getattr(module, name)[...]
+  adapter = _adapter(module, name)
+  if adapter is None:
+    return w
+  delta = adapter.delta()
+  return w.astype(jnp.promote_types(w.dtype, delta.dtype)) + delta
+
+
 class RMSNorm(nnx.Module):
   """Root-mean-square LayerNorm with a learned scale, computed in float32."""
 
@@ -79,6 +110,8 @@ class Embed(nnx.Module):
 class SwiGLU(nnx.Module):
   """Dense SwiGLU feed-forward: W2 (silu(x W1) * (x W3))."""
 
+  LINEAR_WEIGHTS = {'w1': 1, 'w3': 1, 'w2': 1}
+
   def __init__(
     self, dim: int, hidden: int, *, std: float, out_std: float, param_dtype, dtype, rngs: nnx.Rngs
   ):
@@ -89,10 +122,9 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
     dt = self.dtype
-    gate = dense(x, self.w1[...].astype(dt))
-    up = dense(x, self.w3[...].astype(dt))
+    gate, up = linear(self, 'w1', x, dt), linear(self, 'w3', x, dt)
     h = constrain(jax.nn.silu(gate) * up, ('batch', 'length', 'mlp'))
-    return dense(h, self.w2[...].astype(dt)), {}
+    return linear(self, 'w2', h, dt), {}
 
 
 # name -> factory(config, layer_index, rngs) returning a module called as `y, aux = mlp(x)`.

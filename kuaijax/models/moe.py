@@ -54,7 +54,7 @@ from kuaijax import parallel
 from kuaijax import routing as routing_lib
 from kuaijax.models import dispatch as dispatch_lib
 from kuaijax.models import expert_parallel
-from kuaijax.models.layers import MLP_REGISTRY, param, register_mlp
+from kuaijax.models.layers import MLP_REGISTRY, adapted, param, register_mlp
 from pallas_kernels.topp_router import topp_router
 
 ROUTINGS = ('top_k', 'top_p')
@@ -367,7 +367,11 @@ class MoE(nnx.Module):
   """Router (float32) + stacked SwiGLU experts [E, d, f] / [E, f, d] + optional shared experts.
 
   `cfg.expert_d_ff` must be resolved (> 0) here; the model factory fills in the model's d_ff.
+  LoRA adapters of the experts are per-expert pairs, merged into the stacked weights before the
+  dispatch, which stays the same.
   """
+
+  LINEAR_WEIGHTS = {name: 1 for name in ('w1', 'w3', 'w2', 'shared_w1', 'shared_w3', 'shared_w2')}
 
   def __init__(
     self,
@@ -399,15 +403,15 @@ class MoE(nnx.Module):
     lead, d = x.shape[:-1], x.shape[-1]
     shared = None
     if self.cfg.num_shared_experts:
-      shared = (self.shared_w1[...], self.shared_w3[...], self.shared_w2[...])
+      shared = tuple(adapted(self, f'shared_{name}') for name in ('w1', 'w3', 'w2'))
     current = parallel.current_axis_rules()
     mesh = current[0] if current is not None else None
     y, aux = moe_ffn(
       x.astype(self.dtype).reshape(-1, d),
       self.router[...],
-      self.w1[...],
-      self.w3[...],
-      self.w2[...],
+      adapted(self, 'w1'),
+      adapted(self, 'w3'),
+      adapted(self, 'w2'),
       self.cfg,
       shared=shared,
       mesh=mesh,

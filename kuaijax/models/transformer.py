@@ -22,7 +22,7 @@ from flax import nnx
 
 from kuaijax.models import pc
 from kuaijax.models.attention import Attention, KVCache
-from kuaijax.models.layers import Embed, RMSNorm, dense, make_mlp, param
+from kuaijax.models.layers import Embed, RMSNorm, adapted, dense, make_mlp, param
 from kuaijax.parallel import constrain
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -256,6 +256,8 @@ def _layer_step(i: int):
 class Transformer(nnx.Module):
   """Decoder-only LM: embed -> blocks -> final RMSNorm -> (tied) output head."""
 
+  LINEAR_WEIGHTS = {'head': 1}  # an untied head only
+
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     self.config = cfg
     dt, pd = cfg.compute_dtype, cfg.weight_dtype
@@ -282,10 +284,11 @@ class Transformer(nnx.Module):
       )
 
   def output_head(self) -> jax.Array:
-    """The [d_model, vocab] output projection (the transposed embedding when tied)."""
+    """The [d_model, vocab] output projection (the transposed embedding when tied), with its LoRA
+    update merged in when adapted."""
     if self.config.tie_embeddings:
       return self.embed.embedding[...].T
-    return self.head[...]
+    return adapted(self, 'head')
 
   def __call__(
     self,

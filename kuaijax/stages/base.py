@@ -162,12 +162,14 @@ class Stage:
     return params_of({**self.outputs, 'dir': self.dir})
 
   def set_params(self, path: str, role: str | None = None, *, params_format='kuaijax') -> None:
-    """Records this stage's parameters: a checkpoint path (or this stage's folder) holding the
-    model role `role` (default this stage's), or a Hugging Face folder (`params_format='hf'`)."""
+    """Records this stage's parameters: a checkpoint path (this stage's folder or one inside it is
+    kept relative) holding the model role `role` (default this stage's), or a Hugging Face folder
+    (`params_format='hf'`)."""
     role = role or self.role
     roles.check_role(self.config, role, f'stage {self.name}')
-    own = params_format == 'kuaijax' and path == self.dir
-    path = '.' if own else os.path.abspath(path)
+    path, here = os.path.abspath(path), os.path.abspath(self.dir)
+    inside = params_format == 'kuaijax' and os.path.commonpath([path, here]) == here
+    path = os.path.relpath(path, here) if inside else path
     self.outputs.update(params=path, model=role, params_format=params_format)
 
   def load_model(self, ref: str, role: str | None = None):

@@ -4,17 +4,23 @@ samples of the task's prompts) and 'params' (parameters from a checkpoint or a H
 
 from __future__ import annotations
 
+import os
+
 from flax import nnx
 
 from kuaijax import parallel
 from kuaijax.data import sequences
 from kuaijax.evals import registry as eval_registry
 from kuaijax.methods import MethodContext, get_method
+from kuaijax.models import lora
 from kuaijax.sampling import sample_completions
 from kuaijax.stages import roles
 from kuaijax.stages.base import Stage, cycle, params_of, register_stage_type
+from kuaijax.train import checkpoint as ckpt_lib
 from kuaijax.train import lm_task
 from kuaijax.train.trainer import check_batch_config, param_layout, train
+
+MERGED_DIR = 'merged'  # a LoRA training stage's merged model, under its folder
 
 
 def method_context(stage: Stage) -> MethodContext:
@@ -34,6 +40,11 @@ def stage_train_config(stage: Stage, *, seed: int):
   `optimizer` overrides, `model` = the stage's role and its initial params: `init_from` (a stage
   or checkpoint path) if set, else the role's Hugging Face folder if it is imported, else scratch."""
   b = stage.block
+  if stage.config.models[stage.role].get(roles.PEFT_KEY):
+    raise ValueError(
+      f'stage {stage.name}: model role {stage.role!r} imports a PEFT adapter, which training '
+      "stages do not start from; train from a 'params' stage of the role (init_from=<it>)"
+    )
   out = roles.role_config(stage.config, stage.role)
   out.train.update(b.train.to_dict())
   out.optimizer.update(b.optimizer.to_dict())
@@ -47,6 +58,35 @@ def stage_train_config(stage: Stage, *, seed: int):
       out.init_from, out.init_from_hf = source.path, ''
   out.lock()
   return out
+
+
+def check_lora_reference(stage: Stage) -> None:
+  """A role with LoRA adapters uses its base as the reference (no second copy of the weights):
+  the stage's `reference` must be the parameters the adapters train on."""
+  b = stage.block
+  if b.init_from:
+    base = stage.params_source(b.init_from).path
+  else:
+    base = roles.hf_folder(stage.config, stage.role)
+  if stage.params_source(b.reference).path != base:
+    raise ValueError(
+      f'stage {stage.name}: model role {stage.role!r} trains LoRA adapters, whose reference is '
+      f'their base ({base or "scratch"}); reference={b.reference!r} names other parameters'
+    )
+
+
+def record_params(stage: Stage, result) -> None:
+  """Records a training stage's parameters for later stages: its checkpoints, or, for a role with
+  LoRA adapters (whose checkpoints hold only the adapters), the merged plain model written to
+  `<stage>/merged` (`kuaijax.models.lora.merged_params`)."""
+  if not roles.lora_section(stage.config, stage.role):
+    stage.set_params(stage.dir)
+    return
+  path = os.path.join(stage.dir, MERGED_DIR)
+  with stage.axis_rules():
+    merged = lora.merged_params(result.graphdef, result.params)
+  ckpt_lib.save_params(path, merged, result.step)
+  stage.set_params(path)
 
 
 def eval_scope(stage: Stage):
@@ -73,15 +113,19 @@ def train_stage(stage: Stage) -> dict:
   method = get_method(b.method)(method_context(stage), loss=b.loss.to_dict(), **b.options.to_dict())
   examples, stats = method.examples(stage.records(b.data))
   frozen = None
+  cfg = stage_train_config(stage, seed=stage.seed('train'))
   if method.needs_reference:
     if not b.reference:
       raise ValueError(f'stage {stage.name}: method {b.method!r} needs reference=<stage or path>')
-    graphdef, ref_params = stage.load_model(b.reference)
-    with stage.axis_rules():
-      examples = method.prepare(examples, graphdef, ref_params)
-    frozen = ref_params if method.frozen_reference else None
-  cfg = stage_train_config(stage, seed=stage.seed('train'))
-  layout = param_layout(cfg, lm_task.model_factory(cfg.model))
+    if cfg.model_lora:
+      check_lora_reference(stage)
+    if not (cfg.model_lora and method.frozen_reference):  # LoRA: the base is the frozen reference
+      graphdef, ref_params = stage.load_model(b.reference)
+      with stage.axis_rules():
+        examples = method.prepare(examples, graphdef, ref_params)
+      frozen = ref_params if method.frozen_reference else None
+  factory = lm_task.model_factory(cfg.model, cfg.model_lora)
+  layout = param_layout(cfg, factory)
   micro = check_batch_config(cfg.train, layout.mesh, layout.rules)
   dataset = sequences.in_memory_dataset(
     examples, batch_size=micro, seed=stage.seed('data'), **parallel.this_process()
@@ -91,7 +135,7 @@ def train_stage(stage: Stage) -> dict:
     result = train(
       cfg,
       stage.dir,
-      model_factory=lm_task.model_factory(cfg.model),
+      model_factory=factory,
       loss_fn=method.loss_fn,
       train_dataset=dataset,
       evaluate=evaluators.evaluate if evaluators.evaluators and b.get('evaluate', True) else None,
@@ -99,7 +143,7 @@ def train_stage(stage: Stage) -> dict:
       prepare_batch=method.rollout,
       count_tokens=method.count_tokens,
     )
-  stage.set_params(stage.dir)
+  record_params(stage, result)
   stage.outputs['eval'] = result.last_eval
   last = result.history[-1] if result.history else {}
   return {**stats, 'steps': result.step, 'last_train_metrics': last}

@@ -97,12 +97,15 @@ def icl_tasks_stage(stage: Stage) -> dict:
 
 @register_stage_type('icl_meta_data', seeded=False)
 def icl_meta_data_stage(stage: Stage) -> dict:
-  """Options: rows, lines (examples per row), seed. Writes SFT records (empty prompt, the row's
-  text as the completion: every label is a target, predictable once its key was seen)."""
+  """Options: rows, lines (examples per row), repeat_share (rows that are a block written twice),
+  seed. Writes SFT records (empty prompt, the row's text as the completion: every label is a
+  target, predictable once its key was seen)."""
   b = stage.block
-  texts = icl_toy.meta_training_texts(random.Random(b.seed), b.rows, lines=b.lines)
+  texts = icl_toy.meta_training_texts(
+    random.Random(b.seed), b.rows, lines=b.lines, repeat_share=b.repeat_share
+  )
   stage.write_data({'prompt': '', 'completion': t} for t in texts)
-  return {'rows': len(texts), 'lines': b.lines}
+  return {'rows': len(texts), 'lines': b.lines, 'repeat_share': b.repeat_share}
 
 
 def _pool(records: list[dict], name: str, split: str) -> list[dict]:

@@ -3,7 +3,12 @@
 A role is either a kuaijax model section (`kuaijax.config_lib.lm_model(...)`: the fields of
 `kuaijax.models.transformer.TransformerConfig`) or `{'hf': '<Hugging Face folder>', ...}` whose
 model section is read from the folder's config.json, any other key overriding a field (`dtype`, MoE
-routing options). Stages name the roles they train or read (`model='grm'`); a reward model half the
+routing options). Either form may carry a `lora` section (`kuaijax.models.lora.LoRAConfig` fields):
+training stages of the role then train LoRA adapters on the frozen base and hand later stages the
+merged plain model, so every reader of the role's parameters sees the base architecture. An
+imported role may also name a PEFT adapter folder (`peft`): its Hugging Face parameters then load
+with the adapter merged in (`kuaijax.hf.peft_io`).
+Stages name the roles they train or read (`model='grm'`); a reward model half the
 policy's size, or an imported checkpoint, is then an ordinary stage. Parameters are loaded as the
 role that produced them (recorded in the producing stage's `stage.json`).
 """
@@ -15,13 +20,19 @@ import functools
 import json
 import os
 
+import jax
 import ml_collections
+from flax import nnx
 
+from kuaijax import parallel
+from kuaijax.models import lora
 from kuaijax.train import checkpoint as ckpt_lib
 from kuaijax.train import lm_task
 from kuaijax.train.trainer import param_layout
 
 HF_KEY = 'hf'
+LORA_KEY = 'lora'
+PEFT_KEY = 'peft'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +71,8 @@ def model_section(config, role: str) -> ml_collections.ConfigDict:
   """The role's model section (TransformerConfig fields), read from its HF folder if imported."""
   check_role(config, role, 'model role')
   spec = config.models[role].to_dict()
+  spec.pop(LORA_KEY, None)
+  spec.pop(PEFT_KEY, None)
   folder = spec.pop(HF_KEY, '')
   if not folder:
     return ml_collections.ConfigDict(spec)
@@ -70,6 +83,12 @@ def model_section(config, role: str) -> ml_collections.ConfigDict:
     else:
       section[key] = value
   return ml_collections.ConfigDict(section)
+
+
+def lora_section(config, role: str) -> dict:
+  """The role's `lora` section ({} when the role trains all its parameters)."""
+  check_role(config, role, 'model role')
+  return dict(config.models[role].to_dict().get(LORA_KEY) or {})
 
 
 @functools.lru_cache(maxsize=16)
@@ -84,11 +103,12 @@ def _hf_section(folder: str) -> dict:
 
 
 def role_config(config, role: str):
-  """`config` with `model` = the role's section, `init_from_hf` = its folder (if imported) and no
-  `init_from`: the form the trainer and `param_layout` read."""
+  """`config` with `model` = the role's section, `model_lora` = its LoRA section, `init_from_hf` = its
+  folder (if imported) and no `init_from`: the form the trainer and `param_layout` read."""
   out = ml_collections.ConfigDict(config.to_dict())
   with out.unlocked():
     out.model = model_section(config, role)
+    out.model_lora = lora_section(config, role)
     out.init_from = ''
     out.init_from_hf = hf_folder(config, role)
   return out
@@ -108,9 +128,21 @@ def load(config, source: ParamsSource):
 
     cfg = TransformerConfig.from_config(model_section(config, source.role))
     params = model_io.load_for_config(source.path, cfg, lay.abstract_params, lay.shardings)
+    adapter = config.models[source.role].get(PEFT_KEY, '')
+    if adapter and source.path == hf_folder(config, source.role):
+      params = _with_adapter(lay, params, adapter)
   else:
     params, _ = ckpt_lib.load_params(source.path, lay.abstract_params, lay.shardings)
   return lay.graphdef, params
+
+
+def _with_adapter(lay, params, folder: str) -> dict:
+  """`params` with the PEFT adapter in `folder` merged in, on the same shardings."""
+  from kuaijax.hf import peft_io
+
+  with parallel.axis_rules(lay.mesh, lay.rules):
+    model = lora.merge(peft_io.load_adapter(nnx.merge(lay.graphdef, params), folder))
+  return jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)), lay.shardings)
 
 
 def vocab_sizes(config) -> dict[str, int]:

@@ -233,3 +233,11 @@ def load_params(path: str, abstract_params, shardings):
   params = ckpt.restore_params(step, target)
   ckpt.close()
   return params, step
+
+
+def save_params(path: str, params, step: int) -> None:
+  """Writes params alone as a checkpoint under `path`/checkpoints, for `load_params` (e.g. a LoRA
+  stage's merged model)."""
+  ckpt = Checkpointer(os.path.join(path, 'checkpoints'), keep=1, save_every=1, async_save=False)
+  ckpt.maybe_save(step, {'params': params}, None, {'param_signature': param_signature(params)})
+  ckpt.close()

@@ -21,6 +21,7 @@ from kuaijax import parallel
 from kuaijax.data import pipeline, sources, tokenizers
 from kuaijax.evals import registry
 from kuaijax.losses.lm import lm_loss
+from kuaijax.models import lora
 from kuaijax.models.transformer import Transformer, TransformerConfig
 
 
@@ -124,10 +125,19 @@ def build_evaluators(config, data: LMData, evals=None):
   )
 
 
-def model_factory(model_config):
-  """A `rngs -> Transformer` factory for the trainer; validates the model config first."""
+def model_factory(model_config, lora_config=None):
+  """A `rngs -> Transformer` factory for the trainer; validates the model config first. A non-empty
+  `lora_config` (a role's `lora` section) adds LoRA adapters (`kuaijax.models.lora`)."""
   cfg = TransformerConfig.from_config(model_config)
-  return lambda rngs: Transformer(cfg, rngs=rngs)
+  adapters = lora.LoRAConfig.from_config(lora_config) if lora_config else None
+
+  def build(rngs):
+    model = Transformer(cfg, rngs=rngs)
+    if adapters is not None:
+      lora.apply(model, adapters, rngs=rngs)
+    return model
+
+  return build
 
 
 AUX_REDUCTIONS = ('mean', 'sum')

@@ -21,6 +21,12 @@ Its rng is `fold_in(fold_in(key(train.seed + 2), step), micro_index)`, so a resu
 same online batches. It gets this process's rows; to run the model on them it uses
 `parallel.on_process_rows` (the whole mesh works on every process's rows, each gets its own back).
 
+LoRA: when the model carries adapters (`kuaijax.models.lora`), only they are trained: gradients,
+optimizer state and checkpoints cover the adapters, the base parameters ride along in the state
+unchanged (frozen, in their own dtype, e.g. bfloat16) and come back on resume from the same source
+as at the start (`init_from`, `init_from_hf` or the seed). `state['params']` and everything handed
+out (evaluate, prepare_batch, the result) hold base and adapters together.
+
 Non-finite guard: a step whose loss or gradient norm is not finite leaves params and optimizer state
 unchanged and records its step; the host checks that record before every log, evaluation and save,
 then stops with the step number. No state after a bad step is ever saved, so the last checkpoint is
@@ -42,6 +48,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from kuaijax import parallel
+from kuaijax.models import lora
 from kuaijax.train import checkpoint as ckpt_lib
 from kuaijax.train.metrics import MetricsWriter, Progress
 from kuaijax.train.optim import make_optimizer
@@ -125,20 +132,32 @@ def _write_config(workdir: str, config) -> None:
 
 def initial_params(config, abstract_params, shardings, init_params: Callable[[], dict]):
   """Params of a run without a checkpoint in its workdir: `config.init_from` (a kuaijax workdir),
-  else `config.init_from_hf` (a Hugging Face folder matching `config.model`), else `init_params()`."""
+  else `config.init_from_hf` (a Hugging Face folder matching `config.model`), else `init_params()`.
+
+  LoRA adapters are not in those sources: the base parameters are loaded and the adapters start
+  from `init_params()` (only the adapters of it are computed).
+  """
+  abstract_base, base_shardings = (
+    lora.split_params(abstract_params)[1],
+    lora.split_params(shardings)[1],
+  )
   if config.get('init_from'):
-    params, from_step = ckpt_lib.load_params(config.init_from, abstract_params, shardings)
+    params, from_step = ckpt_lib.load_params(config.init_from, abstract_base, base_shardings)
     logging.info('initialised params from %s (step %d)', config.init_from, from_step)
-    return params
-  if config.get('init_from_hf'):
+  elif config.get('init_from_hf'):
     from kuaijax.hf import model_io
     from kuaijax.models.transformer import TransformerConfig
 
     cfg = TransformerConfig.from_config(config.model)
-    params = model_io.load_for_config(config.init_from_hf, cfg, abstract_params, shardings)
+    params = model_io.load_for_config(config.init_from_hf, cfg, abstract_base, base_shardings)
     logging.info('initialised params from Hugging Face folder %s', config.init_from_hf)
+  else:
+    return jax.jit(init_params, out_shardings=shardings)()
+  adapter_shardings = lora.split_params(shardings)[0]
+  if not adapter_shardings:
     return params
-  return jax.jit(init_params, out_shardings=shardings)()
+  fresh = jax.jit(lambda: lora.split_params(init_params())[0], out_shardings=adapter_shardings)
+  return lora.join_params(fresh(), params)
 
 
 @dataclasses.dataclass
@@ -148,6 +167,7 @@ class TrainProgram:
   layout: ParamLayout
   abstract_state: dict  # {'params', 'opt_state', 'step', 'nonfinite_step'} as ShapeDtypeStructs
   state_shardings: dict
+  has_adapters: bool  # LoRA: only the adapters are trained and checkpointed
   init_params: Callable[[], dict]  # fresh params from `train.seed` (unsharded)
   init_state: Callable[[dict], dict]  # params -> the sharded train state
   step: Callable  # (state, batch, frozen) -> (state, metrics); donates `state`
@@ -168,7 +188,7 @@ def train_program(config, model_factory: Callable[[nnx.Rngs], nnx.Module], loss_
   def init_state(params):
     return {
       'params': params,
-      'opt_state': tx.init(params),
+      'opt_state': tx.init(lora.trainable_split(params)[0]),
       'step': jnp.zeros((), jnp.int32),
       'nonfinite_step': jnp.full((), -1, jnp.int32),
     }
@@ -183,7 +203,7 @@ def train_program(config, model_factory: Callable[[nnx.Rngs], nnx.Module], loss_
       tx,
       lambda _, s: s,
       abstract_state['opt_state'],
-      layout.shardings,
+      lora.trainable_split(layout.shardings)[0],
       transform_non_params=lambda _: replicated,
     ),
     'step': replicated,
@@ -191,23 +211,27 @@ def train_program(config, model_factory: Callable[[nnx.Rngs], nnx.Module], loss_
   }
   base_rng = jax.random.key(seed + 1)
 
-  def loss_of_params(params, batch, rng, frozen):
-    return loss_fn(nnx.merge(graphdef, params), batch, rng, frozen)
+  def loss_of_params(params, base, batch, rng, frozen):
+    model = nnx.merge(graphdef, lora.join_params(params, base))
+    lora.seed_dropout(model, rng)
+    return loss_fn(model, batch, rng, frozen)
 
   grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
 
   def train_step(state, batch, frozen):
-    step, params = state['step'], state['params']
+    step = state['step']
+    params, base = lora.trainable_split(state['params'])
     rng = jax.random.fold_in(base_rng, step)
     if accum == 1:
-      (loss, metrics), grads = grad_fn(params, batch, rng, frozen)
+      (loss, metrics), grads = grad_fn(params, base, batch, rng, frozen)
     else:
       first = jax.tree.map(lambda x: x[0], batch)
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first, rng, frozen))
+      zeros = jax.eval_shape(grad_fn, params, base, first, rng, frozen)
+      zeros = jax.tree.map(jnp.zeros_like, zeros)
 
       def body(acc, xs):
         micro, i = xs
-        out = grad_fn(params, micro, jax.random.fold_in(rng, i), frozen)
+        out = grad_fn(params, base, micro, jax.random.fold_in(rng, i), frozen)
         return jax.tree.map(jnp.add, acc, out), None
 
       summed, _ = jax.lax.scan(body, zeros, (batch, jnp.arange(accum)))
@@ -219,7 +243,7 @@ def train_program(config, model_factory: Callable[[nnx.Rngs], nnx.Module], loss_
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     nonfinite = state['nonfinite_step']
     new_state = {
-      'params': keep(new_params, params),
+      'params': lora.join_params(keep(new_params, params), base),
       'opt_state': keep(opt_state, state['opt_state']),
       'step': step + 1,
       'nonfinite_step': jnp.where((nonfinite < 0) & ~finite, step, nonfinite),
@@ -231,10 +255,17 @@ def train_program(config, model_factory: Callable[[nnx.Rngs], nnx.Module], loss_
     layout=layout,
     abstract_state=abstract_state,
     state_shardings=state_shardings,
+    has_adapters=bool(lora.split_params(layout.abstract_params)[0]),
     init_params=init_params,
     init_state=jax.jit(init_state, out_shardings=state_shardings),
     step=jax.jit(train_step, out_shardings=(state_shardings, replicated), donate_argnums=0),
   )
+
+
+def _saved(state: dict) -> dict:
+  """The part of a train state (or of its shardings) a checkpoint holds: without a model's frozen
+  base parameters when it trains LoRA adapters."""
+  return {**state, 'params': lora.trainable_split(state['params'])[0]}
 
 
 def train(
@@ -268,7 +299,7 @@ def train(
   abstract_params, param_shardings = layout.abstract_params, layout.shardings
   check_batch_config(tc, mesh, rules)
   seed = int(tc.seed)
-  signature = ckpt_lib.param_signature(abstract_params)
+  signature = ckpt_lib.param_signature(lora.trainable_split(abstract_params)[0])
   state_shardings = program.state_shardings
   prepare_rng = jax.random.key(seed + 2)
 
@@ -290,10 +321,13 @@ def train(
         checkpointer.check_compatible(latest, signature)
         target = jax.tree.map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-          program.abstract_state,
-          state_shardings,
+          _saved(program.abstract_state),
+          _saved(state_shardings),
         )
         state = checkpointer.restore(latest, target, data_iter)
+        if program.has_adapters:
+          initial = initial_params(config, abstract_params, param_shardings, program.init_params)
+          state['params'] = lora.join_params(state['params'], lora.split_params(initial)[1])
         logging.info('resumed from %s/%d', checkpointer.directory, latest)
       else:
         state = program.init_state(
@@ -349,7 +383,7 @@ def train(
           writer.write(done, {f'eval/{k}': v for k, v in last_eval.items()})
         if done % int(tc.checkpoint_every) == 0 or last:
           check_finite()
-          checkpointer.maybe_save(done, state, data_iter, meta, force=last)
+          checkpointer.maybe_save(done, _saved(state), data_iter, meta, force=last)
       progress.close()
   finally:
     checkpointer.close()

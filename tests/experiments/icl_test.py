@@ -172,8 +172,8 @@ def test_accuracy_of_a_copying_model_is_the_coverage_of_the_demonstrations(monke
     out = []
     for p in prompts:
       *demos, query = p.split('\n')
-      table = dict(d.split(':') for d in demos)
-      out.append(SimpleNamespace(text=table.get(query[:-1], 'none') + '\nb:'))
+      table = {d[0]: d[1:] for d in demos}
+      out.append(SimpleNamespace(text=table.get(query, 'none') + '\nB'))
     return out
 
   monkeypatch.setattr(icl, 'sample_completions', copying)
