@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kuaijax import benchmarking, parallel
 from kuaijax.models.transformer import TransformerConfig
@@ -34,20 +33,6 @@ def model_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
   mlp = 3 * d * cfg.d_ff
   matmul_params = layers * (attn + mlp) + d * cfg.vocab_size
   return 6.0 * matmul_params + 12.0 * layers * cfg.num_heads * cfg.head_dim * seq_len
-
-
-def synthetic_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
-  """Random full-length token rows (one document per row)."""
-  tokens = np.random.default_rng(seed).integers(3, vocab, (batch, seq_len), dtype=np.int32)
-  ones = np.ones((batch, seq_len), np.int32)
-  return {
-    'inputs': tokens,
-    'targets': np.roll(tokens, -1, axis=1),
-    'segment_ids': ones,
-    'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
-    'loss_mask': ones.astype(np.float32),
-    'task_ids': np.zeros((batch, seq_len), np.int32),
-  }
 
 
 def kuaijax_side(config, batch: dict, steps: int):
@@ -122,7 +107,7 @@ def run(config, workdir: str) -> dict:
   b = config.bench
   cfg = TransformerConfig.from_config(config.model)
   seq_len, batch_size, steps = config.data.seq_len, config.train.batch_size, b.steps_per_round
-  batch = synthetic_batch(batch_size, seq_len, cfg.vocab_size)
+  batch = benchmarking.synthetic_lm_batch(batch_size, seq_len, cfg.vocab_size)
   sides = {'kuaijax': kuaijax_side(config, batch, steps)}
   torch_run = transformers_side(config, batch, steps) if b.transformers else None
   if torch_run is not None:

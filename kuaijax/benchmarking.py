@@ -6,7 +6,7 @@ falls on every side alike; the figures are wall-clock seconds (`time.perf_counte
 outputs blocked on. A comparison is reported as the median of the per-round ratios with their
 min..max, next to the thread counts each runtime was allowed (`thread_counts`; the torch side is
 set to the same number of threads as XLA's CPU pool) and the command that produced it
-(`command_line`).
+(`command_line`). `synthetic_lm_batch` is the training benches' shared input.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 
 import jax
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,3 +138,17 @@ def header(what: str, *, rounds: int, warmup: int) -> str:
     f'{what}: wall clock, median (min-max) of {rounds} interleaved rounds after {warmup} warm-up '
     f'call(s); {threads}.\nCommand: `{command_line()}`\n\n'
   )
+
+
+def synthetic_lm_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
+  """Random full-length token rows (one document per row): a language-model training batch."""
+  tokens = np.random.default_rng(seed).integers(3, vocab, (batch, seq_len), dtype=np.int32)
+  ones = np.ones((batch, seq_len), np.int32)
+  return {
+    'inputs': tokens,
+    'targets': np.roll(tokens, -1, axis=1),
+    'segment_ids': ones,
+    'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
+    'loss_mask': ones.astype(np.float32),
+    'task_ids': np.zeros((batch, seq_len), np.int32),
+  }

@@ -21,6 +21,11 @@ Args: `stages=sft+dpo+rft+rlmec+grpo` picks the rows (the sampling stages they n
 `reward=relative_length` pick the objectives; `sft_from=<workdir>/sft` starts from an existing SFT
 run instead of training one; `seeds=0+1+2` the training seeds:
   ... --config=configs/arith/posttrain.py:runlocal,stages=grpo,sft_from=workdirs/arith_posttrain/sft
+`lora=True` adds two rows post-trained from the SFT policy at the same steps x batch as RFT:
+`sft_more` (SFT continued, every parameter) and `sft_lora` (SFT continued with LoRA adapters,
+model role `policy_lora`, merged into the policy at the end); the LoRA learning rate is 10x the
+full one, as is customary for LoRA:
+  ... --config=configs/arith/posttrain.py:runlocal,stages=sft,lora=True
 """
 
 import ml_collections
@@ -35,8 +40,11 @@ from kuaijax.config_lib import (
 )
 from kuaijax.config_lib import train_stage as _train
 from kuaijax.losses.preference import DPO_LOSS_TYPES
+from kuaijax.models.lora import DEFAULT_TARGETS
 
 CD = ml_collections.ConfigDict
+LORA_ROLE = 'policy_lora'
+LORA_LR_FACTOR = 10.0  # LoRA learning rate / full fine-tuning's (the customary ~10x)
 
 
 def arith_data(**overrides) -> CD:
@@ -179,6 +187,39 @@ def grpo_stage(reward: str) -> CD:
   )
 
 
+def add_lora_rows(config) -> None:
+  """In place: model role `policy_lora` (the policy's fields, by reference, with LoRA adapters on
+  its attention projections and SwiGLU weights) and the rows `sft_more` (SFT continued, every parameter, at `lr`)
+  and `sft_lora` (SFT continued with the adapters, at LORA_LR_FACTOR x `lr`), both from the SFT
+  policy at the RFT row's steps x batch and schedule, appended to `config.stages`; `lr` is the RFT
+  row's (the SFT schedule's final learning rate)."""
+  policy = config.models.policy
+  # Every field a reference to the policy's: overriding `models.policy.<field>` changes both.
+  config.models[LORA_ROLE] = CD({key: policy.get_ref(key) for key in policy})
+  config.models[LORA_ROLE].lora = CD(
+    dict(rank=8, alpha=16.0, dropout=0.0, targets=DEFAULT_TARGETS, rslora=False)
+  )
+  post = config.stage.rft
+  lr = post.optimizer.lr
+  budget = dict(init_from='sft', steps=post.train.steps, batch_size=post.train.batch_size)
+  optimizer = lambda lr: dict(post.optimizer.to_dict(), lr=lr)  # noqa: E731
+  config.stage.sft_more = _train(
+    'sft', 'SFT (continued)', data='task:train', **budget, optimizer=optimizer(lr)
+  )
+  config.stage.sft_lora = _train(
+    'sft',
+    'SFT (continued, LoRA r=8)',
+    data='task:train',
+    model=LORA_ROLE,
+    **budget,
+    optimizer=optimizer(round(LORA_LR_FACTOR * lr, 12)),
+  )
+  for name in ('sft_more', 'sft_lora'):
+    config.stage[name].train.update(post.train.to_dict())
+  rows = config.stages.replace(',', '+').split('+')
+  config.stages = '+'.join([*rows, *(n for n in ('sft_more', 'sft_lora') if n not in rows)])
+
+
 def _runlocal(config, *, sft_from: str) -> None:
   """Trained on levels 1-2 only (level 3 is held out as harder, longer problems)."""
   stage = config.stage
@@ -208,6 +249,7 @@ def get_config(arg=None):
     reward='exact_answer',
     sft_from='',
     seeds='0',
+    lora=False,
   )
   config = trainer_config(progress=True)
   config.experiment = 'arith_posttrain'
@@ -224,6 +266,8 @@ def get_config(arg=None):
   config.evals = CD(dict(arith=accuracy_eval(seeds=(0, 1, 2, 3, 4))))
   if args.runlocal:
     _runlocal(config, sft_from=args.sft_from)
+  if args.lora:
+    add_lora_rows(config)
   return config
 
 

@@ -14,8 +14,8 @@ update and learning rate: `sft_more` (SFT continued), `dpo`, `step_dpo` (sppd wi
 pairs), `sppd_mc`, `sppd_prm`; and `prm_rerank` (best-of-8 of the SFT policy by the PRM on test
 problems). experiments/sppd.py writes the table (experiments/sppd/README.md has our numbers).
 
-runlocal (2 CPU cores, 3 training seeds; the 0.84M-parameter SFT policy of configs/arith/posttrain.py
-with ~27% sampled accuracy on levels 1-2; 400 tree problems per seed, 40 updates x 16 pairs at lr
+runlocal (2 CPU cores, 3 training seeds; the 0.84M-parameter SFT policy of
+configs/arith/posttrain.py with ~27% sampled accuracy on levels 1-2; 400 tree problems per seed, 40 updates x 16 pairs at lr
 5e-5 per row; evaluated on 100 test problems per level, 4 sampling runs + greedy):
   python -m kuaijax.main --config=configs/sppd/arith.py:runlocal --workdir=workdirs/sppd_arith
 gpu (one GPU, never run on a device): the same SFT policy; 4000 tree problems, a PRM trained for

@@ -164,7 +164,8 @@ def monte_carlo_values(
   max_new_tokens: int,
   rng,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """(values [nodes] float32, outcome counts [nodes] int: the completed solutions behind each value).
+  """(values [nodes] float32, outcome counts [nodes] int: the completed solutions behind each
+  value).
 
   `is_correct(problem, completion_tokens)` checks a whole completion. Terminal nodes take their own
   outcome; leaves cut at the depth limit the mean over `rollouts` completions (to eos, at most

@@ -3,10 +3,10 @@
 Records (one per pair): `prompt` text; `chosen` / `rejected` as stored tokens (`chosen_tokens`, a
 model's own sample) or text; optional `prefix_tokens`, completion tokens both sides share after the
 prompt (SPPD's step pairs: the steps before the two sibling steps); SPPD also `chosen_value` /
-`rejected_value` (the values of the states after each step). Each side becomes a row in the shared layout (`kuaijax.data.sequences`); the
-objective is the method's name and `<stage>.loss` is forwarded to its loss function in
-`kuaijax.losses.preference` (dpo: loss_type, beta, label_smoothing, simpo_gamma; capo: beta,
-label_smoothing; d2po: gamma, beta; sppd: beta, gamma).
+`rejected_value` (the values of the states after each step). Each side becomes a row in the shared
+layout (`kuaijax.data.sequences`); the objective is the method's name and `<stage>.loss` is
+forwarded to its loss function in `kuaijax.losses.preference` (dpo: loss_type, beta,
+label_smoothing, simpo_gamma; capo: beta, label_smoothing; d2po: gamma, beta; sppd: beta, gamma).
 
 Reference log-probs (`reference` option): 'precomputed' scores every pair once with the reference
 before training; 'model' passes the reference params as the trainer's `frozen` state and scores

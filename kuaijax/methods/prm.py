@@ -1,7 +1,7 @@
 """A process reward model (PRM): a causal LM that judges each solution step with one token.
 
-The PRM reads `[bos] + prompt + prefix + step` and judges the step at its last token by two tokens of
-its own LM head: z = logit('+') - logit('-'), p(good step) = sigmoid(z). It is an ordinary model
+The PRM reads `[bos] + prompt + prefix + step` and judges the step at its last token by two tokens
+of its own LM head: z = logit('+') - logit('-'), p(good step) = sigmoid(z). It is an ordinary model
 role (any size) trained by the generic `train` stage with method 'prm' on records of
   `prompt` (text), `prefix_tokens` (the completion before the step; may be empty), `step_tokens`
   and a label in [0, 1] (`label_field`, default 'mc_value': the step's Monte Carlo value),

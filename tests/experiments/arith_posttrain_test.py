@@ -87,6 +87,44 @@ def test_bad_config_args_are_refused():
     load_config(f'{CONFIG}:runlocal,stage=sft')
 
 
+@pytest.mark.parametrize('variant', ['runlocal,', ''])
+def test_lora_rows_have_the_full_rows_budget(variant):
+  """`lora=True`: `sft_lora` trains adapters (role `policy_lora`: the policy plus a lora section)
+  with the same steps, batch, schedule and start as the full `sft_more` row, at 10x its learning
+  rate; both appear in the stages and default to nothing without the arg; the role follows the
+  policy's fields."""
+  config = load_config(f'{CONFIG}:{variant}lora=True,stages=sft+dpo')
+  full, lora = config.stage.sft_more, config.stage.sft_lora
+  assert config.stages == 'sft+dpo+sft_more+sft_lora'
+  assert full.model == 'policy' and lora.model == 'policy_lora'
+  assert full.method == lora.method == 'sft' and full.data == lora.data == 'task:train'
+  assert full.init_from == lora.init_from == 'sft'
+  assert full.train.to_dict() == lora.train.to_dict() == config.stage.rft.train.to_dict()
+  assert lora.optimizer.lr == pytest.approx(10 * full.optimizer.lr)
+  assert full.optimizer.lr == config.stage.rft.optimizer.lr
+  rest = lambda block: {k: v for k, v in block.optimizer.items() if k != 'lr'}  # noqa: E731
+  assert rest(full) == rest(lora)
+  section = config.models.policy_lora.to_dict()
+  assert section.pop('lora')['rank'] > 0 and section == config.models.policy.to_dict()
+  config.models.policy.d_model = 48  # (as --config.models.policy.d_model=48 would)
+  assert config.models.policy_lora.d_model == 48
+  assert 'sft_lora' not in load_config(f'{CONFIG}:{variant}stages=sft').stage
+
+
+def test_tiny_lora_row_beside_full_sft(tmp_path):
+  """A seconds-long run of `stages=sft,lora=True`: SFT, then the continued full and LoRA rows,
+  all three in the table."""
+  config = tiny_config('stages=sft,lora=True')
+  config = shrink(config, ('sft', 'sft_more', 'sft_lora'))
+  results = arith_posttrain.run(config, str(tmp_path))
+  stages = results['runs']['0']
+  assert [n for n in stages if 'eval' in stages[n]] == ['sft', 'sft_more', 'sft_lora']
+  assert stages['sft_lora']['model'] == 'policy_lora' and stages['sft_lora']['params'] == 'merged'
+  assert stages['sft_lora']['summary']['steps'] == stages['sft_more']['summary']['steps'] == 2
+  table = (tmp_path / 'results.md').read_text()
+  assert '| SFT (continued) |' in table and '| SFT (continued, LoRA r=8) |' in table
+
+
 @pytest.mark.slow
 def test_full_runlocal(tmp_path):
   """The README command: the table has every method; SFT learns level 1 (measured 45% greedy)."""
