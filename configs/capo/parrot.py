@@ -49,7 +49,7 @@ from kuaijax.data.dialog import NEGATIVE_KINDS
 CD = ml_collections.ConfigDict
 KIND_ROWS = (*NEGATIVE_KINDS, 'all')
 CAPO_BETA = 0.1
-REPRO_SFT_STEPS = 1500
+REPRO_SFT_STEPS = 600
 
 
 # One log line in 10 and a single checkpoint per stage (the stages are short).

@@ -160,7 +160,8 @@ def get_config(arg=None):
   config.evals = CD()  # the icl_eval stage is the evaluation
   config.stages = 'icl_eval'
   config.train.update(progress=False)
-  if args.runlocal:  # a 512-token context: k=128 prompts keep their last ~64 demonstrations
+  if args.runlocal:
+    # A 512-token context: k=128 prompts of colors keep their last ~70 demonstrations (the others all).
     config.data.update(seq_len=512, prompt_len=512)
     stage.meta_data.update(rows=6000, lines=60)
     stage.proxy.train.update(stage_steps(400, 8, logs=20, checkpoints=2))

@@ -15,9 +15,7 @@ demonstration selection matters: k random demonstrations repeat the frequent key
   a model to read a table in context (every label after the first occurrence of its key is
   predictable from the context: a one-token key directly before its label makes this the plain
   induction-head copy, find the earlier occurrence of the current token and copy what followed;
-  with a separator between key and label, `key:label`, the copy needs one more composition and a
-  0.8M-parameter model had not learnt it after 3000 steps, predicting the most frequent label of
-  the context instead);
+  a separator between key and label, `key:label`, would need one more composition);
 - `icl_prompt`: k demonstrations then the query (any records with `prompt` and `completion`).
 """
 

@@ -57,10 +57,23 @@ def test_lookup_tasks_follow_their_table_and_zipf_weights():
   wrong = [e for e in noisy if e['label'] != table[e['key']]]
   assert len(wrong) / len(noisy) == pytest.approx(0.3, abs=0.03)
   assert all(not e['clean'] for e in wrong)
-  demos = [{'prompt': 'a:', 'completion': 'red'}, {'prompt': 'B:', 'completion': 'blue'}]
-  assert icl_toy.icl_prompt(demos, icl_toy.query('a')) == 'a:red\nB:blue\na:'
+  demos = [{'prompt': 'A', 'completion': 'red'}, {'prompt': 'B', 'completion': 'blue'}]
+  assert icl_toy.icl_prompt(demos, icl_toy.query('A')) == 'Ared\nBblue\nA'
   with pytest.raises(ValueError, match='noise'):
     icl_toy.draw_examples(task, 3, rng, noise=1.0)
+  with pytest.raises(ValueError, match='key letters'):
+    icl_toy.lookup_task(rng, icl_toy.LookupSet(('Red', 'blue'), num_keys=4, zipf=1.0))
+
+
+def test_meta_training_rows_repeat_blocks_in_their_share():
+  rows = icl_toy.meta_training_texts(random.Random(0), 400, lines=20, repeat_share=0.5)
+  lines = [r.split('\n') for r in rows]
+  assert all(len(x) == 20 for x in lines)
+  repeated = sum(x[:10] == x[10:] for x in lines) / len(lines)
+  assert repeated == pytest.approx(0.5, abs=0.08)
+  assert all(x[0][0] in icl_toy.KEY_ALPHABET and x[0][1:] for x in lines)
+  with pytest.raises(ValueError, match='repeat_share'):
+    icl_toy.meta_training_texts(random.Random(0), 1, lines=4, repeat_share=1.5)
 
 
 def test_gradient_matching_represents_the_keys_in_proportion():
