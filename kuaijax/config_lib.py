@@ -8,6 +8,8 @@ typo never silently runs the wrong experiment.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 
@@ -65,6 +67,17 @@ def parse_ints(text: str, arg: str) -> tuple[int, ...]:
 def parse_seeds(text: str) -> tuple[int, ...]:
   """'0+1+2' (or '0,1,2') -> (0, 1, 2): the `config.seeds` of a pipeline config."""
   return parse_ints(text, 'seeds')
+
+
+def dataclass_from_section(cls, section, what: str):
+  """`cls(**section)` for a dataclass and a ConfigDict / mapping, naming every key that is not one
+  of its fields (`what` names the section in the error)."""
+  values = dict(section.to_dict() if hasattr(section, 'to_dict') else section)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ValueError(f'unknown {what} keys {unknown}; known: {sorted(fields)}')
+  return cls(**values)
 
 
 def check_choice(name: str, value, allowed) -> None:

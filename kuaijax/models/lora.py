@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kuaijax.config_lib import dataclass_from_section
 from kuaijax.models.layers import ADAPTER_SUFFIX, dense
 
 # Dropout keys are fold_in(step rng, _DROPOUT_STREAM + adapter index): apart from a method's own.
@@ -75,12 +76,7 @@ class LoRAConfig:
   @classmethod
   def from_config(cls, section: Mapping) -> LoRAConfig:
     """From a `lora` config section, naming unknown keys."""
-    values = dict(section.to_dict() if hasattr(section, 'to_dict') else section)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-      raise ValueError(f'unknown lora keys {unknown}; known: {sorted(fields)}')
-    return cls(**values)
+    return dataclass_from_section(cls, section, 'lora')
 
   @property
   def scale(self) -> float:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kuaijax.config_lib import dataclass_from_section
 from kuaijax.models import pc
 from kuaijax.models.attention import Attention, KVCache
 from kuaijax.models.layers import Embed, RMSNorm, adapted, dense, make_mlp, param
@@ -190,12 +191,7 @@ class TransformerConfig:
   @classmethod
   def from_config(cls, model_config) -> TransformerConfig:
     """Builds from a ConfigDict/mapping, naming any key that is not a model field."""
-    values = dict(model_config.to_dict() if hasattr(model_config, 'to_dict') else model_config)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-      raise ValueError(f'unknown model config keys {unknown}; known: {sorted(fields)}')
-    return cls(**values)
+    return dataclass_from_section(cls, model_config, 'model config')
 
   @property
   def stack_spec(self) -> pc.StackSpec:
