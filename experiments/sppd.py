@@ -19,13 +19,16 @@ from matplotlib.figure import Figure
 from kuaijax import plotting
 from kuaijax.results import write_results
 from kuaijax.stages import posttrain_table, report, run_pipeline
+from kuaijax.stages import sppd as sppd_stages
+from kuaijax.stages.base import data_of
 
-# (stage, summary key, row label) of the value accuracy table
+# (key, row label) of the value accuracy table
 VALUE_ROWS = (
-  ('tree', 'mc_vs_truth', 'MC value vs program check'),
-  ('prm_values', 'prm_vs_truth', 'PRM vs program check'),
-  ('prm_values', 'prm_vs_mc', 'PRM vs MC value'),
-  ('tree', 'truth_good_fraction', '(steps the program check passes)'),
+  ('mc_vs_truth', 'MC value vs program check'),
+  ('prm_vs_truth', 'PRM vs program check'),
+  ('always_bad', 'always "bad step" vs program check (baseline)'),
+  ('prm_vs_mc', 'PRM vs MC value'),
+  ('prm_sibling_order', 'PRM ranks MC-valued sibling pairs (gap > 0.5) as MC does'),
 )
 PAIR_STAGES = ('step_pairs_mc', 'step_pairs_prm', 'pairs')
 RERANK_KEYS = (
@@ -47,11 +50,27 @@ def _cell(pair, scale=100.0, spec='.1f') -> str:
   return '-' if pair is None else f'{scale * pair[0]:{spec}} ± {scale * pair[1]:{spec}}'
 
 
+def value_accuracy(stages: dict) -> dict:
+  """One seed's step-value accuracies (`kuaijax.stages.sppd.value_accuracies` of the tree and PRM
+  stages), the majority baseline, and how often the PRM orders sibling steps as the MC values do."""
+  tree = stages['tree']['summary']
+  out = {'mc_vs_truth': tree['mc_vs_truth'], 'always_bad': 1.0 - tree['truth_good_fraction']}
+  if 'prm_values' in stages:
+    out.update({k: stages['prm_values']['summary'][k] for k in ('prm_vs_truth', 'prm_vs_mc')})
+    out['prm_sibling_order'] = sppd_stages.sibling_order(
+      data_of(stages['prm_values']), reference='mc_value', value='prm_value', min_gap=0.5
+    )
+  return out
+
+
 def sppd_summary(runs: dict) -> dict:
   """The value accuracies, pair statistics and reranking accuracies, [mean, std] over seeds."""
-  keys = ('pairs', 'mean_gap', 'true_order', 'inverted', 'mixed_prompts')
+  keys = ('pairs', 'mean_gap', 'true_order', 'inverted')
+  per_seed = [value_accuracy(stages) for stages in runs.values() if 'tree' in stages]
+  shared = set.intersection(*(set(v) for v in per_seed)) if per_seed else set()
   return {
-    'value_accuracy': {key: over_seeds(runs, stage, key) for stage, key, _ in VALUE_ROWS},
+    'value_accuracy_per_seed': dict(zip(map(str, runs), per_seed)),
+    'value_accuracy': {k: report.mean_std([v[k] for v in per_seed]) for k in sorted(shared)},
     'steps_judged': over_seeds(runs, 'tree', 'steps'),
     'pairs': {
       stage: {key: over_seeds(runs, stage, key) for key in keys if over_seeds(runs, stage, key)}
@@ -72,13 +91,14 @@ def sppd_tables(summary: dict, runs: dict) -> str:
     else '## Step values',
     '',
     'A value > 0.5 counts as "good step"; the program check passes a step when every step up to it '
-    'is right. The PRM never saw these problems.',
+    'is right. The PRM never saw these problems. The last row is chance at 50%: it asks whether the '
+    'PRM tells sibling steps apart rather than easy problems from hard ones.',
     '',
     '| comparison | accuracy (%) |',
     '|---|---:|',
   ]
-  for _, key, label in VALUE_ROWS:
-    lines.append(f'| {label} | {_cell(summary["value_accuracy"][key])} |')
+  for key, label in VALUE_ROWS:
+    lines.append(f'| {label} | {_cell(summary["value_accuracy"].get(key))} |')
   lines += [
     '',
     '## Pairs (per seed)',
@@ -132,7 +152,7 @@ def plot(workdir: str, runs: dict, summary: dict) -> str:
   )
   left.invert_yaxis()
   left.set(xlabel='held-out accuracy (%)', title=f'kj_arith, mean ± std over {len(runs)} seeds')
-  values = {label: summary['value_accuracy'][key] for _, key, label in VALUE_ROWS[:3]}
+  values = {label: summary['value_accuracy'].get(key) for key, label in VALUE_ROWS}
   values = {k: v for k, v in values.items() if v}
   right.barh(
     list(values),

@@ -10,8 +10,9 @@ which decode in parallel until their delimiter. `Tree.prefilled` counts the pref
 Values (`monte_carlo_values`): a terminal node (its step ended with eos, or ran out of tokens) is
 worth its outcome (the checker on its whole path); a leaf cut at `max_depth` is worth the mean
 outcome of `rollouts` completions sampled from its path (prefilled once too); an inner node is worth
-the mean of its children's values: each child is a policy sample from the node's state, so the mean
-estimates V(state) = P(a correct final answer | state) under the policy.
+the mean of its children's values (and of `inner_rollouts` outcomes of its own, if asked for): each
+child is a policy sample from the node's state, so the mean estimates V(state) = P(a correct final
+answer | state) under the policy.
 """
 
 from __future__ import annotations
@@ -163,39 +164,54 @@ def monte_carlo_values(
   rollouts: int,
   max_new_tokens: int,
   rng,
+  inner_rollouts: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
   """(values [nodes] float32, outcome counts [nodes] int: the completed solutions behind each
   value).
 
   `is_correct(problem, completion_tokens)` checks a whole completion. Terminal nodes take their own
   outcome; leaves cut at the depth limit the mean over `rollouts` completions (to eos, at most
-  `max_new_tokens`) sampled from their sequence with `rng`; inner nodes the mean of their children.
+  `max_new_tokens`) sampled from their sequence with `rng`; inner nodes the mean of their children's
+  values and of `inner_rollouts` outcomes of their own (each an unbiased sample of the node's value:
+  more of them grade the values of small trees, whose means of a few outcomes are mostly 0 or 1).
   """
-  if rollouts < 1:
-    raise ValueError(f'rollouts must be >= 1, got {rollouts}')
+  if rollouts < 1 or inner_rollouts < 0:
+    raise ValueError(
+      f'rollouts must be >= 1 and inner_rollouts >= 0, got {rollouts}, {inner_rollouts}'
+    )
   children = tree.children()
-  values = np.zeros(len(tree.nodes), np.float32)
-  counts = np.zeros(len(tree.nodes), np.int64)
-  cut = [i for i, n in enumerate(tree.nodes) if not n.terminal and not children[i]]
+  sums = np.zeros(len(tree.nodes), np.float64)  # outcomes of the node itself or its own rollouts
+  own = np.zeros(len(tree.nodes), np.int64)
   for i, node in enumerate(tree.nodes):
     if node.terminal:
-      values[i], counts[i] = float(is_correct(node.problem, node.path)), 1
-  if cut:
+      sums[i], own[i] = float(is_correct(node.problem, node.path)), 1
+  cut = [i for i, n in enumerate(tree.nodes) if not n.terminal and not children[i]]
+  inner = [i for i in range(len(tree.nodes)) if children[i]] if inner_rollouts else []
+  for ids, count, key in ((cut, rollouts, rng), (inner, inner_rollouts, _rollout_key(rng))):
+    if not ids:
+      continue
     samples = options.sample(
       model,
-      [tree.sequence(i) for i in cut],
-      rng=rng,
-      num_samples=rollouts,
+      [tree.sequence(i) for i in ids],
+      rng=key,
+      num_samples=count,
       stop_tokens=(options.eos_id,),
       max_new_tokens=max_new_tokens,
     )
     for s in samples:
-      i = cut[s.index]
+      i = ids[s.index]
       node = tree.nodes[i]
-      values[i] += is_correct(node.problem, np.concatenate([node.path, s.tokens])) / rollouts
-      counts[i] += 1
+      sums[i] += is_correct(node.problem, np.concatenate([node.path, s.tokens]))
+      own[i] += 1
+  values = np.zeros(len(tree.nodes), np.float32)
+  counts = own.copy()
   for i in reversed(range(len(tree.nodes))):  # children come after their parent
-    if children[i]:
-      values[i] = np.mean(values[children[i]])
-      counts[i] = counts[children[i]].sum()
+    kids = children[i]
+    values[i] = (values[kids].sum() + sums[i]) / (len(kids) + own[i])
+    counts[i] += counts[kids].sum()
   return values, counts
+
+
+def _rollout_key(rng):
+  """The inner nodes' rollout key: the cut leaves' key folded with 1."""
+  return jax.random.fold_in(jax.random.key(rng) if isinstance(rng, int | np.integer) else rng, 1)

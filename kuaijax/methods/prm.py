@@ -59,33 +59,38 @@ class PRM(Method):
     self.ids = judge_ids(ctx.tokenizer)
 
   def examples(self, records):
+    """Rows as wide as the longest record rounded up to 64 tokens (at most seq_len; longer
+    records are dropped): the judged rows are far shorter than a packed SFT row."""
     tok, seq_len = self.ctx.tokenizer, self.ctx.seq_len
-    out, too_long = [], 0
+    rows, labels = [], []
     for r in records:
       label = float(r[self.label_field])
       if not 0.0 <= label <= 1.0:
         raise ValueError(f'prm: {self.label_field}={label} must lie in [0, 1]')
-      tokens = np.concatenate(
-        [sequences.prompt_ids(tok, r['prompt']), r.get('prefix_tokens', []), r['step_tokens']]
-      ).astype(np.int32)
-      if len(tokens) > seq_len:
-        too_long += 1
+      prompt = sequences.prompt_ids(tok, r['prompt'])
+      rows.append(np.concatenate([prompt, r.get('prefix_tokens', []), r['step_tokens']]))
+      labels.append(label)
+    fits = [len(t) <= seq_len for t in rows]
+    width = min(seq_len, -(-max((len(t) for t in rows), default=1) // 64) * 64)
+    out = []
+    for tokens, label, fit in zip(rows, labels, fits):
+      if not fit:
         continue
-      row = np.full(seq_len, tok.pad_id, np.int32)
+      row = np.full(width, tok.pad_id, np.int32)
       row[: len(tokens)] = tokens
       out.append(
         {
           'tokens': row,
-          'segment_ids': (np.arange(seq_len) < len(tokens)).astype(np.int32),
+          'segment_ids': (np.arange(width) < len(tokens)).astype(np.int32),
           'position': np.int32(len(tokens) - 1),
           'label': np.float32(label),
         }
       )
-    labels = np.array([e['label'] for e in out])
+    kept = [label for label, fit in zip(labels, fits) if fit]
     return out, {
       'examples': len(out),
-      'too_long': too_long,
-      'label_mean': float(labels.mean()) if len(labels) else float('nan'),
+      'too_long': len(rows) - len(out),
+      'label_mean': float(np.mean(kept)) if kept else float('nan'),
     }
 
   def loss_fn(self, model, batch, rng, frozen=None):

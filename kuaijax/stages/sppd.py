@@ -84,7 +84,8 @@ def _sampler_options(stage) -> tree_lib.SamplerOptions:
 @register_stage_type('step_tree', refs=('policy', 'data'))
 def step_tree_stage(stage) -> dict:
   """Options: policy, data, limit, offset (the problems), branching, max_depth, max_step_tokens,
-  rollouts (per leaf cut at max_depth, each at most data.max_new_tokens), temperature, top_p,
+  rollouts (per leaf cut at max_depth, each at most data.max_new_tokens), inner_rollouts (per
+  inner node, default 0: graded values beyond the tree's own outcomes), temperature, top_p,
   batch_size (prefix rows per call). Writes one record per node (see the module docstring)."""
   b, dc, tok = stage.block, stage.config.data, stage.tokenizer
   problems = cycle(stage.records(b.data), b.offset, b.limit)
@@ -112,6 +113,7 @@ def step_tree_stage(stage) -> dict:
       rollouts=b.rollouts,
       max_new_tokens=dc.max_new_tokens,
       rng=stage.seed('rollouts'),
+      inner_rollouts=b.get('inner_rollouts', 0),
     )
   seconds = time.perf_counter() - start
   records = []
@@ -196,6 +198,28 @@ def prm_values_stage(stage) -> dict:
   return {**value_accuracies(out), 'scoring_seconds': seconds}
 
 
+def distinct_siblings(nodes: Sequence[dict]) -> list[list[dict]]:
+  """The nodes grouped by (problem, parent), each distinct step once (its first node)."""
+  groups: dict[tuple, dict] = {}
+  for r in nodes:
+    group = groups.setdefault((r['index'], r['parent']), {})
+    group.setdefault(tuple(np.asarray(r['step_tokens']).tolist()), r)
+  return [list(group.values()) for group in groups.values()]
+
+
+def sibling_order(nodes: Sequence[dict], *, reference: str, value: str, min_gap: float) -> float:
+  """Of the (best, worst) distinct siblings whose `reference` values differ by more than `min_gap`,
+  the fraction that `value` ranks the same way (a tie counts half): whether a PRM tells sibling
+  steps apart, not just easy problems from hard ones."""
+  agree = []
+  for group in distinct_siblings(nodes):
+    best = max(group, key=lambda r: r[reference])
+    worst = min(group, key=lambda r: r[reference])
+    if best[reference] - worst[reference] > min_gap:
+      agree.append(0.5 if best[value] == worst[value] else float(best[value] > worst[value]))
+  return float(np.mean(agree)) if agree else float('nan')
+
+
 def step_pairs(
   nodes: Sequence[dict], *, value: str, min_gap: float, max_pairs_per_parent: int = 1
 ) -> tuple[list[dict], dict]:
@@ -209,13 +233,10 @@ def step_pairs(
   """
   if max_pairs_per_parent < 1:
     raise ValueError(f'max_pairs_per_parent must be >= 1, got {max_pairs_per_parent}')
-  siblings: dict[tuple, list[dict]] = {}
-  for r in nodes:
-    siblings.setdefault((r['index'], r['parent']), []).append(r)
+  siblings = distinct_siblings(nodes)
   pairs = []
-  for group in siblings.values():
-    distinct = {tuple(np.asarray(r['step_tokens']).tolist()): r for r in reversed(group)}
-    ranked = sorted(distinct.values(), key=lambda r: -r[value])
+  for group in siblings:
+    ranked = sorted(group, key=lambda r: -r[value])
     for k in range(min(max_pairs_per_parent, len(ranked) // 2)):
       chosen, rejected = ranked[k], ranked[-1 - k]
       if chosen[value] - rejected[value] <= min_gap:

@@ -191,6 +191,21 @@ def test_monte_carlo_values_match_exact_enumeration_on_a_bigram_policy():
     else:
       v = exact(node.path)
       assert abs(values[i] - v) < 4 * np.sqrt(v * (1 - v) / rollouts) + 1e-3, (node, v)
+  # inner nodes with rollouts of their own: mostly those, plus their 2 children's values
+  tree = tree_lib.sample_tree(
+    model, [np.array([1, 4], np.int32)], options=opts, branching=2, max_depth=2, rng=5
+  )
+  values, counts = tree_lib.monte_carlo_values(
+    model, tree, options=opts, is_correct=right, rollouts=1, max_new_tokens=rollout_len, rng=6,
+    inner_rollouts=rollouts,
+  )  # fmt: skip
+  children = tree.children()
+  inner = [i for i in range(len(tree.nodes)) if children[i]]
+  assert inner
+  for i in inner:
+    v = exact(tree.nodes[i].path)
+    assert counts[i] == rollouts + counts[children[i]].sum()
+    assert abs(values[i] - v) < 4 * np.sqrt(v * (1 - v) / rollouts) + 2 / rollouts, (i, v)
 
 
 def test_bad_options_raise():

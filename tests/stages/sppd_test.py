@@ -45,6 +45,10 @@ def test_step_pairs_rank_siblings_and_keep_the_margin():
   assert stats['pairs'] == 2 and stats['true_order'] == 0.5 and stats['inverted'] == 0.5
   two, _ = sppd_stages.step_pairs(nodes, value='mc_value', min_gap=0.0, max_pairs_per_parent=2)
   assert len(two) == 3  # three distinct siblings make one pair; one each for (0, 2) and (1, 1)
+  # the values as a PRM's: it ranks parent (0, 1) as MC does, parent (1, 1) the other way round
+  prm = [{**n, 'prm_value': v} for n, v in zip(nodes, [0.2, 0.6, 0.6, 0.3, 0.4, 0.4, 0.7, 0.1])]
+  order = sppd_stages.sibling_order(prm, reference='mc_value', value='prm_value', min_gap=0.5)
+  assert order == 0.5
   with pytest.raises(ValueError, match='max_pairs_per_parent'):
     sppd_stages.step_pairs(nodes, value='mc_value', min_gap=0.5, max_pairs_per_parent=0)
 
