@@ -23,6 +23,15 @@ reward to prefer the chosen answer on 92.4 ± 4.0% of neglect pairs, while CaPO 
 misunderstanding stays at chance on its own kind (± over 3 training seeds; tables and what they
 show in experiments/capo/README.md):
   python -m kuaijax.main --config=configs/capo/parrot.py:runlocal --workdir=workdirs/capo
+repro (2 CPU cores; a 0.8M policy, both SFTs 600 steps of 8 x 512 tokens on the whole train split,
+CaPO 100 x 16 pairs from 400 sessions; 40 test / 64 pair sessions). Measured on seed 0 only
+(2026-12-07, 886 s for sft_long on shared cores): SFT-short 52.5% of first turns exact (headroom),
+SFT-long 0% (1.3% of all turns: each session one unpacked row, 39% cut at 512 tokens), so CaPO's
+starting policy still has no accuracy headroom at this budget; experiments/capo/README.md:
+  python -m kuaijax.main --config=configs/capo/parrot.py:repro --workdir=workdirs/capo_repro
+gpu (one GPU, ~10 minutes; never run on a device): d256 x 6, 4000 x 32 SFT steps, 768-token rows,
+250 test and pair sessions:
+  python -m kuaijax.main --config=configs/capo/parrot.py:gpu --workdir=workdirs/capo_gpu
 full scale (one GPU host; ~25M parameters; not run yet):
   python -m kuaijax.main --config=configs/capo/parrot.py --workdir=workdirs/capo_full
 Args: `seeds=0+1+2` (training seeds, one pipeline each), `kinds=neglect+hallucination+misunderstanding+all`
@@ -145,6 +154,8 @@ def _reproduction(config, *, gpu: bool) -> None:
   d_model = 256 if gpu else 128
   config.models.policy.update(d_model=d_model, num_layers=6 if gpu else 4, d_ff=3 * d_model)
   sft_steps, batch = (4000, 32) if gpu else (REPRO_SFT_STEPS, 8)
+  if gpu:  # whole 8-12 turn sessions: at 512 tokens 39% of them lose their first turns
+    config.data.update(seq_len=768, prompt_len=704)
   for name in ('sft_short', 'sft_long'):
     stage[name].train.update(_steps(sft_steps, batch))
     stage[name].optimizer.update(lr=3e-3 if not gpu else 1e-3, warmup_steps=50)
