@@ -18,10 +18,10 @@ runlocal (2 CPU cores, 3 training seeds; the 0.84M-parameter SFT policy of
 configs/arith/posttrain.py with ~27% sampled accuracy on levels 1-2; 400 tree problems per seed, 40 updates x 16 pairs at lr
 5e-5 per row; evaluated on 100 test problems per level, 4 sampling runs + greedy). Measured
 2026-12-07 on 2 cores shared with other jobs (load 6-8): SFT 20 min, ~28 min of stages per seed; a
-quiet machine is estimated, not measured, at ~45 min for 3 seeds. Seeds 0-1: SFT 27.0%, SFT
-continued 29.0 ± 0.2, DPO 26.4 ± 1.6, step-DPO 27.7 ± 0.1, SPPD (MC) 27.6 ± 0.1, SPPD (PRM)
-19.3 ± 0.8 (the tiny PRM ranks sibling steps at chance: 1-4 pairs); MC values match the program
-check on 90.3% of steps, the PRM on 84.4% (all-"bad" baseline 80.0%):
+quiet machine is estimated, not measured, at ~45 min for 3 seeds. ± over 3 training seeds: SFT
+27.0%, SFT continued 29.2 ± 0.4, DPO 25.9 ± 1.4, step-DPO 27.0 ± 1.3, SPPD (MC) 26.4 ± 2.0, SPPD
+(PRM) 19.1 ± 0.7 (the tiny PRM ranks sibling steps at chance: 1-4 pairs); MC values match the
+program check on 90.4% of steps, the PRM on 84.1% (all-"bad" baseline 79.8%):
   python -m kuaijax.main --config=configs/sppd/arith.py:runlocal --workdir=workdirs/sppd_arith
 gpu (one GPU, never run on a device): the same SFT policy; 4000 tree problems, a PRM trained for
 3000 steps x 32, 150 updates x 64 pairs per row.
