@@ -395,13 +395,11 @@ def sample_token_prompts(
   for start in range(0, len(prompts), batch_size):
     chunk = list(prompts[start : start + batch_size])
     chunk += [chunk[0]] * (batch_size - len(chunk))
-    rows = np.full((batch_size, prompt_len), pad_id, np.int32)
-    for i, p in enumerate(chunk):
-      rows[i, : len(p)] = p
+    rows, prompt_lengths = sequences.pad_token_prompts(chunk, prompt_len, pad_id)
     gen = generate(
       model,
       rows,
-      np.array([len(p) for p in chunk], np.int32),
+      prompt_lengths,
       rng=jax.random.fold_in(rng, start // batch_size),
       max_new_tokens=max_new_tokens,
       temperature=temperature,

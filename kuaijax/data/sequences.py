@@ -116,21 +116,28 @@ def supervised_rows(
   return pack_sequences(sequences, seq_len, tokenizer.pad_id, pack=pack), dropped
 
 
+def pad_token_prompts(
+  prompts: Sequence[np.ndarray], prompt_len: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Token prompts (each at most prompt_len long) as right-padded rows [B, prompt_len] and their
+  lengths (for generation)."""
+  rows = np.full((len(prompts), prompt_len), pad_id, np.int32)
+  for i, ids in enumerate(prompts):
+    rows[i, : len(ids)] = ids
+  return rows, np.array([len(ids) for ids in prompts], np.int32)
+
+
 def prompt_batch(
   tokenizer, prompts: Sequence[str], prompt_len: int
 ) -> tuple[np.ndarray, np.ndarray]:
   """Right-padded `[bos] + tokens(prompt)` rows [B, prompt_len] and their lengths (for generation)."""
-  rows = np.full((len(prompts), prompt_len), tokenizer.pad_id, np.int32)
-  lengths = np.zeros(len(prompts), np.int32)
-  for i, text in enumerate(prompts):
-    ids = prompt_ids(tokenizer, text)
+  encoded = [prompt_ids(tokenizer, text) for text in prompts]
+  for ids, text in zip(encoded, prompts):
     if len(ids) > prompt_len:
       raise ValueError(
         f'prompt of {len(ids)} tokens exceeds prompt_len={prompt_len}: {text[:60]!r}...'
       )
-    rows[i, : len(ids)] = ids
-    lengths[i] = len(ids)
-  return rows, lengths
+  return pad_token_prompts(encoded, prompt_len, tokenizer.pad_id)
 
 
 def decode_completions(tokenizer, tokens: np.ndarray, lengths: np.ndarray) -> list[str]:
